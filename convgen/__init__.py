@@ -1,0 +1,26 @@
+"""convgen: optimized convolution kernels (true convolution or cross-correlation), via TVM."""
+
+__version__ = "0.1.0"
+
+from convgen.errors import (  # noqa: E402
+    ConvgenError,
+    SpecError,
+    ToolchainError,
+    UnsupportedError,
+    VerificationError,
+)
+from convgen.runtime import Kernel, load  # noqa: E402
+from convgen.spec import ConvSpec, make_spec  # noqa: E402
+
+__all__ = [
+    "ConvSpec",
+    "ConvgenError",
+    "Kernel",
+    "SpecError",
+    "ToolchainError",
+    "UnsupportedError",
+    "VerificationError",
+    "__version__",
+    "load",
+    "make_spec",
+]

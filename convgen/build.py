@@ -1,0 +1,250 @@
+"""Compile a spec for a target and write the artifact directory (the only writer).
+
+Artifact contract (ARCHITECTURE.md): DIR/<name>.so (the module, one entry
+function, destination passing), DIR/<name>.onnx (the same operator in ONNX),
+DIR/<name>.json (the manifest), optional sources. Files are written into a
+temporary directory beside DIR's contents and renamed into place, the manifest
+last, so a crash never leaves a half artifact that looks whole.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from convgen import __version__
+from convgen.compute import ENTRY, conv_prim_func
+from convgen.errors import ConvgenError, ToolchainError, UnsupportedError
+from convgen.runtime import MANIFEST_SUFFIX, Kernel
+from convgen.schedule import ScheduleChoice, schedule_for
+from convgen.spec import ConvSpec
+from convgen.targets import TargetInfo
+
+
+@dataclass
+class Compiled:
+    """A compiled kernel, not yet written anywhere."""
+
+    spec: ConvSpec
+    target: TargetInfo
+    schedule: ScheduleChoice
+    lib: Any  # tvm Executable (CPU) or the CUDA-host source module
+    tir: str  # the scheduled TIR, as TVMScript
+    cuda_source: str | None = None  # host + device CUDA C++ (CUDA targets)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def lower(spec: ConvSpec, target: TargetInfo) -> tuple[Any, ScheduleChoice]:
+    """The scheduled IRModule for this spec and target."""
+    sch, choice = schedule_for(conv_prim_func(spec), spec, target)
+    return sch.mod, choice
+
+
+def compile_kernel(spec: ConvSpec, target: TargetInfo) -> Compiled:
+    import tvm
+
+    t0 = time.perf_counter()
+    mod, choice = lower(spec, target)
+    tvm_target = target.tvm_target()
+    t1 = time.perf_counter()
+    try:
+        lib = tvm.compile(mod, target=tvm_target)
+    except Exception as err:  # TVM's errors carry the C++ trace; keep the message
+        raise UnsupportedError(
+            f"TVM could not compile {spec.name()} for {target.key()} with {choice.describe()}: "
+            f"{str(err).splitlines()[-1] if str(err) else type(err).__name__}"
+        ) from err
+    t2 = time.perf_counter()
+    compiled = Compiled(spec, target, choice, lib, mod.script(), seconds={
+        "schedule": t1 - t0, "tvm_compile": t2 - t1,
+    })
+    if target.is_cuda:
+        compiled.cuda_source = _cuda_source(lib, spec)
+    return compiled
+
+
+def _cuda_source(lib: Any, spec: ConvSpec) -> str:
+    """One CUDA C++ translation unit (device kernels + host wrappers)."""
+    from tvm.backend.cuda import export_cuda_host
+
+    # An unscheduled PrimFunc compiled for CUDA silently becomes host code with
+    # no GPU kernel: refuse it rather than ship a kernel that does not run on the GPU.
+    device_imports = [m for m in lib.mod.imports if m.kind == "cuda"]
+    if not device_imports:
+        raise UnsupportedError(
+            f"{spec.name()}: the CUDA build produced no GPU kernel (the schedule binds no "
+            "threads); refusing to emit host-only code"
+        )
+    return str(export_cuda_host(lib.mod))
+
+
+def nvcc_command(source: Path, output: Path, arch: str) -> list[str]:
+    """nvcc line that turns the CUDA-host source into a loadable tvm-ffi module."""
+    import tvm_ffi.libinfo
+
+    nvcc = shutil.which("nvcc") or os.path.join(
+        os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"
+    )
+    if not os.path.exists(nvcc):
+        raise ToolchainError("nvcc not found: install the CUDA toolkit or put nvcc on PATH")
+    includes = [f"-I{p}" for p in tvm_ffi.libinfo.include_paths()]
+    libdir = os.path.dirname(tvm_ffi.libinfo.find_libtvm_ffi())
+    number = arch.removeprefix("sm_")
+    return [
+        nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+        f"-gencode=arch=compute_{number},code=sm_{number}",
+        *includes, str(source), "-o", str(output),
+        f"-L{libdir}", "-ltvm_ffi",
+    ]  # fmt: skip
+
+
+def _nvcc(source: Path, output: Path, arch: str) -> None:
+    cmd = nvcc_command(source, output, arch)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ToolchainError(
+            f"nvcc failed ({proc.returncode}) on {source.name}:\n{proc.stderr.strip()[-2000:]}"
+        )
+
+
+def write_module(compiled: Compiled, directory: Path) -> dict[str, str]:
+    """Write the module (and its sources, when CUDA) into `directory`; returns file names."""
+    name = compiled.spec.name()
+    files = {"module": f"{name}.so"}
+    if compiled.target.is_cuda:
+        assert compiled.cuda_source is not None
+        src = directory / f"{name}.cu"
+        src.write_text(compiled.cuda_source)
+        t0 = time.perf_counter()
+        _nvcc(src, directory / files["module"], compiled.target.arch)
+        compiled.seconds["nvcc"] = time.perf_counter() - t0
+        files["cuda_source"] = src.name
+    else:
+        compiled.lib.export_library(str(directory / files["module"]))
+    return files
+
+
+def emit_sources(compiled: Compiled, directory: Path, files: dict[str, str]) -> None:
+    """--emit-source: the scheduled TIR, and the LLVM IR and assembly for CPU targets
+    (CUDA targets already keep their .cu)."""
+    name = compiled.spec.name()
+    (directory / f"{name}.tir.py").write_text(compiled.tir)
+    files["tir"] = f"{name}.tir.py"
+    if not compiled.target.is_cuda:
+        mod = compiled.lib.mod
+        (directory / f"{name}.ll").write_text(mod.inspect_source("ll"))
+        (directory / f"{name}.s").write_text(mod.inspect_source("asm"))
+        files["llvm_ir"], files["asm"] = f"{name}.ll", f"{name}.s"
+
+
+def manifest_for(
+    compiled: Compiled, target_name: str, files: dict[str, str], verification: dict[str, Any]
+) -> dict[str, Any]:
+    import tvm
+    import tvm_ffi
+
+    spec = compiled.spec
+    return {
+        "format": "convgen-artifact",
+        "format_version": 1,
+        "name": spec.name(),
+        "description": spec.describe(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "convgen": __version__,
+            "tvm": tvm.__version__,
+            "tvm_ffi": tvm_ffi.__version__,
+        },
+        "spec": spec.to_dict(),
+        "target": {
+            "name": target_name,
+            "kind": compiled.target.kind,
+            "key": compiled.target.key(),
+            "config": compiled.target.config_dict,
+        },
+        "entry": ENTRY,
+        "calling_convention": "destination passing: entry(data, weight[, bias], out)",
+        "inputs": [
+            {"name": n, "shape": list(s), "dtype": spec.dtype}
+            for n, s in spec.input_shapes().items()
+        ],
+        "outputs": [{"name": "out", "shape": list(spec.out_shape), "dtype": spec.dtype}],
+        "files": files,
+        "schedule": {
+            "kind": compiled.schedule.kind,
+            "name": compiled.schedule.name,
+            "knobs": compiled.schedule.knobs,
+        },
+        "flops": spec.flops,
+        "build_seconds": {k: round(v, 3) for k, v in compiled.seconds.items()},
+        "verification": verification,
+    }
+
+
+@dataclass
+class Artifact:
+    manifest_path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def verified_ok(self) -> bool:
+        return self.manifest["verification"].get("status") != "failed"
+
+
+def build_artifact(
+    spec: ConvSpec,
+    target: TargetInfo,
+    out_dir: str | os.PathLike[str],
+    *,
+    target_name: str = "",
+    verify: bool = True,
+    emit_source: bool = False,
+    seed: int = 0,
+) -> Artifact:
+    """Compile, export, (verify) and write DIR/<name>.{so,onnx,json}, atomically."""
+    from convgen.onnx_export import export_onnx
+    from convgen.verify import not_run, verify_kernel
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConvgenError(f"out: cannot create {out}: {err.strerror}") from None
+    compiled = compile_kernel(spec, target)
+    name = spec.name()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+    try:
+        files = write_module(compiled, tmp)
+        model = export_onnx(spec)
+        files["onnx"] = f"{name}.onnx"
+        (tmp / files["onnx"]).write_bytes(model.SerializeToString())
+        if emit_source:
+            emit_sources(compiled, tmp, files)
+        elif "cuda_source" in files:
+            (tmp / files.pop("cuda_source")).unlink()
+        manifest = manifest_for(compiled, target_name or target.key(), files, {})
+        if verify:
+            kernel = Kernel(tmp / f"{name}{MANIFEST_SUFFIX}", manifest)
+            report = verify_kernel(kernel, spec, tmp / files["onnx"], seed=seed)
+            manifest["verification"] = report.to_dict()
+        else:
+            manifest["verification"] = not_run("skipped (--no-verify)").to_dict()
+        (tmp / f"{name}{MANIFEST_SUFFIX}").write_text(json.dumps(manifest, indent=2) + "\n")
+        # Rename into place, the manifest last: it is what marks an artifact whole.
+        stale = out / f"{name}{MANIFEST_SUFFIX}"
+        if stale.exists():
+            stale.unlink()
+        for fname in files.values():
+            os.replace(tmp / fname, out / fname)
+        os.replace(tmp / f"{name}{MANIFEST_SUFFIX}", out / f"{name}{MANIFEST_SUFFIX}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Artifact(out / f"{name}{MANIFEST_SUFFIX}", manifest)

@@ -1,0 +1,101 @@
+"""ConvSpec -> an ONNX model of standard ops that computes exactly what the kernel computes.
+
+Same inputs (`data`, `weight`[, `bias`]), same output (`out`), same shapes and
+dtypes as the compiled kernel:
+
+  * `corr` is one Conv node (ONNX Conv is cross-correlation).
+  * `conv` flips the weight input inside the graph (Slice with step -1 on every
+    spatial axis), so both modes take the same unflipped weights.
+  * channels-last layouts go through Transpose nodes to and from ONNX's NCHW.
+  * float16 is cast to float32 around the Conv: the kernel multiplies and
+    accumulates in float32 and rounds once at the end, and so does this graph.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from convgen.spec import ConvSpec
+
+if TYPE_CHECKING:
+    import onnx
+
+# onnxruntime 1.31/1.32 rejects the IR version onnx 1.23 writes by default (14);
+# opset 21 with IR 10 is the newest pair both accept.
+OPSET = 21
+IR_VERSION = 10
+
+
+def export_onnx(spec: ConvSpec) -> onnx.ModelProto:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nd = spec.ndim
+    elem = TensorProto.FLOAT16 if spec.dtype == "float16" else TensorProto.FLOAT
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def node(op: str, inputs: list[str], output: str, **attrs: object) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
+        return output
+
+    # channels-last -> channels-first: N x S... x C -> N x C x S...; same move for
+    # the K x R... x C/g weight.
+    to_first = [0, nd + 1, *range(1, nd + 1)]
+    data = node("Transpose", ["data"], "data_nc", perm=to_first) if spec.channels_last else "data"
+    weight = (
+        node("Transpose", ["weight"], "weight_kc", perm=to_first)
+        if spec.channels_last
+        else "weight"
+    )
+    bias = "bias" if spec.bias else ""
+    if spec.dtype != "float32":
+        data = node("Cast", [data], "data_f32", to=TensorProto.FLOAT)
+        weight = node("Cast", [weight], "weight_f32", to=TensorProto.FLOAT)
+        if bias:
+            bias = node("Cast", [bias], "bias_f32", to=TensorProto.FLOAT)
+    if spec.mode == "conv":
+        spatial = list(range(2, 2 + nd))
+        for name, values in (
+            ("flip_starts", [-1] * nd),
+            ("flip_ends", [np.iinfo(np.int64).min] * nd),
+            ("flip_axes", spatial),
+            ("flip_steps", [-1] * nd),
+        ):
+            inits.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+        weight = node(
+            "Slice",
+            [weight, "flip_starts", "flip_ends", "flip_axes", "flip_steps"],
+            "weight_flipped",
+        )
+    conv_out = node(
+        "Conv",
+        [data, weight, *([bias] if bias else [])],
+        "conv_nc" if spec.channels_last or spec.dtype != "float32" else "out",
+        kernel_shape=list(spec.kernel_size),
+        pads=list(spec.pads),
+        strides=list(spec.stride),
+        dilations=list(spec.dilation),
+        group=spec.groups,
+    )
+    if spec.dtype != "float32":
+        conv_out = node(
+            "Cast", [conv_out], "conv_cast" if spec.channels_last else "out", to=elem
+        )
+    if spec.channels_last:
+        node("Transpose", [conv_out], "out", perm=[0, *range(2, nd + 2), 1])
+
+    inputs = [helper.make_tensor_value_info(n, elem, s) for n, s in spec.input_shapes().items()]
+    outputs = [helper.make_tensor_value_info("out", elem, spec.out_shape)]
+    graph = helper.make_graph(nodes, spec.name(), inputs, outputs, initializer=inits)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        ir_version=IR_VERSION,
+        producer_name="convgen",
+        doc_string=spec.describe(),
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model

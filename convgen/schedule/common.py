@@ -1,0 +1,51 @@
+"""Small helpers the schedule templates share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from convgen.compute import ENTRY
+from convgen.spec import ConvSpec
+from convgen.targets import TargetInfo
+
+if TYPE_CHECKING:
+    from tvm.s_tir import Schedule
+    from tvm.tirx import PrimFunc
+
+K = TypeVar("K")
+
+
+@dataclass(frozen=True)
+class Template(Generic[K]):
+    """A named schedule template: its knob heuristic and the function that applies it."""
+
+    name: str
+    default_knobs: Callable[[ConvSpec, TargetInfo], K | None]
+    apply: Callable[[Any, ConvSpec, TargetInfo, K], Any]
+
+
+def new_schedule(func: PrimFunc) -> Schedule:
+    import tvm
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(tvm.IRModule({ENTRY: func}))
+    sch.work_on(ENTRY)
+    return sch
+
+
+def has_block(sch: Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # TVM raises a plain error when the block is absent
+        return False
+    return True
+
+
+def divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n that is <= limit (at least 1)."""
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1

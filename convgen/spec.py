@@ -1,0 +1,625 @@
+"""The operator spec: one frozen `ConvSpec`, and every formula derived from it.
+
+Everything the later stages need to know about the operator (shapes in the
+chosen layout, output size, padding, FLOPs, names) is computed here and only
+here. Parsing from CLI strings, spec files (TOML/JSON) and ONNX Conv nodes ends
+in `make_spec`, which validates and normalises.
+
+Conventions:
+  * `mode="conv"` is true convolution (kernel flipped on every spatial axis, as
+    scipy.signal.convolve and cuDNN's CUDNN_CONVOLUTION); `mode="corr"` is
+    cross-correlation (what ONNX Conv, PyTorch and TVM's TOPI compute).
+  * Pads are explicit per side in input coordinates, ONNX order: all begins,
+    then all ends. They mean the same in both modes, so
+    conv(I, K, pads) == ONNX Conv(I, flip(K), pads).
+  * Channels-first layouts (NCW, NCHW, NCDHW) take the weight as K x C/g x R...;
+    channels-last layouts (NWC, NHWC, NDHWC) take it as K x R... x C/g (OHWI,
+    the layout of PyTorch's channels_last weights and cuDNN's NHWC filters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from convgen.errors import SpecError
+
+MODES = ("conv", "corr")
+DTYPES = ("float32", "float16")
+SPATIAL_NAMES = ("W", "HW", "DHW")
+CHANNELS_FIRST = {1: "NCW", 2: "NCHW", 3: "NCDHW"}
+CHANNELS_LAST = {1: "NWC", 2: "NHWC", 3: "NDHWC"}
+PADDING_WORDS = ("valid", "same", "same_lower", "full")
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One convolution operator, fully resolved (explicit pads, one value per axis)."""
+
+    mode: str
+    batch: int
+    in_channels: int
+    in_size: tuple[int, ...]
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads: tuple[int, ...]  # begins of every spatial axis, then ends
+    groups: int = 1
+    channels_last: bool = False
+    dtype: str = "float32"
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ---- derived sizes (the only place these formulas live) -------------------
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial dimensions (1, 2 or 3)."""
+        return len(self.in_size)
+
+    @property
+    def layout(self) -> str:
+        return (CHANNELS_LAST if self.channels_last else CHANNELS_FIRST)[self.ndim]
+
+    @property
+    def channels_per_group(self) -> int:
+        return self.in_channels // self.groups
+
+    @property
+    def out_channels_per_group(self) -> int:
+        return self.out_channels // self.groups
+
+    @property
+    def pads_begin(self) -> tuple[int, ...]:
+        return self.pads[: self.ndim]
+
+    @property
+    def pads_end(self) -> tuple[int, ...]:
+        return self.pads[self.ndim :]
+
+    @property
+    def padded_size(self) -> tuple[int, ...]:
+        return tuple(n + b + e for n, b, e in zip(self.in_size, self.pads_begin, self.pads_end))
+
+    @property
+    def dilated_kernel_size(self) -> tuple[int, ...]:
+        return tuple(d * (r - 1) + 1 for r, d in zip(self.kernel_size, self.dilation))
+
+    @property
+    def out_size(self) -> tuple[int, ...]:
+        return tuple(
+            (p - k) // s + 1
+            for p, k, s in zip(self.padded_size, self.dilated_kernel_size, self.stride)
+        )
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return self._activation_shape(self.in_channels, self.in_size)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self._activation_shape(self.out_channels, self.out_size)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.channels_last:
+            return (self.out_channels, *self.kernel_size, self.channels_per_group)
+        return (self.out_channels, self.channels_per_group, *self.kernel_size)
+
+    @property
+    def bias_shape(self) -> tuple[int, ...]:
+        return (self.out_channels,)
+
+    @property
+    def accum_dtype(self) -> str:
+        """float16 multiplies in float32 and accumulates there."""
+        return "float32"
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds counted as 2 FLOPs (bias not counted)."""
+        return (
+            2
+            * self.batch
+            * self.out_channels
+            * math.prod(self.out_size)
+            * self.channels_per_group
+            * math.prod(self.kernel_size)
+        )
+
+    @property
+    def is_depthwise(self) -> bool:
+        return self.groups > 1 and self.groups == self.in_channels
+
+    def _activation_shape(self, channels: int, size: tuple[int, ...]) -> tuple[int, ...]:
+        if self.channels_last:
+            return (self.batch, *size, channels)
+        return (self.batch, channels, *size)
+
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The entry function's inputs, in call order."""
+        shapes = {"data": self.data_shape, "weight": self.weight_shape}
+        if self.bias:
+            shapes["bias"] = self.bias_shape
+        return shapes
+
+    # ---- identity ---------------------------------------------------------------
+
+    def name(self) -> str:
+        """A unique, file-name-safe, human-readable id (also used for test ids)."""
+
+        def xs(values: Iterable[int]) -> str:
+            return "x".join(str(v) for v in values)
+
+        parts = [
+            f"{self.mode}{self.ndim}d",
+            self.layout.lower(),
+            self.dtype,
+            f"n{self.batch}c{self.in_channels}i{xs(self.in_size)}",
+            f"k{self.out_channels}r{xs(self.kernel_size)}",
+            f"s{xs(self.stride)}",
+            f"d{xs(self.dilation)}",
+            f"p{xs(self.pads)}",
+            f"g{self.groups}",
+        ]
+        if self.bias:
+            parts.append("bias")
+        return "_".join(parts)
+
+    def key(self) -> str:
+        """The exact identity for tuning records: every field, canonical JSON."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        d["layout"] = self.layout
+        del d["channels_last"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ConvSpec:
+        """Inverse of `to_dict` (used for manifests and tuning records)."""
+        fields = dict(d)
+        layout = str(fields.pop("layout", "NCHW"))
+        try:
+            return cls(
+                mode=fields["mode"],
+                batch=int(fields["batch"]),
+                in_channels=int(fields["in_channels"]),
+                in_size=tuple(fields["in_size"]),
+                out_channels=int(fields["out_channels"]),
+                kernel_size=tuple(fields["kernel_size"]),
+                stride=tuple(fields["stride"]),
+                dilation=tuple(fields["dilation"]),
+                pads=tuple(fields["pads"]),
+                groups=int(fields.get("groups", 1)),
+                channels_last=_parse_layout(layout, len(fields["in_size"])),
+                dtype=fields.get("dtype", "float32"),
+                bias=bool(fields.get("bias", False)),
+            )
+        except KeyError as err:
+            raise SpecError(f"spec: missing field {err.args[0]!r}") from None
+
+    def describe(self) -> str:
+        """One line for humans."""
+        flip = "true convolution" if self.mode == "conv" else "cross-correlation"
+        shape = "x".join(map(str, self.data_shape))
+        wshape = "x".join(map(str, self.weight_shape))
+        return (
+            f"{self.mode} ({flip}) {self.layout} {self.dtype} input {shape} kernel {wshape} "
+            f"stride {list(self.stride)} dilation {list(self.dilation)} pads {list(self.pads)} "
+            f"groups {self.groups}{' +bias' if self.bias else ''}"
+        )
+
+
+# ---- validation -------------------------------------------------------------------
+
+
+def _validate(s: ConvSpec) -> None:
+    if s.mode not in MODES:
+        raise SpecError(f"mode: {s.mode!r} is not one of {', '.join(MODES)}")
+    if s.dtype not in DTYPES:
+        raise SpecError(f"dtype: {s.dtype!r} is not one of {', '.join(DTYPES)}")
+    nd = len(s.in_size)
+    if nd not in (1, 2, 3):
+        raise SpecError(f"input: {nd} spatial dimensions given; convgen supports 1, 2 or 3")
+    _positive("input", "batch", s.batch)
+    _positive("input", "channels", s.in_channels)
+    _positive("kernel", "output channels", s.out_channels)
+    _positive("groups", "groups", s.groups)
+    for field, values, n in (
+        ("input", s.in_size, nd),
+        ("kernel", s.kernel_size, nd),
+        ("stride", s.stride, nd),
+        ("dilation", s.dilation, nd),
+        ("padding", s.pads, 2 * nd),
+    ):
+        if len(values) != n:
+            raise SpecError(
+                f"{field}: {list(values)} has {len(values)} values, expected {n} "
+                f"for {nd} spatial dimension(s)"
+            )
+    for field, values in (
+        ("input", s.in_size),
+        ("kernel", s.kernel_size),
+        ("stride", s.stride),
+        ("dilation", s.dilation),
+    ):
+        for v in values:
+            _positive(field, "size", v)
+    for v in s.pads:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise SpecError(f"padding: {list(s.pads)} must be non-negative integers")
+    if s.in_channels % s.groups:
+        raise SpecError(
+            f"groups: {s.groups} does not divide the input channels ({s.in_channels})"
+        )
+    if s.out_channels % s.groups:
+        raise SpecError(
+            f"groups: {s.groups} does not divide the output channels ({s.out_channels})"
+        )
+    for axis, (p, k) in enumerate(zip(s.padded_size, s.dilated_kernel_size)):
+        if k > p:
+            raise SpecError(
+                f"kernel: dilated extent {k} on spatial axis {axis} is larger than the "
+                f"padded input ({p}); the output would be empty"
+            )
+
+
+def _positive(field: str, what: str, v: object) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise SpecError(f"{field}: {what} must be a positive integer, got {v!r}")
+
+
+# ---- construction from loose user input ------------------------------------------------
+
+Scalar = int | str
+ShapeLike = str | Sequence[int]
+ListLike = int | str | Sequence[int]
+
+
+def make_spec(
+    *,
+    mode: str,
+    input: ShapeLike,
+    kernel: ShapeLike,
+    padding: ListLike | None = 0,
+    stride: ListLike | None = 1,
+    dilation: ListLike | None = 1,
+    groups: int | str = 1,
+    layout: str | None = None,
+    dtype: str = "float32",
+    bias: bool = False,
+) -> ConvSpec:
+    """Build a `ConvSpec` from the CLI / spec-file forms.
+
+    `input` is the data shape in the layout's order (N x C x spatial for
+    channels-first, N x spatial x C for channels-last); `kernel` is the weight
+    shape in the layout's order (K x C/groups x R... or K x R... x C/groups).
+    `padding` is an int, one per axis, explicit per side (begins then ends), or
+    one of valid / same (ONNX SAME_UPPER) / same_lower / full.
+    """
+    mode = str(mode).strip().lower()
+    if mode not in MODES:
+        raise SpecError(
+            f"mode: {mode!r} is not one of conv (true convolution, kernel flipped) "
+            f"or corr (cross-correlation, as ONNX Conv / PyTorch)"
+        )
+    in_shape = parse_shape(input, "input")
+    w_shape = parse_shape(kernel, "kernel")
+    if len(in_shape) < 3 or len(in_shape) > 5:
+        raise SpecError(
+            f"input: {_fmt(in_shape)} must have 3 to 5 dimensions "
+            "(batch, channels and 1-3 spatial)"
+        )
+    nd = len(in_shape) - 2
+    if len(w_shape) != len(in_shape):
+        raise SpecError(
+            f"kernel: {_fmt(w_shape)} has rank {len(w_shape)} but the input "
+            f"{_fmt(in_shape)} has rank {len(in_shape)}"
+        )
+    channels_last = _parse_layout(layout, nd)
+    if channels_last:
+        batch, *size, chans = in_shape
+        k_out, *ksize, k_in = w_shape
+    else:
+        batch, chans, *size = in_shape
+        k_out, k_in, *ksize = w_shape
+    groups_i = _parse_int(groups, "groups")
+    if groups_i <= 0:
+        raise SpecError(f"groups: must be a positive integer, got {groups_i}")
+    if chans % groups_i == 0 and k_in != chans // groups_i:
+        raise SpecError(
+            f"kernel: {_fmt(w_shape)} has {k_in} input channels per group, but the input "
+            f"has {chans} channels in {groups_i} group(s), so it must be {chans // groups_i}"
+        )
+    stride_t = _per_axis(stride if stride is not None else 1, nd, "stride")
+    dilation_t = _per_axis(dilation if dilation is not None else 1, nd, "dilation")
+    for field, values in (("stride", stride_t), ("dilation", dilation_t)):
+        if any(v <= 0 for v in values):
+            raise SpecError(f"{field}: {list(values)} must be positive integers")
+    if any(v <= 0 for v in (*size, *ksize)):
+        which = "input" if any(v <= 0 for v in size) else "kernel"
+        shape = in_shape if which == "input" else w_shape
+        raise SpecError(f"{which}: {_fmt(shape)} has a zero or negative size")
+    pads = resolve_padding(
+        padding if padding is not None else 0, tuple(size), tuple(ksize), stride_t, dilation_t
+    )
+    dtype = str(dtype).strip().lower()
+    aliases = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16"}
+    dtype = aliases.get(dtype, dtype)
+    return ConvSpec(
+        mode=mode,
+        batch=batch,
+        in_channels=chans,
+        in_size=tuple(size),
+        out_channels=k_out,
+        kernel_size=tuple(ksize),
+        stride=stride_t,
+        dilation=dilation_t,
+        pads=pads,
+        groups=groups_i,
+        channels_last=channels_last,
+        dtype=dtype,
+        bias=bool(bias),
+    )
+
+
+def resolve_padding(
+    padding: ListLike,
+    in_size: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+) -> tuple[int, ...]:
+    """Any accepted padding form -> explicit pads (all begins, then all ends)."""
+    nd = len(in_size)
+    if isinstance(padding, str) and padding.strip().lower() in PADDING_WORDS:
+        word = padding.strip().lower()
+        extents = [d * (k - 1) + 1 for k, d in zip(kernel_size, dilation)]
+        if word == "valid":
+            return (0,) * (2 * nd)
+        if word == "full":
+            full = tuple(e - 1 for e in extents)
+            return full + full
+        # SAME: output = ceil(input / stride); the odd pixel goes to the end
+        # (SAME_UPPER, ONNX's and TensorFlow's convention) or the beginning.
+        begins, ends = [], []
+        for n, e, s in zip(in_size, extents, stride):
+            out = -(-n // s)
+            total = max(0, (out - 1) * s + e - n)
+            small, large = total // 2, total - total // 2
+            begins.append(small if word == "same" else large)
+            ends.append(large if word == "same" else small)
+        return (*begins, *ends)
+    values = _parse_int_list(padding, "padding")
+    if any(v < 0 for v in values):
+        raise SpecError(f"padding: {_fmt_list(values)} must be non-negative")
+    if len(values) == 1:
+        return values * (2 * nd)
+    if len(values) == nd:
+        return values + values
+    if len(values) == 2 * nd:
+        return values
+    raise SpecError(
+        f"padding: {_fmt_list(values)} has {len(values)} values; give 1, {nd} (one per axis), "
+        f"{2 * nd} (all begins, then all ends) or one of {', '.join(PADDING_WORDS)}"
+    )
+
+
+def parse_shape(value: ShapeLike, field: str) -> tuple[int, ...]:
+    """'1x64x56x56' (or a list of ints) -> (1, 64, 56, 56)."""
+    if isinstance(value, str):
+        text = value.strip().lower().replace("*", "x")
+        parts = [p.strip() for p in text.split("x")]
+        if not text or any(not re.fullmatch(r"-?\d+", p) for p in parts):
+            raise SpecError(f"{field}: {value!r} is not a shape like 1x64x56x56")
+        return tuple(int(p) for p in parts)
+    try:
+        return tuple(_parse_int(v, field) for v in value)
+    except TypeError:
+        raise SpecError(f"{field}: {value!r} is not a shape like 1x64x56x56") from None
+
+
+def _per_axis(value: ListLike, nd: int, field: str) -> tuple[int, ...]:
+    values = _parse_int_list(value, field)
+    if len(values) == 1:
+        return values * nd
+    if len(values) != nd:
+        raise SpecError(
+            f"{field}: {_fmt_list(values)} has {len(values)} values; give 1 or {nd} "
+            "(one per spatial axis)"
+        )
+    return values
+
+
+def _parse_int_list(value: ListLike, field: str) -> tuple[int, ...]:
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",")]
+        if not value.strip() or any(not re.fullmatch(r"-?\d+", p) for p in parts):
+            raise SpecError(f"{field}: {value!r} is not an integer or a comma-separated list")
+        return tuple(int(p) for p in parts)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    try:
+        return tuple(_parse_int(v, field) for v in value)
+    except TypeError:
+        raise SpecError(f"{field}: {value!r} is not an integer or a list of integers") from None
+
+
+def _parse_int(value: Scalar, field: str) -> int:
+    if isinstance(value, bool):
+        raise SpecError(f"{field}: {value!r} is not an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        return int(value)
+    raise SpecError(f"{field}: {value!r} is not an integer")
+
+
+def _parse_layout(layout: str | None, nd: int) -> bool:
+    """-> True for channels-last. Accepts NCHW/NHWC-style names of any rank, or
+    channels_first / channels_last."""
+    if layout is None:
+        return False
+    text = str(layout).strip().upper().replace("-", "_")
+    if text in ("CHANNELS_FIRST", "NC"):
+        return False
+    if text in ("CHANNELS_LAST", "NLC"):
+        return True
+    if text in CHANNELS_FIRST.values() or text in CHANNELS_LAST.values():
+        spatial = len(text) - 2
+        if spatial != nd:
+            raise SpecError(
+                f"layout: {layout!r} is for {spatial} spatial dimension(s), but the input "
+                f"has {nd}; use {CHANNELS_FIRST[nd]} or {CHANNELS_LAST[nd]}"
+            )
+        return text in CHANNELS_LAST.values()
+    raise SpecError(
+        f"layout: {layout!r} is not one of {CHANNELS_FIRST[nd] if nd in CHANNELS_FIRST else 'NCHW'}, "
+        f"{CHANNELS_LAST[nd] if nd in CHANNELS_LAST else 'NHWC'}, channels_first, channels_last"
+    )
+
+
+def _fmt(shape: Sequence[int]) -> str:
+    return "x".join(str(v) for v in shape)
+
+
+def _fmt_list(values: Sequence[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+# ---- spec files and ONNX models ------------------------------------------------------------
+
+SPEC_FIELDS = (
+    "mode", "input", "kernel", "padding", "stride", "dilation", "groups", "layout", "dtype",
+    "bias",
+)  # fmt: skip
+
+
+def specs_from_file(path: str) -> list[tuple[str | None, ConvSpec]]:
+    """Read a TOML or JSON spec file: one table per kernel, with the CLI's field names.
+
+    TOML: either named tables (`[conv1]`, `[conv2]`, ...) or an array of tables
+    (`[[kernel]]`). JSON: an object of named objects, or a list of objects.
+    Returns (table name or None, spec) pairs.
+    """
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise SpecError(f"spec: cannot read {path}: {err.strerror}") from None
+    try:
+        if path.endswith(".json"):
+            doc: Any = json.loads(raw)
+        else:
+            doc = tomllib.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise SpecError(f"spec: {path} is not valid {_kind(path)}: {err}") from None
+
+    tables: list[tuple[str | None, Any]]
+    if isinstance(doc, list):
+        tables = [(None, t) for t in doc]
+    elif isinstance(doc, dict) and set(doc) == {"kernel"} and isinstance(doc["kernel"], list):
+        tables = [(None, t) for t in doc["kernel"]]
+    elif isinstance(doc, dict):
+        tables = list(doc.items())
+    else:
+        raise SpecError(f"spec: {path} must hold one table per kernel")
+    if not tables:
+        raise SpecError(f"spec: {path} holds no kernels")
+    out = []
+    for i, (name, table) in enumerate(tables):
+        where = f"{path}: {'[' + name + ']' if name else f'kernel #{i + 1}'}"
+        if not isinstance(table, dict):
+            raise SpecError(f"spec: {where} is not a table of fields")
+        unknown = sorted(set(table) - set(SPEC_FIELDS))
+        if unknown:
+            raise SpecError(
+                f"{unknown[0]}: unknown field in {where}; fields are {', '.join(SPEC_FIELDS)}"
+            )
+        for required in ("mode", "input", "kernel"):
+            if required not in table:
+                raise SpecError(f"{required}: missing in {where}")
+        try:
+            out.append((name, make_spec(**table)))
+        except SpecError as err:
+            raise SpecError(f"{err} (in {where})") from None
+    return out
+
+
+def _kind(path: str) -> str:
+    return "JSON" if path.endswith(".json") else "TOML"
+
+
+def specs_from_onnx(path: str, mode: str = "corr") -> list[tuple[str, ConvSpec]]:
+    """Every Conv node of an ONNX model with static shapes -> (node name, spec).
+
+    ONNX Conv is cross-correlation; pass mode="conv" to get true convolutions
+    with the same shapes instead.
+    """
+    import onnx
+    from onnx import shape_inference
+
+    try:
+        model = shape_inference.infer_shapes(onnx.load(path))
+    except Exception as err:  # onnx raises several unrelated types here
+        raise SpecError(f"spec: cannot read ONNX model {path}: {err}") from None
+    graph = model.graph
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for vi in (*graph.input, *graph.value_info, *graph.output):
+        tt = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        shapes[vi.name] = tuple(dims)
+        dtypes[vi.name] = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+    for init in graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+        dtypes[init.name] = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
+    found = []
+    for i, node in enumerate(graph.node):
+        if node.op_type != "Conv":
+            continue
+        name = node.name or f"Conv_{i}"
+        x, w = node.input[0], node.input[1]
+        if any(d <= 0 for d in shapes.get(x, (-1,)) + shapes.get(w, (-1,))):
+            raise SpecError(f"input: Conv node {name!r} has no static shape for {x!r} or {w!r}")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        nd = len(shapes[x]) - 2
+        auto_pad = attrs.get("auto_pad", b"NOTSET").decode()
+        padding: ListLike = {
+            "SAME_UPPER": "same",
+            "SAME_LOWER": "same_lower",
+            "VALID": "valid",
+        }.get(auto_pad, list(attrs.get("pads", [0] * (2 * nd))))
+        found.append(
+            (
+                name,
+                make_spec(
+                    mode=mode,
+                    input=shapes[x],
+                    kernel=shapes[w],
+                    padding=padding,
+                    stride=list(attrs.get("strides", [1] * nd)),
+                    dilation=list(attrs.get("dilations", [1] * nd)),
+                    groups=int(attrs.get("group", 1)),
+                    dtype=dtypes.get(x, "float32"),
+                    bias=len(node.input) > 2 and bool(node.input[2]),
+                ),
+            )
+        )
+    if not found:
+        raise SpecError(f"spec: {path} has no Conv node")
+    return found
