@@ -190,3 +190,42 @@ def _flip_checks(
             )
         )
     return checks
+
+
+def verify_artifact(
+    path: str | os.PathLike[str], seed: int = 0, update: bool = True
+) -> list[tuple[str, dict[str, Any]]]:
+    """Verify every kernel of an artifact directory (or one manifest) on this machine.
+
+    With `update`, the result replaces the manifest's verification record (written
+    atomically), so an artifact built where its GPU was absent can be verified later
+    on the GPU machine.
+    """
+    import json
+    import platform
+
+    from convgen.runtime import Kernel, list_manifests
+    from convgen.spec import ConvSpec
+
+    results = []
+    for manifest_path in list_manifests(path):
+        kernel = Kernel(manifest_path)
+        spec = ConvSpec.from_dict(kernel.manifest["spec"])
+        onnx_path = manifest_path.parent / kernel.manifest["files"]["onnx"]
+        report = verify_kernel(kernel, spec, onnx_path, seed=seed).to_dict()
+        if report["status"] != "not run":
+            report["host"] = platform.node()
+            if kernel.device == "cuda":
+                from convgen import cuda_driver
+
+                report["device"] = cuda_driver.device_name()
+        if update and report["status"] != "not run":
+            manifest = dict(kernel.manifest, verification=report)
+            tmp = manifest_path.with_suffix(".json.tmp")
+            try:
+                tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+                os.replace(tmp, manifest_path)
+            except OSError:
+                report["reason"] = (report.get("reason") or "") + " (manifest is read-only: not recorded)"
+        results.append((kernel.name, report))
+    return results

@@ -1,0 +1,265 @@
+"""The click front-end: parse, call the stages, print. Nothing else lives here.
+
+Errors convgen raises on purpose (ConvgenError) become one line and a non-zero
+exit status (2 for bad input, 1 for a failed verification); never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from convgen import __version__
+from convgen.errors import ConvgenError, SpecError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+MODE_HELP = (
+    "conv: true convolution, the kernel flipped on every spatial axis (scipy.signal.convolve, "
+    "cuDNN CUDNN_CONVOLUTION). corr: cross-correlation, no flip (what ONNX Conv, PyTorch "
+    "and TVM call 'convolution'). Required: there is no default that hides the choice."
+)
+
+
+class CliError(click.ClickException):
+    """A ConvgenError on its way out: 'Error: <message>' and the error's exit code."""
+
+    def __init__(self, err: ConvgenError) -> None:
+        super().__init__(str(err))
+        self.exit_code = err.exit_code
+
+
+def handle_errors(f: F) -> F:
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except ConvgenError as err:
+            raise CliError(err) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def spec_options(f: F) -> F:
+    """The operator flags, shared by build, verify, inspect and bench."""
+    options = [
+        click.option("--spec", "spec_file", type=click.Path(dir_okay=False),
+                     help="TOML or JSON file with one table per kernel (the flags' field "
+                     "names), or an .onnx model (its Conv nodes, in --mode)."),
+        click.option("--mode", type=click.Choice(["conv", "corr"], case_sensitive=False),
+                     help=MODE_HELP),
+        click.option("--input", "input_shape", metavar="SHAPE",
+                     help="Data shape in the layout's order, e.g. 1x64x56x56 (N x C x H x W) "
+                     "or 1x56x56x64 with --layout NHWC. 1 to 3 spatial dimensions."),
+        click.option("--kernel", "kernel_shape", metavar="SHAPE",
+                     help="Weight shape: K x C/groups x R... (channels-first) or "
+                     "K x R... x C/groups (channels-last), e.g. 64x64x3x3."),
+        click.option("--padding", default="0", show_default=True,
+                     help="An integer, one per axis (2,1), per side in ONNX order (all "
+                     "begins, then all ends: 1,0,2,3), valid, same (ONNX SAME_UPPER: "
+                     "output = ceil(input/stride), extra pad at the end), same_lower, or "
+                     "full (dilated kernel extent - 1 on both sides, as scipy's 'full')."),
+        click.option("--stride", default="1", show_default=True,
+                     help="One value or one per spatial axis (2,1)."),
+        click.option("--dilation", default="1", show_default=True,
+                     help="One value or one per spatial axis."),
+        click.option("--groups", default="1", show_default=True,
+                     help="Channel groups (C for depthwise)."),
+        click.option("--layout", default=None,
+                     help="NCW/NCHW/NCDHW (channels-first, the default) or NWC/NHWC/NDHWC "
+                     "(channels-last, weight K x R... x C/groups)."),
+        click.option("--dtype", default="float32", show_default=True,
+                     type=click.Choice(["float32", "float16"]),
+                     help="float16 multiplies and accumulates in float32."),
+        click.option("--bias/--no-bias", default=False, show_default=True,
+                     help="Add a per-output-channel bias input."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def target_option(f: F) -> F:
+    return click.option(
+        "--target", default="llvm", show_default=True,
+        help="llvm / cpu (this machine's CPU), llvm:<mcpu>, cuda (sm_90), cuda:sm_80, or a "
+        "JSON target dict.",
+    )(f)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
+
+
+def collect_specs(
+    spec_file: str | None, mode: str | None, input_shape: str | None, kernel_shape: str | None,
+    padding: str, stride: str, dilation: str, groups: str, layout: str | None, dtype: str,
+    bias: bool,
+) -> list[Any]:
+    """The flags (or --spec FILE) -> a list of ConvSpec."""
+    from convgen.spec import make_spec, specs_from_file, specs_from_onnx
+
+    if spec_file:
+        if input_shape or kernel_shape:
+            raise SpecError("spec: give either --spec FILE or --input/--kernel, not both")
+        if spec_file.endswith(".onnx"):
+            return [s for _, s in specs_from_onnx(spec_file, mode or "corr")]
+        return [s for _, s in specs_from_file(spec_file)]
+    missing = [n for n, v in (("--mode", mode), ("--input", input_shape),
+                              ("--kernel", kernel_shape)) if not v]
+    if missing:
+        raise SpecError(f"{missing[0].lstrip('-')}: {', '.join(missing)} required (or --spec FILE)")
+    return [make_spec(mode=str(mode), input=str(input_shape), kernel=str(kernel_shape),
+                      padding=padding, stride=stride, dilation=dilation, groups=groups,
+                      layout=layout, dtype=dtype, bias=bias)]
+
+
+def emit(as_json: bool, payload: Any, human: list[str]) -> None:
+    if as_json:
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        for line in human:
+            click.echo(line)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="convgen")
+def main() -> None:
+    """convgen: optimized convolution kernels, true convolution (conv) or
+    cross-correlation (corr), compiled through Apache TVM for CPUs and NVIDIA GPUs,
+    verified against onnxruntime."""
+
+
+@main.command()
+@spec_options
+@target_option
+@click.option("--out", "out_dir", default="build", show_default=True,
+              type=click.Path(file_okay=False), help="Artifact directory.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the kernel against onnxruntime, the numpy oracle and the flip.")
+@click.option("--emit-source", is_flag=True,
+              help="Also write the scheduled TIR and the CUDA C or LLVM IR / assembly.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the verification inputs.")
+@json_option
+@handle_errors
+def build(target: str, out_dir: str, verify: bool, emit_source: bool, seed: int,
+          as_json: bool, **spec_flags: Any) -> None:
+    """Compile kernels into DIR/<name>.{so,onnx,json}."""
+    from convgen.build import build_artifact
+    from convgen.targets import resolve_target
+
+    specs = collect_specs(**spec_flags)
+    tinfo = resolve_target(target)
+    results, lines, failed = [], [], False
+    for spec in specs:
+        art = build_artifact(spec, tinfo, out_dir, target_name=target, verify=verify,
+                             emit_source=emit_source, seed=seed)
+        m = art.manifest
+        failed |= not art.verified_ok
+        results.append({"manifest": str(art.manifest_path), "name": m["name"],
+                        "files": {k: str(Path(out_dir) / v) for k, v in m["files"].items()},
+                        "schedule": m["schedule"], "verification": m["verification"]})
+        secs = sum(m["build_seconds"].values())
+        lines.append(f"built {m['name']}")
+        lines.append(f"  {spec.describe()}")
+        lines.append(f"  target {tinfo.key()}, schedule {_schedule_text(m['schedule'])}, "
+                     f"{secs:.1f} s")
+        lines.append(f"  -> {Path(out_dir) / m['files']['module']} (+ .onnx, .json)")
+        lines.extend("  " + line for line in _verification_lines(m["verification"]))
+    emit(as_json, results, lines)
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("artifact", required=False, type=click.Path(exists=True))
+@spec_options
+@target_option
+@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--update/--no-update", default=True, show_default=True,
+              help="Record the result in the artifact's manifest.")
+@json_option
+@handle_errors
+def verify(artifact: str | None, target: str, seed: int, update: bool, as_json: bool,
+           **spec_flags: Any) -> None:
+    """Verify built artifacts (ARTIFACT: a directory or manifest), or build the spec
+    given by the flags into a temporary directory and verify it."""
+    if artifact is None:
+        from convgen.build import build_artifact
+        from convgen.targets import resolve_target
+
+        specs = collect_specs(**spec_flags)
+        tinfo = resolve_target(target)
+        with tempfile.TemporaryDirectory(prefix="convgen-verify-") as tmp:
+            reports = [
+                (spec.name(), build_artifact(spec, tinfo, tmp, target_name=target, seed=seed)
+                 .manifest["verification"]) for spec in specs
+            ]
+    else:
+        from convgen.verify import verify_artifact
+
+        reports = verify_artifact(artifact, seed=seed, update=update)
+    lines = []
+    for name, rep in reports:
+        lines.append(name)
+        lines.extend("  " + line for line in _verification_lines(rep))
+    emit(as_json, [{"name": n, "verification": r} for n, r in reports], lines)
+    if any(r["status"] == "failed" for _, r in reports):
+        sys.exit(1)
+
+
+@main.command()
+@spec_options
+@target_option
+@click.option("--what", type=click.Choice(["all", "tir", "source"]), default="all",
+              show_default=True, help="The scheduled TIR, the generated source, or both.")
+@handle_errors
+def inspect(target: str, what: str, **spec_flags: Any) -> None:
+    """Print the scheduled TIR and the generated CUDA C or LLVM IR of a spec."""
+    from convgen.build import compile_kernel
+    from convgen.targets import resolve_target
+
+    tinfo = resolve_target(target)
+    for spec in collect_specs(**spec_flags):
+        compiled = compile_kernel(spec, tinfo)
+        click.echo(f"// {spec.name()}: {spec.describe()}")
+        click.echo(f"// schedule: {compiled.schedule.describe()}")
+        if what in ("all", "tir"):
+            click.echo(compiled.tir)
+        if what in ("all", "source"):
+            if tinfo.is_cuda:
+                click.echo(compiled.cuda_source)
+            else:
+                click.echo(compiled.lib.mod.inspect_source("ll"))
+
+
+def _schedule_text(s: dict[str, Any]) -> str:
+    knobs = ", ".join(f"{k}={v}" for k, v in s.get("knobs", {}).items())
+    return f"{s['kind']} {s['name']}" + (f" ({knobs})" if knobs else "")
+
+
+def _verification_lines(v: dict[str, Any]) -> list[str]:
+    status = v.get("status", "not run")
+    head = f"verification {status}" + (f": {v['reason']}" if v.get("reason") else "")
+    checks = v.get("checks", [])
+    if status == "passed":
+        worst = max((c["max_abs_error"] for c in checks), default=0.0)
+        names = "onnxruntime, numpy oracle, flip property"
+        return [f"{head} ({names}; max abs error {worst:.2g}, seed {v.get('seed')})"]
+    lines = [head]
+    for c in checks:
+        mark = "ok  " if c["passed"] else "FAIL"
+        lines.append(f"  {mark} {c['name']}: max abs error {c['max_abs_error']:.3g} "
+                     f"{c.get('detail', '')}".rstrip())
+    return lines
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Building and running kernels inside tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convgen.build import build_artifact
+from convgen.runtime import Kernel, load
+from convgen.spec import ConvSpec
+from convgen.targets import TargetInfo
+from convgen.verify import TOLERANCES
+
+
+def build_and_load(spec: ConvSpec, target: TargetInfo, out: Path, verify: bool = False) -> Kernel:
+    build_artifact(spec, target, out, verify=verify)
+    return load(out, spec.name())
+
+
+def assert_close(got: np.ndarray, want: np.ndarray, dtype: str) -> None:
+    """Shape, then dtype, then values within the dtype's tolerance."""
+    assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
+    assert got.dtype == np.dtype(dtype), f"dtype {got.dtype} != {dtype}"
+    rtol, atol = TOLERANCES[dtype]
+    scale = max(1.0, float(np.abs(want.astype(np.float64)).max(initial=0)))
+    np.testing.assert_allclose(
+        got.astype(np.float64), want.astype(np.float64), rtol=rtol, atol=atol * scale
+    )
+
+
+def random_case(spec: ConvSpec, seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "data": rng.standard_normal(spec.data_shape),
+        "weight": rng.standard_normal(spec.weight_shape),
+    }
+    if spec.bias:
+        arrays["bias"] = rng.standard_normal(spec.bias_shape)
+    return {k: v.astype(spec.dtype) for k, v in arrays.items()}
