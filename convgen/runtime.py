@@ -212,9 +212,12 @@ def _check_tensor(info: TensorInfo, a: Any) -> None:
 
 
 def _is_aligned(a: Any) -> bool:
+    """Usable as is: contiguous, 64-byte aligned, and writable (DLPack cannot
+    export read-only numpy arrays)."""
     return (
         isinstance(a, np.ndarray)
         and a.flags.c_contiguous
+        and a.flags.writeable
         and a.ctypes.data % ALIGNMENT == 0
     )
 
@@ -229,7 +232,8 @@ def aligned_empty(shape: tuple[int, ...], dtype: str | np.dtype) -> np.ndarray:
 
 
 def _host_aligned(a: Any, dtype: str) -> Any:
-    """numpy arrays of any strides/alignment -> a contiguous, 64-byte aligned array."""
+    """numpy arrays of any strides, alignment or writability -> a contiguous,
+    64-byte aligned array."""
     if not isinstance(a, np.ndarray):
         return a  # a DLPack tensor: the caller vouches for its layout
     if _is_aligned(a):
