@@ -1,0 +1,105 @@
+"""convgen.load: any contiguity/alignment, clear errors, no TVM compiler needed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import assert_close, random_case
+
+import convgen
+from convgen.build import build_artifact
+from convgen.errors import ConvgenError, SpecError
+from convgen.reference import reference_conv
+from convgen.spec import make_spec
+
+SPEC = make_spec(mode="conv", input="1x8x10x10", kernel="16x8x3x3", padding=1, bias=True)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, cpu_target):
+    out = tmp_path_factory.mktemp("art")
+    build_artifact(SPEC, cpu_target, out, verify=False)
+    return out
+
+
+def test_load_and_call(artifact):
+    k = convgen.load(artifact)
+    inputs = random_case(SPEC, 0)
+    assert_close(k(*inputs.values()), reference_conv(SPEC, *inputs.values()), "float32")
+    assert k.name == SPEC.name() and k.device == "cpu"
+
+
+def test_any_layout_of_memory(artifact):
+    """Fortran order, strided views, misaligned and read-only buffers all work."""
+    k = convgen.load(artifact / f"{SPEC.name()}.json")
+    inputs = random_case(SPEC, 1)
+    want = reference_conv(SPEC, *inputs.values())
+    x, w, b = inputs.values()
+    fortran = np.asfortranarray(x)
+    strided = np.repeat(x, 2, axis=-1)[..., ::2]
+    raw = np.empty(x.nbytes + 4, np.uint8)
+    misaligned = raw[4:].view(np.float32).reshape(x.shape)
+    misaligned[...] = x
+    readonly = x.copy()
+    readonly.flags.writeable = False
+    for data in (fortran, strided, misaligned, readonly):
+        assert_close(k(data, w, b), want, "float32")
+    out = np.empty(SPEC.out_shape, np.float32)
+    assert k(x, w, b, out=out) is out
+    assert_close(out, want, "float32")
+
+
+def test_wrong_inputs_name_the_field(artifact):
+    k = convgen.load(artifact)
+    x, w, b = random_case(SPEC, 0).values()
+    with pytest.raises(SpecError, match="^data: shape"):
+        k(x[:, :4], w, b)
+    with pytest.raises(SpecError, match="^weight: dtype float64"):
+        k(x, w.astype(np.float64), b)
+    with pytest.raises(SpecError, match="^inputs:"):
+        k(x, w)
+
+
+def test_load_errors(tmp_path, cpu_target):
+    with pytest.raises(ConvgenError, match="no convgen artifact"):
+        convgen.load(tmp_path)
+    small = make_spec(mode="corr", input="1x1x5x5", kernel="1x1x3x3")
+    for spec in (SPEC, small):
+        build_artifact(spec, cpu_target, tmp_path, verify=False)
+    with pytest.raises(ConvgenError, match="several kernels"):
+        convgen.load(tmp_path)
+    assert convgen.load(tmp_path, small.name()).name == small.name()
+
+
+def test_runtime_side_never_imports_the_compiler(artifact):
+    """load + call + verify of an existing artifact import numpy, tvm-ffi and
+    onnxruntime only; `tvm` (the 100 MB compiler package) stays out."""
+    code = f"""
+import sys, numpy as np
+import convgen
+from convgen.verify import verify_artifact
+k = convgen.load({str(artifact)!r}, {SPEC.name()!r})
+x = np.ones(k.inputs[0].shape, np.float32)
+w = np.ones(k.inputs[1].shape, np.float32)
+b = np.ones(k.inputs[2].shape, np.float32)
+k(x, w, b)
+[(name, report)] = [r for r in verify_artifact({str(artifact)!r}, update=False)
+                    if r[0] == {SPEC.name()!r}]
+assert report["status"] == "passed", report
+bad = sorted(m for m in sys.modules if m == "tvm" or m.startswith("tvm."))
+print("compiler modules:", bad)
+sys.exit(1 if bad else 0)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_uses_every_core_by_default():
+    code = "import os, convgen.runtime as r; r.use_all_cores(); print(os.environ['TVM_NUM_THREADS'])"
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert int(out.stdout) == len(os.sched_getaffinity(0))
