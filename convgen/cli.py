@@ -240,6 +240,43 @@ def inspect(target: str, what: str, **spec_flags: Any) -> None:
                 click.echo(compiled.lib.mod.inspect_source("ll"))
 
 
+@main.command()
+@click.argument("artifact", required=False, type=click.Path(exists=True))
+@spec_options
+@target_option
+@click.option("--repeats", default=30, show_default=True, help="Timed samples (median kept).")
+@click.option("--no-peers", is_flag=True, help="Time convgen alone.")
+@json_option
+@handle_errors
+def bench(artifact: str | None, target: str, repeats: int, no_peers: bool, as_json: bool,
+          **spec_flags: Any) -> None:
+    """Time kernels against onnxruntime (and PyTorch when installed), in one process:
+    medians, GFLOP/s and speed-ups. ARTIFACT: a directory or manifest; or the spec flags."""
+    from convgen.bench import bench_kernel, format_table
+    from convgen.runtime import Kernel, list_manifests
+    from convgen.spec import ConvSpec
+
+    peers = () if no_peers else ("onnxruntime", "torch")
+    with tempfile.TemporaryDirectory(prefix="convgen-bench-") as tmp:
+        if artifact is None:
+            from convgen.build import build_artifact
+            from convgen.targets import resolve_target
+
+            tinfo = resolve_target(target)
+            paths = [build_artifact(s, tinfo, tmp, target_name=target, verify=False).manifest_path
+                     for s in collect_specs(**spec_flags)]
+        else:
+            paths = list_manifests(artifact)
+        results = []
+        for path in paths:
+            kernel = Kernel(path)
+            spec = ConvSpec.from_dict(kernel.manifest["spec"])
+            results.append(bench_kernel(kernel, spec, repeats=repeats, peers=peers))
+    lines = format_table(results)
+    lines.append(f"threads: {results[0].threads}; medians of {repeats} samples")
+    emit(as_json, [r.to_dict() for r in results], lines)
+
+
 def _schedule_text(s: dict[str, Any]) -> str:
     knobs = ", ".join(f"{k}={v}" for k, v in s.get("knobs", {}).items())
     return f"{s['kind']} {s['name']}" + (f" ({knobs})" if knobs else "")

@@ -169,7 +169,7 @@ class Kernel:
         if out is not None:
             _check_tensor(out_info, out)
         if self.device == "cpu":
-            args = [_host_aligned(a, info.dtype) for a, info in zip(arrays, self.inputs)]
+            args = [host_aligned(a, info.dtype) for a, info in zip(arrays, self.inputs)]
             result = out if out is not None and _is_aligned(out) else aligned_empty(
                 out_info.shape, out_info.dtype
             )
@@ -231,7 +231,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: str | np.dtype) -> np.ndarray:
     return raw[offset : offset + nbytes].view(dt).reshape(shape)
 
 
-def _host_aligned(a: Any, dtype: str) -> Any:
+def host_aligned(a: Any, dtype: str) -> Any:
     """numpy arrays of any strides, alignment or writability -> a contiguous,
     64-byte aligned array."""
     if not isinstance(a, np.ndarray):

@@ -1,0 +1,224 @@
+"""Timing a kernel against the peers a user would pick instead, in one process.
+
+CPU: onnxruntime (same thread count, intra-op spinning off so the two thread
+pools do not fight) and PyTorch when installed. CUDA: PyTorch/cuDNN when
+installed, timed with CUDA events. Every number is a median over `repeats`
+samples after warm-up; each sample runs the kernel enough times to last about
+`min_sample_ms`, so timer resolution never dominates. Runtime side: numpy,
+tvm-ffi and onnxruntime only (torch is optional), so it runs on GPU machines
+without the TVM compiler.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from convgen.spec import ConvSpec
+
+
+@dataclass
+class Timing:
+    """Seconds per call: median and the 10th/90th percentiles of the samples."""
+
+    median: float
+    p10: float
+    p90: float
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Timing:
+        s = sorted(samples)
+        pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
+        return cls(statistics.median(s), pick(0.1), pick(0.9))
+
+
+@dataclass
+class BenchResult:
+    name: str
+    description: str
+    device: str
+    threads: int
+    flops: int
+    times: dict[str, Timing] = field(default_factory=dict)  # "convgen", "onnxruntime", ...
+    notes: list[str] = field(default_factory=list)
+
+    def gflops(self, who: str) -> float:
+        return self.flops / self.times[who].median / 1e9
+
+    def ratio(self, peer: str) -> float:
+        """Speed-up of convgen over `peer` (> 1: convgen is faster)."""
+        return self.times[peer].median / self.times["convgen"].median
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["gflops"] = {k: round(self.gflops(k), 2) for k in self.times}
+        d["speedup"] = {k: round(self.ratio(k), 3) for k in self.times if k != "convgen"}
+        return d
+
+
+def threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def time_host(fn: Callable[[], Any], repeats: int, warmup: int, min_sample_ms: float) -> Timing:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    number = max(1, math.ceil(min_sample_ms / 1e3 / once))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - t0) / number)
+    return Timing.of(samples)
+
+
+def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int, min_sample_ms: float) -> Timing:
+    from convgen import cuda_driver
+
+    timer = cuda_driver.EventTimer()
+    for _ in range(warmup):
+        fn()
+    cuda_driver.synchronize()
+    timer.start()
+    fn()
+    once = max(timer.stop_ms(), 1e-4)
+    number = max(1, math.ceil(min_sample_ms / once))
+    samples = []
+    for _ in range(repeats):
+        timer.start()
+        for _ in range(number):
+            fn()
+        samples.append(timer.stop_ms() / 1e3 / number)
+    return Timing.of(samples)
+
+
+def ort_session(model_bytes: bytes, n_threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = n_threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model_bytes, sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def bench_kernel(
+    kernel: Any,
+    spec: ConvSpec,
+    *,
+    repeats: int = 30,
+    warmup: int = 5,
+    min_sample_ms: float = 20.0,
+    peers: tuple[str, ...] = ("onnxruntime", "torch"),
+) -> BenchResult:
+    """Time a loaded convgen kernel and its peers on the same inputs."""
+    from convgen.onnx_export import export_onnx
+    from convgen.verify import random_inputs
+
+    n = threads()
+    inputs = random_inputs(spec, seed=0)
+    result = BenchResult(spec.name(), spec.describe(), kernel.device, n, spec.flops)
+    if kernel.device == "cuda":
+        from convgen import cuda_driver
+
+        args = [cuda_driver.DeviceArray.from_numpy(a) for a in inputs.values()]
+        out = cuda_driver.DeviceArray(spec.out_shape, spec.dtype)
+        func = kernel.func
+        result.times["convgen"] = time_cuda(lambda: func(*args, out), repeats, warmup,
+                                            min_sample_ms)
+        result.notes.append(f"GPU: {cuda_driver.device_name()}")
+    else:
+        from convgen.runtime import host_aligned, aligned_empty
+
+        args = [host_aligned(a, spec.dtype) for a in inputs.values()]
+        out = aligned_empty(spec.out_shape, spec.dtype)
+        func = kernel.func
+        result.times["convgen"] = time_host(lambda: func(*args, out), repeats, warmup,
+                                            min_sample_ms)
+        if "onnxruntime" in peers:
+            session = ort_session(export_onnx(spec).SerializeToString(), n)
+            result.times["onnxruntime"] = time_host(lambda: session.run(None, inputs), repeats,
+                                                    warmup, min_sample_ms)
+    if "torch" in peers:
+        timing = _bench_torch(spec, inputs, kernel.device, repeats, warmup, min_sample_ms, result)
+        if timing is not None:
+            result.times["torch"] = timing
+    return result
+
+
+def _bench_torch(
+    spec: ConvSpec, inputs: dict[str, np.ndarray], device: str, repeats: int, warmup: int,
+    min_sample_ms: float, result: BenchResult,
+) -> Timing | None:
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        result.notes.append("PyTorch not installed: no torch column")
+        return None
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
+    torch.set_num_threads(threads())
+    torch.backends.cudnn.benchmark = True
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+    x = torch.from_numpy(inputs["data"]).to(dev)
+    w = torch.from_numpy(inputs["weight"]).to(dev)
+    b = torch.from_numpy(inputs["bias"]).to(dev) if spec.bias else None
+    if spec.channels_last:
+        # PyTorch's channels-last: logical NCHW tensors with NHWC memory.
+        x = x.movedim(-1, 1)
+        w = w.movedim(-1, 1)
+        if spec.ndim in (2, 3):
+            fmt = torch.channels_last if spec.ndim == 2 else torch.channels_last_3d
+            x, w = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
+    if spec.mode == "conv":
+        w = w.flip(list(range(2, 2 + spec.ndim)))  # torch has no true convolution
+        result.notes.append("torch: weights flipped once outside the timed loop")
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spec.ndim]
+    pads_sym = spec.pads_begin == spec.pads_end
+    if not pads_sym:
+        x = F.pad(x, [p for i in reversed(range(spec.ndim))
+                      for p in (spec.pads_begin[i], spec.pads_end[i])])
+    padding = list(spec.pads_begin) if pads_sym else 0
+
+    def call() -> Any:
+        with torch.no_grad():
+            return conv(x, w, b, stride=list(spec.stride), padding=padding,
+                        dilation=list(spec.dilation), groups=spec.groups)
+
+    if device == "cuda":
+        return time_cuda(call, repeats, warmup, min_sample_ms)
+    return time_host(call, repeats, warmup, min_sample_ms)
+
+
+def format_table(results: list[BenchResult]) -> list[str]:
+    """A markdown table: GFLOP/s of each, and convgen's speed-up over each peer."""
+    peers = sorted({k for r in results for k in r.times if k != "convgen"})
+    head = ["kernel", "convgen ms", "convgen GFLOP/s"]
+    for p in peers:
+        head += [f"{p} GFLOP/s", f"vs {p}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        row = [r.name, f"{r.times['convgen'].median * 1e3:.3f}", f"{r.gflops('convgen'):.1f}"]
+        for p in peers:
+            row += ([f"{r.gflops(p):.1f}", f"{r.ratio(p):.2f}x"] if p in r.times else ["-", "-"])
+        lines.append("| " + " | ".join(row) + " |")
+    for p in peers:
+        ratios = [r.ratio(p) for r in results if p in r.times]
+        if ratios:
+            geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+            lines.append(f"geometric-mean speed-up over {p}: {geo:.2f}x ({len(ratios)} kernels)")
+    return lines

@@ -1,0 +1,52 @@
+// Calling a convgen CPU artifact from C++ with tvm-ffi alone (no TVM compiler).
+//
+//   g++ -std=c++17 -O2 deploy.cc -I<tvm_ffi include> -L<dir of libtvm_ffi.so> -ltvm_ffi \
+//       -Wl,-rpath,<dir of libtvm_ffi.so> -ldl -o deploy
+//   ./deploy build/<name>.so <path to libtvm_runtime.so>
+//
+// Runs the seed example (1x1x5x5 input, 1x1x3x3 kernel) and prints the output.
+#include <dlfcn.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/extra/module.h>
+
+namespace ffi = tvm::ffi;
+
+// The generated CPU code uses aligned vector loads: give it 64-byte aligned buffers.
+struct AlignedAlloc {
+  void AllocData(DLTensor* t) {
+    size_t bytes = (ffi::GetDataSize(*t) + 63) / 64 * 64;
+    t->data = std::aligned_alloc(64, bytes);
+  }
+  void FreeData(DLTensor* t) { std::free(t->data); }
+};
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s MODULE.so LIBTVM_RUNTIME.so\n", argv[0]);
+    return 2;
+  }
+  // CPU artifacts call TVM's thread pool (__TVMBackendParallelLaunch): make it visible.
+  if (!dlopen(argv[2], RTLD_NOW | RTLD_GLOBAL)) {
+    std::fprintf(stderr, "%s\n", dlerror());
+    return 1;
+  }
+  ffi::Module mod = ffi::Module::LoadFromFile(argv[1]);
+  ffi::Function f = mod->GetFunction("convgen_main").value();
+
+  DLDevice cpu{kDLCPU, 0};
+  DLDataType f32{kDLFloat, 32, 1};
+  ffi::Tensor data = ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::Shape({1, 1, 5, 5}), f32, cpu);
+  ffi::Tensor weight = ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::Shape({1, 1, 3, 3}), f32, cpu);
+  ffi::Tensor out = ffi::Tensor::FromNDAlloc(AlignedAlloc(), ffi::Shape({1, 1, 3, 3}), f32, cpu);
+  const float image[25] = {1, 2, 2, 1, 0, 3, 3, 3, 3, 0, 3, 0, 0, 2, 2, 0, 3, 0, 3, 3, 2, 2, 2, 3, 2};
+  for (int i = 0; i < 25; ++i) static_cast<float*>(data.data_ptr())[i] = image[i];
+  for (int i = 0; i < 9; ++i) static_cast<float*>(weight.data_ptr())[i] = static_cast<float>(i);
+
+  f(data, weight, out);  // destination passing: (data, weight[, bias], out)
+
+  for (int i = 0; i < 9; ++i) std::printf("%g%c", static_cast<float*>(out.data_ptr())[i], i % 3 == 2 ? '\n' : ' ');
+  return 0;
+}
