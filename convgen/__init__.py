@@ -2,15 +2,15 @@
 
 __version__ = "0.1.0"
 
-from convgen.errors import (  # noqa: E402
+from convgen.errors import (
     ConvgenError,
     SpecError,
     ToolchainError,
     UnsupportedError,
     VerificationError,
 )
-from convgen.runtime import Kernel, load  # noqa: E402
-from convgen.spec import ConvSpec, make_spec  # noqa: E402
+from convgen.runtime import Kernel, load
+from convgen.spec import ConvSpec, make_spec
 
 __all__ = [
     "ConvSpec",

@@ -141,7 +141,7 @@ def bench_kernel(
                                             min_sample_ms)
         result.notes.append(f"GPU: {cuda_driver.device_name()}")
     else:
-        from convgen.runtime import host_aligned, aligned_empty
+        from convgen.runtime import aligned_empty, host_aligned
 
         args = [host_aligned(a, spec.dtype) for a in inputs.values()]
         out = aligned_empty(spec.out_shape, spec.dtype)

@@ -13,7 +13,6 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,7 +21,8 @@ from typing import Any
 
 from convgen import __version__
 from convgen.compute import ENTRY, conv_prim_func
-from convgen.errors import ConvgenError, ToolchainError, UnsupportedError
+from convgen.errors import ConvgenError, UnsupportedError
+from convgen.nvcc import nvcc
 from convgen.runtime import MANIFEST_SUFFIX, Kernel
 from convgen.schedule import ScheduleChoice, schedule_for
 from convgen.spec import ConvSpec
@@ -86,47 +86,20 @@ def _cuda_source(lib: Any, spec: ConvSpec) -> str:
     return str(export_cuda_host(lib.mod))
 
 
-def nvcc_command(source: Path, output: Path, arch: str) -> list[str]:
-    """nvcc line that turns the CUDA-host source into a loadable tvm-ffi module."""
-    import tvm_ffi.libinfo
-
-    nvcc = shutil.which("nvcc") or os.path.join(
-        os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"
-    )
-    if not os.path.exists(nvcc):
-        raise ToolchainError("nvcc not found: install the CUDA toolkit or put nvcc on PATH")
-    includes = [f"-I{p}" for p in tvm_ffi.libinfo.include_paths()]
-    libdir = os.path.dirname(tvm_ffi.libinfo.find_libtvm_ffi())
-    number = arch.removeprefix("sm_")
-    return [
-        nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
-        f"-gencode=arch=compute_{number},code=sm_{number}",
-        *includes, str(source), "-o", str(output),
-        f"-L{libdir}", "-ltvm_ffi",
-    ]  # fmt: skip
-
-
-def _nvcc(source: Path, output: Path, arch: str) -> None:
-    cmd = nvcc_command(source, output, arch)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ToolchainError(
-            f"nvcc failed ({proc.returncode}) on {source.name}:\n{proc.stderr.strip()[-2000:]}"
-        )
-
-
-def write_module(compiled: Compiled, directory: Path) -> dict[str, str]:
-    """Write the module (and its sources, when CUDA) into `directory`; returns file names."""
+def write_module(compiled: Compiled, directory: Path, defer_nvcc: bool = False) -> dict[str, str]:
+    """Write the module (and its sources, when CUDA) into `directory`; returns file names.
+    With `defer_nvcc` a CUDA module is left as source for `convgen compile`."""
     name = compiled.spec.name()
     files = {"module": f"{name}.so"}
     if compiled.target.is_cuda:
         assert compiled.cuda_source is not None
         src = directory / f"{name}.cu"
         src.write_text(compiled.cuda_source)
-        t0 = time.perf_counter()
-        _nvcc(src, directory / files["module"], compiled.target.arch)
-        compiled.seconds["nvcc"] = time.perf_counter() - t0
         files["cuda_source"] = src.name
+        if not defer_nvcc:
+            t0 = time.perf_counter()
+            nvcc(src, directory / files["module"], compiled.target.arch)
+            compiled.seconds["nvcc"] = time.perf_counter() - t0
     else:
         compiled.lib.export_library(str(directory / files["module"]))
     return files
@@ -207,6 +180,7 @@ def build_artifact(
     target_name: str = "",
     verify: bool = True,
     emit_source: bool = False,
+    defer_nvcc: bool = False,
     seed: int = 0,
 ) -> Artifact:
     """Compile, export, (verify) and write DIR/<name>.{so,onnx,json}, atomically."""
@@ -222,16 +196,22 @@ def build_artifact(
     name = spec.name()
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
     try:
-        files = write_module(compiled, tmp)
+        defer_nvcc = defer_nvcc and target.is_cuda
+        files = write_module(compiled, tmp, defer_nvcc)
         model = export_onnx(spec)
         files["onnx"] = f"{name}.onnx"
         (tmp / files["onnx"]).write_bytes(model.SerializeToString())
         if emit_source:
             emit_sources(compiled, tmp, files)
-        elif "cuda_source" in files:
+        elif "cuda_source" in files and not defer_nvcc:
             (tmp / files.pop("cuda_source")).unlink()
         manifest = manifest_for(compiled, target_name or target.key(), files, {})
-        if verify:
+        manifest["module_compiled"] = not defer_nvcc
+        if defer_nvcc:
+            manifest["verification"] = not_run(
+                "module not compiled yet (--defer-nvcc): run `convgen compile DIR`"
+            ).to_dict()
+        elif verify:
             kernel = Kernel(tmp / f"{name}{MANIFEST_SUFFIX}", manifest)
             report = verify_kernel(kernel, spec, tmp / files["onnx"], seed=seed)
             manifest["verification"] = report.to_dict()
@@ -243,7 +223,10 @@ def build_artifact(
         if stale.exists():
             stale.unlink()
         for fname in files.values():
-            os.replace(tmp / fname, out / fname)
+            if (tmp / fname).exists():
+                os.replace(tmp / fname, out / fname)
+            else:  # a deferred module: no stale one from an earlier build may stay
+                (out / fname).unlink(missing_ok=True)
         os.replace(tmp / f"{name}{MANIFEST_SUFFIX}", out / f"{name}{MANIFEST_SUFFIX}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

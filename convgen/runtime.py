@@ -147,10 +147,15 @@ class Kernel:
         if self._func is None:
             import tvm_ffi
 
+            if not self.manifest.get("module_compiled", True):
+                raise ConvgenError(
+                    f"artifact: {self.name} was built with --defer-nvcc and is not compiled "
+                    f"yet: run `convgen compile {self.manifest_path.parent}`"
+                )
             if self.device == "cpu":
                 _load_tvm_runtime()
             try:
-                mod = tvm_ffi.load_module(str(self.module_path))
+                mod = tvm_ffi.load_module(str(self.module_path.resolve()))
                 self._func = mod[self.entry]
             except Exception as err:  # tvm-ffi raises its own error types
                 raise ToolchainError(f"cannot load {self.module_path}: {err}") from None
@@ -159,7 +164,9 @@ class Kernel:
     def check_inputs(self, arrays: tuple[Any, ...]) -> None:
         if len(arrays) != len(self.inputs):
             names = ", ".join(t.name for t in self.inputs)
-            raise SpecError(f"inputs: {self.name} takes {len(self.inputs)} ({names}), got {len(arrays)}")
+            raise SpecError(
+                f"inputs: {self.name} takes {len(self.inputs)} ({names}), got {len(arrays)}"
+            )
         for info, a in zip(self.inputs, arrays):
             _check_tensor(info, a)
 
@@ -208,7 +215,9 @@ def _check_tensor(info: TensorInfo, a: Any) -> None:
     except TypeError:
         same = False
     if not same:
-        raise SpecError(f"{info.name}: dtype {dtype or '?'} does not match the kernel's {info.dtype}")
+        raise SpecError(
+            f"{info.name}: dtype {dtype or '?'} does not match the kernel's {info.dtype}"
+        )
 
 
 def _is_aligned(a: Any) -> bool:

@@ -486,8 +486,8 @@ def _parse_layout(layout: str | None, nd: int) -> bool:
             )
         return text in CHANNELS_LAST.values()
     raise SpecError(
-        f"layout: {layout!r} is not one of {CHANNELS_FIRST[nd] if nd in CHANNELS_FIRST else 'NCHW'}, "
-        f"{CHANNELS_LAST[nd] if nd in CHANNELS_LAST else 'NHWC'}, channels_first, channels_last"
+        f"layout: {layout!r} is not one of {CHANNELS_FIRST.get(nd, 'NCHW')}, "
+        f"{CHANNELS_LAST.get(nd, 'NHWC')}, channels_first, channels_last"
     )
 
 

@@ -104,7 +104,8 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, dtype: str) -> Check:
     max_abs = float(np.nanmax(err, initial=0.0)) if not np.isnan(err).all() else math.inf
     detail = ""
     if bad.any():
-        idx = tuple(int(i) for i in np.unravel_index(int(np.argmax(np.where(bad, err, -1))), err.shape))
+        worst = int(np.argmax(np.where(bad, err, -1)))
+        idx = tuple(int(i) for i in np.unravel_index(worst, err.shape))
         detail = (
             f"({int(bad.sum())} of {err.size} elements off; worst at {list(idx)}: "
             f"got {g[idx]:.6g}, want {w[idx]:.6g})"
@@ -226,6 +227,6 @@ def verify_artifact(
                 tmp.write_text(json.dumps(manifest, indent=2) + "\n")
                 os.replace(tmp, manifest_path)
             except OSError:
-                report["reason"] = (report.get("reason") or "") + " (manifest is read-only: not recorded)"
+                report["reason"] = "manifest is read-only: result not recorded"
         results.append((kernel.name, report))
     return results

@@ -56,11 +56,11 @@ def test_any_layout_of_memory(artifact):
 def test_wrong_inputs_name_the_field(artifact):
     k = convgen.load(artifact)
     x, w, b = random_case(SPEC, 0).values()
-    with pytest.raises(SpecError, match="^data: shape"):
+    with pytest.raises(SpecError, match=r"^data: shape"):
         k(x[:, :4], w, b)
-    with pytest.raises(SpecError, match="^weight: dtype float64"):
+    with pytest.raises(SpecError, match=r"^weight: dtype float64"):
         k(x, w.astype(np.float64), b)
-    with pytest.raises(SpecError, match="^inputs:"):
+    with pytest.raises(SpecError, match=r"^inputs:"):
         k(x, w)
 
 
@@ -99,7 +99,8 @@ sys.exit(1 if bad else 0)
 
 
 def test_uses_every_core_by_default():
-    code = "import os, convgen.runtime as r; r.use_all_cores(); print(os.environ['TVM_NUM_THREADS'])"
+    code = ("import os, convgen.runtime as r; r.use_all_cores(); "
+            "print(os.environ['TVM_NUM_THREADS'])")
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert int(out.stdout) == len(os.sched_getaffinity(0))

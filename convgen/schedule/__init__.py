@@ -35,7 +35,9 @@ class ScheduleChoice:
         return f"{self.kind} {self.name}" + (f" ({knobs})" if knobs else "")
 
 
-def schedule_for(func: PrimFunc, spec: ConvSpec, target: TargetInfo) -> tuple[Schedule, ScheduleChoice]:
+def schedule_for(
+    func: PrimFunc, spec: ConvSpec, target: TargetInfo
+) -> tuple[Schedule, ScheduleChoice]:
     """The best schedule convgen knows for this spec on this target."""
     if target.is_cuda:
         from convgen.schedule import cuda as family

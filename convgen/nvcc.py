@@ -1,0 +1,89 @@
+"""nvcc: CUDA-host C++ -> a loadable tvm-ffi module (.so).
+
+Runtime side (needs nvcc and tvm-ffi only, not the TVM compiler), so CUDA
+sources generated on one machine can be compiled on the GPU machine:
+`convgen build --target cuda --defer-nvcc` here, `convgen compile DIR` there.
+The CUDA runtime is linked statically (nvcc's default): the .so then needs only
+libtvm_ffi.so and the NVIDIA driver.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from convgen.errors import ToolchainError
+
+
+def find_nvcc() -> str:
+    nvcc = shutil.which("nvcc") or os.path.join(
+        os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"
+    )
+    if not os.path.exists(nvcc):
+        raise ToolchainError("nvcc not found: install the CUDA toolkit or put nvcc on PATH")
+    return nvcc
+
+
+def nvcc_command(source: Path, output: Path, arch: str) -> list[str]:
+    import tvm_ffi.libinfo
+
+    includes = [f"-I{p}" for p in tvm_ffi.libinfo.include_paths()]
+    libdir = os.path.dirname(tvm_ffi.libinfo.find_libtvm_ffi())
+    number = arch.removeprefix("sm_")
+    return [
+        find_nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+        f"-gencode=arch=compute_{number},code=sm_{number}",
+        "-diag-suppress", "174,177",  # TVM's generated code: "no effect" / "unused" noise
+        *includes, str(source), "-o", str(output),
+        f"-L{libdir}", "-ltvm_ffi",
+    ]  # fmt: skip
+
+
+def nvcc(source: Path, output: Path, arch: str) -> None:
+    """Compile `source` into `output`, written atomically (a temp name, then renamed)."""
+    tmp = output.with_name(f".{output.name}.tmp")
+    proc = subprocess.run(nvcc_command(source, tmp, arch), capture_output=True, text=True)
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise ToolchainError(
+            f"nvcc failed ({proc.returncode}) on {source.name}:\n{proc.stderr.strip()[-2000:]}"
+        )
+    os.replace(tmp, output)
+
+
+def compile_artifacts(path: str | os.PathLike[str], jobs: int = 0) -> list[tuple[str, float]]:
+    """`convgen compile DIR`: nvcc every CUDA artifact in DIR that was built with
+    --defer-nvcc, in parallel, and mark its manifest compiled. Returns (name, seconds)."""
+    import json
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from convgen.runtime import list_manifests, read_manifest
+
+    pending = []
+    for manifest_path in list_manifests(path):
+        m = read_manifest(manifest_path)
+        if m["target"]["kind"] == "cuda" and not m.get("module_compiled", True):
+            pending.append((manifest_path, m))
+
+    def one(item: tuple[Path, dict]) -> tuple[str, float]:
+        manifest_path, m = item
+        directory = manifest_path.parent
+        t0 = time.perf_counter()
+        nvcc(directory / m["files"]["cuda_source"], directory / m["files"]["module"],
+             m["target"]["config"].get("arch", "sm_90"))
+        seconds = time.perf_counter() - t0
+        m = dict(m, module_compiled=True)
+        m["build_seconds"] = dict(m.get("build_seconds", {}), nvcc=round(seconds, 3))
+        m["verification"] = {"status": "not run", "reason": "compiled by convgen compile; "
+                             "run convgen verify DIR"}
+        tmp = manifest_path.with_name(f".{manifest_path.name}.tmp")
+        tmp.write_text(json.dumps(m, indent=2) + "\n")
+        os.replace(tmp, manifest_path)
+        return m["name"], seconds
+
+    workers = jobs or len(os.sched_getaffinity(0))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, pending))

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Prepare a GPU check: CUDA artifacts for the test case table (both modes) and a
+# few benchmark layers, generated here with --defer-nvcc (no GPU or long nvcc
+# runs needed), plus the tvm-ffi wheel for the GPU machine's Python.
+#   bash scripts/gpu_check.sh DIR
+# then on the GPU machine, from the repository root (needs nvcc, numpy, onnx,
+# onnxruntime, pytest; torch optional):
+#   pip install --target /tmp/site DIR/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+#   CONVGEN_PREBUILT=DIR/cases python3 -m pytest -q tests/test_gpu.py
+#   python3 -m convgen.cli compile DIR/bench && python3 -m convgen.cli verify DIR/bench
+#   python3 -m convgen.cli bench DIR/bench
+set -euo pipefail
+out=${1:?usage: gpu_check.sh DIR}
+mkdir -p "$out/cases" "$out/bench" "$out/whl"
+python - "$out" <<'PY'
+import sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from cases import CASE_TABLE
+from convgen.build import build_artifact
+from convgen.spec import make_spec
+from convgen.targets import resolve_target
+
+out = Path(sys.argv[1])
+cuda = resolve_target("cuda")
+for row in CASE_TABLE:
+    for mode in ("conv", "corr"):
+        build_artifact(make_spec(mode=mode, **row), cuda, out / "cases", defer_nvcc=True)
+layers = [  # C, HxW, K, kernel, stride, pad, groups (ResNet-50, batch 1)
+    (64, 56, 64, 3, 1, 1, 1), (256, 56, 64, 1, 1, 0, 1), (128, 28, 128, 3, 1, 1, 1),
+    (3, 224, 64, 7, 2, 3, 1), (256, 28, 256, 3, 1, 1, 256),
+]
+for c, hw, k, r, s, p, g in layers:
+    for mode, dtype in (("conv", "float32"), ("corr", "float32"), ("conv", "float16")):
+        spec = make_spec(mode=mode, input=f"1x{c}x{hw}x{hw}", kernel=f"{k}x{c // g}x{r}x{r}",
+                         stride=s, padding=p, groups=g, dtype=dtype)
+        build_artifact(spec, cuda, out / "bench", defer_nvcc=True)
+PY
+python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+  -d "$out/whl" "apache-tvm-ffi==0.1.14.post1"
+du -sh "$out"
