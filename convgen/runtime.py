@@ -177,9 +177,8 @@ class Kernel:
             _check_tensor(out_info, out)
         if self.device == "cpu":
             args = [host_aligned(a, info.dtype) for a, info in zip(arrays, self.inputs)]
-            result = out if out is not None and _is_aligned(out) else aligned_empty(
-                out_info.shape, out_info.dtype
-            )
+            usable = out is not None and (not isinstance(out, np.ndarray) or _is_aligned(out))
+            result = out if usable else aligned_empty(out_info.shape, out_info.dtype)
             self.func(*args, result)
             if out is not None and result is not out:
                 np.copyto(out, result)

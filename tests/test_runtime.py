@@ -104,3 +104,22 @@ def test_uses_every_core_by_default():
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert int(out.stdout) == len(os.sched_getaffinity(0))
+
+
+def test_tvm_ffi_tensors_in_and_out(artifact):
+    """DLPack tensors (here tvm-ffi's own) go straight to the kernel, `out` included."""
+    import tvm_ffi
+
+    from convgen.runtime import aligned_empty
+
+    k = convgen.load(artifact)
+    inputs = random_case(SPEC, 2)
+    aligned = []
+    for a in inputs.values():
+        buf = aligned_empty(a.shape, a.dtype)
+        buf[...] = a
+        aligned.append(buf)
+    out_np = aligned_empty(SPEC.out_shape, "float32")
+    out = tvm_ffi.from_dlpack(out_np)
+    assert k(*(tvm_ffi.from_dlpack(a) for a in aligned), out=out) is out
+    assert_close(out_np, reference_conv(SPEC, *inputs.values()), "float32")
