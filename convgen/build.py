@@ -151,11 +151,7 @@ def manifest_for(
         ],
         "outputs": [{"name": "out", "shape": list(spec.out_shape), "dtype": spec.dtype}],
         "files": files,
-        "schedule": {
-            "kind": compiled.schedule.kind,
-            "name": compiled.schedule.name,
-            "knobs": compiled.schedule.knobs,
-        },
+        "schedule": compiled.schedule.to_dict(),
         "flops": spec.flops,
         "build_seconds": {k: round(v, 3) for k, v in compiled.seconds.items()},
         "verification": verification,

@@ -44,8 +44,11 @@ class TargetInfo:
         return int(self.config_dict.get("num-cores", os.cpu_count() or 1))
 
     def key(self) -> str:
-        """Names the hardware a schedule was tuned for (the record library's folder)."""
-        return f"{self.kind}-{self.arch}"
+        """Names the hardware a schedule was tuned for (the record library's folder):
+        the CUDA arch, or the CPU model and its vector ISA."""
+        if self.is_cuda:
+            return f"cuda-{self.arch}"
+        return f"llvm-{self.arch}-{self.vector_isa()}"
 
     def tvm_target(self) -> Any:
         import tvm
@@ -57,20 +60,22 @@ class TargetInfo:
             d.setdefault("host", {"kind": "cuda_host"})
         return tvm.target.Target(d)
 
-    def vector_bits(self) -> int:
-        """SIMD register width in bits, from the target's CPU (not from this machine)."""
+    def vector_isa(self) -> str:
+        """The widest SIMD instruction set of the target's CPU (not of this machine)."""
         if self.is_cuda:
-            return 0
+            return "cuda"
         from tvm.target import codegen
 
         features = set(codegen.llvm_get_cpu_features(self.tvm_target()))
-        if "avx512f" in features:
-            return 512
-        if "avx" in features or "avx2" in features:
-            return 256
-        if "neon" in features or "sve" in features or "sse2" in features:
-            return 128
-        return 128
+        for isa, needs in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx"),
+                           ("sve", "sve"), ("neon", "neon"), ("sse2", "sse2")):
+            if needs in features:
+                return isa
+        return "scalar"
+
+    def vector_bits(self) -> int:
+        """SIMD register width in bits (SVE counted at its 128-bit minimum)."""
+        return {"avx512": 512, "avx2": 256, "avx": 256}.get(self.vector_isa(), 128)
 
 
 def host_cpu() -> str:

@@ -3,14 +3,18 @@
 A template is a function `(func, spec, target, knobs) -> Schedule | None`
 (None: does not apply to this spec). Its knobs are a frozen dataclass; each
 template module has a heuristic that picks default knobs from the spec and the
-target. The chooser takes the first template that applies, else the family's
-generic fallback, which works for every spec.
+target, and a grid of candidates that `convgen tune` measures.
+
+The chooser, in order: a tuned record for exactly this spec, target and TVM
+version (the record library, `schedules/`); else the first template whose
+heuristic applies; else the family's generic fallback, which works for every spec.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from convgen.errors import UnsupportedError
@@ -21,37 +25,87 @@ if TYPE_CHECKING:
     from tvm.s_tir import Schedule
     from tvm.tirx import PrimFunc
 
+    from convgen.schedule.common import Template
+
 
 @dataclass(frozen=True)
 class ScheduleChoice:
     """What the manifest records about how a kernel was scheduled."""
 
-    kind: str  # "template" or "fallback"
-    name: str  # the template's name
+    kind: str  # "record", "template" or "fallback"
+    name: str  # the template's name ("meta_schedule" for a replayed trace)
     knobs: dict[str, Any]
+    record: str | None = None  # the record file, when kind == "record"
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
         knobs = ", ".join(f"{k}={v}" for k, v in self.knobs.items())
-        return f"{self.kind} {self.name}" + (f" ({knobs})" if knobs else "")
+        text = f"{self.kind} {self.name}" + (f" ({knobs})" if knobs else "")
+        return text + (f" from {Path(self.record).name}" if self.record else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"kind": self.kind, "name": self.name, "knobs": self.knobs}
+        if self.record:
+            d["record"] = self.record
+        return d
+
+
+def family(target: TargetInfo) -> Any:
+    if target.is_cuda:
+        from convgen.schedule import cuda
+
+        return cuda
+    from convgen.schedule import cpu
+
+    return cpu
+
+
+def template_named(target: TargetInfo, name: str) -> Template[Any]:
+    for t in family(target).TEMPLATES:
+        if t.name == name:
+            return t
+    raise UnsupportedError(f"schedule: no {target.kind} template named {name!r}")
+
+
+def apply_template(
+    func: PrimFunc, spec: ConvSpec, target: TargetInfo, name: str, knobs: dict[str, Any]
+) -> Schedule:
+    """Apply a named template with explicit knobs (records and tuning use this)."""
+    template = template_named(target, name)
+    sch = template.apply(func, spec, target, template.knobs_type(**knobs))
+    if sch is None:
+        raise UnsupportedError(f"schedule: template {name} does not apply to {spec.name()}")
+    return sch
 
 
 def schedule_for(
-    func: PrimFunc, spec: ConvSpec, target: TargetInfo
+    func: PrimFunc, spec: ConvSpec, target: TargetInfo, use_records: bool = True
 ) -> tuple[Schedule, ScheduleChoice]:
     """The best schedule convgen knows for this spec on this target."""
-    if target.is_cuda:
-        from convgen.schedule import cuda as family
-    else:
-        from convgen.schedule import cpu as family  # type: ignore[no-redef]
+    fam = family(target)
+    if use_records:
+        from convgen.records import find_record, record_path
 
-    for template in family.TEMPLATES:
+        record = find_record(spec, target)
+        if record is not None:
+            sched = record.schedule
+            path = str(record_path(Path(""), target.key(), spec))
+            if sched["kind"] == "template":
+                sch = apply_template(func, spec, target, sched["name"], sched["knobs"])
+                return sch, ScheduleChoice("record", sched["name"], sched["knobs"], path)
+            if sched["kind"] == "trace":
+                from convgen.tune import replay_trace
+
+                sch = replay_trace(func, sched["trace"])
+                return sch, ScheduleChoice("record", "meta_schedule", {}, path)
+    for template in fam.TEMPLATES:
         knobs = template.default_knobs(spec, target)
         if knobs is None:
             continue
         sch = template.apply(func, spec, target, knobs)
         if sch is not None:
             return sch, ScheduleChoice("template", template.name, dataclasses.asdict(knobs))
-    sch = family.fallback(func, spec, target)
+    sch = fam.fallback(func, spec, target)
     if sch is None:
         raise UnsupportedError(f"no {target.kind} schedule applies to {spec.describe()}")
-    return sch, ScheduleChoice("fallback", family.FALLBACK_NAME, {})
+    return sch, ScheduleChoice("fallback", fam.FALLBACK_NAME, {})

@@ -19,10 +19,14 @@ K = TypeVar("K")
 
 @dataclass(frozen=True)
 class Template(Generic[K]):
-    """A named schedule template: its knob heuristic and the function that applies it."""
+    """A named schedule template: its knob type, the heuristic that picks knobs for
+    a spec (None: the template does not apply), the knob grid that tuning searches,
+    and the function that applies it."""
 
     name: str
+    knobs_type: type[K]
     default_knobs: Callable[[ConvSpec, TargetInfo], K | None]
+    candidates: Callable[[ConvSpec, TargetInfo], list[K]]
     apply: Callable[[Any, ConvSpec, TargetInfo, K], Any]
 
 
@@ -41,6 +45,10 @@ def has_block(sch: Schedule, name: str) -> bool:
     except Exception:  # TVM raises a plain error when the block is absent
         return False
     return True
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def divisor_at_most(n: int, limit: int) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from convgen.schedule.common import Template, divisor_at_most, has_block, new_schedule
+from convgen.schedule.common import Template, divisor_at_most, divisors, has_block, new_schedule
 from convgen.spec import ConvSpec
 from convgen.targets import TargetInfo
 
@@ -55,6 +55,16 @@ def _direct_knobs(spec: ConvSpec, target: TargetInfo) -> DirectKnobs | None:
     return DirectKnobs(kt=kt, wt=wt)
 
 
+def _direct_candidates(spec: ConvSpec, target: TargetInfo) -> list[DirectKnobs]:
+    """Every register tile that fits the register file (the tuning grid)."""
+    if _direct_knobs(spec, target) is None:
+        return []
+    regs = 32 if target.vector_bits() >= 512 else 16
+    wts = [d for d in divisors(spec.out_size[-1]) if 4 <= d <= 32]
+    kts = [d for d in divisors(spec.out_channels) if 2 <= d <= 32]
+    return [DirectKnobs(kt, wt) for wt in wts for kt in kts if kt * -(-wt // 8) <= regs - 2]
+
+
 def _direct(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: DirectKnobs) -> Schedule:
     sch = new_schedule(func)
     conv = sch.get_sblock("conv")
@@ -82,7 +92,9 @@ def _direct(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: DirectKno
     return sch
 
 
-TEMPLATES: list[Template[Any]] = [Template("cpu_direct_nchw", _direct_knobs, _direct)]
+TEMPLATES: list[Template[Any]] = [
+    Template("cpu_direct_nchw", DirectKnobs, _direct_knobs, _direct_candidates, _direct),
+]
 
 
 def _parallel_outer(sch: Schedule, loops: list[Any], extents: list[int], cores: int) -> None:

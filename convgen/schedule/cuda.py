@@ -65,7 +65,13 @@ def _implicit_gemm(
 
 
 TEMPLATES: list[Template[Any]] = [
-    Template("cuda_implicit_gemm", _implicit_gemm_knobs, _implicit_gemm),
+    Template(
+        "cuda_implicit_gemm",
+        ImplicitGemmKnobs,
+        _implicit_gemm_knobs,
+        lambda spec, target: [k for k in [_implicit_gemm_knobs(spec, target)] if k],
+        _implicit_gemm,
+    ),
 ]
 
 
