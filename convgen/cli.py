@@ -53,6 +53,8 @@ def spec_options(f: F) -> F:
         click.option("--spec", "spec_file", type=click.Path(dir_okay=False),
                      help="TOML or JSON file with one table per kernel (the flags' field "
                      "names), or an .onnx model (its Conv nodes, in --mode)."),
+        click.option("--suite", help="A named suite (resnet50): every layer in both "
+                     "layouts and modes; --mode / --layout / --dtype narrow it."),
         click.option("--mode", type=click.Choice(["conv", "corr"], case_sensitive=False),
                      help=MODE_HELP),
         click.option("--input", "input_shape", metavar="SHAPE",
@@ -99,13 +101,24 @@ def json_option(f: F) -> F:
 
 
 def collect_specs(
-    spec_file: str | None, mode: str | None, input_shape: str | None, kernel_shape: str | None,
-    padding: str, stride: str, dilation: str, groups: str, layout: str | None, dtype: str,
-    bias: bool,
+    spec_file: str | None, suite: str | None, mode: str | None, input_shape: str | None,
+    kernel_shape: str | None, padding: str, stride: str, dilation: str, groups: str,
+    layout: str | None, dtype: str, bias: bool,
 ) -> list[Any]:
-    """The flags (or --spec FILE) -> a list of ConvSpec."""
+    """The flags (or --spec FILE, or --suite NAME) -> a list of ConvSpec."""
     from convgen.spec import make_spec, specs_from_file, specs_from_onnx
 
+    if suite:
+        from convgen.suites import suite_specs
+
+        if spec_file or input_shape or kernel_shape:
+            raise SpecError("suite: give --suite alone (with --mode/--layout/--dtype filters)")
+        return suite_specs(
+            suite,
+            modes=(mode,) if mode else ("conv", "corr"),
+            layouts=(layout.upper(),) if layout else ("NCHW", "NHWC"),
+            dtype=dtype,
+        )
     if spec_file:
         if input_shape or kernel_shape:
             raise SpecError("spec: give either --spec FILE or --input/--kernel, not both")
@@ -217,6 +230,58 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, as_json: 
     emit(as_json, [{"name": n, "verification": r} for n, r in reports], lines)
     if any(r["status"] == "failed" for _, r in reports):
         sys.exit(1)
+
+
+@main.command()
+@spec_options
+@target_option
+@click.option("--trials", type=int, default=None,
+              help="Candidates measured per kernel (default: the whole template grid).")
+@click.option("--minutes", type=float, default=None, help="Wall-clock budget for the run.")
+@click.option("--workers", default=0, show_default=True,
+              help="Parallel candidate compiles (0: every core). Timing is always serial.")
+@click.option("--library", type=click.Path(file_okay=False), default=None,
+              help="Record library to write (default: convgen's schedules/, or "
+              "$CONVGEN_SCHEDULES).")
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Where measurement logs live, for resuming (default ~/.cache/convgen/tune).")
+@json_option
+@handle_errors
+def tune(target: str, trials: int | None, minutes: float | None, workers: int,
+         library: str | None, work_dir: str | None, as_json: bool, **spec_flags: Any) -> None:
+    """Search schedules for kernels on this machine and keep the fastest in the record
+    library, which `convgen build` then uses. Ctrl-C keeps every finished record;
+    rerunning the same command resumes."""
+    from convgen.targets import resolve_target
+    from convgen.tune import TuneOptions, tune_specs
+
+    specs = collect_specs(**spec_flags)
+    tinfo = resolve_target(target)
+    options = TuneOptions(trials=trials, minutes=minutes, workers=workers,
+                          library=Path(library) if library else None,
+                          work_dir=Path(work_dir) if work_dir else None)
+    position = {s.name(): i + 1 for i, s in enumerate(specs)}
+    live = sys.stderr.isatty() and not as_json
+
+    def progress(spec: Any, done: int, total: int, gflops: float) -> None:
+        line = (f"[{position[spec.name()]}/{len(specs)}] {spec.name()}: {done}/{total} "
+                f"candidates, best {gflops:.1f} GFLOP/s")
+        if live:
+            click.echo("\r" + line + " " * 8, nl=done == total, err=True)
+        elif done == total:
+            click.echo(line, err=True)
+
+    results = tune_specs(specs, tinfo, options, progress)
+    rows, lines = [], []
+    for r in results:
+        rows.append({"name": r.spec.name(), "gflops": round(r.gflops, 2), "measured": r.measured,
+                     "record": str(r.record_path) if r.record_path else None,
+                     "schedule": r.best.candidate.__dict__ if r.best else None})
+        where = f"-> {r.record_path}" if r.record_path else "(no working candidate)"
+        lines.append(f"{r.spec.name()}: {r.gflops:.1f} GFLOP/s {where}")
+    if results and results[-1].interrupted:
+        lines.append("stopped early (budget or Ctrl-C); rerun the same command to resume")
+    emit(as_json, rows, lines)
 
 
 @main.command("compile")

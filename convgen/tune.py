@@ -1,0 +1,249 @@
+"""Tuning runs: measure candidate schedules, keep the fastest as a record.
+
+The search space is our templates' knob grids (each template's `candidates`),
+measured in this process on this machine. Each spec's run:
+
+  1. compiles every candidate not yet measured (`workers` threads: tvm.compile
+     releases the GIL in C++), a failed build counting as infinitely slow;
+  2. measures them one at a time (nothing else compiling meanwhile, so the
+     timings are clean): median of `repeats` samples of >= `min_repeat_ms`;
+  3. appends each measurement to a log (work_dir/<target key>/<spec>.jsonl),
+     so an interrupted run (Ctrl-C, a crash) resumes where it stopped;
+  4. writes the winner to the record library atomically.
+
+Budgets: `trials` caps the candidates measured per spec, `minutes` the whole
+run; whatever was measured when a budget runs out still produces a record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from convgen.compute import ENTRY, conv_prim_func
+from convgen.errors import UnsupportedError
+from convgen.records import Record, library_path, write_record
+from convgen.spec import ConvSpec
+from convgen.targets import TargetInfo
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    trials: int | None = None  # candidates measured per spec (None: the whole grid)
+    minutes: float | None = None  # wall-clock budget for the whole run
+    workers: int = 0  # parallel compiles (0: every core)
+    repeats: int = 10
+    min_repeat_ms: float = 20.0
+    library: Path | None = None  # default: records.library_path()
+    work_dir: Path | None = None  # default: ~/.cache/convgen/tune
+
+
+@dataclass
+class Candidate:
+    template: str
+    knobs: dict[str, Any]
+
+    def key(self) -> str:
+        return json.dumps({"template": self.template, "knobs": self.knobs}, sort_keys=True)
+
+
+@dataclass
+class Measurement:
+    candidate: Candidate
+    seconds: float  # math.inf when it failed to build or run
+    error: str = ""
+
+
+@dataclass
+class TuneResult:
+    spec: ConvSpec
+    best: Measurement | None
+    measured: int
+    record_path: Path | None
+    interrupted: bool = False
+
+    @property
+    def gflops(self) -> float:
+        if self.best is None or not math.isfinite(self.best.seconds):
+            return 0.0
+        return self.spec.flops / self.best.seconds / 1e9
+
+
+Progress = Callable[[ConvSpec, int, int, float], None]
+
+
+def candidates_for(spec: ConvSpec, target: TargetInfo) -> list[Candidate]:
+    from convgen.schedule import family
+
+    found = []
+    for template in family(target).TEMPLATES:
+        for knobs in template.candidates(spec, target):
+            found.append(Candidate(template.name, dataclasses.asdict(knobs)))
+    return found
+
+
+def _log_path(work_dir: Path, target: TargetInfo, spec: ConvSpec) -> Path:
+    return work_dir / target.key() / f"{spec.name()}.jsonl"
+
+
+def _read_log(path: Path) -> dict[str, Measurement]:
+    done: dict[str, Measurement] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            cand = Candidate(row["template"], row["knobs"])
+            secs = float(row["seconds"]) if row["seconds"] is not None else math.inf
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn last line from an interrupted write
+        done[cand.key()] = Measurement(cand, secs, row.get("error", ""))
+    return done
+
+
+def _append_log(path: Path, m: Measurement) -> None:
+    row = {"template": m.candidate.template, "knobs": m.candidate.knobs,
+           "seconds": m.seconds if math.isfinite(m.seconds) else None, "error": m.error}
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _compile(spec: ConvSpec, target: TargetInfo, cand: Candidate) -> Any:
+    import tvm
+
+    from convgen.schedule import apply_template
+
+    sch = apply_template(conv_prim_func(spec), spec, target, cand.template, cand.knobs)
+    return tvm.compile(sch.mod, target=target.tvm_target())
+
+
+def _measure(lib: Any, spec: ConvSpec, options: TuneOptions) -> float:
+    import tvm
+
+    from convgen.reference import reference_conv
+    from convgen.verify import TOLERANCES, random_inputs
+
+    dev = tvm.cpu()
+    inputs = random_inputs(spec, seed=0)
+    args = [tvm.runtime.tensor(a, dev) for a in inputs.values()]
+    out = tvm.runtime.tensor(np.zeros(spec.out_shape, spec.dtype), dev)
+    lib[ENTRY](*args, out)
+    # a fast wrong kernel must never win: check it once against the oracle
+    want = reference_conv(spec, *inputs.values()).astype(np.float64)
+    rtol, atol = TOLERANCES[spec.dtype]
+    scale = max(1.0, float(np.abs(want).max()))
+    if not np.allclose(out.numpy().astype(np.float64), want, rtol=rtol, atol=atol * scale):
+        raise UnsupportedError("candidate computes a wrong result")
+    timer = lib.mod.time_evaluator(ENTRY, dev, number=1, repeat=options.repeats,
+                                   min_repeat_ms=int(options.min_repeat_ms))
+    return float(np.median(timer(*args, out).results))
+
+
+def tune_spec(
+    spec: ConvSpec,
+    target: TargetInfo,
+    options: TuneOptions,
+    deadline: float | None = None,
+    progress: Progress | None = None,
+) -> TuneResult:
+    """Tune one spec on this machine's CPU; writes its record and returns the result."""
+    import tvm
+
+    if target.is_cuda:
+        raise UnsupportedError(
+            "tune: CUDA candidates are measured on the GPU machine: use "
+            "`convgen tune --target cuda --candidates DIR` (see the README)"
+        )
+    work_dir = options.work_dir or Path.home() / ".cache" / "convgen" / "tune"
+    log = _log_path(work_dir, target, spec)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    done = _read_log(log)
+    cands = candidates_for(spec, target)
+    if options.trials is not None:
+        cands = cands[: options.trials]
+    todo = [c for c in cands if c.key() not in done]
+    total = len(cands)
+    results = [done[c.key()] for c in cands if c.key() in done]
+    best = min(results, key=lambda m: m.seconds, default=None)
+
+    def report() -> None:
+        if progress:
+            gf = spec.flops / best.seconds / 1e9 if best and math.isfinite(best.seconds) else 0.0
+            progress(spec, len(results), total, gf)
+
+    report()
+    interrupted = False
+    workers = options.workers or len(os.sched_getaffinity(0))
+    batch = max(1, workers)
+    try:
+        while todo:
+            if deadline is not None and time.monotonic() > deadline:
+                interrupted = True
+                break
+            chunk, todo = todo[:batch], todo[batch:]
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_compile, spec, target, c) for c in chunk]
+            for cand, fut in zip(chunk, futures):
+                try:
+                    m = Measurement(cand, _measure(fut.result(), spec, options))
+                except Exception as err:  # any failure: infinitely slow, the run goes on
+                    m = Measurement(cand, math.inf, str(err).strip().splitlines()[-1][:300]
+                                    if str(err).strip() else type(err).__name__)
+                _append_log(log, m)
+                results.append(m)
+                if best is None or m.seconds < best.seconds:
+                    best = m
+                report()
+    except KeyboardInterrupt:
+        interrupted = True
+    path = None
+    if best is not None and math.isfinite(best.seconds):
+        record = Record(
+            spec=spec,
+            target_key=target.key(),
+            tvm_version=tvm.__version__,
+            schedule={"kind": "template", "name": best.candidate.template,
+                      "knobs": best.candidate.knobs},
+            measured={
+                "median_ms": round(best.seconds * 1e3, 4),
+                "gflops": round(spec.flops / best.seconds / 1e9, 2),
+                "threads": int(os.environ.get("TVM_NUM_THREADS", target.num_cores)),
+                "date": time.strftime("%Y-%m-%d"),
+            },
+            tuner={"method": "template grid", "candidates": len(results),
+                   "failed": sum(not math.isfinite(m.seconds) for m in results)},
+        )
+        path = write_record(record, options.library or library_path())
+    return TuneResult(spec, best, len(results), path, interrupted)
+
+
+def tune_specs(
+    specs: list[ConvSpec],
+    target: TargetInfo,
+    options: TuneOptions,
+    progress: Progress | None = None,
+) -> list[TuneResult]:
+    """Tune several specs in turn; Ctrl-C keeps every record finished so far."""
+    from convgen.runtime import use_all_cores
+
+    use_all_cores()
+    deadline = time.monotonic() + options.minutes * 60 if options.minutes else None
+    results = []
+    for spec in specs:
+        result = tune_spec(spec, target, options, deadline, progress)
+        results.append(result)
+        if result.interrupted:
+            break
+    return results

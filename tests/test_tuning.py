@@ -1,0 +1,134 @@
+"""The record library and tuning runs: round trip, atomic writes, corrupt files,
+exact matching, resume and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from convgen.build import build_artifact
+from convgen.records import Record, RecordError, find_record, read_record, write_record
+from convgen.schedule import schedule_for
+from convgen.spec import make_spec
+from convgen.tune import TuneOptions, candidates_for, tune_specs
+
+SPEC = make_spec(mode="conv", input="1x8x12x16", kernel="16x8x3x3", padding=1)
+
+
+def _record(spec, target, **schedule):
+    import tvm
+
+    return Record(spec, target.key(), tvm.__version__,
+                  schedule or {"kind": "template", "name": "cpu_direct_nchw",
+                               "knobs": {"kt": 4, "wt": 8}},
+                  {"gflops": 1.0}, {"method": "test"})
+
+
+def test_record_round_trip_and_atomic_write(tmp_path, cpu_target):
+    rec = _record(SPEC, cpu_target)
+    path = write_record(rec, tmp_path)
+    assert path == tmp_path / cpu_target.key() / f"{SPEC.name()}.json"
+    assert read_record(path) == rec
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+    assert find_record(SPEC, cpu_target, tmp_path) == rec
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"format": "other"}',
+                                     '{"format": "convgen-record", "spec": {}}'])
+def test_corrupt_record_is_a_clear_error(tmp_path, cpu_target, content):
+    path = tmp_path / cpu_target.key() / f"{SPEC.name()}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.raises(RecordError, match=r"^record: .*" + SPEC.name()):
+        find_record(SPEC, cpu_target, tmp_path)
+
+
+def test_record_for_other_tvm_or_spec_is_ignored(tmp_path, cpu_target):
+    rec = _record(SPEC, cpu_target)
+    path = write_record(rec, tmp_path)
+    data = json.loads(path.read_text())
+    data["tvm_version"] = "0.1.0"
+    path.write_text(json.dumps(data))
+    assert find_record(SPEC, cpu_target, tmp_path) is None
+
+
+def test_build_uses_the_record(tmp_path, cpu_target, monkeypatch):
+    monkeypatch.setenv("CONVGEN_SCHEDULES", str(tmp_path / "lib"))
+    write_record(_record(SPEC, cpu_target), tmp_path / "lib")
+    art = build_artifact(SPEC, cpu_target, tmp_path / "out", verify=True)
+    sched = art.manifest["schedule"]
+    assert sched["kind"] == "record" and sched["knobs"] == {"kt": 4, "wt": 8}
+    assert art.manifest["verification"]["status"] == "passed"
+    # without a record: the template heuristic
+    monkeypatch.setenv("CONVGEN_SCHEDULES", str(tmp_path / "empty"))
+    from convgen.compute import conv_prim_func
+
+    _, choice = schedule_for(conv_prim_func(SPEC), SPEC, cpu_target)
+    assert choice.kind == "template"
+
+
+def test_chooser_falls_back_where_no_template_applies(cpu_target):
+    from convgen.compute import conv_prim_func
+
+    odd = make_spec(mode="corr", input="1x3x5x3", kernel="2x3x3x3")  # width 1 output
+    _, choice = schedule_for(conv_prim_func(odd), odd, cpu_target, use_records=False)
+    assert choice.kind == "fallback"
+
+
+def test_tune_writes_a_record_and_resumes(tmp_path, cpu_target):
+    opts = TuneOptions(trials=2, repeats=3, min_repeat_ms=1, library=tmp_path / "lib",
+                       work_dir=tmp_path / "work")
+    [first] = tune_specs([SPEC], cpu_target, opts)
+    assert first.measured == 2 and first.gflops > 0
+    assert find_record(SPEC, cpu_target, tmp_path / "lib") is not None
+    log = next((tmp_path / "work").rglob("*.jsonl"))
+    assert len(log.read_text().splitlines()) == 2
+    more = TuneOptions(**{**opts.__dict__, "trials": 4})
+    [second] = tune_specs([SPEC], cpu_target, more)
+    assert second.measured == 4
+    assert len(log.read_text().splitlines()) == 4  # only the two new ones were measured
+    assert second.best.seconds <= first.best.seconds
+
+
+def test_ctrl_c_keeps_what_was_measured(tmp_path, cpu_target, monkeypatch):
+    import convgen.tune as tune_mod
+
+    real, calls = tune_mod._measure, []
+
+    def interrupt_second(lib, spec, options):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(lib, spec, options)
+
+    monkeypatch.setattr(tune_mod, "_measure", interrupt_second)
+    opts = TuneOptions(trials=3, repeats=3, min_repeat_ms=1, library=tmp_path / "lib",
+                       work_dir=tmp_path / "work")
+    other = make_spec(mode="corr", input="1x8x12x16", kernel="16x8x3x3", padding=1)
+    results = tune_specs([SPEC, other], cpu_target, opts)
+    assert len(results) == 1 and results[0].interrupted  # stopped, the next spec untouched
+    assert results[0].record_path is not None and results[0].measured == 1
+    monkeypatch.setattr(tune_mod, "_measure", real)
+    [resumed, _] = tune_specs([SPEC, other], cpu_target, opts)
+    assert resumed.measured == 3
+
+
+def test_failing_candidates_count_as_infinitely_slow(tmp_path, cpu_target, monkeypatch):
+    import convgen.tune as tune_mod
+
+    real = tune_mod._compile
+
+    def broken_first(spec, target, cand):
+        if cand.knobs == candidates_for(spec, target)[0].knobs:
+            raise RuntimeError("LLVM fell over")
+        return real(spec, target, cand)
+
+    monkeypatch.setattr(tune_mod, "_compile", broken_first)
+    opts = TuneOptions(trials=2, repeats=3, min_repeat_ms=1, library=tmp_path / "lib",
+                       work_dir=tmp_path / "work")
+    [result] = tune_specs([SPEC], cpu_target, opts)
+    rows = [json.loads(line) for line in next((tmp_path / "work").rglob("*.jsonl")).open()]
+    assert rows[0]["seconds"] is None and "LLVM fell over" in rows[0]["error"]
+    assert math.isfinite(result.best.seconds)
