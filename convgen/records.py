@@ -63,7 +63,9 @@ class Record:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> Record:
         if d.get("format") != FORMAT:
-            raise RecordError(f"record: {where} is not a convgen record (format {d.get('format')!r})")
+            raise RecordError(
+                f"record: {where} is not a convgen record (format {d.get('format')!r})"
+            )
         try:
             return cls(
                 spec=ConvSpec.from_dict(d["spec"]),
@@ -98,7 +100,9 @@ def read_record(path: Path) -> Record:
     except OSError as err:
         raise RecordError(f"record: cannot read {path}: {err.strerror}") from None
     except ValueError as err:
-        raise RecordError(f"record: {path} is not valid JSON ({err}); delete or retune it") from None
+        raise RecordError(
+            f"record: {path} is not valid JSON ({err}); delete or retune it"
+        ) from None
     if not isinstance(data, dict):
         raise RecordError(f"record: {path} is not a JSON object; delete or retune it")
     return Record.from_dict(data, str(path))
