@@ -47,6 +47,7 @@ class BenchResult:
     threads: int
     flops: int
     times: dict[str, Timing] = field(default_factory=dict)  # "convgen", "onnxruntime", ...
+    peak_gflops: float | None = None  # the measured FMA peak (CPU), for "% of peak"
     notes: list[str] = field(default_factory=list)
 
     def gflops(self, who: str) -> float:
@@ -60,11 +61,50 @@ class BenchResult:
         d = asdict(self)
         d["gflops"] = {k: round(self.gflops(k), 2) for k in self.times}
         d["speedup"] = {k: round(self.ratio(k), 3) for k in self.times if k != "convgen"}
+        if self.peak_gflops:
+            d["percent_of_peak"] = {k: round(100 * self.gflops(k) / self.peak_gflops, 1)
+                                    for k in self.times}
         return d
 
 
 def threads() -> int:
     return len(os.sched_getaffinity(0))
+
+
+_peak_cache: dict[int, float | None] = {}
+
+
+def measure_cpu_peak(n_threads: int) -> float | None:
+    """The CPU's fp32 FMA peak on `n_threads`, measured (GFLOP/s): the best of a few
+    runs of a register-only FMA loop, 256- and 512-bit wide. None without gcc."""
+    if n_threads in _peak_cache:
+        return _peak_cache[n_threads]
+    import ctypes
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    src = Path(__file__).parent / "native" / "fma_peak.c"
+    best = None
+    if shutil.which("gcc"):
+        with tempfile.TemporaryDirectory() as tmp:
+            for vbytes in (32, 64):
+                lib = Path(tmp) / f"peak{vbytes}.so"
+                proc = subprocess.run(
+                    ["gcc", "-O2", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared",
+                     "-fPIC", f"-DVBYTES={vbytes}", str(src), "-o", str(lib)],
+                    capture_output=True,
+                )
+                if proc.returncode != 0:
+                    continue
+                f = ctypes.CDLL(str(lib)).fma_peak
+                f.restype, f.argtypes = ctypes.c_double, [ctypes.c_long, ctypes.c_int]
+                for _ in range(3):
+                    g = f(20_000_000, n_threads)
+                    best = g if best is None else max(best, g)
+    _peak_cache[n_threads] = best
+    return best
 
 
 def time_host(fn: Callable[[], Any], repeats: int, warmup: int, min_sample_ms: float) -> Timing:
@@ -148,6 +188,7 @@ def bench_kernel(
         func = kernel.func
         result.times["convgen"] = time_host(lambda: func(*args, out), repeats, warmup,
                                             min_sample_ms)
+        result.peak_gflops = measure_cpu_peak(n)
         if "onnxruntime" in peers:
             session = ort_session(export_onnx(spec).SerializeToString(), n)
             result.times["onnxruntime"] = time_host(lambda: session.run(None, inputs), repeats,
@@ -207,12 +248,16 @@ def _bench_torch(
 def format_table(results: list[BenchResult]) -> list[str]:
     """A markdown table: GFLOP/s of each, and convgen's speed-up over each peer."""
     peers = sorted({k for r in results for k in r.times if k != "convgen"})
-    head = ["kernel", "convgen ms", "convgen GFLOP/s"]
+    with_peak = any(r.peak_gflops for r in results)
+    head = ["kernel", "convgen ms", "convgen GFLOP/s"] + (["% peak"] if with_peak else [])
     for p in peers:
         head += [f"{p} GFLOP/s", f"vs {p}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         row = [r.name, f"{r.times['convgen'].median * 1e3:.3f}", f"{r.gflops('convgen'):.1f}"]
+        if with_peak:
+            row.append(f"{100 * r.gflops('convgen') / r.peak_gflops:.0f}%" if r.peak_gflops
+                       else "-")
         for p in peers:
             row += ([f"{r.gflops(p):.1f}", f"{r.ratio(p):.2f}x"] if p in r.times else ["-", "-"])
         lines.append("| " + " | ".join(row) + " |")
@@ -221,4 +266,36 @@ def format_table(results: list[BenchResult]) -> list[str]:
         if ratios:
             geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
             lines.append(f"geometric-mean speed-up over {p}: {geo:.2f}x ({len(ratios)} kernels)")
+    peaks = {r.peak_gflops for r in results if r.peak_gflops}
+    if peaks:
+        lines.append(f"measured FMA peak: {max(peaks):.1f} GFLOP/s on {results[0].threads} threads")
     return lines
+
+
+def plot(results: list[BenchResult], path: str) -> None:
+    """Bar chart of GFLOP/s per kernel and implementation (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from convgen.errors import ToolchainError
+
+        raise ToolchainError("plot: matplotlib is not installed (pip install matplotlib)") from None
+    who = ["convgen"] + sorted({k for r in results for k in r.times if k != "convgen"})
+    fig, ax = plt.subplots(figsize=(max(6, len(results) * 0.6), 4.5))
+    width = 0.8 / len(who)
+    for i, w in enumerate(who):
+        xs = [j + i * width for j, r in enumerate(results) if w in r.times]
+        ys = [r.gflops(w) for r in results if w in r.times]
+        ax.bar(xs, ys, width, label=w)
+    peaks = [r.peak_gflops for r in results if r.peak_gflops]
+    if peaks:
+        ax.axhline(max(peaks), color="gray", linestyle="--", linewidth=1, label="FMA peak")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(results))])
+    ax.set_xticklabels([r.name.split("_s")[0] for r in results], rotation=75, fontsize=6)
+    ax.set_ylabel("GFLOP/s")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)

@@ -330,10 +330,12 @@ def inspect(target: str, what: str, **spec_flags: Any) -> None:
 @target_option
 @click.option("--repeats", default=30, show_default=True, help="Timed samples (median kept).")
 @click.option("--no-peers", is_flag=True, help="Time convgen alone.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
+              help="Also draw the bars into this PNG (needs matplotlib).")
 @json_option
 @handle_errors
-def bench(artifact: str | None, target: str, repeats: int, no_peers: bool, as_json: bool,
-          **spec_flags: Any) -> None:
+def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
+          plot_file: str | None, as_json: bool, **spec_flags: Any) -> None:
     """Time kernels against onnxruntime (and PyTorch when installed), in one process:
     medians, GFLOP/s and speed-ups. ARTIFACT: a directory or manifest; or the spec flags."""
     from convgen.bench import bench_kernel, format_table
@@ -358,6 +360,11 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool, as_js
             results.append(bench_kernel(kernel, spec, repeats=repeats, peers=peers))
     lines = format_table(results)
     lines.append(f"threads: {results[0].threads}; medians of {repeats} samples")
+    if plot_file:
+        from convgen.bench import plot
+
+        plot(results, plot_file)
+        lines.append(f"plot: {plot_file}")
     emit(as_json, [r.to_dict() for r in results], lines)
 
 
