@@ -283,7 +283,7 @@ def plot(results: list[BenchResult], path: str) -> None:
         from convgen.errors import ToolchainError
 
         raise ToolchainError("plot: matplotlib is not installed (pip install matplotlib)") from None
-    who = ["convgen"] + sorted({k for r in results for k in r.times if k != "convgen"})
+    who = ["convgen", *sorted({k for r in results for k in r.times if k != "convgen"})]
     fig, ax = plt.subplots(figsize=(max(6, len(results) * 0.6), 4.5))
     width = 0.8 / len(who)
     for i, w in enumerate(who):
