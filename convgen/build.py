@@ -24,7 +24,7 @@ from convgen.compute import ENTRY, conv_prim_func
 from convgen.errors import ConvgenError, UnsupportedError
 from convgen.nvcc import nvcc
 from convgen.runtime import MANIFEST_SUFFIX, Kernel
-from convgen.schedule import ScheduleChoice, schedule_for
+from convgen.schedule import ScheduleChoice, apply_template, family, schedule_for
 from convgen.spec import ConvSpec
 from convgen.targets import TargetInfo
 
@@ -42,17 +42,33 @@ class Compiled:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def lower(spec: ConvSpec, target: TargetInfo) -> tuple[Any, ScheduleChoice]:
-    """The scheduled IRModule for this spec and target."""
-    sch, choice = schedule_for(conv_prim_func(spec), spec, target)
+def lower(
+    spec: ConvSpec, target: TargetInfo, template: str | None = None,
+    knobs: dict[str, Any] | None = None,
+) -> tuple[Any, ScheduleChoice]:
+    """The scheduled IRModule: the chooser's pick, or a named template with explicit
+    knobs ("fallback" for the generic schedule), as tuning needs."""
+    func = conv_prim_func(spec)
+    if template is None:
+        sch, choice = schedule_for(func, spec, target)
+    elif template == "fallback":
+        fam = family(target)
+        sch, choice = fam.fallback(func, spec, target), ScheduleChoice(
+            "fallback", fam.FALLBACK_NAME, {})
+    else:
+        sch = apply_template(func, spec, target, template, knobs or {})
+        choice = ScheduleChoice("template", template, knobs or {})
     return sch.mod, choice
 
 
-def compile_kernel(spec: ConvSpec, target: TargetInfo) -> Compiled:
+def compile_kernel(
+    spec: ConvSpec, target: TargetInfo, template: str | None = None,
+    knobs: dict[str, Any] | None = None,
+) -> Compiled:
     import tvm
 
     t0 = time.perf_counter()
-    mod, choice = lower(spec, target)
+    mod, choice = lower(spec, target, template, knobs)
     tvm_target = target.tvm_target()
     t1 = time.perf_counter()
     try:
@@ -178,6 +194,8 @@ def build_artifact(
     emit_source: bool = False,
     defer_nvcc: bool = False,
     seed: int = 0,
+    template: str | None = None,
+    knobs: dict[str, Any] | None = None,
 ) -> Artifact:
     """Compile, export, (verify) and write DIR/<name>.{so,onnx,json}, atomically."""
     from convgen.onnx_export import export_onnx
@@ -188,7 +206,7 @@ def build_artifact(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConvgenError(f"out: cannot create {out}: {err.strerror}") from None
-    compiled = compile_kernel(spec, target)
+    compiled = compile_kernel(spec, target, template, knobs)
     name = spec.name()
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
     try:

@@ -245,18 +245,29 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, as_json: 
               "$CONVGEN_SCHEDULES).")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="Where measurement logs live, for resuming (default ~/.cache/convgen/tune).")
+@click.option("--emit-candidates", type=click.Path(file_okay=False), default=None,
+              help="CUDA: write every candidate into this folder for `convgen measure` on the "
+              "GPU machine (which needs only nvcc, tvm-ffi and numpy).")
+@click.option("--ingest", type=click.Path(exists=True, file_okay=False), default=None,
+              help="CUDA: turn a measured candidates folder (results.json) into records.")
 @json_option
 @handle_errors
 def tune(target: str, trials: int | None, minutes: float | None, workers: int,
-         library: str | None, work_dir: str | None, as_json: bool, **spec_flags: Any) -> None:
-    """Search schedules for kernels on this machine and keep the fastest in the record
-    library, which `convgen build` then uses. Ctrl-C keeps every finished record;
-    rerunning the same command resumes."""
+         library: str | None, work_dir: str | None, emit_candidates: str | None,
+         ingest: str | None, as_json: bool, **spec_flags: Any) -> None:
+    """Search schedules for kernels and keep the fastest in the record library, which
+    `convgen build` then uses. CPU: measured here; Ctrl-C keeps every finished record and
+    rerunning the same command resumes. CUDA: --emit-candidates DIR here, `convgen measure
+    DIR` on the GPU machine, --ingest DIR here (or all three at once where the GPU is local)."""
     from convgen.targets import resolve_target
     from convgen.tune import TuneOptions, tune_specs
 
-    specs = collect_specs(**spec_flags)
     tinfo = resolve_target(target)
+    lib = Path(library) if library else None
+    if tinfo.is_cuda:
+        _tune_cuda(tinfo, trials, lib, emit_candidates, ingest, as_json, spec_flags)
+        return
+    specs = collect_specs(**spec_flags)
     options = TuneOptions(trials=trials, minutes=minutes, workers=workers,
                           library=Path(library) if library else None,
                           work_dir=Path(work_dir) if work_dir else None)
@@ -282,6 +293,51 @@ def tune(target: str, trials: int | None, minutes: float | None, workers: int,
     if results and results[-1].interrupted:
         lines.append("stopped early (budget or Ctrl-C); rerun the same command to resume")
     emit(as_json, rows, lines)
+
+
+def _tune_cuda(tinfo: Any, trials: int | None, library: Path | None,
+               emit_candidates: str | None, ingest: str | None, as_json: bool,
+               spec_flags: dict[str, Any]) -> None:
+    from convgen import cuda_driver
+    from convgen.tune import emit_cuda_candidates, ingest_cuda_results
+
+    if ingest:
+        written = ingest_cuda_results(Path(ingest), library)
+        emit(as_json, [str(p) for p in written], [f"record {p}" for p in written])
+        return
+    specs = collect_specs(**spec_flags)
+    if emit_candidates:
+        n = emit_cuda_candidates(specs, tinfo, Path(emit_candidates), trials)
+        emit(as_json, {"candidates": n, "dir": emit_candidates},
+             [f"{n} candidates for {len(specs)} kernels in {emit_candidates}",
+              f"next, on the GPU machine: convgen measure {emit_candidates}",
+              f"then here: convgen tune --target cuda:{tinfo.arch} "
+              f"--ingest {emit_candidates}"])
+        return
+    if not cuda_driver.gpu_present():
+        raise SpecError("target: no GPU here: use --emit-candidates DIR, run `convgen measure "
+                        "DIR` on the GPU machine, then --ingest DIR")
+    from convgen.measure import measure_candidates
+
+    with tempfile.TemporaryDirectory(prefix="convgen-tune-") as tmp:
+        emit_cuda_candidates(specs, tinfo, Path(tmp), trials)
+        measure_candidates(tmp, log=lambda line: click.echo(line, err=True))
+        written = ingest_cuda_results(Path(tmp), library)
+    emit(as_json, [str(p) for p in written], [f"record {p}" for p in written])
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--repeats", default=20, show_default=True)
+@click.option("-j", "--jobs", default=0, help="Parallel nvcc runs (default: every core).")
+@handle_errors
+def measure(directory: str, repeats: int, jobs: int) -> None:
+    """On the GPU machine: compile, check and time the CUDA candidates in DIRECTORY
+    (from `convgen tune --target cuda --emit-candidates`); writes DIRECTORY/results.json."""
+    from convgen.measure import measure_candidates
+
+    measure_candidates(directory, repeats=repeats, jobs=jobs, log=click.echo)
+    click.echo(f"results: {Path(directory) / 'results.json'}")
 
 
 @main.command("compile")

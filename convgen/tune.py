@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from convgen.compute import ENTRY, conv_prim_func
+from convgen.compute import ENTRY
 from convgen.errors import UnsupportedError
 from convgen.records import Record, library_path, write_record
 from convgen.spec import ConvSpec
@@ -123,10 +123,10 @@ def _append_log(path: Path, m: Measurement) -> None:
 def _compile(spec: ConvSpec, target: TargetInfo, cand: Candidate) -> Any:
     import tvm
 
-    from convgen.schedule import apply_template
+    from convgen.build import lower
 
-    sch = apply_template(conv_prim_func(spec), spec, target, cand.template, cand.knobs)
-    return tvm.compile(sch.mod, target=target.tvm_target())
+    mod, _ = lower(spec, target, cand.template, cand.knobs)
+    return tvm.compile(mod, target=target.tvm_target())
 
 
 def _measure(lib: Any, spec: ConvSpec, options: TuneOptions) -> float:
@@ -247,3 +247,75 @@ def tune_specs(
         if result.interrupted:
             break
     return results
+
+
+# ---- CUDA: candidates generated here, measured on the GPU machine ----------------------
+
+
+def emit_cuda_candidates(specs: list[ConvSpec], target: TargetInfo, out_dir: Path,
+                         trials: int | None = None) -> int:
+    """Write every candidate (template knobs, and the direct fallback) of every spec as a
+    deferred CUDA artifact under out_dir, with the index `convgen measure` reads.
+    Returns the number of candidates."""
+    from convgen.build import build_artifact
+    from convgen.measure import INDEX
+
+    if not target.is_cuda:
+        raise UnsupportedError("tune: --emit-candidates is for CUDA targets")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index: dict[str, Any] = {"target": target.config_dict, "target_key": target.key(),
+                             "specs": []}
+    count = 0
+    for spec in specs:
+        cands = candidates_for(spec, target)[: trials] if trials else candidates_for(spec, target)
+        cands.append(Candidate("fallback", {}))
+        entries = []
+        for i, cand in enumerate(cands):
+            sub = out_dir / spec.name() / f"c{i:03d}"
+            try:
+                art = build_artifact(spec, target, sub, verify=False, defer_nvcc=True,
+                                     template=cand.template, knobs=cand.knobs)
+            except Exception:  # a candidate TVM cannot lower: skip it, the search goes on
+                continue
+            entries.append({"template": cand.template, "knobs": cand.knobs,
+                            "manifest": str(art.manifest_path.relative_to(out_dir))})
+            count += 1
+        index["specs"].append({"spec": spec.to_dict(), "candidates": entries})
+    (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return count
+
+
+def ingest_cuda_results(directory: Path, library: Path | None = None) -> list[Path]:
+    """results.json from `convgen measure` -> one record per spec (its fastest candidate)."""
+    import tvm
+
+    from convgen.measure import INDEX, RESULTS
+
+    index = json.loads((directory / INDEX).read_text())
+    try:
+        results = json.loads((directory / RESULTS).read_text())
+    except OSError:
+        raise UnsupportedError(
+            f"tune: {directory / RESULTS} not found: run `convgen measure {directory}` on the "
+            "GPU machine first"
+        ) from None
+    written = []
+    for entry in results["specs"].values():
+        spec = ConvSpec.from_dict(entry["spec"])
+        ok = [r for r in entry["candidates"] if r["median_ms"]]
+        if not ok:
+            continue
+        best = min(ok, key=lambda r: r["median_ms"])
+        schedule = ({"kind": "fallback"} if best["template"] == "fallback" else
+                    {"kind": "template", "name": best["template"], "knobs": best["knobs"]})
+        record = Record(
+            spec=spec, target_key=index["target_key"], tvm_version=tvm.__version__,
+            schedule=schedule,
+            measured={"median_ms": round(best["median_ms"], 5),
+                      "gflops": round(spec.flops / best["median_ms"] / 1e6, 1),
+                      "device": results.get("device", ""), "date": time.strftime("%Y-%m-%d")},
+            tuner={"method": "template grid on the device", "candidates": len(entry["candidates"]),
+                   "failed": len(entry["candidates"]) - len(ok)},
+        )
+        written.append(write_record(record, library or library_path()))
+    return written

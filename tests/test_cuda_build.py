@@ -74,3 +74,32 @@ def test_host_only_code_is_refused(monkeypatch):
     spec = make_spec(mode="conv", input="1x2x6x6", kernel="2x2x3x3")
     with pytest.raises(UnsupportedError, match="no GPU kernel"):
         compile_kernel(spec, resolve_target("cuda"))
+
+
+def test_cuda_tuning_round_trip_without_a_gpu(tmp_path):
+    """Candidates are emitted here; results.json (written by `convgen measure` on the GPU
+    machine, faked here) becomes a record that `convgen build` then uses."""
+    from convgen.measure import INDEX, RESULTS
+    from convgen.records import find_record
+    from convgen.tune import emit_cuda_candidates, ingest_cuda_results
+
+    target = resolve_target("cuda")
+    spec = make_spec(mode="conv", input="1x16x14x14", kernel="32x16x3x3", padding=1)
+    n = emit_cuda_candidates([spec], target, tmp_path / "cands")
+    index = json.loads((tmp_path / "cands" / INDEX).read_text())
+    cands = index["specs"][0]["candidates"]
+    assert n == len(cands) >= 2 and cands[-1]["template"] == "fallback"
+    for c in cands:  # each candidate is a deferred artifact with its own schedule
+        m = json.loads((tmp_path / "cands" / c["manifest"]).read_text())
+        assert m["module_compiled"] is False and m["schedule"]["name"]
+    timings = [0.5, 0.2] + [0.9] * (len(cands) - 2)
+    rows = [{"template": c["template"], "knobs": c["knobs"], "median_ms": t, "error": ""}
+            for c, t in zip(cands, timings)]
+    rows[0]["median_ms"], rows[0]["error"] = None, "wrong result"
+    (tmp_path / "cands" / RESULTS).write_text(json.dumps(
+        {"device": "fake", "specs": {spec.name(): {"spec": spec.to_dict(), "candidates": rows}}}))
+    [path] = ingest_cuda_results(tmp_path / "cands", tmp_path / "lib")
+    record = find_record(spec, target, tmp_path / "lib")
+    assert record is not None and record.measured["median_ms"] == 0.2
+    want = cands[1]
+    assert record.schedule.get("name", "fallback") in (want["template"], "fallback")

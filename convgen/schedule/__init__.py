@@ -93,6 +93,9 @@ def schedule_for(
             if sched["kind"] == "template":
                 sch = apply_template(func, spec, target, sched["name"], sched["knobs"])
                 return sch, ScheduleChoice("record", sched["name"], sched["knobs"], path)
+            if sched["kind"] == "fallback":
+                sch = fam.fallback(func, spec, target)
+                return sch, ScheduleChoice("record", fam.FALLBACK_NAME, {}, path)
             if sched["kind"] == "trace":
                 from convgen.tune import replay_trace
 
