@@ -238,6 +238,10 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, as_json: 
 @click.option("--trials", type=int, default=None,
               help="Candidates measured per kernel (default: the whole template grid).")
 @click.option("--minutes", type=float, default=None, help="Wall-clock budget for the run.")
+@click.option("--method", type=click.Choice(["grid", "meta", "both"]), default="grid",
+              show_default=True,
+              help="grid: every knob setting of convgen's templates; meta: TVM MetaSchedule's "
+              "own space (--trials per kernel, default 64); both: the faster wins.")
 @click.option("--workers", default=0, show_default=True,
               help="Parallel candidate compiles (0: every core). Timing is always serial.")
 @click.option("--library", type=click.Path(file_okay=False), default=None,
@@ -252,7 +256,7 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, as_json: 
               help="CUDA: turn a measured candidates folder (results.json) into records.")
 @json_option
 @handle_errors
-def tune(target: str, trials: int | None, minutes: float | None, workers: int,
+def tune(target: str, trials: int | None, minutes: float | None, method: str, workers: int,
          library: str | None, work_dir: str | None, emit_candidates: str | None,
          ingest: str | None, as_json: bool, **spec_flags: Any) -> None:
     """Search schedules for kernels and keep the fastest in the record library, which
@@ -268,7 +272,7 @@ def tune(target: str, trials: int | None, minutes: float | None, workers: int,
         _tune_cuda(tinfo, trials, lib, emit_candidates, ingest, as_json, spec_flags)
         return
     specs = collect_specs(**spec_flags)
-    options = TuneOptions(trials=trials, minutes=minutes, workers=workers,
+    options = TuneOptions(trials=trials, minutes=minutes, workers=workers, method=method,
                           library=Path(library) if library else None,
                           work_dir=Path(work_dir) if work_dir else None)
     position = {s.name(): i + 1 for i, s in enumerate(specs)}

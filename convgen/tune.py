@@ -44,6 +44,8 @@ class TuneOptions:
     workers: int = 0  # parallel compiles (0: every core)
     repeats: int = 10
     min_repeat_ms: float = 20.0
+    method: str = "grid"  # "grid" (our templates' knobs), "meta" (MetaSchedule's space), "both"
+    meta_trials: int = 64  # MetaSchedule trials per spec when --trials is not given
     library: Path | None = None  # default: records.library_path()
     work_dir: Path | None = None  # default: ~/.cache/convgen/tune
 
@@ -173,6 +175,8 @@ def tune_spec(
     cands = candidates_for(spec, target)
     if options.trials is not None:
         cands = cands[: options.trials]
+    if options.method == "meta":
+        cands = []
     todo = [c for c in cands if c.key() not in done]
     total = len(cands)
     results = [done[c.key()] for c in cands if c.key() in done]
@@ -208,22 +212,34 @@ def tune_spec(
                 report()
     except KeyboardInterrupt:
         interrupted = True
-    path = None
+    schedule = None
     if best is not None and math.isfinite(best.seconds):
+        schedule = {"kind": "template", "name": best.candidate.template,
+                    "knobs": best.candidate.knobs}
+    if options.method in ("meta", "both") and not interrupted:
+        from convgen.metaschedule import tune_meta_schedule
+
+        ms_seconds, trace, interrupted = tune_meta_schedule(
+            spec, target, options.trials or options.meta_trials,
+            log.with_suffix(".meta_schedule"), deadline, progress)
+        if trace is not None and (best is None or ms_seconds < best.seconds):
+            best = Measurement(Candidate("meta_schedule", {}), ms_seconds)
+            schedule = {"kind": "trace", "trace": trace}
+    path = None
+    if best is not None and schedule is not None:
         record = Record(
             spec=spec,
             target_key=target.key(),
             tvm_version=tvm.__version__,
-            schedule={"kind": "template", "name": best.candidate.template,
-                      "knobs": best.candidate.knobs},
+            schedule=schedule,
             measured={
                 "median_ms": round(best.seconds * 1e3, 4),
                 "gflops": round(spec.flops / best.seconds / 1e9, 2),
                 "threads": int(os.environ.get("TVM_NUM_THREADS", target.num_cores)),
                 "date": time.strftime("%Y-%m-%d"),
             },
-            tuner={"method": "template grid", "candidates": len(results),
-                   "failed": sum(not math.isfinite(m.seconds) for m in results)},
+            tuner={"method": options.method, "grid_candidates": len(results),
+                   "grid_failed": sum(not math.isfinite(m.seconds) for m in results)},
         )
         path = write_record(record, options.library or library_path())
     return TuneResult(spec, best, len(results), path, interrupted)

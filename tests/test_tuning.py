@@ -132,3 +132,20 @@ def test_failing_candidates_count_as_infinitely_slow(tmp_path, cpu_target, monke
     rows = [json.loads(line) for line in next((tmp_path / "work").rglob("*.jsonl")).open()]
     assert rows[0]["seconds"] is None and "LLVM fell over" in rows[0]["error"]
     assert math.isfinite(result.best.seconds)
+
+
+def test_meta_schedule_trace_record_replays(tmp_path, cpu_target, monkeypatch):
+    """MetaSchedule's own space: its best trace is stored as plain JSON in the record
+    and replayed by `convgen build`, which then verifies."""
+    small = make_spec(mode="conv", input="1x8x10x10", kernel="8x8x3x3", padding=1)
+    opts = TuneOptions(trials=8, method="meta", library=tmp_path / "lib",
+                       work_dir=tmp_path / "work")
+    [result] = tune_specs([small], cpu_target, opts)
+    record = find_record(small, cpu_target, tmp_path / "lib")
+    assert record is not None and record.schedule["kind"] == "trace"
+    json.dumps(record.schedule)  # plain JSON, no TVM objects
+    monkeypatch.setenv("CONVGEN_SCHEDULES", str(tmp_path / "lib"))
+    art = build_artifact(small, cpu_target, tmp_path / "out", verify=True)
+    assert art.manifest["schedule"]["name"] == "meta_schedule"
+    assert art.manifest["verification"]["status"] == "passed"
+    assert result.gflops > 0

@@ -97,9 +97,9 @@ def schedule_for(
                 sch = fam.fallback(func, spec, target)
                 return sch, ScheduleChoice("record", fam.FALLBACK_NAME, {}, path)
             if sched["kind"] == "trace":
-                from convgen.tune import replay_trace
+                from convgen.metaschedule import replay_trace
 
-                sch = replay_trace(func, sched["trace"])
+                sch = replay_trace(spec, sched["trace"])
                 return sch, ScheduleChoice("record", "meta_schedule", {}, path)
     for template in fam.TEMPLATES:
         knobs = template.default_knobs(spec, target)
