@@ -194,21 +194,25 @@ def bench_kernel(
             result.times["onnxruntime"] = time_host(lambda: session.run(None, inputs), repeats,
                                                     warmup, min_sample_ms)
     if "torch" in peers:
-        timing = _bench_torch(spec, inputs, kernel.device, repeats, warmup, min_sample_ms, result)
-        if timing is not None:
-            result.times["torch"] = timing
+        if kernel.device == "cuda":
+            result.times.update(cudnn_timings(spec, inputs, repeats, warmup, min_sample_ms))
+        else:
+            call = torch_conv(spec, inputs, "cpu")
+            if call is None:
+                result.notes.append("PyTorch not installed: no torch column")
+            else:
+                result.times["torch"] = time_host(call, repeats, warmup, min_sample_ms)
     return result
 
 
-def _bench_torch(
-    spec: ConvSpec, inputs: dict[str, np.ndarray], device: str, repeats: int, warmup: int,
-    min_sample_ms: float, result: BenchResult,
-) -> Timing | None:
+def torch_conv(spec: ConvSpec, inputs: dict[str, np.ndarray], device: str) -> Any:
+    """A zero-argument callable running the same operator in PyTorch (cuDNN on CUDA,
+    oneDNN on the CPU), or None where PyTorch (or its CUDA) is missing. torch has no
+    true convolution: for `conv` the weights are flipped once, outside the timing."""
     try:
         import torch
         import torch.nn.functional as F
     except ImportError:
-        result.notes.append("PyTorch not installed: no torch column")
         return None
     if device == "cuda" and not torch.cuda.is_available():
         return None
@@ -226,8 +230,7 @@ def _bench_torch(
             fmt = torch.channels_last if spec.ndim == 2 else torch.channels_last_3d
             x, w = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
     if spec.mode == "conv":
-        w = w.flip(list(range(2, 2 + spec.ndim)))  # torch has no true convolution
-        result.notes.append("torch: weights flipped once outside the timed loop")
+        w = w.flip(list(range(2, 2 + spec.ndim)))
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spec.ndim]
     pads_sym = spec.pads_begin == spec.pads_end
     if not pads_sym:
@@ -240,9 +243,29 @@ def _bench_torch(
             return conv(x, w, b, stride=list(spec.stride), padding=padding,
                         dilation=list(spec.dilation), groups=spec.groups)
 
-    if device == "cuda":
-        return time_cuda(call, repeats, warmup, min_sample_ms)
-    return time_host(call, repeats, warmup, min_sample_ms)
+    return call
+
+
+def cudnn_timings(spec: ConvSpec, inputs: dict[str, np.ndarray], repeats: int, warmup: int,
+                  min_sample_ms: float) -> dict[str, Timing]:
+    """cuDNN through PyTorch (cudnn.benchmark on): for float32 both with TF32 off
+    (the same arithmetic as convgen's kernels) and on (PyTorch's default)."""
+    call = torch_conv(spec, inputs, "cuda")
+    if call is None:
+        return {}
+    import torch
+
+    out = {}
+    modes = [("cudnn", False), ("cudnn_tf32", True)] if spec.dtype == "float32" else [
+        ("cudnn", True)]
+    saved = torch.backends.cudnn.allow_tf32
+    try:
+        for name, tf32 in modes:
+            torch.backends.cudnn.allow_tf32 = tf32
+            out[name] = time_cuda(call, repeats, warmup, min_sample_ms)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    return out
 
 
 def format_table(results: list[BenchResult]) -> list[str]:

@@ -236,7 +236,8 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, as_json: 
 @spec_options
 @target_option
 @click.option("--trials", type=int, default=None,
-              help="Candidates measured per kernel (default: the whole template grid).")
+              help="Candidates measured per kernel (default: the whole template grid); for "
+              "CUDA candidates, at most this many per template.")
 @click.option("--minutes", type=float, default=None, help="Wall-clock budget for the run.")
 @click.option("--method", type=click.Choice(["grid", "meta", "both"]), default="grid",
               show_default=True,

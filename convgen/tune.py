@@ -84,12 +84,25 @@ class TuneResult:
 Progress = Callable[[ConvSpec, int, int, float], None]
 
 
-def candidates_for(spec: ConvSpec, target: TargetInfo) -> list[Candidate]:
+def candidates_for(
+    spec: ConvSpec, target: TargetInfo, per_template: int | None = None
+) -> list[Candidate]:
+    """Every template's grid; with `per_template`, at most that many of each: the
+    heuristic's default first, then points spread evenly over the rest of the grid."""
     from convgen.schedule import family
 
     found = []
     for template in family(target).TEMPLATES:
-        for knobs in template.candidates(spec, target):
+        default = template.default_knobs(spec, target)
+        grid = template.candidates(spec, target)
+        if default is None or not grid:
+            continue
+        rest = [k for k in grid if k != default]
+        if per_template is not None:
+            take = max(0, per_template - 1)
+            step = len(rest) / take if take else 0
+            rest = [rest[int(i * step)] for i in range(min(take, len(rest)))]
+        for knobs in [default, *rest]:
             found.append(Candidate(template.name, dataclasses.asdict(knobs)))
     return found
 
@@ -269,10 +282,10 @@ def tune_specs(
 
 
 def emit_cuda_candidates(specs: list[ConvSpec], target: TargetInfo, out_dir: Path,
-                         trials: int | None = None) -> int:
-    """Write every candidate (template knobs, and the direct fallback) of every spec as a
-    deferred CUDA artifact under out_dir, with the index `convgen measure` reads.
-    Returns the number of candidates."""
+                         per_template: int | None = None) -> int:
+    """Write the candidates (template knobs, `per_template` at most of each, and the
+    direct fallback) of every spec as deferred CUDA artifacts under out_dir, with the
+    index `convgen measure` reads. Returns the number of candidates."""
     from convgen.build import build_artifact
     from convgen.measure import INDEX
 
@@ -283,8 +296,7 @@ def emit_cuda_candidates(specs: list[ConvSpec], target: TargetInfo, out_dir: Pat
                              "specs": []}
     count = 0
     for spec in specs:
-        cands = candidates_for(spec, target)[: trials] if trials else candidates_for(spec, target)
-        cands.append(Candidate("fallback", {}))
+        cands = [*candidates_for(spec, target, per_template), Candidate("fallback", {})]
         entries = []
         for i, cand in enumerate(cands):
             sub = out_dir / spec.name() / f"c{i:03d}"

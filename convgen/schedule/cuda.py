@@ -1,22 +1,38 @@
 """CUDA schedules.
 
-Templates, tried in order:
-  * `cuda_implicit_gemm` (groups == 1): TVM dlight's GPU Matmul rule. It
-    recognises the conv block as a GEMM over (N*spatial) x K x (C*R*S), gathers
-    the im2col tiles into shared memory, keeps the accumulator in registers and
-    fuses the bias/cast epilogue; for float16 with every GEMM dimension >= 64 it
-    uses the tensor cores (wmma). (Its first tensor-core use in a process
-    imports tvm.s_tir.tensor_intrin.cuda, about 18 s here.)
-The fallback (`cuda_direct`, every spec, and the depthwise path for now): one
-thread per output element with the float32 sum in a register.
+Templates, tried in order (each returns None where it does not apply):
 
-dlight's other rules were measured to be worse for convolutions: on grouped
-convs GeneralReduction puts 256 threads on each output's short reduction, and
-Fallback accumulates in global memory.
+  * `cuda_igemm_f16_tc` (groups == 1, float16): implicit GEMM on the tensor
+    cores (wmma m16n16k16, float16 operands, float32 accumulators), M/N/K padded
+    to the tile with pad_einsum, operands staged in shared memory, the fragment
+    stored to shared and written out through the fused bias/cast epilogue.
+  * `cuda_igemm_f32` (groups == 1, any dtype): implicit GEMM with CUDA cores.
+    C[M, N] = A[M, K] * B[N, K]^T with M = batch * output pixels, N = output
+    channels, K = C * R * S (K ordered like the weight's storage: (c, r, s)
+    for channels-first, (r, s, c) for channels-last, so weight tiles and, for
+    channels-last, input tiles are contiguous along K). Block tile BM x BN x BK
+    in shared memory (both operands, stored K-major so the register tile reads
+    vectors), TM x TN register tile per thread, optional register-staged
+    prefetch (software pipelining: tile k+1 is loaded into registers while tile
+    k is multiplied), optional split of K into (taps, channel tiles), tails
+    padded by pad_einsum (guarded loads, guarded stores).
+  * `cuda_depthwise` (groups == C, any channel multiplier): direct kernel, each
+    thread owns vc channels x vw consecutive outputs along the innermost spatial
+    axis with the float32 sums in registers; per tap row the input window and
+    the row's filter taps are loaded into registers once.
+
+  * `cuda_dlight_gemm` (groups == 1): TVM dlight's GPU Matmul rule, which sees
+    the conv block as a GEMM by itself; kept as a tuning candidate (it was the
+    first CUDA schedule: 0.28-1.1x cuDNN on an H200, README).
+
+The fallback (`cuda_direct`): one thread per output element, the float32 sum
+in a register; correct for every spec.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,50 +45,673 @@ if TYPE_CHECKING:
     from tvm.tirx import PrimFunc
 
 FALLBACK_NAME = "cuda_direct"
-
-# 128 threads a block: 4 warps let several blocks share an SM, and it divides
-# the common output sizes without many idle lanes.
 FALLBACK_THREADS = 128
 
 
+# ---------------------------------------------------------------------------------------
+# shared: normalise the conv block to C[M, N] += A[M, K] * B[N, K]
+# ---------------------------------------------------------------------------------------
+
+
+def _gemm_sizes(spec: ConvSpec) -> tuple[int, int, int]:
+    m = spec.batch * math.prod(spec.out_size)
+    n = spec.out_channels
+    k = spec.channels_per_group * math.prod(spec.kernel_size)
+    return m, n, k
+
+
+def _roles(spec: ConvSpec, split_taps: bool) -> list[tuple[str, int]]:
+    """(role, rank) of each conv block iter, in block iter order.
+
+    Block iters: channels-first (n, k, sp..., rc, r...), channels-last
+    (n, sp..., k, rc, r...). Role M fuses (n, sp...), N is k. With split_taps the
+    reduction is two axes, T (the fused taps r...) and C (rc); otherwise one axis K
+    fusing (rc, r...) channels-first or (r..., rc) channels-last (the weight's order)."""
+    nd = spec.ndim
+    sp = [("M", 1 + i) for i in range(nd)]
+    if split_taps:
+        taps = [("T", i) for i in range(nd)]
+        rc = ("C", 0)
+    else:
+        taps = [("K", (i if spec.channels_last else 1 + i)) for i in range(nd)]
+        rc = ("K", nd if spec.channels_last else 0)
+    if spec.channels_last:
+        return [("M", 0), *sp, ("N", 0), rc, *taps]
+    return [("M", 0), ("N", 0), *sp, rc, *taps]
+
+
+def _fusion_map(vars_roles, out_roles):
+    """IndexMap over `vars_roles` [(var, extent, role, rank)] -> one fused index per role."""
+    from tvm import tirx
+
+    inputs = []
+    parts: dict[str, list[tuple[int, Any, int]]] = {r: [] for r in out_roles}
+    for i, (_, extent, role, rank) in enumerate(vars_roles):
+        v = tirx.Var(f"i{i}", "int32")
+        inputs.append(v)
+        parts[role].append((rank, v, extent))
+    out = []
+    for role in out_roles:
+        expr = tirx.IntImm("int32", 0)
+        for _, v, extent in sorted(parts[role], key=lambda t: t[0]):
+            expr = expr * extent + v
+        out.append(expr)
+    return tirx.IndexMap(inputs, out, None)
+
+
+def _normalize_gemm(sch: Schedule, spec: ConvSpec, split_taps: bool) -> Any:
+    """reindex + transform so `conv` is C[M, N] += A[M, K] * B[N, K] (K = (T, C) when
+    split_taps), every access a plain block iter (what pad_einsum and tiling need)."""
+    conv = sch.get_sblock("conv")
+    roles = _roles(spec, split_taps)
+    red = ["T", "C"] if split_taps else ["K"]
+    block = sch.get(conv)
+    iters = [(iv.var, int(iv.dom.extent), *roles[i]) for i, iv in enumerate(block.iter_vars)]
+    by_var = {it[0]: it for it in iters}
+    a_re = sch.reindex(conv, ("read", 0))
+    b_re = sch.reindex(conv, ("read", 1))
+    c_re = sch.reindex(conv, ("write", 0))
+    block = sch.get(conv)
+
+    def access_vars(region):
+        found = []
+        for r in region:
+            assert r.min in by_var, f"non-trivial access {r.min} after reindex"
+            found.append(by_var[r.min])
+        return found
+
+    sch.transform_layout(
+        a_re, ("write", 0), _fusion_map(access_vars(block.reads[0].region), ["M", *red])
+    )
+    sch.transform_layout(
+        b_re, ("write", 0), _fusion_map(access_vars(block.reads[1].region), ["N", *red])
+    )
+    sch.transform_layout(
+        c_re, ("read", 0), _fusion_map(access_vars(block.writes[0].region), ["M", "N"])
+    )
+    sch.transform_block_layout(conv, _fusion_map(iters, ["M", "N", *red]))
+    return conv
+
+
+def _pad_to(sch: Schedule, conv: Any, sizes: tuple[int, int, int], tiles: tuple[int, ...]) -> None:
+    if any(s % t for s, t in zip(sizes, tiles)):
+        sch.pad_einsum(conv, list(tiles))
+
+
+def _inline_producers(sch: Schedule, block: Any) -> None:
+    from tvm.s_tir.dlight.gpu.matmul import auto_inline_producers
+
+    auto_inline_producers(sch, block)
+
+
+def _inline_consumer_chain(sch: Schedule, block: Any) -> None:
+    from tvm.s_tir.dlight.gpu.matmul import auto_inline_consumer_chain
+
+    auto_inline_consumer_chain(sch, block)
+
+
+# ---------------------------------------------------------------------------------------
+# cuda_igemm_f32
+# ---------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class ImplicitGemmKnobs:
-    """dlight's Matmul rule picks its own tiles from the target; nothing to set yet."""
+class IgemmKnobs:
+    """bm x bn: the block's output tile (output pixels x output channels); bk: the
+    reduction step staged in shared memory; tm x tn: each thread's register tile;
+    vec: elements per global load where an operand is contiguous along the reduction
+    (channels-last inputs and weights); stages: 1 single-buffered, 2 register-staged
+    prefetch (tile k+1 is loaded into registers while tile k is multiplied, then
+    stored to shared memory); split_taps: reduce over (taps, channel tiles of bk)
+    instead of one fused K = C*R*S axis (cheaper per-element index arithmetic,
+    channels padded to bk)."""
 
-    rule: str = "dlight.gpu.Matmul"
+    bm: int = 64
+    bn: int = 64
+    bk: int = 16
+    tm: int = 4
+    tn: int = 4
+    vec: int = 4
+    stages: int = 2
+    split_taps: bool = True
 
 
-def _implicit_gemm_knobs(spec: ConvSpec, target: TargetInfo) -> ImplicitGemmKnobs | None:
-    # With groups the channel index is (k // Kg) * Cg + rc: not a GEMM operand.
-    return ImplicitGemmKnobs() if spec.groups == 1 else None
+def _igemm_threads(k: IgemmKnobs) -> int:
+    return (k.bm // k.tm) * (k.bn // k.tn)
 
 
-def _implicit_gemm(
-    func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: ImplicitGemmKnobs
-) -> Schedule | None:
-    import tvm
-    from tvm.s_tir import dlight as dl
+def _igemm_valid(k: IgemmKnobs) -> bool:
+    if min(k.bm, k.bn, k.bk, k.tm, k.tn, k.vec) < 1 or k.stages not in (1, 2):
+        return False
+    if k.bm % k.tm or k.bn % k.tn or k.bk % k.vec or k.tm > 8 or k.tn > 8:
+        return False
+    t = _igemm_threads(k)
+    if t < 64 or t > 512 or t % 32:
+        return False
+    # every thread loads a whole number of vectors of each operand tile
+    if (k.bm * k.bk) % (t * k.vec) or (k.bn * k.bk) % (t * k.vec):
+        return False
+    return 4 * (k.bm + k.bn + 8) * k.bk <= 48 * 1024
 
-    from convgen.compute import ENTRY
 
-    tvm_target = target.tvm_target()
-    with tvm_target:
-        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(tvm.IRModule({ENTRY: func}))
-    scheduled = mod[ENTRY]
-    if not scheduled.attrs.get("tirx.is_scheduled", False):
+def _use_split_taps(spec: ConvSpec, bk: int) -> bool:
+    """Split when there are several taps and padding C to bk wastes at most 1/4."""
+    c = spec.channels_per_group
+    return math.prod(spec.kernel_size) > 1 and -(-c // bk) * bk <= 1.25 * c
+
+
+def _igemm_f32_knobs(spec: ConvSpec, target: TargetInfo) -> IgemmKnobs | None:
+    if spec.groups != 1:
         return None
-    return new_schedule(scheduled)
+    m, n, kk = _gemm_sizes(spec)
+    sms = 132  # H100 SXM / H200
+    # the biggest block tile that still gives at least one full wave of blocks
+    # (small-M layers such as 7x7 outputs want split-K: not implemented)
+    tiles = [
+        (128, 128, 8, 8),
+        (128, 64, 8, 4),
+        (64, 64, 4, 4),
+        (64, 32, 4, 4),
+        (32, 64, 4, 4),
+        (32, 32, 4, 4),
+    ]
+    blocks = [-(-m // bm) * -(-n // bn) for bm, bn, _, _ in tiles]
+    pick = next(
+        (i for i, b in enumerate(blocks) if b >= sms),
+        max(range(len(tiles)), key=blocks.__getitem__),
+    )
+    bm, bn, tm, tn = tiles[pick]
+    bk = 16 if kk >= 16 else 8
+    split = _use_split_taps(spec, bk)
+    if not split and bk == 16 and _use_split_taps(spec, 8):
+        bk, split = 8, True
+    for knobs in (
+        IgemmKnobs(bm, bn, bk, tm, tn, 4, 2, split),
+        IgemmKnobs(bm, bn, bk, tm, tn, 1, 2, split),
+        IgemmKnobs(bm, bn, 8, tm, tn, 1, 2, _use_split_taps(spec, 8)),
+        IgemmKnobs(64, 64, 16, 4, 4, 4, 2, False),
+    ):
+        if _igemm_valid(knobs):
+            return knobs
+    return None
 
 
-TEMPLATES: list[Template[Any]] = [
-    Template(
-        "cuda_implicit_gemm",
-        ImplicitGemmKnobs,
-        _implicit_gemm_knobs,
-        lambda spec, target: [k for k in [_implicit_gemm_knobs(spec, target)] if k],
-        _implicit_gemm,
-    ),
-]
+def _igemm_f32_candidates(spec: ConvSpec, target: TargetInfo) -> list[IgemmKnobs]:
+    """~20-30 points: tile shapes x reduction step x reduction form x pipelining."""
+    base = _igemm_f32_knobs(spec, target)
+    if base is None:
+        return []
+    tiles = [
+        (64, 64, 4, 4),
+        (128, 64, 8, 4),
+        (64, 128, 4, 8),
+        (128, 128, 8, 8),
+        (64, 32, 4, 4),
+        (32, 64, 4, 4),
+        (32, 32, 4, 4),
+    ]
+    out = [base]
+    for (bm, bn, tm, tn), bk, split, stages in itertools.product(
+        tiles, (8, 16), (False, True), (2, 1)
+    ):
+        if split and not _use_split_taps(spec, bk):
+            continue
+        if stages == 1 and (bm, bn) != (64, 64):
+            continue
+        k = IgemmKnobs(bm, bn, bk, tm, tn, 4, stages, split)
+        if not _igemm_valid(k):
+            k = IgemmKnobs(bm, bn, bk, tm, tn, 1, stages, split)
+        if _igemm_valid(k) and k not in out:
+            out.append(k)
+    return out[:40]
+
+
+def _igemm_f32(
+    func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: IgemmKnobs
+) -> Schedule | None:
+    if spec.groups != 1 or not _igemm_valid(knobs):
+        return None
+    split = bool(knobs.split_taps)
+    M, N, K = _gemm_sizes(spec)
+    C = spec.channels_per_group
+    n_ko = (math.prod(spec.kernel_size) * -(-C // knobs.bk)) if split else -(-K // knobs.bk)
+    pipeline = knobs.stages > 1 and n_ko >= 2  # a one-step reduction has nothing to overlap
+    sch = new_schedule(func)
+    conv = _normalize_gemm(sch, spec, split)
+    if split:
+        T = math.prod(spec.kernel_size)
+        _pad_to(sch, conv, (M, N, T, C), (knobs.bm, knobs.bn, 1, knobs.bk))
+        m, n, t, c = sch.get_loops(conv)
+        co, ki = sch.split(c, [None, knobs.bk])
+        red_outer = [t, co]
+    else:
+        _pad_to(sch, conv, (M, N, K), (knobs.bm, knobs.bn, knobs.bk))
+        m, n, k = sch.get_loops(conv)
+        ko, ki = sch.split(k, [None, knobs.bk])
+        red_outer = [ko]
+    m_threads, n_threads = knobs.bm // knobs.tm, knobs.bn // knobs.tn
+    bm_, mt, mi = sch.split(m, [None, m_threads, knobs.tm])
+    bn_, nt, ni = sch.split(n, [None, n_threads, knobs.tn])
+    # threadIdx.x runs along the output's contiguous axis: pixels (channels-first)
+    # or channels (channels-last)
+    m_fast = not spec.channels_last
+    ty, tx = (nt, mt) if m_fast else (mt, nt)
+    ty_n, tx_n = (n_threads, m_threads) if m_fast else (m_threads, n_threads)
+    sch.reorder(bm_, bn_, ty, tx, *red_outer, ki, mi, ni)
+    ko = sch.fuse(*red_outer) if len(red_outer) > 1 else red_outer[0]
+    sch.bind(bm_, "blockIdx.x")
+    sch.bind(bn_, "blockIdx.y")
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+
+    # register accumulator, written back (with the fused bias/cast epilogue) per thread
+    acc = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(acc, tx, preserve_unit_loops=True)
+    _inline_consumer_chain(sch, acc)
+
+    cl, v = spec.channels_last, knobs.vec
+    if split:
+        a_vec = v if cl and C % v == 0 else 1
+        b_vec = v if cl and C % v == 0 else 1
+    else:
+        a_vec = v if cl and C % v == 0 else 1
+        b_vec = v if K % v == 0 else 1
+    ndims = 3 if split else 2
+
+    def fetch(index: int, k_inner: bool, vec: int) -> Any:
+        blk = sch.cache_read(conv, index, "shared")
+        sch.compute_at(blk, ko, preserve_unit_loops=True)
+        loops = sch.get_loops(blk)[-ndims:]  # [m or n, (t,) k]
+        if not k_inner:
+            sch.reorder(*loops[1:], loops[0])
+            loops = [*loops[1:], loops[0]]
+        fused = sch.fuse(*loops)
+        _, t_y, t_x, vv = sch.split(fused, [None, ty_n, tx_n, vec])
+        sch.bind(t_y, "threadIdx.y")
+        sch.bind(t_x, "threadIdx.x")
+        if vec > 1:
+            sch.vectorize(vv)
+        # reduction-major in shared memory: the register tile reads tm (tn) consecutive
+        # values; rows padded by 4 words against bank conflicts of transposing stores
+        if split:
+            sch.transform_layout(blk, ("write", 0), lambda i, t, c: (t, c, i))
+            sch.storage_align(blk, 0, axis=1, factor=32, offset=4)
+        else:
+            sch.transform_layout(blk, ("write", 0), lambda i, k: (k, i))
+            sch.storage_align(blk, 0, axis=0, factor=32, offset=4)
+        if pipeline:
+            sch.annotate(blk, "tirx.manifest_shared_memory_local_stage", 1)
+        return blk
+
+    # channels-first inputs are contiguous along the pixels: fetch with m innermost
+    a_sh = fetch(0, k_inner=cl, vec=a_vec)
+    b_sh = fetch(1, k_inner=True, vec=b_vec)
+    _inline_producers(sch, a_sh)
+    _inline_producers(sch, b_sh)
+
+    # register fragments of A and B for one k step (vector loads from shared memory)
+    for index, t in ((0, knobs.tm), (1, knobs.tn)):
+        loc = sch.cache_read(conv, index, "local")
+        sch.compute_at(loc, ki, preserve_unit_loops=True)
+        inner = sch.get_loops(loc)[-1]
+        if t in (2, 4):
+            sch.vectorize(inner)
+        elif t % 4 == 0:
+            sch.vectorize(sch.split(inner, [None, 4])[1])
+    sch.unroll(ki)
+    sch.unroll(mi)
+    sch.unroll(ni)
+    if pipeline:
+        # ko's children after lowering: A g->r, A r->s, B g->r, B r->s, compute.
+        # Order: load tile k+1 into registers, compute tile k, store k+1 to shared.
+        sch.annotate(ko, "software_pipeline_stage", [0, 0, 0, 0, 1])
+        sch.annotate(ko, "software_pipeline_order", [0, 3, 1, 4, 2])
+    sch.decompose_reduction(conv, ko)
+    return sch
+
+
+# ---------------------------------------------------------------------------------------
+# cuda_igemm_f16_tc
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorCoreKnobs:
+    """wmma m16n16k16 tiles: the block has wm x wn warps, each warp computes fm x fn
+    16x16 accumulator fragments (block tile 16*fm*wm x 16*fn*wn), kf: 16-deep K
+    fragments per shared-memory stage (bk = 16*kf); vec: float16 elements per global
+    load where the operand is contiguous along K (8 = 16 bytes); stages as for
+    cuda_igemm_f32 (2: register-staged prefetch of the next K tile)."""
+
+    wm: int = 2
+    wn: int = 2
+    fm: int = 2
+    fn: int = 2
+    kf: int = 2
+    vec: int = 8
+    stages: int = 2
+
+
+def _tc_tiles(k: TensorCoreKnobs) -> tuple[int, int, int]:
+    return 16 * k.fm * k.wm, 16 * k.fn * k.wn, 16 * k.kf
+
+
+def _tc_valid(spec: ConvSpec, k: TensorCoreKnobs) -> bool:
+    if min(k.wm, k.wn, k.fm, k.fn, k.kf, k.vec) < 1 or k.stages not in (1, 2):
+        return False
+    warps = k.wm * k.wn
+    if warps > 8 or k.fm * k.fn > 16:
+        return False
+    bm, bn, bk = _tc_tiles(k)
+    # TVM 0.27: when an operand's shared tile is at least as large as the float32
+    # accumulator tile, storage rewrite shares their memory and codegen fails
+    # ("tvm_access_ptr element type must match"); keep the accumulator larger.
+    if 2 * min(bm, bn) <= bk:
+        return False
+    threads = 32 * warps
+    if (bm * bk) % (threads * k.vec) or (bn * bk) % (threads * k.vec):
+        return False
+    smem = 2 * (bm + bn) * (bk + 8) + 4 * warps * (16 * k.fm) * (16 * k.fn + 4)
+    return smem <= 48 * 1024
+
+
+def _tc_applies(spec: ConvSpec) -> bool:
+    if spec.groups != 1 or spec.dtype != "float16":
+        return False
+    m, n, kk = _gemm_sizes(spec)
+    # padding M, N and K up to the 16-multiples costs more than it saves on tiny GEMMs
+    return m >= 16 and n >= 16 and kk >= 16
+
+
+def _tc_knobs(spec: ConvSpec, target: TargetInfo) -> TensorCoreKnobs | None:
+    if not _tc_applies(spec):
+        return None
+    arch = target.arch.removeprefix("sm_").rstrip("a")
+    if not arch.isdigit() or int(arch) < 70:
+        return None
+    m, n, kk = _gemm_sizes(spec)
+    fn = 2 if n >= 64 else 1
+    wn = 2 if n >= 32 * fn else 1
+    fm, wm = (4, 2) if m * n >= 2 * 132 * 128 * 64 else ((2, 2) if m >= 64 * 32 else (1, 2))
+    kf = 2 if kk >= 32 else 1
+    vec = 8
+    for k in (
+        TensorCoreKnobs(wm, wn, fm, fn, kf, vec, 2),
+        TensorCoreKnobs(wm, wn, fm, fn, kf, 4, 2),
+        TensorCoreKnobs(wm, wn, fm, fn, kf, 1, 2),
+        TensorCoreKnobs(2, 2, 2, 2, 2, 1, 2),
+    ):
+        if _tc_valid(spec, k):
+            return k
+    return None
+
+
+def _tc_candidates(spec: ConvSpec, target: TargetInfo) -> list[TensorCoreKnobs]:
+    base = _tc_knobs(spec, target)
+    if base is None:
+        return []
+    out = [base]
+    for (wm, wn, fm, fn), kf, stages in itertools.product(
+        [
+            (2, 2, 2, 2),
+            (2, 2, 4, 2),
+            (2, 2, 2, 4),
+            (4, 2, 2, 2),
+            (2, 4, 2, 2),
+            (2, 2, 4, 4),
+            (4, 2, 2, 4),
+            (2, 1, 2, 2),
+            (1, 2, 2, 2),
+            (2, 2, 1, 1),
+        ],
+        (1, 2, 4),
+        (2, 1),
+    ):
+        if stages == 1 and (wm, wn, fm, fn) != (2, 2, 2, 2):
+            continue
+        for vec in (8, 4, 1):
+            k = TensorCoreKnobs(wm, wn, fm, fn, kf, vec, stages)
+            if _tc_valid(spec, k):
+                if k not in out:
+                    out.append(k)
+                break
+    return out[:40]
+
+
+def _igemm_f16_tc(
+    func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: TensorCoreKnobs
+) -> Schedule | None:
+    if not _tc_applies(spec) or not _tc_valid(spec, knobs):
+        return None
+    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+
+    M, N, K = _gemm_sizes(spec)
+    bm, bn, bk = _tc_tiles(knobs)
+    pipeline = knobs.stages > 1 and -(-K // bk) >= 2
+    warps = knobs.wm * knobs.wn
+    sch = new_schedule(func)
+    conv = _normalize_gemm(sch, spec, split_taps=False)
+    _pad_to(sch, conv, (M, N, K), (bm, bn, bk))
+    m, n, k = sch.get_loops(conv)
+    m, mi = sch.split(m, [None, 16])
+    n, ni = sch.split(n, [None, 16])
+    k, kii = sch.split(k, [None, 16])
+    sch.reorder(m, n, k, mi, ni, kii)
+    inner = conv
+    outer = sch.blockize(mi)
+    m0, m1, m2 = sch.split(m, [None, knobs.wm, knobs.fm])
+    n0, n1, n2 = sch.split(n, [None, knobs.wn, knobs.fn])
+    k0, k1 = sch.split(k, [None, knobs.kf])
+    sch.reorder(m0, n0, m1, n1, k0, k1, m2, n2)
+    sch.bind(m0, "blockIdx.x")
+    sch.bind(n0, "blockIdx.y")
+    warp = sch.fuse(m1, n1)
+    sch.bind(warp, "threadIdx.y")
+
+    cl = spec.channels_last
+    C = spec.channels_per_group
+
+    def fetch(index: int, vec: int) -> Any:
+        blk = sch.cache_read(outer, index, "shared")
+        sch.compute_at(blk, k0)
+        fused = sch.fuse(*sch.get_loops(blk)[-2:])
+        _, f1, f2, f3 = sch.split(fused, [None, warps, 32, vec])
+        sch.bind(f2, "threadIdx.x")
+        sch.bind(f1, "threadIdx.y")
+        if vec > 1:
+            sch.vectorize(f3)
+        sch.storage_align(blk, 0, axis=-2, factor=16, offset=8)
+        if pipeline:
+            sch.annotate(blk, "tirx.manifest_shared_memory_local_stage", 1)
+        return blk
+
+    a_vec = knobs.vec if cl and C % knobs.vec == 0 else 1
+    b_vec = (
+        knobs.vec
+        if (cl and C % knobs.vec == 0)
+        or (not cl and K % knobs.vec == 0 and math.prod(spec.kernel_size) == 1)
+        else 1
+    )
+    a_sh = fetch(0, a_vec)
+    b_sh = fetch(1, b_vec)
+    _inline_producers(sch, a_sh)
+    _inline_producers(sch, b_sh)
+
+    a_frag = sch.cache_read(outer, 0, "wmma.matrix_a")
+    b_frag = sch.cache_read(outer, 1, "wmma.matrix_b")
+    sch.compute_at(a_frag, k1)
+    sch.compute_at(b_frag, k1)
+    acc_sh = sch.cache_write(outer, 0, "shared")
+    sch.storage_align(acc_sh, 0, -2, 16, 4)
+    store = sch.cache_write(outer, 0, "wmma.accumulator")
+    sch.reverse_compute_at(store, warp)
+    sch.reverse_compute_at(acc_sh, warp)
+    i, j = sch.get_loops(store)[-2:]
+    i0, i1 = sch.split(i, [None, 16])
+    j0, j1 = sch.split(j, [None, 16])
+    sch.reorder(i0, j0, i1, j1)
+    init = sch.decompose_reduction(outer, k0)
+    init_inner = sch.get_child_blocks(init)[0]
+
+    intrin = get_wmma_intrin_group(
+        load_scope="shared",
+        store_scope="shared",
+        in_dtype="float16",
+        out_dtype="float32",
+        trans_b=True,
+    )
+    try:
+        for frag, name in ((a_frag, "load_a"), (b_frag, "load_b")):
+            i, j = sch.get_loops(frag)[-2:]
+            i0, i1 = sch.split(i, [None, 16])
+            j0, j1 = sch.split(j, [None, 16])
+            sch.reorder(i0, j0, i1, j1)
+            sch.unroll(i0)
+            sch.unroll(j0)
+            sch.tensorize(i1, intrin[name])
+        sch.tensorize(sch.get_loops(init_inner)[-2], intrin["init"])
+        sch.tensorize(sch.get_loops(store)[-2], intrin["store"])
+        sch.tensorize(sch.get_loops(inner)[-3], intrin["compute"])
+    except Exception:  # the block does not match the wmma patterns: not applicable
+        return None
+    _inline_consumer_chain(sch, acc_sh)
+    fused = sch.fuse(*sch.get_loops(acc_sh)[-2:])
+    _, f1, f2 = sch.split(fused, [None, 32, 4])
+    sch.bind(f1, "threadIdx.x")
+    sch.vectorize(f2)
+    if pipeline:
+        sch.annotate(k0, "software_pipeline_stage", [0, 0, 0, 0, 1])
+        sch.annotate(k0, "software_pipeline_order", [0, 3, 1, 4, 2])
+    return sch
+
+
+# ---------------------------------------------------------------------------------------
+# cuda_depthwise
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DepthwiseKnobs:
+    """Each thread computes vc consecutive output channels x vw consecutive outputs
+    along the innermost spatial axis, the float32 sums in registers; per tap row the
+    input window ((vw-1)*stride + (S-1)*dilation + 1 values per channel) and the
+    row's filter taps are loaded into registers once. threads: threads per block."""
+
+    vw: int = 4
+    vc: int = 1
+    threads: int = 128
+
+
+def _depthwise_ok(spec: ConvSpec) -> bool:
+    return spec.is_depthwise and spec.channels_per_group == 1
+
+
+def _depthwise_valid(spec: ConvSpec, k: DepthwiseKnobs) -> bool:
+    if k.vw < 1 or k.vc < 1 or k.threads % 32 or not 32 <= k.threads <= 1024:
+        return False
+    if spec.out_channels % k.vc:
+        return False
+    mult = spec.out_channels_per_group
+    if k.vc > 1 and mult > 1 and k.vc % mult:  # a thread's channels must cover whole groups
+        return False
+    # registers: accumulators + one row's input window and taps per channel
+    s, d, sk = spec.stride[-1], spec.dilation[-1], spec.kernel_size[-1]
+    window = (k.vw - 1) * s + (sk - 1) * d + 1
+    return k.vc * (k.vw + window + sk) <= 96
+
+
+def _depthwise_knobs(spec: ConvSpec, target: TargetInfo) -> DepthwiseKnobs | None:
+    if not _depthwise_ok(spec):
+        return None
+    ow = spec.out_size[-1]
+    if spec.channels_last:
+        mult = spec.out_channels_per_group
+        vc = 4 if spec.out_channels % 4 == 0 and mult == 1 else 1
+        vw = 2 if ow % 2 == 0 else 1
+    else:
+        vc = 1
+        vw = next((v for v in (4, 2) if ow % v == 0), 4 if ow >= 16 else 2)
+    # keep every SM busy: shrink the block when there are few threads in all
+    total = spec.batch * spec.out_channels * math.prod(spec.out_size) // (vw * vc)
+    threads = 256 if total >= 256 * 132 * 2 else (128 if total >= 128 * 132 else 64)
+    for k in (
+        DepthwiseKnobs(vw, vc, threads),
+        DepthwiseKnobs(vw, 1, threads),
+        DepthwiseKnobs(1, 1, threads),
+    ):
+        if _depthwise_valid(spec, k):
+            return k
+    return None
+
+
+def _depthwise_candidates(spec: ConvSpec, target: TargetInfo) -> list[DepthwiseKnobs]:
+    base = _depthwise_knobs(spec, target)
+    if base is None:
+        return []
+    out = [base]
+    vcs = (1, 2, 4) if spec.channels_last else (1, 2)
+    for vw, vc, t in itertools.product((1, 2, 4, 7, 8), vcs, (64, 128, 256)):
+        k = DepthwiseKnobs(vw, vc, t)
+        if _depthwise_valid(spec, k) and k not in out:
+            out.append(k)
+    return out[:40]
+
+
+def _depthwise(
+    func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: DepthwiseKnobs
+) -> Schedule | None:
+    if not _depthwise_ok(spec) or not _depthwise_valid(spec, knobs):
+        return None
+    nd = spec.ndim
+    sch = new_schedule(func)
+    conv = sch.get_sblock("conv")
+    loops = sch.get_loops(conv)
+    data_par, red = loops[: 2 + nd], loops[2 + nd :]
+    if spec.channels_last:
+        n, *sp, k = data_par
+    else:
+        n, k, *sp = data_par
+    ko, ki = sch.split(k, [None, knobs.vc])
+    wo, wi = sch.split(sp[-1], [None, knobs.vw])
+    if spec.channels_last:  # channels fastest across threads: coalesced along C
+        outer, inner = [n, *sp[:-1], wo, ko], [wi, ki]
+    else:  # width fastest across threads
+        outer, inner = [n, ko, *sp[:-1], wo], [ki, wi]
+    sch.reorder(*outer, *red, *inner)
+    bx, tx = sch.split(sch.fuse(*outer), [None, knobs.threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    acc = sch.cache_write(conv, 0, "local")
+    sch.reverse_compute_at(acc, tx, preserve_unit_loops=True)
+    if has_block(sch, "out"):
+        sch.reverse_compute_inline(sch.get_sblock("out"))  # bias/cast in the write-back
+    # one tap row's input window and filter taps in registers (loaded once, reused by
+    # the vw x vc outputs); the padding becomes a guarded load into the window
+    row = red[-2]
+    win = sch.cache_read(conv, 0, "local")
+    sch.compute_at(win, row, preserve_unit_loops=True)
+    if has_block(sch, "pad"):
+        sch.compute_inline(sch.get_sblock("pad"))
+    wts = sch.cache_read(conv, 1, "local")
+    sch.compute_at(wts, row, preserve_unit_loops=True)
+    vectorize = spec.channels_last and knobs.vc in (2, 4) and spec.out_channels_per_group == 1
+    row_stmt = sch.get(row)
+    depth = 1 + next(i for i, lp in enumerate(sch.get_loops(conv)) if sch.get(lp).same_as(row_stmt))
+    for blk in (win, wts):
+        for lp in sch.get_loops(blk)[depth:]:
+            sch.unroll(lp)
+    if vectorize:
+        sch.vectorize(sch.get_loops(win)[-1])
+    sch.unroll(red[-1])
+    for lp in inner:
+        sch.unroll(lp)
+    sch.decompose_reduction(conv, red[0])
+    return sch
+
+
+# ---------------------------------------------------------------------------------------
+# fallback (as in convgen today)
+# ---------------------------------------------------------------------------------------
 
 
 def fallback(func: PrimFunc, spec: ConvSpec, target: TargetInfo) -> Schedule:
@@ -81,21 +720,55 @@ def fallback(func: PrimFunc, spec: ConvSpec, target: TargetInfo) -> Schedule:
 
     sch = new_schedule(func)
     if has_block(sch, "pad"):
-        sch.compute_inline(sch.get_sblock("pad"))  # padding becomes a guarded load
+        sch.compute_inline(sch.get_sblock("pad"))
     conv = sch.get_sblock("conv")
-    # conv accumulates into a local (register) buffer; `wb` copies it out.
     wb = sch.cache_write(conv, 0, "local")
     if has_block(sch, "out"):
-        # fold bias + cast into the write-back: the float32 sum never touches memory
         sch.reverse_compute_inline(sch.get_sblock("out"))
-    # Bind conv's own output loops and hang the write-back under the thread loop
-    # (binding wb first and moving conv under it made conv's bindings non-affine
-    # on some shapes, and decompose_reduction then failed).
     loops = sch.get_loops(conv)
     n_spatial = sum(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(conv).iter_vars)
     bx, tx = sch.split(sch.fuse(*loops[:n_spatial]), [None, FALLBACK_THREADS])
     sch.bind(bx, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
     sch.reverse_compute_at(wb, tx)
-    sch.decompose_reduction(conv, sch.get_loops(conv)[2])  # zero once, before the reduction
+    sch.decompose_reduction(conv, sch.get_loops(conv)[2])
     return sch
+
+
+@dataclass(frozen=True)
+class DlightKnobs:
+    """dlight's Matmul rule picks its own tiles from the target; nothing to set."""
+
+    rule: str = "dlight.gpu.Matmul"
+
+
+def _dlight_knobs(spec: ConvSpec, target: TargetInfo) -> DlightKnobs | None:
+    # With groups the channel index is (k // Kg) * Cg + rc: not a GEMM operand.
+    return DlightKnobs() if spec.groups == 1 else None
+
+
+def _dlight_gemm(
+    func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: DlightKnobs
+) -> Schedule | None:
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    from convgen.compute import ENTRY
+
+    with target.tvm_target():
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(tvm.IRModule({ENTRY: func}))
+    scheduled = mod[ENTRY]
+    if not scheduled.attrs.get("tirx.is_scheduled", False):
+        return None
+    return new_schedule(scheduled)
+
+
+TEMPLATES: list[Template[Any]] = [
+    Template("cuda_igemm_f16_tc", TensorCoreKnobs, _tc_knobs, _tc_candidates, _igemm_f16_tc),
+    Template("cuda_depthwise", DepthwiseKnobs, _depthwise_knobs, _depthwise_candidates, _depthwise),
+    Template("cuda_igemm_f32", IgemmKnobs, _igemm_f32_knobs, _igemm_f32_candidates, _igemm_f32),
+    Template(
+        "cuda_dlight_gemm", DlightKnobs, _dlight_knobs,
+        lambda spec, target: [k for k in [_dlight_knobs(spec, target)] if k], _dlight_gemm,
+    ),
+]
