@@ -47,20 +47,13 @@ def _compile_all(root: Path, index: dict[str, Any], jobs: int) -> dict[str, str]
     from concurrent.futures import ThreadPoolExecutor
 
     from convgen.errors import ConvgenError
-    from convgen.nvcc import nvcc
-    from convgen.runtime import read_manifest
+    from convgen.nvcc import compile_artifact
 
     manifests = [c["manifest"] for s in index["specs"] for c in s["candidates"]]
 
     def one(rel: str) -> tuple[str, str]:
-        path = root / rel
-        m = read_manifest(path)
-        so = path.parent / m["files"]["module"]
-        if so.exists():
-            return rel, ""
         try:
-            nvcc(path.parent / m["files"]["cuda_source"], so,
-                 m["target"]["config"].get("arch", "sm_90"))
+            compile_artifact(root / rel)
         except ConvgenError as err:
             return rel, str(err)[:500]
         return rel, ""

@@ -53,37 +53,42 @@ def nvcc(source: Path, output: Path, arch: str) -> None:
     os.replace(tmp, output)
 
 
-def compile_artifacts(path: str | os.PathLike[str], jobs: int = 0) -> list[tuple[str, float]]:
-    """`convgen compile DIR`: nvcc every CUDA artifact in DIR that was built with
-    --defer-nvcc, in parallel, and mark its manifest compiled. Returns (name, seconds)."""
+def compile_artifact(manifest_path: Path) -> float:
+    """nvcc one deferred CUDA artifact and mark its manifest compiled (atomically).
+    Returns the seconds nvcc took (0 when it was compiled already)."""
     import json
     import time
+
+    from convgen.runtime import read_manifest
+
+    m = read_manifest(manifest_path)
+    if m.get("module_compiled", True):
+        return 0.0
+    directory = manifest_path.parent
+    t0 = time.perf_counter()
+    nvcc(directory / m["files"]["cuda_source"], directory / m["files"]["module"],
+         m["target"]["config"].get("arch", "sm_90"))
+    seconds = time.perf_counter() - t0
+    m = dict(m, module_compiled=True)
+    m["build_seconds"] = dict(m.get("build_seconds", {}), nvcc=round(seconds, 3))
+    m["verification"] = {"status": "not run",
+                         "reason": "compiled by convgen compile; run convgen verify DIR"}
+    tmp = manifest_path.with_name(f".{manifest_path.name}.tmp")
+    tmp.write_text(json.dumps(m, indent=2) + "\n")
+    os.replace(tmp, manifest_path)
+    return seconds
+
+
+def compile_artifacts(path: str | os.PathLike[str], jobs: int = 0) -> list[tuple[str, float]]:
+    """`convgen compile DIR`: nvcc every CUDA artifact in DIR that was built with
+    --defer-nvcc, in parallel. Returns (name, seconds)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from convgen.runtime import list_manifests, read_manifest
 
-    pending = []
-    for manifest_path in list_manifests(path):
-        m = read_manifest(manifest_path)
-        if m["target"]["kind"] == "cuda" and not m.get("module_compiled", True):
-            pending.append((manifest_path, m))
-
-    def one(item: tuple[Path, dict]) -> tuple[str, float]:
-        manifest_path, m = item
-        directory = manifest_path.parent
-        t0 = time.perf_counter()
-        nvcc(directory / m["files"]["cuda_source"], directory / m["files"]["module"],
-             m["target"]["config"].get("arch", "sm_90"))
-        seconds = time.perf_counter() - t0
-        m = dict(m, module_compiled=True)
-        m["build_seconds"] = dict(m.get("build_seconds", {}), nvcc=round(seconds, 3))
-        m["verification"] = {"status": "not run", "reason": "compiled by convgen compile; "
-                             "run convgen verify DIR"}
-        tmp = manifest_path.with_name(f".{manifest_path.name}.tmp")
-        tmp.write_text(json.dumps(m, indent=2) + "\n")
-        os.replace(tmp, manifest_path)
-        return m["name"], seconds
-
+    pending = [p for p in list_manifests(path)
+               if not read_manifest(p).get("module_compiled", True)]
     workers = jobs or len(os.sched_getaffinity(0))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, pending))
+        seconds = list(pool.map(compile_artifact, pending))
+    return [(p.stem, t) for p, t in zip(pending, seconds)]

@@ -107,3 +107,19 @@ def test_cuda_tuning_round_trip_without_a_gpu(tmp_path):
     else:
         assert (record.schedule["name"], record.schedule["knobs"]) == (want["template"],
                                                                         want["knobs"])
+
+
+def test_measure_compiles_candidates_into_loadable_kernels(tmp_path):
+    """The device-side step up to the GPU: every candidate is compiled by nvcc and
+    marked compiled, so it loads (loading a CUDA module needs no GPU)."""
+    from convgen.measure import INDEX, _compile_all
+    from convgen.runtime import Kernel
+    from convgen.tune import emit_cuda_candidates
+
+    spec = make_spec(mode="corr", input="1x8x8x8", kernel="8x3x3x1", padding=1, groups=8,
+                     layout="NHWC")
+    emit_cuda_candidates([spec], resolve_target("cuda"), tmp_path, per_template=1)
+    index = json.loads((tmp_path / INDEX).read_text())
+    assert _compile_all(tmp_path, index, jobs=2) == {}
+    for cand in index["specs"][0]["candidates"]:
+        assert Kernel(tmp_path / cand["manifest"]).func is not None
