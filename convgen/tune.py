@@ -341,7 +341,8 @@ def ingest_cuda_results(directory: Path, library: Path | None = None) -> list[Pa
             schedule=schedule,
             measured={"median_ms": round(best["median_ms"], 5),
                       "gflops": round(spec.flops / best["median_ms"] / 1e6, 1),
-                      "device": results.get("device", ""), "date": time.strftime("%Y-%m-%d")},
+                      "device": results.get("device", ""), "date": time.strftime("%Y-%m-%d"),
+                      "peers_ms": entry.get("peers_ms", {})},
             tuner={"method": "template grid on the device", "candidates": len(entry["candidates"]),
                    "failed": len(entry["candidates"]) - len(ok)},
         )
