@@ -15,7 +15,8 @@ def main(paths: list[str]) -> None:
     ratios: dict[str, list[float]] = {"cudnn": [], "cudnn_tf32": []}
     device = ""
     for path in paths:
-        results = json.load(open(path))
+        with open(path) as f:
+            results = json.load(f)
         device = results.get("device", device)
         for name, entry in results["specs"].items():
             ok = [c for c in entry["candidates"] if c["median_ms"]]
