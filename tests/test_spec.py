@@ -218,3 +218,16 @@ def test_random_specs_compile_and_verify(spec: ConvSpec):
     with tempfile.TemporaryDirectory() as tmp:
         art = build_artifact(spec, resolve_target("llvm"), tmp, verify=True)
     assert art.manifest["verification"]["status"] == "passed", art.manifest["verification"]
+
+
+def test_resnet50_suite():
+    from convgen.suites import suite_specs
+
+    specs = suite_specs("resnet50")
+    assert len(specs) == 9 * 2 * 2 and len({s.name() for s in specs}) == len(specs)
+    dw = [s for s in specs if s.is_depthwise]
+    assert len(dw) == 4 and all(s.groups == 256 for s in dw)
+    assert {s.batch for s in specs} == {1, 8}
+    assert len(suite_specs("resnet50", modes=("conv",), layouts=("NHWC",))) == 9
+    with pytest.raises(SpecError, match="^suite:"):
+        suite_specs("vgg")
