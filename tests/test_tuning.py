@@ -21,8 +21,8 @@ def _record(spec, target, **schedule):
     import tvm
 
     return Record(spec, target.key(), tvm.__version__,
-                  schedule or {"kind": "template", "name": "cpu_direct_nchw",
-                               "knobs": {"kt": 4, "wt": 8}},
+                  schedule or {"kind": "template", "name": "cpu_wvec",
+                               "knobs": {"v": 8, "kb": 4}},
                   {"gflops": 1.0}, {"method": "test"})
 
 
@@ -59,7 +59,7 @@ def test_build_uses_the_record(tmp_path, cpu_target, monkeypatch):
     write_record(_record(SPEC, cpu_target), tmp_path / "lib")
     art = build_artifact(SPEC, cpu_target, tmp_path / "out", verify=True)
     sched = art.manifest["schedule"]
-    assert sched["kind"] == "record" and sched["knobs"] == {"kt": 4, "wt": 8}
+    assert sched["kind"] == "record" and sched["knobs"] == {"v": 8, "kb": 4}
     assert art.manifest["verification"]["status"] == "passed"
     # without a record: the template heuristic
     monkeypatch.setenv("CONVGEN_SCHEDULES", str(tmp_path / "empty"))

@@ -1,13 +1,24 @@
 """CPU (LLVM) schedules.
 
-Templates, tried in order:
-  * `cpu_direct_nchw` (channels-first): a register-tiled direct convolution.
-    Each task owns kt output channels x wt output columns of one output row;
-    the float32 accumulators for that tile stay in vector registers across the
-    whole reduction (rc, r...), each input vector load feeds kt FMAs against
-    broadcast weights. The flip sits on the input tap (compute.py), so `conv`
-    only shifts the contiguous input load: measured as fast as `corr`.
+Templates, tried in order (each applies where its heuristic returns knobs):
+
+  * `cpu_kvec`: vectorized over output channels (dense and grouped convs whose
+    K/groups is a multiple of the vector, and NHWC depthwise, where the vector
+    spans groups). The weights are repacked inside the kernel to [K/lanes, reduction
+    dims, lanes] so each load is one contiguous vector; the register tile is pw
+    output pixels x nkv channel vectors, accumulated in registers across the
+    whole reduction; NCHW keeps the accumulator channel-innermost and scatters
+    once in the write-back. The kernel-window loops are unrolled, which turns the
+    flipped tap of `conv` into constant offsets: conv == corr.
+  * `cpu_wvec`: vectorized over the output row (NCHW depthwise, or K not a
+    multiple of the vector): v lanes of one row x kb channels with broadcast
+    weights; for depthwise the padded planes are produced inside the parallel
+    loop, where they stay in L1.
 The fallback (`cpu_generic`) works for every spec.
+
+Numbers in the comments: 2 cores, TVM_NUM_THREADS=2, float32, medians in GFLOP/s,
+measured while tuning these templates (Zen 3 AVX2 figures from the prototype;
+onnxruntime reached 175-219 on the same dense layers there).
 """
 
 from __future__ import annotations
@@ -24,76 +35,249 @@ if TYPE_CHECKING:
     from tvm.tirx import PrimFunc
 
 FALLBACK_NAME = "cpu_generic"
+# fp32 lanes per 256-bit vector. 512-bit vectors gave nothing on Zen 4 (its FMA units
+# are 256 bits wide) and cost a second register file's worth of spills elsewhere.
+VEC = 8
+
+
+def _registers(target: TargetInfo) -> int:
+    """Vector registers: 32 with AVX-512 (ymm16-31 via AVX-512VL), else 16."""
+    return 32 if target.vector_bits() >= 512 else 16
+
+
+def _acc_budget(target: TargetInfo) -> int:
+    """Accumulators in a register tile; the rest hold weights and broadcasts.
+    AVX2: 4 px x 2 vectors (8 acc) ran ~195-200 on C64 56x56 K64 3x3; 7 px x 2
+    (14 acc) spilled: 106-120; 2 x 4: 148-165; 8 x 1: 92-159."""
+    return _registers(target) // 2
+
+
+@dataclass
+class _Loops:
+    """The conv block's loops by role (independent of layout)."""
+
+    n: Any
+    k: Any
+    sp: list[Any]  # output spatial loops, outermost first
+    rc: Any
+    r: list[Any]  # kernel-window loops
+
+
+def _conv_loops(sch: Schedule, block: Any, spec: ConvSpec) -> _Loops:
+    d = spec.ndim
+    loops = sch.get_loops(block)
+    if spec.channels_last:
+        return _Loops(loops[0], loops[1 + d], list(loops[1 : 1 + d]), loops[2 + d],
+                      list(loops[3 + d :]))
+    return _Loops(loops[0], loops[1], list(loops[2 : 2 + d]), loops[2 + d], list(loops[3 + d :]))
+
+
+def _vectorize_inner(sch: Schedule, loop: Any, cap: int = 16) -> None:
+    """Vectorize the largest divisor (<= cap) of a loop's extent (no predicated tails)."""
+    v = divisor_at_most(int(sch.get(loop).extent), cap)
+    if v > 1:
+        _, vi = sch.split(loop, [None, v])
+        sch.vectorize(vi)
+
+
+def _is_dw_like(spec: ConvSpec) -> bool:
+    return spec.channels_per_group == 1 and spec.out_channels_per_group == 1
+
+
+def _kvec_lanes(spec: ConvSpec) -> int:
+    """Channel-vector width: 8 (ymm) if the channel axis allows, else 4 (xmm); 0 if
+    neither divides it. Depthwise: the vector spans groups, contiguous only in NHWC."""
+    kg, g = spec.out_channels_per_group, spec.groups
+    if _is_dw_like(spec) and not spec.channels_last:
+        return 0
+    ext = kg if kg > 1 or spec.channels_per_group > 1 else g
+    for lanes in (VEC, VEC // 2):
+        if ext % lanes == 0 and (kg % lanes == 0 or kg == 1):
+            return lanes
+    return 0
+
+
+def _prepare(sch: Schedule, spec: ConvSpec, pad_at_tile: bool) -> tuple[Any, Any]:
+    """The padding stage, common to both templates. Returns (conv, pad or None)."""
+    conv = sch.get_sblock("conv")
+    pad = sch.get_sblock("pad") if has_block(sch, "pad") else None
+    # Dense convs: materialise the padded input once, in parallel (2-4% of the run), so
+    # no bounds check sits in the FMA loop: inlining it cost NCHW 197 -> 123.
+    # Depthwise-like convs are memory bound: their padded planes are produced inside
+    # the tile (pad_at_tile) where they stay in L1 (NHWC dw 51 -> 71, NCHW dw 27 -> 77).
+    if pad is not None and not pad_at_tile:
+        loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*loops[:2]))
+        _vectorize_inner(sch, loops[-1])
+    return conv, pad
+
+
+def _finish_pad(sch: Schedule, pad: Any, par: Any, pad_at_tile: bool) -> None:
+    if pad is not None and pad_at_tile:
+        sch.compute_at(pad, par)
+        _vectorize_inner(sch, sch.get_loops(pad)[-1])
 
 
 @dataclass(frozen=True)
-class DirectKnobs:
-    """The register tile: kt output channels x wt output columns."""
+class KvecKnobs:
+    """Register tile: pw output pixels x nkv vectors of `lanes` output channels."""
 
-    kt: int
-    wt: int
+    lanes: int
+    nkv: int
+    pw: int
 
 
-def _direct_knobs(spec: ConvSpec, target: TargetInfo) -> DirectKnobs | None:
-    if spec.channels_last or spec.dtype != "float32":
+def _kvec_ext(spec: ConvSpec) -> int:
+    kg = spec.out_channels_per_group
+    return kg if kg > 1 else spec.groups
+
+
+def _kvec_knobs(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
+    lanes = _kvec_lanes(spec)
+    if not lanes or (lanes < VEC and not spec.channels_last):
+        # 4-lane vectors pay only for NHWC (C32 28x28 K20: 19 -> 83, ORT 88); NCHW
+        # then does better vectorized over the row (cpu_wvec: 75)
         return None
-    # wt must divide the output width: a ragged tail became a guarded loop and
-    # fell from 179 to 60 GFLOP/s (C64 56x56 3x3, wt 16 vs 8, 2 threads, Zen 4).
-    # 14-wide tiles (8 + 8 lanes, masked) measured 158 GFLOP/s on C128 28x28 3x3
-    # where 7-wide ones gave 58.
-    wt = divisor_at_most(spec.out_size[-1], 16)
-    if wt < 4:
-        return None
-    # Accumulators: kt x ceil(wt / 8) 256-bit vectors, within the register file
-    # (16 ymm with AVX2, 32 with AVX-512) less two for the input vector and the
-    # broadcast weight; a 7x16 tile that spilled ran at ~65 GFLOP/s on AVX2.
-    regs = 32 if target.vector_bits() >= 512 else 16
-    per_channel = -(-wt // 8)
-    kt = divisor_at_most(spec.out_channels, min(16, (regs - 2) // per_channel))
-    if kt < 2:
-        return None
-    return DirectKnobs(kt=kt, wt=wt)
+    nkv = divisor_at_most(_kvec_ext(spec) // lanes, 2 * VEC // lanes)
+    pw = divisor_at_most(spec.out_size[-1], max(1, 8 // nkv))
+    return KvecKnobs(lanes, nkv, pw)
 
 
-def _direct_candidates(spec: ConvSpec, target: TargetInfo) -> list[DirectKnobs]:
-    """Every register tile that fits the register file (the tuning grid)."""
-    if _direct_knobs(spec, target) is None:
+def _kvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[KvecKnobs]:
+    default = _kvec_knobs(spec, target)
+    if default is None:
         return []
-    regs = 32 if target.vector_bits() >= 512 else 16
-    wts = [d for d in divisors(spec.out_size[-1]) if 4 <= d <= 32]
-    kts = [d for d in divisors(spec.out_channels) if 2 <= d <= 32]
-    return [DirectKnobs(kt, wt) for wt in wts for kt in kts if kt * -(-wt // 8) <= regs - 2]
+    budget = _acc_budget(target) + 4  # the tuner may try slightly larger tiles
+    out = []
+    for nkv in divisors(_kvec_ext(spec) // default.lanes):
+        for pw in divisors(spec.out_size[-1]):
+            if nkv <= 8 and pw <= 16 and nkv * pw <= budget:
+                out.append(KvecKnobs(default.lanes, nkv, pw))
+    return out
 
 
-def _direct(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: DirectKnobs) -> Schedule:
+def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> Schedule:
     sch = new_schedule(func)
-    conv = sch.get_sblock("conv")
-    acc = sch.cache_write(conv, 0, "local")  # the register tile; `acc` writes it back
+    pad_at_tile = bool(any(spec.pads)) and spec.channels_per_group < VEC
+    conv, pad = _prepare(sch, spec, pad_at_tile)
+    lanes, nkv, pw = knobs.lanes, knobs.nkv, knobs.pw
+    # Weights repacked in-kernel to [K/lanes, reduction dims, lanes]: one contiguous
+    # vector load per (k-vector, c, r) instead of an 8-way gather (<2% of the run).
+    wc = sch.cache_read(conv, 1, "global")
+    sch.transform_layout(wc, ("write", 0), lambda k, *rest: (k // lanes, *rest, k % lanes))
+    sch.parallel(sch.get_loops(wc)[0])
+    wb = sch.cache_write(conv, 0, "local")
+    if not spec.channels_last:
+        # keep the accumulator channel-innermost; the NCHW scatter happens in the write-back
+        sch.transform_layout(conv, ("write", 0), lambda n, k, *s: (n, *s, k))
     if has_block(sch, "out"):
-        sch.reverse_compute_inline(sch.get_sblock("out"))  # bias fused into the write-back
-    nd = spec.ndim
-    loops = sch.get_loops(conv)
-    n, k, *spatial = loops[: 2 + nd]
-    rc, *taps = loops[2 + nd :]
-    ko, ki = sch.split(k, [None, knobs.kt])
-    wo, wi = sch.split(spatial[-1], [None, knobs.wt])
-    sch.reorder(n, ko, *spatial[:-1], wo, rc, *taps, ki, wi)
-    sch.parallel(sch.fuse(n, ko, *spatial[:-1]))
-    sch.reverse_compute_at(acc, wo)
-    sch.unroll(ki)
-    sch.vectorize(wi)
-    sch.decompose_reduction(conv, rc)
-    sch.vectorize(sch.get_loops(acc)[-1])
-    if has_block(sch, "pad"):
-        # padding is materialised once (a cheap copy) so the hot loop's loads are
-        # unguarded; inlined, every lane carried a bounds check
-        pad = sch.get_sblock("pad")
-        sch.parallel(sch.fuse(*sch.get_loops(pad)[:2]))
+        sch.reverse_compute_inline(sch.get_sblock("out"))  # bias/cast in the write-back
+    loops = _conv_loops(sch, conv, spec)
+    g = spec.groups
+    if spec.out_channels_per_group > 1:
+        # split at the group boundary first, so k // Kg becomes the group loop and the
+        # input channel index stays affine in the vector lane
+        grp, ko, kvo, kvi = sch.split(loops.k, [g, None, nkv, lanes])
+        kouter = [grp, ko]
+    else:
+        ko, kvo, kvi = sch.split(loops.k, [None, nkv, lanes])
+        kouter = [ko]
+    owo, owi = sch.split(loops.sp[-1], [None, pw])
+    # NCHW: rc outermost (one input plane at a time); NHWC: rc innermost (contiguous).
+    # The k-block sits outside the pixel loops so its weights stay in cache.
+    red = [loops.rc, *loops.r] if not spec.channels_last else [*loops.r, loops.rc]
+    sch.reorder(loops.n, *kouter, *loops.sp[:-1], owo, *red, owi, kvo, kvi)
+    par = sch.fuse(loops.n, *kouter, *loops.sp[:-1])
+    sch.parallel(par)
+    sch.unroll(owi)
+    sch.unroll(kvo)
+    sch.vectorize(kvi)
+    # Unrolled window: conv's flipped tap becomes constant offsets (3x3: NCHW 194 vs
+    # corr 195, NHWC 200 vs 200; not unrolled, conv was 188 / 175). Big windows:
+    # the innermost loop only.
+    taps = 1
+    for r in spec.kernel_size:
+        taps *= r
+    for r in loops.r if taps <= 32 else loops.r[-1:]:
+        sch.unroll(r)
+    sch.reverse_compute_at(wb, owo)
+    init = sch.decompose_reduction(conv, red[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    _vectorize_inner(sch, sch.get_loops(wb)[-1])
+    _finish_pad(sch, pad, par, pad_at_tile)
+    return sch
+
+
+@dataclass(frozen=True)
+class WvecKnobs:
+    """Register tile: v lanes of one output row x kb channels (broadcast weights)."""
+
+    v: int
+    kb: int
+
+
+def _wvec_applies(spec: ConvSpec) -> bool:
+    return not spec.channels_last and spec.stride[-1] == 1 and spec.out_size[-1] >= 4
+
+
+def _wvec_ext(spec: ConvSpec) -> int:
+    kg = spec.out_channels_per_group
+    return kg if kg > 1 else spec.groups
+
+
+def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
+    if not _wvec_applies(spec):
+        return None
+    # 28 lanes x 2 channels: 77 GFLOP/s on depthwise 28x28 (ORT 35); 8 x 8: 44;
+    # 28 x 4 (16 acc) spilled: 15; 56 x 1 on 56x56: 38 vs 28 x 2: 55.
+    v = divisor_at_most(spec.out_size[-1], 4 * VEC)
+    kb = divisor_at_most(_wvec_ext(spec), max(1, 8 // -(-v // VEC)))
+    return WvecKnobs(v, kb)
+
+
+def _wvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[WvecKnobs]:
+    if not _wvec_applies(spec):
+        return []
+    budget = _acc_budget(target) + 4
+    out = []
+    for v in divisors(spec.out_size[-1]):
+        for kb in divisors(_wvec_ext(spec)):
+            if 4 <= v <= 32 and kb <= 16 and kb * -(-v // VEC) <= budget:
+                out.append(WvecKnobs(v, kb))
+    return out
+
+
+def _wvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: WvecKnobs) -> Schedule:
+    sch = new_schedule(func)
+    pad_at_tile = bool(any(spec.pads))  # few FLOPs per input element here: keep it in L1
+    conv, pad = _prepare(sch, spec, pad_at_tile)
+    wb = sch.cache_write(conv, 0, "local")
+    if has_block(sch, "out"):
+        sch.reverse_compute_inline(sch.get_sblock("out"))
+    loops = _conv_loops(sch, conv, spec)
+    if spec.out_channels_per_group > 1:
+        grp, ko, kb_l = sch.split(loops.k, [spec.groups, None, knobs.kb])
+        kouter = [grp, ko]
+    else:
+        ko, kb_l = sch.split(loops.k, [None, knobs.kb])
+        kouter = [ko]
+    owo, vl = sch.split(loops.sp[-1], [None, knobs.v])
+    sch.reorder(loops.n, *kouter, *loops.sp[:-1], owo, loops.rc, *loops.r, kb_l, vl)
+    par = sch.fuse(loops.n, *kouter)  # the padded planes of a block are produced here
+    sch.parallel(par)
+    sch.unroll(kb_l)
+    sch.vectorize(vl)
+    sch.reverse_compute_at(wb, owo)
+    init = sch.decompose_reduction(conv, loops.rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    _vectorize_inner(sch, sch.get_loops(wb)[-1])
+    _finish_pad(sch, pad, par, pad_at_tile)
     return sch
 
 
 TEMPLATES: list[Template[Any]] = [
-    Template("cpu_direct_nchw", DirectKnobs, _direct_knobs, _direct_candidates, _direct),
+    Template("cpu_kvec", KvecKnobs, _kvec_knobs, _kvec_candidates, _kvec),
+    Template("cpu_wvec", WvecKnobs, _wvec_knobs, _wvec_candidates, _wvec),
 ]
 
 
