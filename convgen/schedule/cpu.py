@@ -47,9 +47,11 @@ def _registers(target: TargetInfo) -> int:
 
 def _acc_budget(target: TargetInfo) -> int:
     """Accumulators in a register tile; the rest hold weights and broadcasts.
-    AVX2: 4 px x 2 vectors (8 acc) ran ~195-200 on C64 56x56 K64 3x3; 7 px x 2
-    (14 acc) spilled: 106-120; 2 x 4: 148-165; 8 x 1: 92-159."""
-    return _registers(target) // 2
+    AVX2 (16 registers): 4 px x 2 vectors (8 acc) ran ~195-200 on C64 56x56 K64 3x3;
+    7 px x 2 (14 acc) spilled: 106-120; 2 x 4: 148-165; 8 x 1: 92-159.
+    AVX-512VL (32 ymm): 7 px x 2 (14 acc) ran 143 on C512 7x7 K512 3x3, where the
+    AVX2-sized 1 px x 2 tile (7 has no other divisor <= 4) ran 46."""
+    return 14 if _registers(target) >= 32 else 8
 
 
 @dataclass
@@ -138,9 +140,14 @@ def _kvec_knobs(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
         # 4-lane vectors pay only for NHWC (C32 28x28 K20: 19 -> 83, ORT 88); NCHW
         # then does better vectorized over the row (cpu_wvec: 75)
         return None
-    nkv = divisor_at_most(_kvec_ext(spec) // lanes, 2 * VEC // lanes)
-    pw = divisor_at_most(spec.out_size[-1], max(1, 8 // nkv))
-    return KvecKnobs(lanes, nkv, pw)
+    # the largest tile within the accumulator budget, two channel vectors preferred
+    budget, best = _acc_budget(target), None
+    for nkv in (2 * VEC // lanes, VEC // lanes):
+        nkv = divisor_at_most(_kvec_ext(spec) // lanes, nkv)
+        pw = divisor_at_most(spec.out_size[-1], max(1, budget // nkv))
+        if best is None or nkv * pw > best.nkv * best.pw:
+            best = KvecKnobs(lanes, nkv, pw)
+    return best
 
 
 def _kvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[KvecKnobs]:
@@ -148,11 +155,12 @@ def _kvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[KvecKnobs]:
     if default is None:
         return []
     budget = _acc_budget(target) + 4  # the tuner may try slightly larger tiles
-    out = []
+    out = [default]
     for nkv in divisors(_kvec_ext(spec) // default.lanes):
         for pw in divisors(spec.out_size[-1]):
-            if nkv <= 8 and pw <= 16 and nkv * pw <= budget:
-                out.append(KvecKnobs(default.lanes, nkv, pw))
+            k = KvecKnobs(default.lanes, nkv, pw)
+            if nkv <= 8 and pw <= 16 and nkv * pw <= budget and k != default:
+                out.append(k)
     return out
 
 

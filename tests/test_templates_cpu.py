@@ -1,0 +1,48 @@
+"""Every CPU template, forced, over the shared case table in both modes: its default
+knobs and the extremes of its tuning grid, against the numpy oracle and onnxruntime
+(through verify) — a template must be right for every spec it accepts, not only for
+those the chooser happens to give it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from cases import case_specs
+
+from convgen.build import build_artifact
+from convgen.schedule import cpu
+from convgen.spec import ConvSpec
+from convgen.targets import resolve_target
+
+TARGET = resolve_target("llvm")
+
+
+def _params() -> list:
+    params = []
+    for p in case_specs():
+        spec: ConvSpec = p.values[0]
+        for t in cpu.TEMPLATES:
+            default = t.default_knobs(spec, TARGET)
+            if default is None:
+                continue
+            grid = t.candidates(spec, TARGET)
+            for knobs in {default, grid[0], grid[-1]}:
+                kid = "-".join(f"{v}" for v in dataclasses.asdict(knobs).values())
+                params.append(pytest.param(spec, t.name, knobs,
+                                           id=f"{t.name}[{kid}]-{spec.name()}"))
+    return params
+
+
+@pytest.mark.parametrize(("spec", "template", "knobs"), _params())
+def test_template_is_correct(spec, template, knobs, tmp_path):
+    art = build_artifact(spec, TARGET, tmp_path, verify=True, template=template,
+                         knobs=dataclasses.asdict(knobs))
+    report = art.manifest["verification"]
+    assert art.manifest["schedule"]["name"] == template
+    assert report["status"] == "passed", [c for c in report["checks"] if not c["passed"]]
+
+
+def test_every_template_is_exercised():
+    names = {p.values[1] for p in _params()}
+    assert names == {t.name for t in cpu.TEMPLATES}
