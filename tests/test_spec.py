@@ -229,5 +229,5 @@ def test_resnet50_suite():
     assert len(dw) == 4 and all(s.groups == 256 for s in dw)
     assert {s.batch for s in specs} == {1, 8}
     assert len(suite_specs("resnet50", modes=("conv",), layouts=("NHWC",))) == 9
-    with pytest.raises(SpecError, match="^suite:"):
+    with pytest.raises(SpecError, match=r"^suite:"):
         suite_specs("vgg")
