@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from convgen.runtime import available_cores
 from convgen.spec import ConvSpec
 
 
@@ -68,8 +68,6 @@ class BenchResult:
         return d
 
 
-def threads() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 _peak_cache: dict[int, float | None] = {}
@@ -144,18 +142,6 @@ def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int, min_sample_ms: f
     return Timing.of(samples)
 
 
-def ort_session(model_bytes: bytes, n_threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = n_threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model_bytes, sess_options=opts,
-                                providers=["CPUExecutionProvider"])
-
-
 def bench_kernel(
     kernel: Any,
     spec: ConvSpec,
@@ -167,9 +153,9 @@ def bench_kernel(
 ) -> BenchResult:
     """Time a loaded convgen kernel and its peers on the same inputs."""
     from convgen.onnx_export import export_onnx
-    from convgen.verify import random_inputs
+    from convgen.verify import ort_session, random_inputs
 
-    n = threads()
+    n = available_cores()
     inputs = random_inputs(spec, seed=0)
     result = BenchResult(spec.name(), spec.describe(), kernel.device, n, spec.flops)
     if kernel.device == "cuda":
@@ -200,7 +186,7 @@ def bench_kernel(
                 from convgen.reference import flip_weight
 
                 feed["weight"] = flip_weight(spec, inputs["weight"])
-            session = ort_session(export_onnx(plain).SerializeToString(), n)
+            session = ort_session(export_onnx(plain).SerializeToString())
             result.times["onnxruntime"] = time_host(lambda: session.run(None, feed), repeats,
                                                     warmup, min_sample_ms)
     if "torch" in peers:
@@ -226,7 +212,7 @@ def torch_conv(spec: ConvSpec, inputs: dict[str, np.ndarray], device: str) -> An
         return None
     if device == "cuda" and not torch.cuda.is_available():
         return None
-    torch.set_num_threads(threads())
+    torch.set_num_threads(available_cores())
     torch.backends.cudnn.benchmark = True
     dev = torch.device("cuda" if device == "cuda" else "cpu")
     x = torch.from_numpy(inputs["data"]).to(dev)

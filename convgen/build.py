@@ -24,7 +24,7 @@ from convgen.compute import ENTRY, conv_prim_func
 from convgen.errors import ConvgenError, UnsupportedError
 from convgen.nvcc import nvcc
 from convgen.runtime import MANIFEST_SUFFIX, Kernel
-from convgen.schedule import ScheduleChoice, apply_template, family, schedule_for
+from convgen.schedule import ScheduleChoice, forced_schedule, schedule_for
 from convgen.spec import ConvSpec
 from convgen.targets import TargetInfo
 
@@ -51,13 +51,8 @@ def lower(
     func = conv_prim_func(spec)
     if template is None:
         sch, choice = schedule_for(func, spec, target)
-    elif template == "fallback":
-        fam = family(target)
-        sch, choice = fam.fallback(func, spec, target), ScheduleChoice(
-            "fallback", fam.FALLBACK_NAME, {})
     else:
-        sch = apply_template(func, spec, target, template, knobs or {})
-        choice = ScheduleChoice("template", template, knobs or {})
+        sch, choice = forced_schedule(func, spec, target, template, knobs or {})
     return sch.mod, choice
 
 

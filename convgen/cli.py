@@ -169,6 +169,7 @@ def build(target: str, out_dir: str, verify: bool, emit_source: bool, defer_nvcc
           seed: int, as_json: bool, **spec_flags: Any) -> None:
     """Compile kernels into DIR/<name>.{so,onnx,json}."""
     from convgen.build import build_artifact
+    from convgen.schedule import ScheduleChoice
     from convgen.targets import resolve_target
 
     specs = collect_specs(**spec_flags)
@@ -185,8 +186,8 @@ def build(target: str, out_dir: str, verify: bool, emit_source: bool, defer_nvcc
         secs = sum(m["build_seconds"].values())
         lines.append(f"built {m['name']}")
         lines.append(f"  {spec.describe()}")
-        lines.append(f"  target {tinfo.key()}, schedule {_schedule_text(m['schedule'])}, "
-                     f"{secs:.1f} s")
+        choice = ScheduleChoice.from_dict(m["schedule"]).describe()
+        lines.append(f"  target {tinfo.key()}, schedule {choice}, {secs:.1f} s")
         main_file = m["files"]["module" if m.get("module_compiled", True) else "cuda_source"]
         lines.append(f"  -> {Path(out_dir) / main_file} (+ .onnx, .json)")
         lines.extend("  " + line for line in _verification_lines(m["verification"]))
@@ -427,11 +428,6 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
         plot(results, plot_file)
         lines.append(f"plot: {plot_file}")
     emit(as_json, [r.to_dict() for r in results], lines)
-
-
-def _schedule_text(s: dict[str, Any]) -> str:
-    knobs = ", ".join(f"{k}={v}" for k, v in s.get("knobs", {}).items())
-    return f"{s['kind']} {s['name']}" + (f" ({knobs})" if knobs else "")
 
 
 def _verification_lines(v: dict[str, Any]) -> list[str]:

@@ -107,10 +107,3 @@ def conv_prim_func(spec: ConvSpec) -> PrimFunc:
     from tvm import te
 
     return te.create_prim_func(conv_tensors(spec)).with_attr("global_symbol", ENTRY)
-
-
-def conv_module(spec: ConvSpec) -> Any:
-    """The unscheduled IRModule {ENTRY: PrimFunc}."""
-    import tvm
-
-    return tvm.IRModule({ENTRY: conv_prim_func(spec)})

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from convgen.runtime import available_cores
 from convgen.spec import ConvSpec
 from convgen.targets import TargetInfo
 
@@ -203,7 +204,7 @@ def tune_meta_schedule(
         # measuring for the same 2 cores
         search_strategy=ms.search_strategy.EvolutionarySearch(
             population_size=128, init_min_unmeasured=32, genetic_num_iters=2),
-        task_name="conv", num_threads=len(os.sched_getaffinity(0)),
+        task_name="conv", num_threads=available_cores(),
     ).clone()
     try:
         import xgboost  # noqa: F401

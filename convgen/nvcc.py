@@ -56,10 +56,9 @@ def nvcc(source: Path, output: Path, arch: str) -> None:
 def compile_artifact(manifest_path: Path) -> float:
     """nvcc one deferred CUDA artifact and mark its manifest compiled (atomically).
     Returns the seconds nvcc took (0 when it was compiled already)."""
-    import json
     import time
 
-    from convgen.runtime import read_manifest
+    from convgen.runtime import read_manifest, write_manifest
 
     m = read_manifest(manifest_path)
     if m.get("module_compiled", True):
@@ -73,9 +72,7 @@ def compile_artifact(manifest_path: Path) -> float:
     m["build_seconds"] = dict(m.get("build_seconds", {}), nvcc=round(seconds, 3))
     m["verification"] = {"status": "not run",
                          "reason": "compiled by convgen compile; run convgen verify DIR"}
-    tmp = manifest_path.with_name(f".{manifest_path.name}.tmp")
-    tmp.write_text(json.dumps(m, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
+    write_manifest(manifest_path, m)
     return seconds
 
 
@@ -84,11 +81,11 @@ def compile_artifacts(path: str | os.PathLike[str], jobs: int = 0) -> list[tuple
     --defer-nvcc, in parallel. Returns (name, seconds)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from convgen.runtime import list_manifests, read_manifest
+    from convgen.runtime import available_cores, list_manifests, read_manifest
 
     pending = [p for p in list_manifests(path)
                if not read_manifest(p).get("module_compiled", True)]
-    workers = jobs or len(os.sched_getaffinity(0))
+    workers = jobs or available_cores()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         seconds = list(pool.map(compile_artifact, pending))
     return [(p.stem, t) for p, t in zip(pending, seconds)]

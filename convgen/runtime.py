@@ -28,10 +28,15 @@ MANIFEST_SUFFIX = ".json"
 ALIGNMENT = 64
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
+
+
 def use_all_cores() -> None:
     """TVM's thread pool starts half the cores on x86 unless told: use them all.
     Must run before the pool starts (the first parallel kernel call)."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+    os.environ.setdefault("TVM_NUM_THREADS", str(available_cores()))
 
 
 _tvm_runtime_loaded = False
@@ -79,9 +84,7 @@ def find_manifest(path: str | os.PathLike[str], name: str | None = None) -> Path
             if not m.is_file():
                 raise ConvgenError(f"artifact: no kernel named {name!r} in {p}")
             return m
-        found = sorted(q for q in p.glob(f"*{MANIFEST_SUFFIX}") if _is_manifest(q))
-        if not found:
-            raise ConvgenError(f"artifact: {p} holds no convgen artifact (no manifest)")
+        found = list_manifests(p)
         if len(found) > 1:
             names = ", ".join(q.stem for q in found)
             raise ConvgenError(f"artifact: {p} holds several kernels; name one of: {names}")
@@ -108,6 +111,13 @@ def _is_manifest(p: Path) -> bool:
         return json.loads(p.read_text()).get("format") == "convgen-artifact"
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Replace a manifest atomically (a temporary file, then renamed)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -30,7 +30,6 @@ from convgen.errors import SpecError
 
 MODES = ("conv", "corr")
 DTYPES = ("float32", "float16")
-SPATIAL_NAMES = ("W", "HW", "DHW")
 CHANNELS_FIRST = {1: "NCW", 2: "NCHW", 3: "NCDHW"}
 CHANNELS_LAST = {1: "NWC", 2: "NHWC", 3: "NDHWC"}
 PADDING_WORDS = ("valid", "same", "same_lower", "full")
@@ -123,16 +122,20 @@ class ConvSpec:
         return "float32"
 
     @property
+    def gemm_shape(self) -> tuple[int, int, int]:
+        """The operator as an implicit GEMM: M = output pixels (batch included),
+        N = output channels, K = the reduction per output (C/groups x taps)."""
+        return (
+            self.batch * math.prod(self.out_size),
+            self.out_channels,
+            self.channels_per_group * math.prod(self.kernel_size),
+        )
+
+    @property
     def flops(self) -> int:
         """Multiply-adds counted as 2 FLOPs (bias not counted)."""
-        return (
-            2
-            * self.batch
-            * self.out_channels
-            * math.prod(self.out_size)
-            * self.channels_per_group
-            * math.prod(self.kernel_size)
-        )
+        m, n, k = self.gemm_shape
+        return 2 * m * n * k
 
     @property
     def is_depthwise(self) -> bool:

@@ -8,12 +8,12 @@ Accepted: `llvm` / `cpu` (the host CPU, detected: mcpu and core count),
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from convgen.errors import SpecError
+from convgen.runtime import available_cores
 
 DEFAULT_CUDA_ARCH = "sm_90"
 
@@ -41,7 +41,7 @@ class TargetInfo:
 
     @property
     def num_cores(self) -> int:
-        return int(self.config_dict.get("num-cores", os.cpu_count() or 1))
+        return int(self.config_dict.get("num-cores", available_cores()))
 
     def key(self) -> str:
         """Names the hardware a schedule was tuned for (the record library's folder):
@@ -97,7 +97,7 @@ def resolve_target(name: str) -> TargetInfo:
         kind = d["kind"]
         if kind == "llvm":
             d.setdefault("mcpu", host_cpu())
-            d.setdefault("num-cores", os.cpu_count() or 1)
+            d.setdefault("num-cores", available_cores())
         else:
             d.setdefault("arch", DEFAULT_CUDA_ARCH)
         return TargetInfo(kind, _freeze(d))
@@ -106,7 +106,7 @@ def resolve_target(name: str) -> TargetInfo:
     if base in ("llvm", "cpu", "host"):
         mcpu = arg or host_cpu()
         return TargetInfo("llvm", _freeze({"kind": "llvm", "mcpu": mcpu,
-                                           "num-cores": os.cpu_count() or 1}))
+                                           "num-cores": available_cores()}))
     if base in ("cuda", "gpu", "nvidia"):
         arch = arg or DEFAULT_CUDA_ARCH
         if not re.fullmatch(r"sm_\d{2,3}a?", arch):

@@ -33,6 +33,7 @@ import numpy as np
 from convgen.compute import ENTRY
 from convgen.errors import UnsupportedError
 from convgen.records import Record, library_path, write_record
+from convgen.runtime import available_cores
 from convgen.spec import ConvSpec
 from convgen.targets import TargetInfo
 
@@ -148,7 +149,7 @@ def _measure(lib: Any, spec: ConvSpec, options: TuneOptions) -> float:
     import tvm
 
     from convgen.reference import reference_conv
-    from convgen.verify import TOLERANCES, random_inputs
+    from convgen.verify import compare, random_inputs
 
     dev = tvm.cpu()
     inputs = random_inputs(spec, seed=0)
@@ -156,10 +157,8 @@ def _measure(lib: Any, spec: ConvSpec, options: TuneOptions) -> float:
     out = tvm.runtime.tensor(np.zeros(spec.out_shape, spec.dtype), dev)
     lib[ENTRY](*args, out)
     # a fast wrong kernel must never win: check it once against the oracle
-    want = reference_conv(spec, *inputs.values()).astype(np.float64)
-    rtol, atol = TOLERANCES[spec.dtype]
-    scale = max(1.0, float(np.abs(want).max()))
-    if not np.allclose(out.numpy().astype(np.float64), want, rtol=rtol, atol=atol * scale):
+    want = reference_conv(spec, *inputs.values())
+    if not compare("oracle", out.numpy(), want, spec.dtype).passed:
         raise UnsupportedError("candidate computes a wrong result")
     timer = lib.mod.time_evaluator(ENTRY, dev, number=1, repeat=options.repeats,
                                    min_repeat_ms=int(options.min_repeat_ms))
@@ -202,7 +201,7 @@ def tune_spec(
 
     report()
     interrupted = False
-    workers = options.workers or len(os.sched_getaffinity(0))
+    workers = options.workers or available_cores()
     batch = max(1, workers)
     try:
         while todo:

@@ -113,11 +113,17 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, dtype: str) -> Check:
     return Check(name, not bad.any(), max_abs, max_abs / scale, detail)
 
 
-def _ort_session(model: Any) -> Any:
+def ort_session(model: bytes | Path) -> Any:
+    """onnxruntime on the CPU: every core, all graph optimizations, intra-op spinning
+    off (so its thread pool does not fight TVM's when both run in one process)."""
     import onnxruntime as ort
 
+    from convgen.runtime import available_cores
+
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = len(os.sched_getaffinity(0))
+    opts.intra_op_num_threads = available_cores()
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(
         model if isinstance(model, bytes) else str(model),
@@ -149,7 +155,7 @@ def verify_kernel(kernel: Any, spec: ConvSpec, onnx_path: Path, seed: int = 0) -
         )
     else:
         report.checks.append(Check("output shape and dtype", True, 0.0, 0.0))
-        onnx_out = _ort_session(onnx_path).run(None, inputs)[0]
+        onnx_out = ort_session(onnx_path).run(None, inputs)[0]
         report.checks.append(compare("onnxruntime (exported model)", got, onnx_out, spec.dtype))
         oracle = reference_conv(spec, *inputs.values())
         report.checks.append(compare("numpy oracle", got, oracle, spec.dtype))
@@ -165,7 +171,7 @@ def _flip_checks(
 ) -> list[Check]:
     """conv == Conv(flip(W)) != Conv(W); corr == Conv(W) != Conv(flip(W))."""
     plain = dataclasses.replace(spec, mode="corr")
-    session = _ort_session(export_onnx(plain).SerializeToString())
+    session = ort_session(export_onnx(plain).SerializeToString())
     flipped = dict(inputs, weight=flip_weight(spec, inputs["weight"]))
     as_given = session.run(None, inputs)[0]
     as_flipped = session.run(None, flipped)[0]
@@ -202,10 +208,9 @@ def verify_artifact(
     atomically), so an artifact built where its GPU was absent can be verified later
     on the GPU machine.
     """
-    import json
     import platform
 
-    from convgen.runtime import Kernel, list_manifests
+    from convgen.runtime import Kernel, list_manifests, write_manifest
     from convgen.spec import ConvSpec
 
     results = []
@@ -221,11 +226,8 @@ def verify_artifact(
 
                 report["device"] = cuda_driver.device_name()
         if update and report["status"] != "not run":
-            manifest = dict(kernel.manifest, verification=report)
-            tmp = manifest_path.with_suffix(".json.tmp")
             try:
-                tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-                os.replace(tmp, manifest_path)
+                write_manifest(manifest_path, dict(kernel.manifest, verification=report))
             except OSError:
                 report["reason"] = "manifest is read-only: result not recorded"
         results.append((kernel.name, report))

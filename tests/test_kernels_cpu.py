@@ -14,6 +14,7 @@ from helpers import assert_close, build_and_load, random_case
 from convgen.build import build_artifact
 from convgen.onnx_export import export_onnx
 from convgen.reference import flip_weight, reference_conv
+from convgen.runtime import load
 from convgen.spec import ConvSpec
 
 SEED_INPUT = np.array(
@@ -43,7 +44,7 @@ def test_case_table(spec: ConvSpec, cpu_target, tmp_path):
     failed = [c for c in report["checks"] if not c["passed"]]
     assert report["status"] == "passed", failed
     # and independently of verify.py, on other inputs:
-    kernel = build_and_load(spec, cpu_target, tmp_path / "again")
+    kernel = load(art.manifest_path)
     inputs = random_case(spec, seed=7)
     got = kernel(*inputs.values())
     assert_close(got, reference_conv(spec, *inputs.values()), spec.dtype)

@@ -13,7 +13,7 @@ heuristic applies; else the family's generic fallback, which works for every spe
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,12 +36,15 @@ class ScheduleChoice:
     name: str  # the template's name ("meta_schedule" for a replayed trace)
     knobs: dict[str, Any]
     record: str | None = None  # the record file, when kind == "record"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
         knobs = ", ".join(f"{k}={v}" for k, v in self.knobs.items())
         text = f"{self.kind} {self.name}" + (f" ({knobs})" if knobs else "")
         return text + (f" from {Path(self.record).name}" if self.record else "")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScheduleChoice:
+        return cls(d["kind"], d["name"], d.get("knobs", {}), d.get("record"))
 
     def to_dict(self) -> dict[str, Any]:
         d = {"kind": self.kind, "name": self.name, "knobs": self.knobs}
@@ -67,15 +70,22 @@ def template_named(target: TargetInfo, name: str) -> Template[Any]:
     raise UnsupportedError(f"schedule: no {target.kind} template named {name!r}")
 
 
-def apply_template(
-    func: PrimFunc, spec: ConvSpec, target: TargetInfo, name: str, knobs: dict[str, Any]
-) -> Schedule:
-    """Apply a named template with explicit knobs (records and tuning use this)."""
+def forced_schedule(
+    func: PrimFunc, spec: ConvSpec, target: TargetInfo, name: str, knobs: dict[str, Any],
+    kind: str = "template",
+) -> tuple[Schedule, ScheduleChoice]:
+    """A named template with explicit knobs, or "fallback" for the generic schedule
+    (records and tuning use this)."""
+    fam = family(target)
+    if name in ("fallback", fam.FALLBACK_NAME):
+        choice_kind = "fallback" if kind == "template" else kind
+        return fam.fallback(func, spec, target), ScheduleChoice(
+            choice_kind, fam.FALLBACK_NAME, {})
     template = template_named(target, name)
     sch = template.apply(func, spec, target, template.knobs_type(**knobs))
     if sch is None:
         raise UnsupportedError(f"schedule: template {name} does not apply to {spec.name()}")
-    return sch
+    return sch, ScheduleChoice(kind, name, knobs)
 
 
 def schedule_for(
@@ -90,12 +100,10 @@ def schedule_for(
         if record is not None:
             sched = record.schedule
             path = str(record_path(Path(""), target.key(), spec))
-            if sched["kind"] == "template":
-                sch = apply_template(func, spec, target, sched["name"], sched["knobs"])
-                return sch, ScheduleChoice("record", sched["name"], sched["knobs"], path)
-            if sched["kind"] == "fallback":
-                sch = fam.fallback(func, spec, target)
-                return sch, ScheduleChoice("record", fam.FALLBACK_NAME, {}, path)
+            if sched["kind"] in ("template", "fallback"):
+                sch, choice = forced_schedule(func, spec, target, sched.get("name", "fallback"),
+                                              sched.get("knobs", {}), kind="record")
+                return sch, dataclasses.replace(choice, record=path)
             if sched["kind"] == "trace":
                 from convgen.metaschedule import replay_trace
 

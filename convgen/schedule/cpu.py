@@ -16,13 +16,15 @@ Templates, tried in order (each applies where its heuristic returns knobs):
     loop, where they stay in L1.
 The fallback (`cpu_generic`) works for every spec.
 
-Numbers in the comments: 2 cores, TVM_NUM_THREADS=2, float32, medians in GFLOP/s,
-measured while tuning these templates (Zen 3 AVX2 figures from the prototype;
-onnxruntime reached 175-219 on the same dense layers there).
+Numbers in the comments: this project's 2-core Zen 4 machine, TVM_NUM_THREADS=2,
+float32, medians in GFLOP/s. The tile sizes quoted as "AVX2" come from the
+prototype, which used 16-register tiles on that machine; onnxruntime reached
+175-219 on the same dense layers there.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +37,9 @@ if TYPE_CHECKING:
     from tvm.tirx import PrimFunc
 
 FALLBACK_NAME = "cpu_generic"
-# fp32 lanes per 256-bit vector. 512-bit vectors gave nothing on Zen 4 (its FMA units
-# are 256 bits wide) and cost a second register file's worth of spills elsewhere.
+# fp32 lanes per 256-bit vector. On Zen 4 512-bit FMAs gave no more throughput: the
+# FMA probe (convgen/native/fma_peak.c) measured 116.7 GFLOP/s on one thread with
+# 256-bit vectors and 116.6 with 512-bit ones.
 VEC = 8
 
 
@@ -47,8 +50,8 @@ def _registers(target: TargetInfo) -> int:
 
 def _acc_budget(target: TargetInfo) -> int:
     """Accumulators in a register tile; the rest hold weights and broadcasts.
-    AVX2 (16 registers): 4 px x 2 vectors (8 acc) ran ~195-200 on C64 56x56 K64 3x3;
-    7 px x 2 (14 acc) spilled: 106-120; 2 x 4: 148-165; 8 x 1: 92-159.
+    16-register tiles (the prototype): 4 px x 2 vectors (8 acc) ran ~195-200 on
+    C64 56x56 K64 3x3; 7 px x 2 (14 acc) spilled: 106-120; 2 x 4: 148-165; 8 x 1: 92-159.
     AVX-512VL (32 ymm): 7 px x 2 (14 acc) ran 143 on C512 7x7 K512 3x3, where the
     AVX2-sized 1 px x 2 tile (7 has no other divisor <= 4) ran 46."""
     return 14 if _registers(target) >= 32 else 8
@@ -129,7 +132,9 @@ class KvecKnobs:
     pw: int
 
 
-def _kvec_ext(spec: ConvSpec) -> int:
+def _channel_ext(spec: ConvSpec) -> int:
+    """The channel extent a register tile blocks: K/groups, or for depthwise (one
+    output channel per group) the groups themselves."""
     kg = spec.out_channels_per_group
     return kg if kg > 1 else spec.groups
 
@@ -143,7 +148,7 @@ def _kvec_knobs(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
     # the largest tile within the accumulator budget, two channel vectors preferred
     budget, best = _acc_budget(target), None
     for nkv in (2 * VEC // lanes, VEC // lanes):
-        nkv = divisor_at_most(_kvec_ext(spec) // lanes, nkv)
+        nkv = divisor_at_most(_channel_ext(spec) // lanes, nkv)
         pw = divisor_at_most(spec.out_size[-1], max(1, budget // nkv))
         if best is None or nkv * pw > best.nkv * best.pw:
             best = KvecKnobs(lanes, nkv, pw)
@@ -156,7 +161,7 @@ def _kvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[KvecKnobs]:
         return []
     budget = _acc_budget(target) + 4  # the tuner may try slightly larger tiles
     out = [default]
-    for nkv in divisors(_kvec_ext(spec) // default.lanes):
+    for nkv in divisors(_channel_ext(spec) // default.lanes):
         for pw in divisors(spec.out_size[-1]):
             k = KvecKnobs(default.lanes, nkv, pw)
             if nkv <= 8 and pw <= 16 and nkv * pw <= budget and k != default:
@@ -203,10 +208,7 @@ def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) 
     # Unrolled window: conv's flipped tap becomes constant offsets (3x3: NCHW 194 vs
     # corr 195, NHWC 200 vs 200; not unrolled, conv was 188 / 175). Big windows:
     # the innermost loop only.
-    taps = 1
-    for r in spec.kernel_size:
-        taps *= r
-    for r in loops.r if taps <= 32 else loops.r[-1:]:
+    for r in loops.r if math.prod(spec.kernel_size) <= 32 else loops.r[-1:]:
         sch.unroll(r)
     sch.reverse_compute_at(wb, owo)
     init = sch.decompose_reduction(conv, red[0])
@@ -228,18 +230,13 @@ def _wvec_applies(spec: ConvSpec) -> bool:
     return not spec.channels_last and spec.stride[-1] == 1 and spec.out_size[-1] >= 4
 
 
-def _wvec_ext(spec: ConvSpec) -> int:
-    kg = spec.out_channels_per_group
-    return kg if kg > 1 else spec.groups
-
-
 def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     if not _wvec_applies(spec):
         return None
     # 28 lanes x 2 channels: 77 GFLOP/s on depthwise 28x28 (ORT 35); 8 x 8: 44;
     # 28 x 4 (16 acc) spilled: 15; 56 x 1 on 56x56: 38 vs 28 x 2: 55.
     v = divisor_at_most(spec.out_size[-1], 4 * VEC)
-    kb = divisor_at_most(_wvec_ext(spec), max(1, 8 // -(-v // VEC)))
+    kb = divisor_at_most(_channel_ext(spec), max(1, 8 // -(-v // VEC)))
     return WvecKnobs(v, kb)
 
 
@@ -249,7 +246,7 @@ def _wvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[WvecKnobs]:
     budget = _acc_budget(target) + 4
     out = []
     for v in divisors(spec.out_size[-1]):
-        for kb in divisors(_wvec_ext(spec)):
+        for kb in divisors(_channel_ext(spec)):
             if 4 <= v <= 32 and kb <= 16 and kb * -(-v // VEC) <= budget:
                 out.append(WvecKnobs(v, kb))
     return out
