@@ -89,21 +89,24 @@ def candidates_for(
     spec: ConvSpec, target: TargetInfo, per_template: int | None = None
 ) -> list[Candidate]:
     """Every template's grid; with `per_template`, at most that many of each: the
-    heuristic's default first, then points spread evenly over the rest of the grid."""
+    heuristic's default first, then points spread evenly over the rest of the grid.
+    A grid counts even where the heuristic declines the spec: tuning is how such
+    a template wins there."""
     from convgen.schedule import family
 
     found = []
     for template in family(target).TEMPLATES:
-        default = template.default_knobs(spec, target)
         grid = template.candidates(spec, target)
-        if default is None or not grid:
+        if not grid:
             continue
+        default = template.default_knobs(spec, target)
+        head = [default] if default is not None else []
         rest = [k for k in grid if k != default]
         if per_template is not None:
-            take = max(0, per_template - 1)
+            take = max(0, per_template - len(head))
             step = len(rest) / take if take else 0
             rest = [rest[int(i * step)] for i in range(min(take, len(rest)))]
-        for knobs in [default, *rest]:
+        for knobs in [*head, *rest]:
             found.append(Candidate(template.name, dataclasses.asdict(knobs)))
     return found
 

@@ -39,6 +39,8 @@ CASE_TABLE: list[dict[str, Any]] = [
     dict(input="1x8x9x9", kernel="8x8x3x3", padding=1, dtype="float16", bias=True),
     dict(input="1x9x9x8", kernel="8x3x3x4", padding="same", groups=2, layout="NHWC",
          dtype="float16"),
+    dict(input="1x6x5x16", kernel="6x3x2x8", padding=1, groups=2, layout="NHWC",
+         dtype="float16", bias=True),  # channels-last with whole vectors of input channels
 ]
 
 

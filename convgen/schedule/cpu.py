@@ -1,19 +1,30 @@
 """CPU (LLVM) schedules.
 
-Templates, tried in order (each applies where its heuristic returns knobs):
+Templates, tried in order (each applies where its heuristic returns knobs; tuning
+also tries a template's grid where its heuristic declines):
 
+  * `cpu_cvec` (channels-last, input channels per group a multiple of the
+    vector; by default where the reduction is long): vectorized over the input
+    channels, i.e. the reduction, which is contiguous in both the NHWC input and
+    the OHWI weights: both are read in storage order, no repack. The register
+    tile is pw output pixels x kb output channels, each accumulator a vector of
+    partial sums, summed across lanes once per tile (rfactor).
+  * `cpu_wvec` (channels-first, unit stride along the row): vectorized over the
+    output row: v lanes x `rows` rows x kb channels, weights broadcast from
+    storage order (no repack), the GEMM shape of a 1x1 conv over (H, W); with
+    k_inner the channel blocks run inside the spatial tile, so one input tile
+    serves every output channel from L1. For depthwise the padded planes are
+    produced inside the parallel loop, where they stay in L1.
   * `cpu_kvec`: vectorized over output channels (dense and grouped convs whose
     K/groups is a multiple of the vector, and NHWC depthwise, where the vector
     spans groups). The weights are repacked inside the kernel to [K/lanes, reduction
     dims, lanes] so each load is one contiguous vector; the register tile is pw
     output pixels x nkv channel vectors, accumulated in registers across the
     whole reduction; NCHW keeps the accumulator channel-innermost and scatters
-    once in the write-back. The kernel-window loops are unrolled, which turns the
-    flipped tap of `conv` into constant offsets: conv == corr.
-  * `cpu_wvec`: vectorized over the output row (NCHW depthwise, or K not a
-    multiple of the vector): v lanes of one row x kb channels with broadcast
-    weights; for depthwise the padded planes are produced inside the parallel
-    loop, where they stay in L1.
+    once in the write-back.
+Every template unrolls small kernel windows, which turns the flipped tap of
+`conv` into constant offsets (conv == corr), and unrolls the write-back so the
+whole register tile stays in registers.
 The fallback (`cpu_generic`) works for every spec.
 
 Numbers in the comments: this project's 2-core Zen 4 machine, TVM_NUM_THREADS=2,
@@ -24,6 +35,7 @@ prototype, which used 16-register tiles on that machine; onnxruntime reached
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -83,6 +95,19 @@ def _vectorize_inner(sch: Schedule, loop: Any, cap: int = 16) -> None:
     if v > 1:
         _, vi = sch.split(loop, [None, v])
         sch.vectorize(vi)
+
+
+def _write_back_at(sch: Schedule, wb: Any, at: Any) -> None:
+    """Attach the accumulator's write-back under loop `at`, its loops unrolled and the
+    innermost vectorized: with every index constant LLVM keeps the whole tile in
+    registers (a rolled write-back leaves it on the stack, stored and reloaded)."""
+    sch.reverse_compute_at(wb, at)
+    loops = sch.get_loops(wb)
+    depth = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(at))) + 1
+    *outer, inner = loops[depth:]
+    for lp in outer:
+        sch.unroll(lp)
+    _vectorize_inner(sch, inner)
 
 
 def _is_dw_like(spec: ConvSpec) -> bool:
@@ -210,51 +235,103 @@ def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) 
     # the innermost loop only.
     for r in loops.r if math.prod(spec.kernel_size) <= 32 else loops.r[-1:]:
         sch.unroll(r)
-    sch.reverse_compute_at(wb, owo)
+    _write_back_at(sch, wb, owo)
     init = sch.decompose_reduction(conv, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
-    _vectorize_inner(sch, sch.get_loops(wb)[-1])
     _finish_pad(sch, pad, par, pad_at_tile)
     return sch
 
 
 @dataclass(frozen=True)
 class WvecKnobs:
-    """Register tile: v lanes of one output row x kb channels (broadcast weights)."""
+    """Register tile: v lanes of the output row x `rows` rows x kb channels, weights
+    broadcast from storage order (no repack). k_inner puts the channel blocks inside
+    the spatial tile loop, so one input tile serves every output channel from L1."""
 
     v: int
     kb: int
+    rows: int = 1
+    k_inner: bool = False
 
 
 def _wvec_applies(spec: ConvSpec) -> bool:
     return not spec.channels_last and spec.stride[-1] == 1 and spec.out_size[-1] >= 4
 
 
+def _wvec_tile(knobs: WvecKnobs) -> int:
+    """Accumulator registers of a tile."""
+    return knobs.kb * knobs.rows * -(-knobs.v // VEC)
+
+
+def _row_choices(spec: ConvSpec) -> list[int]:
+    return [r for r in divisors(spec.out_size[-2]) if r <= 8] if spec.ndim >= 2 else [1]
+
+
 def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     if not _wvec_applies(spec):
         return None
-    # 28 lanes x 2 channels: 77 GFLOP/s on depthwise 28x28 (ORT 35); 8 x 8: 44;
-    # 28 x 4 (16 acc) spilled: 15; 56 x 1 on 56x56: 38 vs 28 x 2: 55.
-    v = divisor_at_most(spec.out_size[-1], 4 * VEC)
-    kb = divisor_at_most(_channel_ext(spec), max(1, 8 // -(-v // VEC)))
-    return WvecKnobs(v, kb)
+    ext = _channel_ext(spec)
+    if _is_dw_like(spec):
+        # 28 lanes x 2 channels: 77 GFLOP/s on depthwise 28x28 (ORT 35); 8 x 8: 44;
+        # 28 x 4 (16 acc) spilled: 15; 56 x 1 on 56x56: 38 vs 28 x 2: 55.
+        v = divisor_at_most(spec.out_size[-1], 4 * VEC)
+        return WvecKnobs(v, divisor_at_most(ext, max(1, 8 // -(-v // VEC))))
+    # Dense: one vector of the row x rows x kb channels, up to 16 accumulators
+    # (+ rows loads + kb broadcasts fit 32 registers). C64 56x56 -> K256 1x1:
+    # 4 rows x 4 channels 215 with k_inner, 161 without (ORT 173-207, cpu_kvec
+    # 170-181: its NCHW write-back scatters); 2 x 8: 191; 8 x 2: 181. C64 56x56 K64
+    # 3x3: 4 x 4 k_inner 219, without 207, cpu_kvec 211. C512 7x7 K512 3x3: 7 rows
+    # x 2 channels, k outer (one spatial tile to share out) 159-164, 1 x 16: 139-146,
+    # ORT 89-143, cpu_kvec 118-140 (its weight repack is 9.4 MB per call).
+    # Rows that are not whole vectors are left to cpu_kvec (7-lane loads are
+    # assembled piecewise: C128 28x28 3x3 ran 152 here, cpu_kvec 210), except by
+    # tuning, which finds C512 7x7 above.
+    if spec.out_size[-1] % VEC:
+        return None
+    # Per reduction step a tile loads `rows` vectors and broadcasts kb weights for
+    # rows * kb FMAs: the squarest tile within the budget needs the fewest loads.
+    v = VEC
+    budget = _acc_budget(target) + 2
+
+    def fmas_per_load(k: WvecKnobs) -> tuple[float, int]:
+        return k.kb * k.rows / (k.kb + k.rows), k.kb * k.rows
+
+    best = WvecKnobs(v, 1)
+    for rows in _row_choices(spec):
+        tile = WvecKnobs(v, divisor_at_most(ext, max(1, budget // rows)), rows)
+        if fmas_per_load(tile) > fmas_per_load(best):
+            best = tile
+    spatial_tiles = spec.batch * math.prod(spec.out_size[:-1]) // best.rows
+    return dataclasses.replace(best, k_inner=spatial_tiles >= 4 * target.num_cores)
 
 
 def _wvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[WvecKnobs]:
     if not _wvec_applies(spec):
         return []
+    default = _wvec_knobs(spec, target)
     budget = _acc_budget(target) + 4
-    out = []
+    out = [default] if default else []
     for v in divisors(spec.out_size[-1]):
-        for kb in divisors(_channel_ext(spec)):
-            if 4 <= v <= 32 and kb <= 16 and kb * -(-v // VEC) <= budget:
-                out.append(WvecKnobs(v, kb))
+        for rows in _row_choices(spec):
+            for kb in divisors(_channel_ext(spec)):
+                for k_inner in (False, True):
+                    k = WvecKnobs(v, kb, rows, k_inner)
+                    # fewer than 6 accumulators cannot cover the FMA latency;
+                    # several rows pay with one vector per row (more spilled)
+                    if (4 <= v <= 32 and kb <= 16 and 6 <= _wvec_tile(k) <= budget
+                            and (rows == 1 or (v <= VEC and kb <= 8)) and k != default):
+                        out.append(k)
     return out
 
 
-def _wvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: WvecKnobs) -> Schedule:
+def _wvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: WvecKnobs) -> Schedule | None:
+    if knobs.rows > 1 and (spec.ndim < 2 or spec.out_size[-2] % knobs.rows):
+        return None
     sch = new_schedule(func)
-    pad_at_tile = bool(any(spec.pads))  # few FLOPs per input element here: keep it in L1
+    # Few FLOPs per input element (depthwise): produce the padded planes in the tile,
+    # where they stay in L1. Dense: pad once up front; padding per channel block cost
+    # C512 7x7 3x3 161 -> 113. With k_inner a tile spans every channel: up front too.
+    pad_at_tile = bool(any(spec.pads)) and spec.channels_per_group < VEC and not knobs.k_inner
     conv, pad = _prepare(sch, spec, pad_at_tile)
     wb = sch.cache_write(conv, 0, "local")
     if has_block(sch, "out"):
@@ -266,23 +343,115 @@ def _wvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: WvecKnobs) 
     else:
         ko, kb_l = sch.split(loops.k, [None, knobs.kb])
         kouter = [ko]
+    outer_sp, row_l = loops.sp[:-1], []
+    if knobs.rows > 1:
+        ho, hi = sch.split(loops.sp[-2], [None, knobs.rows])
+        outer_sp, row_l = [*loops.sp[:-2], ho], [hi]
     owo, vl = sch.split(loops.sp[-1], [None, knobs.v])
-    sch.reorder(loops.n, *kouter, *loops.sp[:-1], owo, loops.rc, *loops.r, kb_l, vl)
-    par = sch.fuse(loops.n, *kouter)  # the padded planes of a block are produced here
+    red = [loops.rc, *loops.r]
+    if knobs.k_inner:
+        sch.reorder(loops.n, *outer_sp, owo, *kouter, *red, kb_l, *row_l, vl)
+        par, wb_at = sch.fuse(loops.n, *outer_sp), kouter[-1]
+    else:
+        sch.reorder(loops.n, *kouter, *outer_sp, owo, *red, kb_l, *row_l, vl)
+        par, wb_at = sch.fuse(loops.n, *kouter), owo  # padded planes of a block made here
     sch.parallel(par)
-    sch.unroll(kb_l)
+    for loop in (kb_l, *row_l):
+        sch.unroll(loop)
     sch.vectorize(vl)
-    sch.reverse_compute_at(wb, owo)
+    # unrolled small windows: the flipped tap of conv becomes constant offsets
+    if math.prod(spec.kernel_size) <= 32:
+        for r in loops.r:
+            sch.unroll(r)
+    _write_back_at(sch, wb, wb_at)
     init = sch.decompose_reduction(conv, loops.rc)
     sch.vectorize(sch.get_loops(init)[-1])
-    _vectorize_inner(sch, sch.get_loops(wb)[-1])
     _finish_pad(sch, pad, par, pad_at_tile)
     return sch
 
 
+@dataclass(frozen=True)
+class CvecKnobs:
+    """Register tile: pw output pixels x kb output channels, each accumulator a vector
+    of `lanes` partial sums over input channels (summed across lanes at the end)."""
+
+    lanes: int
+    kb: int
+    pw: int
+
+
+def _cvec_applies(spec: ConvSpec) -> bool:
+    return spec.channels_last and spec.channels_per_group % VEC == 0
+
+
+def _cvec_knobs(spec: ConvSpec, target: TargetInfo) -> CvecKnobs | None:
+    # Channels-last input and OHWI weights are both contiguous along the input
+    # channels, so vectorizing the reduction reads both in storage order: no weight
+    # repack, which on C512 7x7 K512 3x3 (9.4 MB of weights) held cpu_kvec to
+    # 126-135 GFLOP/s; this tile (2 channels x 7 pixels) ran 184-198. Short
+    # reductions pay for the final cross-lane sums: C64 3x3 (576) ran 155-162 here,
+    # cpu_kvec 207-212, so the heuristic leaves them to cpu_kvec.
+    if not _cvec_applies(spec) or spec.channels_per_group * math.prod(spec.kernel_size) < 1024:
+        return None
+    kb = divisor_at_most(spec.out_channels, 2)
+    return CvecKnobs(VEC, kb, divisor_at_most(spec.out_size[-1], _acc_budget(target) // kb))
+
+
+def _cvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[CvecKnobs]:
+    if not _cvec_applies(spec):
+        return []
+    default = _cvec_knobs(spec, target)
+    budget = _acc_budget(target) + 4
+    out = [default] if default else []
+    for kb in divisors(spec.out_channels):
+        for pw in divisors(spec.out_size[-1]):
+            k = CvecKnobs(VEC, kb, pw)
+            if kb <= 8 and pw <= 16 and 6 <= kb * pw <= budget and k != default:
+                out.append(k)
+    return out
+
+
+def _cvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: CvecKnobs) -> Schedule | None:
+    if not _cvec_applies(spec) or spec.channels_per_group % knobs.lanes:
+        return None
+    sch = new_schedule(func)
+    conv, _ = _prepare(sch, spec, pad_at_tile=False)
+    loops = _conv_loops(sch, conv, spec)
+    _, rci = sch.split(loops.rc, [None, knobs.lanes])
+    # the lanes become a data-parallel axis of a partial-sum block; "conv" keeps the
+    # cross-lane sum, run right after each tile on its registers
+    part = sch.rfactor(rci, len(spec.out_shape))
+    final = sch.get_sblock("conv")
+    loops = sch.get_loops(part)
+    d = spec.ndim
+    n, sp, k, (rco, rci, *rs) = loops[0], loops[1 : 1 + d], loops[1 + d], loops[2 + d :]
+    ko, kb = sch.split(k, [None, knobs.kb])
+    owo, pw = sch.split(sp[-1], [None, knobs.pw])
+    # the channel block outermost and parallel: its weights (kb x R x S x C) are read
+    # from memory once and reused from L2 by every pixel tile
+    sch.reorder(n, ko, *sp[:-1], owo, *rs, rco, kb, pw, rci)
+    par = sch.fuse(n, ko)
+    sch.parallel(par)
+    sch.unroll(kb)
+    sch.unroll(pw)
+    sch.vectorize(rci)
+    if math.prod(spec.kernel_size) <= 32:
+        for r in rs:
+            sch.unroll(r)
+    sch.set_scope(part, 0, "local")
+    sch.reverse_compute_at(final, owo)
+    if has_block(sch, "out"):  # bias/cast: after the cross-lane sum, on the same tile
+        sch.set_scope(final, 0, "local")
+        sch.reverse_compute_at(sch.get_sblock("out"), owo)
+    init = sch.decompose_reduction(part, rs[0] if rs else rco)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return sch
+
+
 TEMPLATES: list[Template[Any]] = [
-    Template("cpu_kvec", KvecKnobs, _kvec_knobs, _kvec_candidates, _kvec),
+    Template("cpu_cvec", CvecKnobs, _cvec_knobs, _cvec_candidates, _cvec),
     Template("cpu_wvec", WvecKnobs, _wvec_knobs, _wvec_candidates, _wvec),
+    Template("cpu_kvec", KvecKnobs, _kvec_knobs, _kvec_candidates, _kvec),
 ]
 
 
