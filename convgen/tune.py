@@ -148,7 +148,7 @@ def _compile(spec: ConvSpec, target: TargetInfo, cand: Candidate) -> Any:
     return tvm.compile(mod, target=target.tvm_target())
 
 
-def _measure(lib: Any, spec: ConvSpec, options: TuneOptions) -> float:
+def _measure(lib: Any, spec: ConvSpec, options: TuneOptions, check: bool = True) -> float:
     import tvm
 
     from convgen.reference import reference_conv
@@ -160,12 +160,36 @@ def _measure(lib: Any, spec: ConvSpec, options: TuneOptions) -> float:
     out = tvm.runtime.tensor(np.zeros(spec.out_shape, spec.dtype), dev)
     lib[ENTRY](*args, out)
     # a fast wrong kernel must never win: check it once against the oracle
-    want = reference_conv(spec, *inputs.values())
-    if not compare("oracle", out.numpy(), want, spec.dtype).passed:
+    want = reference_conv(spec, *inputs.values()) if check else None
+    if want is not None and not compare("oracle", out.numpy(), want, spec.dtype).passed:
         raise UnsupportedError("candidate computes a wrong result")
     timer = lib.mod.time_evaluator(ENTRY, dev, number=1, repeat=options.repeats,
                                    min_repeat_ms=int(options.min_repeat_ms))
     return float(np.median(timer(*args, out).results))
+
+
+CONFIRM_TOP, CONFIRM_ROUNDS = 3, 3
+
+
+def _confirm(spec: ConvSpec, target: TargetInfo, results: list[Measurement],
+             options: TuneOptions) -> Measurement:
+    """Re-time the fastest few candidates in alternating rounds and keep the best
+    median. Candidates are timed minutes apart, and on a shared machine a burst of
+    load from elsewhere can decide which one wins: in one grid run C128 28x28 3x3
+    (corr, NCHW) timed cpu_wvec v=14 at 187.9 GFLOP/s and cpu_kvec 4x4 at 187.2;
+    timed back to back, they ran 187 and 194."""
+    ok = sorted((m for m in results if math.isfinite(m.seconds)), key=lambda m: m.seconds)
+    top = ok[:CONFIRM_TOP]
+    if len(top) < 2:
+        return top[0]
+    libs = [_compile(spec, target, m.candidate) for m in top]
+    times: list[list[float]] = [[] for _ in top]
+    for _ in range(CONFIRM_ROUNDS):
+        for lib, t in zip(libs, times):
+            t.append(_measure(lib, spec, options, check=False))
+    medians = [float(np.median(t)) for t in times]
+    i = int(np.argmin(medians))
+    return Measurement(top[i].candidate, medians[i])
 
 
 def tune_spec(
@@ -227,6 +251,8 @@ def tune_spec(
                 report()
     except KeyboardInterrupt:
         interrupted = True
+    if not interrupted and best is not None and math.isfinite(best.seconds):
+        best = _confirm(spec, target, results, options)
     schedule = None
     if best is not None and math.isfinite(best.seconds):
         schedule = {"kind": "template", "name": best.candidate.template,
@@ -254,7 +280,9 @@ def tune_spec(
                 "date": time.strftime("%Y-%m-%d"),
             },
             tuner={"method": options.method, "grid_candidates": len(results),
-                   "grid_failed": sum(not math.isfinite(m.seconds) for m in results)},
+                   "grid_failed": sum(not math.isfinite(m.seconds) for m in results),
+                   "confirmed": f"best median of {CONFIRM_ROUNDS} alternating rounds "
+                                f"among the grid's top {CONFIRM_TOP}"},
         )
         path = write_record(record, options.library or library_path())
     return TuneResult(spec, best, len(results), path, interrupted)
