@@ -49,6 +49,7 @@ class BenchResult:
     flops: int
     times: dict[str, Timing] = field(default_factory=dict)  # "convgen", "onnxruntime", ...
     peak_gflops: float | None = None  # the measured FMA peak (CPU), for "% of peak"
+    schedule: str | None = None  # how the kernel was scheduled, from its manifest
     notes: list[str] = field(default_factory=list)
 
     def gflops(self, who: str) -> float:
@@ -157,7 +158,8 @@ def bench_kernel(
 
     n = available_cores()
     inputs = random_inputs(spec, seed=0)
-    result = BenchResult(spec.name(), spec.describe(), kernel.device, n, spec.flops)
+    result = BenchResult(spec.name(), spec.describe(), kernel.device, n, spec.flops,
+                         schedule=schedule_text(kernel.manifest.get("schedule")))
     if kernel.device == "cuda":
         from convgen import cuda_driver
 
@@ -173,8 +175,7 @@ def bench_kernel(
         args = [host_aligned(a, spec.dtype) for a in inputs.values()]
         out = aligned_empty(spec.out_shape, spec.dtype)
         func = kernel.func
-        result.times["convgen"] = time_host(lambda: func(*args, out), repeats, warmup,
-                                            min_sample_ms)
+        calls = {"convgen": lambda: func(*args, out)}
         result.peak_gflops = measure_cpu_peak(n)
         if "onnxruntime" in peers:
             # The fair peer for `conv` is ONNX Conv on weights flipped once, outside the
@@ -187,17 +188,20 @@ def bench_kernel(
 
                 feed["weight"] = flip_weight(spec, inputs["weight"])
             session = ort_session(export_onnx(plain).SerializeToString())
-            result.times["onnxruntime"] = time_host(lambda: session.run(None, feed), repeats,
-                                                    warmup, min_sample_ms)
-    if "torch" in peers:
-        if kernel.device == "cuda":
-            result.times.update(cudnn_timings(spec, inputs, repeats, warmup, min_sample_ms))
-        else:
+            calls["onnxruntime"] = lambda: session.run(None, feed)
+        if "torch" in peers:
             call = torch_conv(spec, inputs, "cpu")
             if call is None:
                 result.notes.append("PyTorch not installed: no torch column")
             else:
-                result.times["torch"] = time_host(call, repeats, warmup, min_sample_ms)
+                calls["torch"] = call
+        # One block of samples per implementation, not interleaved: the thread pools
+        # (TVM's, PyTorch's OpenMP) spin for a while after each call, and interleaved
+        # samples measured that contention (convgen and onnxruntime fell 25-50%).
+        for name, call in calls.items():
+            result.times[name] = time_host(call, repeats, warmup, min_sample_ms)
+    if "torch" in peers and kernel.device == "cuda":
+        result.times.update(cudnn_timings(spec, inputs, repeats, warmup, min_sample_ms))
     return result
 
 
@@ -264,16 +268,26 @@ def cudnn_timings(spec: ConvSpec, inputs: dict[str, np.ndarray], repeats: int, w
     return out
 
 
+def schedule_text(choice: dict[str, Any] | None) -> str | None:
+    """A manifest's schedule in a table cell: `cpu_kvec lanes=8,nkv=4,pw=4 (record)`."""
+    if not choice:
+        return None
+    knobs = ",".join(f"{k}={v}" for k, v in choice.get("knobs", {}).items())
+    return " ".join(x for x in (choice["name"], knobs, f"({choice['kind']})") if x)
+
+
 def format_table(results: list[BenchResult]) -> list[str]:
     """A markdown table: GFLOP/s of each, and convgen's speed-up over each peer."""
     peers = sorted({k for r in results for k in r.times if k != "convgen"})
     with_peak = any(r.peak_gflops for r in results)
-    head = ["kernel", "convgen ms", "convgen GFLOP/s"] + (["% peak"] if with_peak else [])
+    head = ["kernel", "schedule", "convgen ms", "convgen GFLOP/s"]
+    head += ["% peak"] if with_peak else []
     for p in peers:
         head += [f"{p} GFLOP/s", f"vs {p}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        row = [r.name, f"{r.times['convgen'].median * 1e3:.3f}", f"{r.gflops('convgen'):.1f}"]
+        row = [r.name, r.schedule or "-", f"{r.times['convgen'].median * 1e3:.3f}",
+               f"{r.gflops('convgen'):.1f}"]
         if with_peak:
             row.append(f"{100 * r.gflops('convgen') / r.peak_gflops:.0f}%" if r.peak_gflops
                        else "-")

@@ -126,3 +126,15 @@ def test_version_and_help():
     assert code == 0 and "convgen" in out
     code, out = run("build", "--help")
     assert "true convolution" in out and "cross-correlation" in out
+
+
+def test_bench_json_against_onnxruntime():
+    code, out = run("bench", *SMALL, "--repeats", "3", "--json")
+    assert code == 0, out
+    (result,) = json.loads(out)
+    assert {"convgen", "onnxruntime"} <= set(result["times"])
+    assert result["speedup"]["onnxruntime"] > 0
+    assert result["schedule"].startswith("cpu_")  # which template the kernel used
+    t = result["times"]["convgen"]
+    assert 0 < t["p10"] <= t["median"] <= t["p90"]
+
