@@ -169,3 +169,44 @@ def test_meta_schedule_trace_record_replays(tmp_path, cpu_target, monkeypatch):
     assert art.manifest["schedule"]["name"] == "meta_schedule"
     assert art.manifest["verification"]["status"] == "passed"
     assert result.gflops > 0
+
+
+ZEN4 = '{"kind": "llvm", "mcpu": "znver4", "num-cores": 2}'  # AVX-512: 32 vector registers
+ZEN3 = '{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}'  # AVX2: 16
+
+
+@pytest.mark.parametrize(("flags", "template"), [
+    # channels-last, long reduction: vectors of input channels, no weight repack
+    (dict(input="1x7x7x512", kernel="512x3x3x512", padding=1, layout="NHWC"), "cpu_cvec"),
+    # channels-first, rows of whole vectors: the GEMM-shaped row tile
+    (dict(input="1x64x56x56", kernel="256x64x1x1"), "cpu_wvec"),
+    (dict(input="1x256x28x28", kernel="256x1x3x3", padding=1, groups=256), "cpu_wvec"),
+    # 7-wide rows, stride 2, channels-last short reductions: vectors of output channels
+    (dict(input="1x512x7x7", kernel="512x512x3x3", padding=1), "cpu_kvec"),
+    (dict(input="1x3x224x224", kernel="64x3x7x7", padding=3, stride=2), "cpu_kvec"),
+    (dict(input="1x56x56x64", kernel="64x3x3x64", padding=1, layout="NHWC"), "cpu_kvec"),
+])
+@pytest.mark.parametrize("target", [ZEN4, ZEN3], ids=["avx512", "avx2"])
+def test_heuristic_picks_the_template_and_fits_the_registers(flags, template, target):
+    from convgen.schedule import cpu
+    from convgen.targets import resolve_target
+
+    spec, tinfo = make_spec(mode="conv", **flags), resolve_target(target)
+    chosen = next(t for t in cpu.TEMPLATES if t.default_knobs(spec, tinfo) is not None)
+    assert chosen.name == template
+    knobs = chosen.default_knobs(spec, tinfo)
+    tile = {"cpu_cvec": lambda k: k.kb * k.pw, "cpu_wvec": cpu._wvec_tile,
+            "cpu_kvec": lambda k: k.nkv * k.pw}[template](knobs)
+    budget = cpu._acc_budget(tinfo)
+    assert budget == (14 if target == ZEN4 else 8)
+    assert budget // 2 <= tile <= budget + 2  # big enough to hide the FMA latency, no spill
+
+
+def test_tuning_tries_a_grid_where_the_heuristic_declines(cpu_target):
+    """NCHW C512 7x7: cpu_wvec's heuristic leaves 7-wide rows to cpu_kvec, but its
+    grid is measured there (and wins: no 9.4 MB weight repack)."""
+    from convgen.schedule import cpu
+
+    spec = make_spec(mode="conv", input="1x512x7x7", kernel="512x512x3x3", padding=1)
+    assert cpu._wvec_knobs(spec, cpu_target) is None
+    assert "cpu_wvec" in {c.template for c in candidates_for(spec, cpu_target)}

@@ -393,8 +393,13 @@ def _cvec_knobs(spec: ConvSpec, target: TargetInfo) -> CvecKnobs | None:
     # cpu_kvec 207-212, so the heuristic leaves them to cpu_kvec.
     if not _cvec_applies(spec) or spec.channels_per_group * math.prod(spec.kernel_size) < 1024:
         return None
-    kb = divisor_at_most(spec.out_channels, 2)
-    return CvecKnobs(VEC, kb, divisor_at_most(spec.out_size[-1], _acc_budget(target) // kb))
+    best = None
+    for kb in (2, 1, 4):  # the largest tile within the accumulator budget, 2 channels first
+        kb = divisor_at_most(spec.out_channels, kb)
+        k = CvecKnobs(VEC, kb, divisor_at_most(spec.out_size[-1], _acc_budget(target) // kb))
+        if best is None or k.kb * k.pw > best.kb * best.pw:
+            best = k
+    return best
 
 
 def _cvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[CvecKnobs]:
