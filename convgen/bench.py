@@ -197,7 +197,7 @@ def bench_kernel(
                 calls["torch"] = call
         # One block of samples per implementation, not interleaved: the thread pools
         # (TVM's, PyTorch's OpenMP) spin for a while after each call, and interleaved
-        # samples measured that contention (convgen and onnxruntime fell 25-50%).
+        # samples measured that contention (convgen fell 26%, onnxruntime 43-57%).
         for name, call in calls.items():
             result.times[name] = time_host(call, repeats, warmup, min_sample_ms)
     if "torch" in peers and kernel.device == "cuda":
