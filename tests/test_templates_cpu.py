@@ -1,5 +1,5 @@
 """Every CPU template, forced, over the shared case table in both modes: its default
-knobs and the extremes of its tuning grid, against the numpy oracle and onnxruntime
+knobs and the ends and middle of its tuning grid, against the numpy oracle and onnxruntime
 (through verify) — a template must be right for every spec it accepts, not only for
 those the chooser happens to give it."""
 
@@ -25,8 +25,10 @@ def _params() -> list:
         for t in cpu.TEMPLATES:
             default = t.default_knobs(spec, TARGET)
             grid = t.candidates(spec, TARGET)
-            # the grid may apply where the heuristic declines (tuning tries it there)
-            for knobs in {k for k in (default, *grid[:1], *grid[-1:]) if k is not None}:
+            # the grid may apply where the heuristic declines (tuning tries it there);
+            # its ends and middle vary every knob (rows, k_inner, ...) across the table
+            picks = (default, *grid[:1], *grid[len(grid) // 2 :][:1], *grid[-1:])
+            for knobs in {k for k in picks if k is not None}:
                 kid = "-".join(f"{v}" for v in dataclasses.asdict(knobs).values())
                 params.append(pytest.param(spec, t.name, knobs,
                                            id=f"{t.name}[{kid}]-{spec.name()}"))

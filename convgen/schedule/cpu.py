@@ -284,13 +284,16 @@ def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     # x 2 channels, k outer (one spatial tile to share out) 159-164, 1 x 16: 139-146,
     # ORT 89-143, cpu_kvec 118-140 (its weight repack is 9.4 MB per call).
     # Rows that are not whole vectors are left to cpu_kvec (7-lane loads are
-    # assembled piecewise: C128 28x28 3x3 ran 152 here, cpu_kvec 210), except by
-    # tuning, which finds C512 7x7 above.
-    if spec.out_size[-1] % VEC:
+    # assembled piecewise: C128 28x28 3x3 ran 152 here, cpu_kvec 210), unless a
+    # short row and few output pixels per weight make cpu_kvec's per-call weight
+    # repack the larger cost: C512 7x7 above (49 pixels); at 196 (C256 14x14) the two
+    # tied in tuning (197-198).
+    w = spec.out_size[-1]
+    if w % VEC and not (w < VEC and math.prod(spec.out_size) < 128):
         return None
     # Per reduction step a tile loads `rows` vectors and broadcasts kb weights for
     # rows * kb FMAs: the squarest tile within the budget needs the fewest loads.
-    v = VEC
+    v = min(w, VEC)
     budget = _acc_budget(target) + 2
 
     def fmas_per_load(k: WvecKnobs) -> tuple[float, int]:
