@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from convgen.runtime import available_cores
+from convgen.schedule import ScheduleChoice
 from convgen.spec import ConvSpec
 
 
@@ -158,8 +159,9 @@ def bench_kernel(
 
     n = available_cores()
     inputs = random_inputs(spec, seed=0)
+    choice = kernel.manifest.get("schedule")
     result = BenchResult(spec.name(), spec.describe(), kernel.device, n, spec.flops,
-                         schedule=schedule_text(kernel.manifest.get("schedule")))
+                         schedule=ScheduleChoice.from_dict(choice).brief() if choice else None)
     if kernel.device == "cuda":
         from convgen import cuda_driver
 
@@ -266,14 +268,6 @@ def cudnn_timings(spec: ConvSpec, inputs: dict[str, np.ndarray], repeats: int, w
     finally:
         torch.backends.cudnn.allow_tf32 = saved
     return out
-
-
-def schedule_text(choice: dict[str, Any] | None) -> str | None:
-    """A manifest's schedule in a table cell: `cpu_kvec lanes=8,nkv=4,pw=4 (record)`."""
-    if not choice:
-        return None
-    knobs = ",".join(f"{k}={v}" for k, v in choice.get("knobs", {}).items())
-    return " ".join(x for x in (choice["name"], knobs, f"({choice['kind']})") if x)
 
 
 def format_table(results: list[BenchResult]) -> list[str]:

@@ -84,9 +84,7 @@ def random_inputs(spec: ConvSpec, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays = {
         "data": rng.uniform(-1, 1, spec.data_shape),
-        "weight": rng.standard_normal(spec.weight_shape) / math.sqrt(
-            spec.channels_per_group * math.prod(spec.kernel_size)
-        ),
+        "weight": rng.standard_normal(spec.weight_shape) / math.sqrt(spec.gemm_shape[2]),
     }
     if spec.bias:
         arrays["bias"] = rng.standard_normal(spec.bias_shape)

@@ -42,6 +42,11 @@ class ScheduleChoice:
         text = f"{self.kind} {self.name}" + (f" ({knobs})" if knobs else "")
         return text + (f" from {Path(self.record).name}" if self.record else "")
 
+    def brief(self) -> str:
+        """For a table cell: `cpu_kvec lanes=8,nkv=4,pw=4 (record)`."""
+        knobs = ",".join(f"{k}={v}" for k, v in self.knobs.items())
+        return " ".join(x for x in (self.name, knobs, f"({self.kind})") if x)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ScheduleChoice:
         return cls(d["kind"], d["name"], d.get("knobs", {}), d.get("record"))

@@ -39,6 +39,13 @@ def new_schedule(func: PrimFunc) -> Schedule:
     return sch
 
 
+def loops_below(sch: Schedule, block: Any, loop: Any) -> list[Any]:
+    """The loops of `block` nested inside `loop` (which must enclose it)."""
+    loops = sch.get_loops(block)
+    stmt = sch.get(loop)
+    return loops[1 + next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(stmt)):]
+
+
 def has_block(sch: Schedule, name: str) -> bool:
     try:
         sch.get_sblock(name)

@@ -40,7 +40,14 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from convgen.schedule.common import Template, divisor_at_most, divisors, has_block, new_schedule
+from convgen.schedule.common import (
+    Template,
+    divisor_at_most,
+    divisors,
+    has_block,
+    loops_below,
+    new_schedule,
+)
 from convgen.spec import ConvSpec
 from convgen.targets import TargetInfo
 
@@ -102,12 +109,18 @@ def _write_back_at(sch: Schedule, wb: Any, at: Any) -> None:
     innermost vectorized: with every index constant LLVM keeps the whole tile in
     registers (a rolled write-back leaves it on the stack, stored and reloaded)."""
     sch.reverse_compute_at(wb, at)
-    loops = sch.get_loops(wb)
-    depth = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(at))) + 1
-    *outer, inner = loops[depth:]
+    *outer, inner = loops_below(sch, wb, at)
     for lp in outer:
         sch.unroll(lp)
     _vectorize_inner(sch, inner)
+
+
+def _unroll_window(sch: Schedule, window: list[Any], spec: ConvSpec) -> None:
+    """Unroll the kernel-window loops: conv's flipped tap becomes constant offsets
+    (cpu_kvec 3x3: NCHW 194 vs corr 195, NHWC 200 vs 200; not unrolled, conv was
+    188 / 175). Big windows: the innermost loop only."""
+    for r in window if math.prod(spec.kernel_size) <= 32 else window[-1:]:
+        sch.unroll(r)
 
 
 def _is_dw_like(spec: ConvSpec) -> bool:
@@ -230,11 +243,7 @@ def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) 
     sch.unroll(owi)
     sch.unroll(kvo)
     sch.vectorize(kvi)
-    # Unrolled window: conv's flipped tap becomes constant offsets (3x3: NCHW 194 vs
-    # corr 195, NHWC 200 vs 200; not unrolled, conv was 188 / 175). Big windows:
-    # the innermost loop only.
-    for r in loops.r if math.prod(spec.kernel_size) <= 32 else loops.r[-1:]:
-        sch.unroll(r)
+    _unroll_window(sch, loops.r, spec)
     _write_back_at(sch, wb, owo)
     init = sch.decompose_reduction(conv, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
@@ -362,10 +371,7 @@ def _wvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: WvecKnobs) 
     for loop in (kb_l, *row_l):
         sch.unroll(loop)
     sch.vectorize(vl)
-    # unrolled small windows: the flipped tap of conv becomes constant offsets
-    if math.prod(spec.kernel_size) <= 32:
-        for r in loops.r:
-            sch.unroll(r)
+    _unroll_window(sch, loops.r, spec)
     _write_back_at(sch, wb, wb_at)
     init = sch.decompose_reduction(conv, loops.rc)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -392,9 +398,9 @@ def _cvec_knobs(spec: ConvSpec, target: TargetInfo) -> CvecKnobs | None:
     # channels, so vectorizing the reduction reads both in storage order: no weight
     # repack, which on C512 7x7 K512 3x3 (9.4 MB of weights) held cpu_kvec to
     # 126-135 GFLOP/s; this tile (2 channels x 7 pixels) ran 184-198. Short
-    # reductions pay for the final cross-lane sums: C64 3x3 (576) ran 155-162 here,
+    # reductions pay for the final cross-lane sums: C64 3x3 (576) ran 154-163 here,
     # cpu_kvec 207-212, so the heuristic leaves them to cpu_kvec.
-    if not _cvec_applies(spec) or spec.channels_per_group * math.prod(spec.kernel_size) < 1024:
+    if not _cvec_applies(spec) or spec.gemm_shape[2] < 1024:
         return None
     best = None
     for kb in (2, 1, 4):  # the largest tile within the accumulator budget, 2 channels first
@@ -443,9 +449,7 @@ def _cvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: CvecKnobs) 
     sch.unroll(kb)
     sch.unroll(pw)
     sch.vectorize(rci)
-    if math.prod(spec.kernel_size) <= 32:
-        for r in rs:
-            sch.unroll(r)
+    _unroll_window(sch, rs, spec)
     sch.set_scope(part, 0, "local")
     sch.reverse_compute_at(final, owo)
     if has_block(sch, "out"):  # bias/cast: after the cross-lane sum, on the same tile

@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from convgen.schedule.common import Template, has_block, new_schedule
+from convgen.schedule.common import Template, has_block, loops_below, new_schedule
 from convgen.spec import ConvSpec
 from convgen.targets import TargetInfo
 
@@ -688,10 +688,8 @@ def _depthwise(
     wts = sch.cache_read(conv, 1, "local")
     sch.compute_at(wts, row, preserve_unit_loops=True)
     vectorize = spec.channels_last and knobs.vc in (2, 4) and spec.out_channels_per_group == 1
-    row_stmt = sch.get(row)
-    depth = 1 + next(i for i, lp in enumerate(sch.get_loops(conv)) if sch.get(lp).same_as(row_stmt))
     for blk in (win, wts):
-        for lp in sch.get_loops(blk)[depth:]:
+        for lp in loops_below(sch, blk, row):
             sch.unroll(lp)
     if vectorize:
         sch.vectorize(sch.get_loops(win)[-1])
