@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from convgen import __version__
-from convgen.compute import ENTRY, conv_prim_func
+from convgen.compute import ENTRY
 from convgen.errors import ConvgenError, UnsupportedError
 from convgen.nvcc import nvcc
 from convgen.runtime import MANIFEST_SUFFIX, Kernel
@@ -48,11 +48,10 @@ def lower(
 ) -> tuple[Any, ScheduleChoice]:
     """The scheduled IRModule: the chooser's pick, or a named template with explicit
     knobs ("fallback" for the generic schedule), as tuning needs."""
-    func = conv_prim_func(spec)
     if template is None:
-        sch, choice = schedule_for(func, spec, target)
+        sch, choice = schedule_for(spec, target)
     else:
-        sch, choice = forced_schedule(func, spec, target, template, knobs or {})
+        sch, choice = forced_schedule(spec, target, template, knobs or {})
     return sch.mod, choice
 
 

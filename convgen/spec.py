@@ -23,7 +23,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from convgen.errors import SpecError
@@ -86,6 +86,16 @@ class ConvSpec:
     @property
     def padded_size(self) -> tuple[int, ...]:
         return tuple(n + b + e for n, b, e in zip(self.in_size, self.pads_begin, self.pads_end))
+
+    def widened(self, extra: int) -> ConvSpec:
+        """This operator with `extra` more outputs along the last spatial axis: the end
+        padding grows by extra * stride, which leaves the first outputs unchanged and
+        keeps every read of the new ones in bounds (a schedule computes them to fill a
+        vector, then crops them)."""
+        if not extra:
+            return self
+        pads = (*self.pads[:-1], self.pads[-1] + extra * self.stride[-1])
+        return replace(self, pads=pads)
 
     @property
     def dilated_kernel_size(self) -> tuple[int, ...]:

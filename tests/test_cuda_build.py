@@ -64,11 +64,12 @@ def test_host_only_code_is_refused(monkeypatch):
     """An unscheduled PrimFunc compiled for CUDA becomes host code with no GPU kernel:
     the build must fail loudly rather than ship it."""
     import convgen.build
+    from convgen.compute import conv_prim_func
     from convgen.schedule import ScheduleChoice
     from convgen.schedule.common import new_schedule
 
-    def unscheduled(func, spec, target):
-        return new_schedule(func), ScheduleChoice("fallback", "none", {})
+    def unscheduled(spec, target):
+        return new_schedule(conv_prim_func(spec)), ScheduleChoice("fallback", "none", {})
 
     monkeypatch.setattr(convgen.build, "schedule_for", unscheduled)
     spec = make_spec(mode="conv", input="1x2x6x6", kernel="2x2x3x3")

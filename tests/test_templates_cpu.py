@@ -12,7 +12,7 @@ from cases import case_specs
 
 from convgen.build import build_artifact
 from convgen.schedule import cpu
-from convgen.spec import ConvSpec
+from convgen.spec import ConvSpec, make_spec
 from convgen.targets import resolve_target
 
 TARGET = resolve_target("llvm")
@@ -47,3 +47,19 @@ def test_template_is_correct(spec, template, knobs, tmp_path):
 def test_every_template_is_exercised():
     names = {p.values[1] for p in _params()}
     assert names == {t.name for t in cpu.TEMPLATES}
+
+
+@pytest.mark.parametrize("mode", ["conv", "corr"])
+@pytest.mark.parametrize(("flags", "knobs"), [
+    # a 13-wide row in 8-lane tiles: widened to 16, the last tile cropped to 5 lanes
+    (dict(input="1x8x5x13", kernel="16x8x3x3", padding=[1, 0, 2, 1], bias=True,
+          dtype="float16"), cpu.WvecKnobs(v=8, kb=4, rows=3)),
+    (dict(input="1x16x6x6", kernel="16x1x3x3", padding=1, groups=16, bias=True),
+     cpu.WvecKnobs(v=8, kb=2, rows=3)),  # depthwise, padded planes made in the tile
+], ids=["dense-bias-f16", "depthwise-bias"])
+def test_wvec_widened_rows_are_cropped(flags, knobs, mode, tmp_path):
+    """Rows widened to whole vectors compute outputs that do not exist; the epilogue
+    (bias, cast) must crop them wherever the tile ends."""
+    spec = make_spec(mode=mode, **flags)
+    assert cpu._row_extra(spec, knobs.v) > 0
+    test_template_is_correct(spec, "cpu_wvec", knobs, tmp_path)

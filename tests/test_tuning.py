@@ -63,17 +63,13 @@ def test_build_uses_the_record(tmp_path, cpu_target, monkeypatch):
     assert art.manifest["verification"]["status"] == "passed"
     # without a record: the template heuristic
     monkeypatch.setenv("CONVGEN_SCHEDULES", str(tmp_path / "empty"))
-    from convgen.compute import conv_prim_func
-
-    _, choice = schedule_for(conv_prim_func(SPEC), SPEC, cpu_target)
+    _, choice = schedule_for(SPEC, cpu_target)
     assert choice.kind == "template"
 
 
 def test_chooser_falls_back_where_no_template_applies(cpu_target):
-    from convgen.compute import conv_prim_func
-
     odd = make_spec(mode="corr", input="1x3x5x3", kernel="2x3x3x3")  # width 1 output
-    _, choice = schedule_for(conv_prim_func(odd), odd, cpu_target, use_records=False)
+    _, choice = schedule_for(odd, cpu_target, use_records=False)
     assert choice.kind == "fallback"
 
 

@@ -1,7 +1,8 @@
 """Schedules: hand-written templates per target family, and the chooser.
 
 A template is a function `(func, spec, target, knobs) -> Schedule | None`
-(None: does not apply to this spec). Its knobs are a frozen dataclass; each
+(None: does not apply to this spec), given the algorithm (`compute.py`) in the
+form it asks for (a `compute.Variant`). Its knobs are a frozen dataclass; each
 template module has a heuristic that picks default knobs from the spec and the
 target, and a grid of candidates that `convgen tune` measures.
 
@@ -17,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convgen.compute import conv_prim_func
 from convgen.errors import UnsupportedError
 from convgen.spec import ConvSpec
 from convgen.targets import TargetInfo
 
 if TYPE_CHECKING:
     from tvm.s_tir import Schedule
-    from tvm.tirx import PrimFunc
 
     from convgen.schedule.common import Template
 
@@ -75,26 +76,31 @@ def template_named(target: TargetInfo, name: str) -> Template[Any]:
     raise UnsupportedError(f"schedule: no {target.kind} template named {name!r}")
 
 
+def _apply(template: Template[Any], spec: ConvSpec, target: TargetInfo, knobs: Any) -> Any:
+    """The template's schedule of the algorithm in the form it asks for (None: declined)."""
+    func = conv_prim_func(spec, template.variant(spec, knobs))
+    return template.apply(func, spec, target, knobs)
+
+
 def forced_schedule(
-    func: PrimFunc, spec: ConvSpec, target: TargetInfo, name: str, knobs: dict[str, Any],
-    kind: str = "template",
+    spec: ConvSpec, target: TargetInfo, name: str, knobs: dict[str, Any], kind: str = "template",
 ) -> tuple[Schedule, ScheduleChoice]:
     """A named template with explicit knobs, or "fallback" for the generic schedule
     (records and tuning use this)."""
     fam = family(target)
     if name in ("fallback", fam.FALLBACK_NAME):
         choice_kind = "fallback" if kind == "template" else kind
-        return fam.fallback(func, spec, target), ScheduleChoice(
+        return fam.fallback(conv_prim_func(spec), spec, target), ScheduleChoice(
             choice_kind, fam.FALLBACK_NAME, {})
     template = template_named(target, name)
-    sch = template.apply(func, spec, target, template.knobs_type(**knobs))
+    sch = _apply(template, spec, target, template.knobs_type(**knobs))
     if sch is None:
         raise UnsupportedError(f"schedule: template {name} does not apply to {spec.name()}")
     return sch, ScheduleChoice(kind, name, knobs)
 
 
 def schedule_for(
-    func: PrimFunc, spec: ConvSpec, target: TargetInfo, use_records: bool = True
+    spec: ConvSpec, target: TargetInfo, use_records: bool = True
 ) -> tuple[Schedule, ScheduleChoice]:
     """The best schedule convgen knows for this spec on this target."""
     fam = family(target)
@@ -106,7 +112,7 @@ def schedule_for(
             sched = record.schedule
             path = str(record_path(Path(""), target.key(), spec))
             if sched["kind"] in ("template", "fallback"):
-                sch, choice = forced_schedule(func, spec, target, sched.get("name", "fallback"),
+                sch, choice = forced_schedule(spec, target, sched.get("name", "fallback"),
                                               sched.get("knobs", {}), kind="record")
                 return sch, dataclasses.replace(choice, record=path)
             if sched["kind"] == "trace":
@@ -118,10 +124,10 @@ def schedule_for(
         knobs = template.default_knobs(spec, target)
         if knobs is None:
             continue
-        sch = template.apply(func, spec, target, knobs)
+        sch = _apply(template, spec, target, knobs)
         if sch is not None:
             return sch, ScheduleChoice("template", template.name, dataclasses.asdict(knobs))
-    sch = fam.fallback(func, spec, target)
+    sch = fam.fallback(conv_prim_func(spec), spec, target)
     if sch is None:
         raise UnsupportedError(f"no {target.kind} schedule applies to {spec.describe()}")
     return sch, ScheduleChoice("fallback", fam.FALLBACK_NAME, {})

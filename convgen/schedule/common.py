@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from convgen.compute import ENTRY
+from convgen.compute import ENTRY, Variant
 from convgen.spec import ConvSpec
 from convgen.targets import TargetInfo
 
@@ -17,17 +17,22 @@ if TYPE_CHECKING:
 K = TypeVar("K")
 
 
+def default_variant(spec: ConvSpec, knobs: Any) -> Variant:
+    return Variant()
+
+
 @dataclass(frozen=True)
 class Template(Generic[K]):
     """A named schedule template: its knob type, the heuristic that picks knobs for
     a spec (None: the template does not apply), the knob grid that tuning searches,
-    and the function that applies it."""
+    the function that applies it, and the form of the algorithm it schedules."""
 
     name: str
     knobs_type: type[K]
     default_knobs: Callable[[ConvSpec, TargetInfo], K | None]
     candidates: Callable[[ConvSpec, TargetInfo], list[K]]
     apply: Callable[[Any, ConvSpec, TargetInfo, K], Any]
+    variant: Callable[[ConvSpec, K], Variant] = default_variant
 
 
 def new_schedule(func: PrimFunc) -> Schedule:

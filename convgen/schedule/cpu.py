@@ -13,8 +13,10 @@ also tries a template's grid where its heuristic declines):
     output row: v lanes x `rows` rows x kb channels, weights broadcast from
     storage order (no repack), the GEMM shape of a 1x1 conv over (H, W); with
     k_inner the channel blocks run inside the spatial tile, so one input tile
-    serves every output channel from L1. For depthwise the padded planes are
-    produced inside the parallel loop, where they stay in L1.
+    serves every output channel from L1. A row that tiles of v lanes do not
+    cover is widened to whole tiles and cropped in the write-back (a 7-wide row
+    runs in 8 lanes). For depthwise the padded planes are produced inside the
+    parallel loop, where they stay in L1.
   * `cpu_kvec`: vectorized over output channels (dense and grouped convs whose
     K/groups is a multiple of the vector, and NHWC depthwise, where the vector
     spans groups). The weights are repacked inside the kernel to [K/lanes, reduction
@@ -40,6 +42,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from convgen.compute import Variant
 from convgen.schedule.common import (
     Template,
     divisor_at_most,
@@ -276,6 +279,25 @@ def _row_choices(spec: ConvSpec) -> list[int]:
     return [r for r in divisors(spec.out_size[-2]) if r <= 8] if spec.ndim >= 2 else [1]
 
 
+def _row_extra(spec: ConvSpec, v: int) -> int:
+    """Outputs the row is widened by so that tiles of v lanes cover it."""
+    return -spec.out_size[-1] % v
+
+
+def _row_vector_choices(spec: ConvSpec) -> list[int]:
+    """Tile widths along the row: its divisors, and whole vectors where the row is
+    widened to fit them, wasting at most one lane in eight."""
+    w = spec.out_size[-1]
+    widened = [v for v in (VEC, 2 * VEC, 4 * VEC) if 7 * _row_extra(spec, v) <= w]
+    return sorted(set(divisors(w)) | set(widened))
+
+
+def _wvec_variant(spec: ConvSpec, knobs: WvecKnobs) -> Variant:
+    """Weights are broadcast from memory, so conv flips them, not the input (see
+    `Variant`), and the row is widened to whole tiles."""
+    return Variant(flip_weight=True, row_extra=_row_extra(spec, knobs.v))
+
+
 def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     if not _wvec_applies(spec):
         return None
@@ -290,7 +312,8 @@ def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     # 4 rows x 4 channels 215 with k_inner, 161 without (ORT 173-207, cpu_kvec
     # 170-181: its NCHW write-back scatters); 2 x 8: 191; 8 x 2: 181. C64 56x56 K64
     # 3x3: 4 x 4 k_inner 219, without 207, cpu_kvec 211. C512 7x7 K512 3x3: 7 rows
-    # x 2 channels, k outer (one spatial tile to share out) 159-164, 1 x 16: 139-146,
+    # x 2 channels, k outer (one spatial tile to share out), the 7-wide row widened
+    # to 8 lanes: 193-195 in both modes; in 7-lane vectors 159-164; 1 x 16: 139-146,
     # ORT 89-143, cpu_kvec 118-140 (its weight repack is 9.4 MB per call).
     # Rows that are not whole vectors are left to cpu_kvec (7-lane loads are
     # assembled piecewise: C128 28x28 3x3 ran 152 here, cpu_kvec 210), unless a
@@ -302,7 +325,8 @@ def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
         return None
     # Per reduction step a tile loads `rows` vectors and broadcasts kb weights for
     # rows * kb FMAs: the squarest tile within the budget needs the fewest loads.
-    v = min(w, VEC)
+    # A row shorter than a vector is widened to one (`_wvec_variant`).
+    v = VEC
     budget = _acc_budget(target) + 2
 
     def fmas_per_load(k: WvecKnobs) -> tuple[float, int]:
@@ -323,7 +347,7 @@ def _wvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[WvecKnobs]:
     default = _wvec_knobs(spec, target)
     budget = _acc_budget(target) + 4
     out = [default] if default else []
-    for v in divisors(spec.out_size[-1]):
+    for v in _row_vector_choices(spec):
         for rows in _row_choices(spec):
             for kb in divisors(_channel_ext(spec)):
                 for k_inner in (False, True):
@@ -345,9 +369,11 @@ def _wvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: WvecKnobs) 
     # C512 7x7 3x3 161 -> 113. With k_inner a tile spans every channel: up front too.
     pad_at_tile = bool(any(spec.pads)) and spec.channels_per_group < VEC and not knobs.k_inner
     conv, pad = _prepare(sch, spec, pad_at_tile)
-    wb = sch.cache_write(conv, 0, "local")
-    if has_block(sch, "out"):
-        sch.reverse_compute_inline(sch.get_sblock("out"))
+    if has_block(sch, "out"):  # the epilogue (and the crop of a widened row) writes back
+        sch.set_scope(conv, 0, "local")
+        wb = sch.get_sblock("out")
+    else:
+        wb = sch.cache_write(conv, 0, "local")
     loops = _conv_loops(sch, conv, spec)
     if spec.out_channels_per_group > 1:
         grp, ko, kb_l = sch.split(loops.k, [spec.groups, None, knobs.kb])
@@ -462,7 +488,7 @@ def _cvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: CvecKnobs) 
 
 TEMPLATES: list[Template[Any]] = [
     Template("cpu_cvec", CvecKnobs, _cvec_knobs, _cvec_candidates, _cvec),
-    Template("cpu_wvec", WvecKnobs, _wvec_knobs, _wvec_candidates, _wvec),
+    Template("cpu_wvec", WvecKnobs, _wvec_knobs, _wvec_candidates, _wvec, _wvec_variant),
     Template("cpu_kvec", KvecKnobs, _kvec_knobs, _kvec_candidates, _kvec),
 ]
 
