@@ -3,7 +3,8 @@
 CPU: onnxruntime (same thread count, intra-op spinning off so the two thread
 pools do not fight) and PyTorch when installed. CUDA: PyTorch/cuDNN when
 installed, timed with CUDA events. Every number is a median over `repeats`
-samples after warm-up; each sample runs the kernel enough times to last about
+samples after warm-up (on CPU taken in rounds that alternate between the
+implementations); each sample runs the kernel enough times to last about
 `min_sample_ms`, so timer resolution never dominates. Runtime side: numpy,
 tvm-ffi and onnxruntime only (torch is optional), so it runs on GPU machines
 without the TVM compiler.
@@ -73,6 +74,9 @@ class BenchResult:
 
 
 _peak_cache: dict[int, float | None] = {}
+# Seconds between timing blocks, for the previous implementation's thread pool to
+# stop spinning (libgomp spins 300k iterations by default, about a millisecond).
+_POOL_PARK_S = 0.1
 
 
 def measure_cpu_peak(n_threads: int) -> float | None:
@@ -108,20 +112,38 @@ def measure_cpu_peak(n_threads: int) -> float | None:
     return best
 
 
-def time_host(fn: Callable[[], Any], repeats: int, warmup: int, min_sample_ms: float) -> Timing:
+def _calibrate(fn: Callable[[], Any], warmup: int, min_sample_ms: float) -> int:
+    """Calls per sample, so that one sample lasts about `min_sample_ms`."""
     for _ in range(warmup):
         fn()
     t0 = time.perf_counter()
     fn()
     once = max(time.perf_counter() - t0, 1e-7)
-    number = max(1, math.ceil(min_sample_ms / 1e3 / once))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(number):
+    return max(1, math.ceil(min_sample_ms / 1e3 / once))
+
+
+def time_host_rounds(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int,
+                     min_sample_ms: float, rounds: int = 5) -> dict[str, Timing]:
+    """`repeats` samples of each call, taken in `rounds` alternating blocks, so a slow
+    spell on a shared machine (one here halved a 1x1 layer's speed for minutes)
+    falls on every implementation alike, not on whichever one it overlapped.
+    Per-sample interleaving is worse: the thread pools that spin after each call
+    (TVM's, PyTorch's OpenMP) then steal cores from the next implementation
+    (convgen fell 26%, onnxruntime 43-57%). So each block starts after a pause
+    that lets the previous pool park, with one untimed call."""
+    number = {name: _calibrate(fn, warmup, min_sample_ms) for name, fn in calls.items()}
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    per_round = max(1, math.ceil(repeats / rounds))
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            time.sleep(_POOL_PARK_S)
             fn()
-        samples.append((time.perf_counter() - t0) / number)
-    return Timing.of(samples)
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                for _ in range(number[name]):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / number[name])
+    return {name: Timing.of(s) for name, s in samples.items()}
 
 
 def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int, min_sample_ms: float) -> Timing:
@@ -197,11 +219,7 @@ def bench_kernel(
                 result.notes.append("PyTorch not installed: no torch column")
             else:
                 calls["torch"] = call
-        # One block of samples per implementation, not interleaved: the thread pools
-        # (TVM's, PyTorch's OpenMP) spin for a while after each call, and interleaved
-        # samples measured that contention (convgen fell 26%, onnxruntime 43-57%).
-        for name, call in calls.items():
-            result.times[name] = time_host(call, repeats, warmup, min_sample_ms)
+        result.times.update(time_host_rounds(calls, repeats, warmup, min_sample_ms))
     if "torch" in peers and kernel.device == "cuda":
         result.times.update(cudnn_timings(spec, inputs, repeats, warmup, min_sample_ms))
     return result
