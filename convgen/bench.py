@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -74,9 +75,23 @@ class BenchResult:
 
 
 _peak_cache: dict[int, float | None] = {}
-# Seconds between timing blocks, for the previous implementation's thread pool to
-# stop spinning (libgomp spins 300k iterations by default, about a millisecond).
-_POOL_PARK_S = 0.1
+# Timing blocks start once this process has used no CPU for a window: TVM's thread
+# pool keeps yield-spinning after a call (0.14 s of CPU measured here after a 3x3
+# layer), and a block started 0.1 s after convgen's ran onnxruntime beside it.
+_IDLE_WINDOW_S = 0.05
+_IDLE_WAIT_MAX_S = 1.0
+
+
+def _wait_until_idle() -> None:
+    """Return once the process's threads have been idle for a window (or after a
+    second): the previous implementation's thread pool has parked."""
+    deadline = time.perf_counter() + _IDLE_WAIT_MAX_S
+    while time.perf_counter() < deadline:
+        t0 = os.times()
+        time.sleep(_IDLE_WINDOW_S)
+        t1 = os.times()
+        if (t1.user + t1.system) - (t0.user + t0.system) < 0.01:  # under one clock tick
+            return
 
 
 def measure_cpu_peak(n_threads: int) -> float | None:
@@ -114,6 +129,7 @@ def measure_cpu_peak(n_threads: int) -> float | None:
 
 def _calibrate(fn: Callable[[], Any], warmup: int, min_sample_ms: float) -> int:
     """Calls per sample, so that one sample lasts about `min_sample_ms`."""
+    _wait_until_idle()
     for _ in range(warmup):
         fn()
     t0 = time.perf_counter()
@@ -129,14 +145,14 @@ def time_host_rounds(calls: dict[str, Callable[[], Any]], repeats: int, warmup: 
     falls on every implementation alike, not on whichever one it overlapped.
     Per-sample interleaving is worse: the thread pools that spin after each call
     (TVM's, PyTorch's OpenMP) then steal cores from the next implementation
-    (convgen fell 26%, onnxruntime 43-57%). So each block starts after a pause
-    that lets the previous pool park, with one untimed call."""
+    (convgen fell 26%, onnxruntime 43-57%). So each block starts once the previous
+    pool has parked, with one untimed call."""
     number = {name: _calibrate(fn, warmup, min_sample_ms) for name, fn in calls.items()}
     samples: dict[str, list[float]] = {name: [] for name in calls}
     per_round = max(1, math.ceil(repeats / rounds))
     for _ in range(rounds):
         for name, fn in calls.items():
-            time.sleep(_POOL_PARK_S)
+            _wait_until_idle()
             fn()
             for _ in range(per_round):
                 t0 = time.perf_counter()

@@ -145,7 +145,7 @@ def test_bench_alternates_implementations_in_rounds(monkeypatch):
     so a slow spell of the machine cannot fall on one of them only."""
     import convgen.bench as bench
 
-    monkeypatch.setattr(bench, "_POOL_PARK_S", 0.0)
+    monkeypatch.setattr(bench, "_wait_until_idle", lambda: None)
     order: list[str] = []
     calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
     times = bench.time_host_rounds(calls, repeats=6, warmup=1, min_sample_ms=0.0, rounds=3)
