@@ -3,8 +3,8 @@
 CPU: onnxruntime (same thread count, intra-op spinning off so the two thread
 pools do not fight) and PyTorch when installed. CUDA: PyTorch/cuDNN when
 installed, timed with CUDA events. Every number is a median over `repeats`
-samples after warm-up (on CPU taken in rounds that alternate between the
-implementations); each sample runs the kernel enough times to last about
+samples after warm-up (on CPU taken in rounds that alternate between the kernels
+and their peers); each sample runs the kernel enough times to last about
 `min_sample_ms`, so timer resolution never dominates. Runtime side: numpy,
 tvm-ffi and onnxruntime only (torch is optional), so it runs on GPU machines
 without the TVM compiler.
@@ -19,7 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -74,6 +74,7 @@ class BenchResult:
 
 
 
+K = TypeVar("K")
 _peak_cache: dict[int, float | None] = {}
 # Timing blocks start once this process has used no CPU for a window: TVM's thread
 # pool keeps yield-spinning after a call (0.14 s of CPU measured here after a 3x3
@@ -138,8 +139,8 @@ def _calibrate(fn: Callable[[], Any], warmup: int, min_sample_ms: float) -> int:
     return max(1, math.ceil(min_sample_ms / 1e3 / once))
 
 
-def time_host_rounds(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int,
-                     min_sample_ms: float, rounds: int = 5) -> dict[str, Timing]:
+def time_host_rounds(calls: dict[K, Callable[[], Any]], repeats: int, warmup: int,
+                     min_sample_ms: float, rounds: int = 5) -> dict[K, Timing]:
     """`repeats` samples of each call, taken in `rounds` alternating blocks, so a slow
     spell on a shared machine (one here halved a 1x1 layer's speed for minutes)
     falls on every implementation alike, not on whichever one it overlapped.
@@ -148,7 +149,7 @@ def time_host_rounds(calls: dict[str, Callable[[], Any]], repeats: int, warmup: 
     (convgen fell 26%, onnxruntime 43-57%). So each block starts once the previous
     pool has parked, with one untimed call."""
     number = {name: _calibrate(fn, warmup, min_sample_ms) for name, fn in calls.items()}
-    samples: dict[str, list[float]] = {name: [] for name in calls}
+    samples: dict[K, list[float]] = {name: [] for name in calls}
     per_round = max(1, math.ceil(repeats / rounds))
     for _ in range(rounds):
         for name, fn in calls.items():
@@ -182,16 +183,36 @@ def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int, min_sample_ms: f
     return Timing.of(samples)
 
 
-def bench_kernel(
-    kernel: Any,
-    spec: ConvSpec,
+def bench_kernels(
+    kernels: list[tuple[Any, ConvSpec]],
     *,
     repeats: int = 30,
     warmup: int = 5,
     min_sample_ms: float = 20.0,
     peers: tuple[str, ...] = ("onnxruntime", "torch"),
-) -> BenchResult:
-    """Time a loaded convgen kernel and its peers on the same inputs."""
+) -> list[BenchResult]:
+    """Time loaded convgen kernels and their peers on the same inputs. CPU kernels are
+    timed together, their rounds alternating across the whole list: a slow spell of
+    a shared machine (they lasted from seconds to minutes here) then costs every row
+    a round or two, instead of all of one row's samples."""
+    results: list[BenchResult] = []
+    host_calls: dict[tuple[int, str], Callable[[], Any]] = {}
+    for i, (kernel, spec) in enumerate(kernels):
+        result, calls = _prepare(kernel, spec, peers, repeats, warmup, min_sample_ms)
+        results.append(result)
+        host_calls.update({(i, name): call for name, call in calls.items()})
+    for (i, name), timing in time_host_rounds(host_calls, repeats, warmup,
+                                              min_sample_ms).items():
+        results[i].times[name] = timing
+    return results
+
+
+def _prepare(
+    kernel: Any, spec: ConvSpec, peers: tuple[str, ...], repeats: int, warmup: int,
+    min_sample_ms: float,
+) -> tuple[BenchResult, dict[str, Callable[[], Any]]]:
+    """The result row of one kernel and, on the CPU, the calls to time (convgen and
+    its peers, on the same inputs); a CUDA kernel is timed here, on its own."""
     from convgen.onnx_export import export_onnx
     from convgen.verify import ort_session, random_inputs
 
@@ -209,36 +230,35 @@ def bench_kernel(
         result.times["convgen"] = time_cuda(lambda: func(*args, out), repeats, warmup,
                                             min_sample_ms)
         result.notes.append(f"GPU: {cuda_driver.device_name()}")
-    else:
-        from convgen.runtime import aligned_empty, host_aligned
-
-        args = [host_aligned(a, spec.dtype) for a in inputs.values()]
-        out = aligned_empty(spec.out_shape, spec.dtype)
-        func = kernel.func
-        calls = {"convgen": lambda: func(*args, out)}
-        result.peak_gflops = measure_cpu_peak(n)
-        if "onnxruntime" in peers:
-            # The fair peer for `conv` is ONNX Conv on weights flipped once, outside the
-            # timing (what a user porting DSP code would do), not the exported model,
-            # whose in-graph Slice re-flips the weights on every call.
-            plain = dataclasses.replace(spec, mode="corr")
-            feed = dict(inputs)
-            if spec.mode == "conv":
-                from convgen.reference import flip_weight
-
-                feed["weight"] = flip_weight(spec, inputs["weight"])
-            session = ort_session(export_onnx(plain).SerializeToString())
-            calls["onnxruntime"] = lambda: session.run(None, feed)
         if "torch" in peers:
-            call = torch_conv(spec, inputs, "cpu")
-            if call is None:
-                result.notes.append("PyTorch not installed: no torch column")
-            else:
-                calls["torch"] = call
-        result.times.update(time_host_rounds(calls, repeats, warmup, min_sample_ms))
-    if "torch" in peers and kernel.device == "cuda":
-        result.times.update(cudnn_timings(spec, inputs, repeats, warmup, min_sample_ms))
-    return result
+            result.times.update(cudnn_timings(spec, inputs, repeats, warmup, min_sample_ms))
+        return result, {}
+    from convgen.runtime import aligned_empty, host_aligned
+
+    host_args = [host_aligned(a, spec.dtype) for a in inputs.values()]
+    host_out = aligned_empty(spec.out_shape, spec.dtype)
+    host_func = kernel.func
+    calls: dict[str, Callable[[], Any]] = {"convgen": lambda: host_func(*host_args, host_out)}
+    result.peak_gflops = measure_cpu_peak(n)
+    if "onnxruntime" in peers:
+        # The fair peer for `conv` is ONNX Conv on weights flipped once, outside the
+        # timing (what a user porting DSP code would do), not the exported model,
+        # whose in-graph Slice re-flips the weights on every call.
+        plain = dataclasses.replace(spec, mode="corr")
+        feed = dict(inputs)
+        if spec.mode == "conv":
+            from convgen.reference import flip_weight
+
+            feed["weight"] = flip_weight(spec, inputs["weight"])
+        session = ort_session(export_onnx(plain).SerializeToString())
+        calls["onnxruntime"] = lambda: session.run(None, feed)
+    if "torch" in peers:
+        call = torch_conv(spec, inputs, "cpu")
+        if call is None:
+            result.notes.append("PyTorch not installed: no torch column")
+        else:
+            calls["torch"] = call
+    return result, calls
 
 
 def torch_conv(spec: ConvSpec, inputs: dict[str, np.ndarray], device: str) -> Any:

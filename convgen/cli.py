@@ -400,7 +400,7 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
           plot_file: str | None, as_json: bool, **spec_flags: Any) -> None:
     """Time kernels against onnxruntime (and PyTorch when installed), in one process:
     medians, GFLOP/s and speed-ups. ARTIFACT: a directory or manifest; or the spec flags."""
-    from convgen.bench import bench_kernel, format_table
+    from convgen.bench import bench_kernels, format_table
     from convgen.runtime import Kernel, list_manifests
     from convgen.spec import ConvSpec
 
@@ -415,11 +415,8 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
                      for s in collect_specs(**spec_flags)]
         else:
             paths = list_manifests(artifact)
-        results = []
-        for path in paths:
-            kernel = Kernel(path)
-            spec = ConvSpec.from_dict(kernel.manifest["spec"])
-            results.append(bench_kernel(kernel, spec, repeats=repeats, peers=peers))
+        kernels = [(k, ConvSpec.from_dict(k.manifest["spec"])) for k in map(Kernel, paths)]
+        results = bench_kernels(kernels, repeats=repeats, peers=peers)
     lines = format_table(results)
     lines.append(f"threads: {results[0].threads}; medians of {repeats} samples")
     if plot_file:
