@@ -7,8 +7,10 @@ measured in this process on this machine. Each spec's run:
      releases the GIL in C++), a failed build counting as infinitely slow;
   2. measures them one at a time (nothing else compiling meanwhile, so the
      timings are clean): median of `repeats` samples of >= `min_repeat_ms`;
-  3. appends each measurement to a log (work_dir/<target key>/<spec>.jsonl),
-     so an interrupted run (Ctrl-C, a crash) resumes where it stopped;
+  3. appends each measurement to a log (work_dir/<target key>/<code>/<spec>.jsonl,
+     <code> a fingerprint of the schedule code and TVM version), so an
+     interrupted run (Ctrl-C, a crash) resumes where it stopped, and a run after
+     the schedules changed measures afresh instead of trusting old timings;
   4. writes the winner to the record library atomically.
 
 Budgets: `trials` caps the candidates measured per spec, `minutes` the whole
@@ -111,8 +113,22 @@ def candidates_for(
     return found
 
 
+def code_fingerprint() -> str:
+    """What a measurement depends on besides the spec and the machine: the algorithm
+    and schedule sources, and the TVM version."""
+    import hashlib
+
+    import tvm
+
+    root = Path(__file__).parent
+    digest = hashlib.sha256(tvm.__version__.encode())
+    for src in [root / "compute.py", root / "spec.py", *sorted((root / "schedule").glob("*.py"))]:
+        digest.update(src.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _log_path(work_dir: Path, target: TargetInfo, spec: ConvSpec) -> Path:
-    return work_dir / target.key() / f"{spec.name()}.jsonl"
+    return work_dir / target.key() / code_fingerprint() / f"{spec.name()}.jsonl"
 
 
 def _read_log(path: Path) -> dict[str, Measurement]:

@@ -90,6 +90,22 @@ def test_tune_writes_a_record_and_resumes(tmp_path, cpu_target):
     assert "alternating rounds" in record.tuner["confirmed"]
 
 
+def test_changed_schedule_code_does_not_resume_old_timings(tmp_path, cpu_target, monkeypatch):
+    """Timings measured with other schedule code (or another TVM) say nothing about
+    the new kernels: a run after a change measures every candidate again."""
+    import convgen.tune as tune_mod
+
+    opts = TuneOptions(trials=2, repeats=3, min_repeat_ms=1, library=tmp_path / "lib",
+                       work_dir=tmp_path / "work")
+    [first] = tune_specs([SPEC], cpu_target, opts)
+    monkeypatch.setattr(tune_mod, "code_fingerprint", lambda: "changed")
+    [again] = tune_specs([SPEC], cpu_target, opts)
+    logs = list((tmp_path / "work").rglob("*.jsonl"))
+    assert len(logs) == 2  # one log per code version, each with both candidates timed
+    assert [len(log.read_text().splitlines()) for log in logs] == [2, 2]
+    assert first.measured == again.measured == 2
+
+
 def test_confirm_rounds_decide_between_the_fastest(tmp_path, cpu_target, monkeypatch):
     """The grid's fastest few are re-timed back to back: a candidate that won the grid
     by a burst of noise loses the record to the one that is faster when re-timed."""
