@@ -315,11 +315,11 @@ def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     # x 2 channels, k outer (one spatial tile to share out), the 7-wide row widened
     # to 8 lanes: 193-195 in both modes; in 7-lane vectors 159-164; 1 x 16: 139-146,
     # ORT 89-143, cpu_kvec 118-140 (its weight repack is 9.4 MB per call).
-    # Rows that are not whole vectors are left to cpu_kvec (7-lane loads are
-    # assembled piecewise: C128 28x28 3x3 ran 152 here, cpu_kvec 210), unless a
+    # Rows that whole vectors do not cover are left to cpu_kvec: C128 28x28 3x3 ran
+    # 152 in 7-lane vectors and 185-198 widened to 32, cpu_kvec 195-212. Unless a
     # short row and few output pixels per weight make cpu_kvec's per-call weight
-    # repack the larger cost: C512 7x7 above (49 pixels); at 196 (C256 14x14) the two
-    # tied in tuning (197-198).
+    # repack the larger cost: C512 7x7 above (49 pixels); at 196 (C256 14x14) the
+    # two tied in tuning (197-199).
     w = spec.out_size[-1]
     if w % VEC and not (w < VEC and math.prod(spec.out_size) < 128):
         return None
