@@ -206,6 +206,24 @@ def test_output_shape_matches_onnxruntime(spec: ConvSpec):
     np.testing.assert_allclose(reference_conv(spec, *inputs.values()), got, rtol=1e-4, atol=1e-4)
 
 
+@settings(max_examples=40, deadline=None)
+@given(valid_specs(), st.integers(1, 9))
+def test_widened_spec_adds_outputs_and_keeps_the_others(spec: ConvSpec, extra: int):
+    """`widened` (the extra outputs a schedule computes to fill a vector, then crops)
+    adds exactly `extra` outputs on the last spatial axis and leaves every other
+    output's value alone, whatever the stride, dilation and padding."""
+    from convgen.reference import reference_conv
+
+    wide = spec.widened(extra)
+    assert wide.out_size == (*spec.out_size[:-1], spec.out_size[-1] + extra)
+    assert wide.input_shapes() == spec.input_shapes()
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(s).astype(np.float32) for s in spec.input_shapes().values()]
+    w_axis = -2 if spec.channels_last else -1
+    cropped = np.take(reference_conv(wide, *inputs), range(spec.out_size[-1]), axis=w_axis)
+    np.testing.assert_allclose(cropped, reference_conv(spec, *inputs), rtol=1e-6, atol=1e-6)
+
+
 @settings(max_examples=25, deadline=None)
 @given(valid_specs())
 def test_random_specs_compile_and_verify(spec: ConvSpec):
