@@ -186,13 +186,24 @@ def _kvec_knobs(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
         # 4-lane vectors pay only for NHWC (C32 28x28 K20: 19 -> 83, ORT 88); NCHW
         # then does better vectorized over the row (cpu_wvec: 75)
         return None
-    # the largest tile within the accumulator budget, two channel vectors preferred
-    budget, best = _acc_budget(target), None
-    for nkv in (2 * VEC // lanes, VEC // lanes):
+    # Per reduction step a tile broadcasts pw inputs and loads nkv weight vectors for
+    # pw * nkv FMAs: the squarest tile within the budget needs the fewest loads (ties:
+    # two channel vectors). 32 registers hold 16 accumulators, the weight vectors and a
+    # broadcast. 4 px x 4 vectors against 7 x 2, alternating rounds: NHWC C64 -> K256
+    # 1x1 166-169 vs 122-146, C256 -> K64 208-217 vs 153-175, NHWC C64 3x3 213-214 vs
+    # 210-212, NCHW stem 196-206 vs 178-196; NHWC C128 28x28 level (175-188 vs
+    # 174-188). 16 registers: 8 accumulators (see `_acc_budget`).
+    budget = _acc_budget(target) + (2 if _registers(target) >= 32 else 0)
+
+    def fmas_per_load(k: KvecKnobs) -> float:
+        return k.nkv * k.pw / (k.nkv + k.pw)
+
+    best = None
+    for nkv in (2 * VEC // lanes, 4 * VEC // lanes, VEC // lanes):
         nkv = divisor_at_most(_channel_ext(spec) // lanes, nkv)
-        pw = divisor_at_most(spec.out_size[-1], max(1, budget // nkv))
-        if best is None or nkv * pw > best.nkv * best.pw:
-            best = KvecKnobs(lanes, nkv, pw)
+        tile = KvecKnobs(lanes, nkv, divisor_at_most(spec.out_size[-1], max(1, budget // nkv)))
+        if best is None or fmas_per_load(tile) > fmas_per_load(best):
+            best = tile
     return best
 
 
