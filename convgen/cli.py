@@ -168,9 +168,9 @@ def main() -> None:
 def build(target: str, out_dir: str, verify: bool, emit_source: bool, defer_nvcc: bool,
           seed: int, as_json: bool, **spec_flags: Any) -> None:
     """Compile kernels into DIR/<name>.{so,onnx,json}."""
-    from convgen.build import build_artifact
-    from convgen.schedule import ScheduleChoice
-    from convgen.targets import resolve_target
+    from convgen.compiler.build import build_artifact
+    from convgen.compiler.schedule import ScheduleChoice
+    from convgen.compiler.targets import resolve_target
 
     specs = collect_specs(**spec_flags)
     tinfo = resolve_target(target)
@@ -210,8 +210,8 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, as_json: 
     """Verify built artifacts (ARTIFACT: a directory or manifest), or build the spec
     given by the flags into a temporary directory and verify it."""
     if artifact is None:
-        from convgen.build import build_artifact
-        from convgen.targets import resolve_target
+        from convgen.compiler.build import build_artifact
+        from convgen.compiler.targets import resolve_target
 
         specs = collect_specs(**spec_flags)
         tinfo = resolve_target(target)
@@ -221,7 +221,7 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, as_json: 
                  .manifest["verification"]) for spec in specs
             ]
     else:
-        from convgen.verify import verify_artifact
+        from convgen.runtime.verify import verify_artifact
 
         reports = verify_artifact(artifact, seed=seed, update=update)
     lines = []
@@ -265,8 +265,8 @@ def tune(target: str, trials: int | None, minutes: float | None, method: str, wo
     `convgen build` then uses. CPU: measured here; Ctrl-C keeps every finished record and
     rerunning the same command resumes. CUDA: --emit-candidates DIR here, `convgen measure
     DIR` on the GPU machine, --ingest DIR here (or all three at once where the GPU is local)."""
-    from convgen.targets import resolve_target
-    from convgen.tune import TuneOptions, tune_specs
+    from convgen.compiler.targets import resolve_target
+    from convgen.tuning.grid import TuneOptions, tune_specs
 
     tinfo = resolve_target(target)
     lib = Path(library) if library else None
@@ -304,8 +304,8 @@ def tune(target: str, trials: int | None, minutes: float | None, method: str, wo
 def _tune_cuda(tinfo: Any, trials: int | None, library: Path | None,
                emit_candidates: str | None, ingest: str | None, as_json: bool,
                spec_flags: dict[str, Any]) -> None:
-    from convgen import cuda_driver
-    from convgen.tune import emit_cuda_candidates, ingest_cuda_results
+    from convgen.runtime import cuda_driver
+    from convgen.tuning.grid import emit_cuda_candidates, ingest_cuda_results
 
     if ingest:
         written = ingest_cuda_results(Path(ingest), library)
@@ -323,7 +323,7 @@ def _tune_cuda(tinfo: Any, trials: int | None, library: Path | None,
     if not cuda_driver.gpu_present():
         raise SpecError("target: no GPU here: use --emit-candidates DIR, run `convgen measure "
                         "DIR` on the GPU machine, then --ingest DIR")
-    from convgen.measure import measure_candidates
+    from convgen.tuning.measure import measure_candidates
 
     with tempfile.TemporaryDirectory(prefix="convgen-tune-") as tmp:
         emit_cuda_candidates(specs, tinfo, Path(tmp), trials)
@@ -340,7 +340,7 @@ def _tune_cuda(tinfo: Any, trials: int | None, library: Path | None,
 def measure(directory: str, repeats: int, jobs: int) -> None:
     """On the GPU machine: compile, check and time the CUDA candidates in DIRECTORY
     (from `convgen tune --target cuda --emit-candidates`); writes DIRECTORY/results.json."""
-    from convgen.measure import measure_candidates
+    from convgen.tuning.measure import measure_candidates
 
     measure_candidates(directory, repeats=repeats, jobs=jobs, log=click.echo)
     click.echo(f"results: {Path(directory) / 'results.json'}")
@@ -354,7 +354,7 @@ def measure(directory: str, repeats: int, jobs: int) -> None:
 def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
     """Run nvcc on the CUDA artifacts in ARTIFACT built with --defer-nvcc (needs nvcc and
     tvm-ffi, not the TVM compiler)."""
-    from convgen.nvcc import compile_artifacts
+    from convgen.runtime.nvcc import compile_artifacts
 
     done = compile_artifacts(artifact, jobs)
     emit(as_json, [{"name": n, "seconds": round(t, 2)} for n, t in done],
@@ -369,8 +369,8 @@ def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
 @handle_errors
 def inspect(target: str, what: str, **spec_flags: Any) -> None:
     """Print the scheduled TIR and the generated CUDA C or LLVM IR of a spec."""
-    from convgen.build import compile_kernel
-    from convgen.targets import resolve_target
+    from convgen.compiler.build import compile_kernel
+    from convgen.compiler.targets import resolve_target
 
     tinfo = resolve_target(target)
     for spec in collect_specs(**spec_flags):
@@ -400,15 +400,15 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
           plot_file: str | None, as_json: bool, **spec_flags: Any) -> None:
     """Time kernels against onnxruntime (and PyTorch when installed), in one process:
     medians, GFLOP/s and speed-ups. ARTIFACT: a directory or manifest; or the spec flags."""
-    from convgen.bench import bench_kernels, format_table
-    from convgen.runtime import Kernel, list_manifests
+    from convgen.runtime.bench import bench_kernels, format_table
+    from convgen.runtime.kernel import Kernel, list_manifests
     from convgen.spec import ConvSpec
 
     peers = () if no_peers else ("onnxruntime", "torch")
     with tempfile.TemporaryDirectory(prefix="convgen-bench-") as tmp:
         if artifact is None:
-            from convgen.build import build_artifact
-            from convgen.targets import resolve_target
+            from convgen.compiler.build import build_artifact
+            from convgen.compiler.targets import resolve_target
 
             tinfo = resolve_target(target)
             paths = [build_artifact(s, tinfo, tmp, target_name=target, verify=False).manifest_path
@@ -420,7 +420,7 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
     lines = format_table(results)
     lines.append(f"threads: {results[0].threads}; medians of {repeats} samples")
     if plot_file:
-        from convgen.bench import plot
+        from convgen.runtime.bench import plot
 
         plot(results, plot_file)
         lines.append(f"plot: {plot_file}")

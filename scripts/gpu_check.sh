@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 sys.path.insert(0, "tests")
 from cases import CASE_TABLE
-from convgen.build import build_artifact
+from convgen.compiler.build import build_artifact
 from convgen.spec import make_spec
-from convgen.targets import resolve_target
+from convgen.compiler.targets import resolve_target
 
 out = Path(sys.argv[1])
 cuda = resolve_target("cuda")

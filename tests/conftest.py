@@ -7,7 +7,7 @@ import pytest
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """cuda tests need nvcc; gpu tests need a GPU: skip with the reason, never pass silently."""
-    from convgen import cuda_driver
+    from convgen.runtime import cuda_driver
 
     has_nvcc = shutil.which("nvcc") is not None
     has_gpu = cuda_driver.gpu_present()
@@ -20,6 +20,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def cpu_target():
-    from convgen.targets import resolve_target
+    from convgen.compiler.targets import resolve_target
 
     return resolve_target("llvm")

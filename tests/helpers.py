@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from convgen.build import build_artifact
-from convgen.runtime import Kernel, load
+from convgen.compiler.build import build_artifact
+from convgen.compiler.targets import TargetInfo
+from convgen.runtime.kernel import Kernel, load
+from convgen.runtime.verify import TOLERANCES
 from convgen.spec import ConvSpec
-from convgen.targets import TargetInfo
-from convgen.verify import TOLERANCES
 
 
 def build_and_load(spec: ConvSpec, target: TargetInfo, out: Path, verify: bool = False) -> Kernel:

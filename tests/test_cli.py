@@ -91,7 +91,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, field):
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch, cpu_target):
     """A crash between writing the module and the manifest leaves no artifact and no temp dir."""
-    from convgen.build import build_artifact
+    from convgen.compiler.build import build_artifact
     from convgen.spec import make_spec
 
     def explode(spec):
@@ -106,7 +106,7 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch, cpu_target):
 
 def test_failed_verification_exits_1(tmp_path, monkeypatch):
     """A kernel that computes the wrong thing is reported, recorded as failed, exit 1."""
-    import convgen.verify as verify_mod
+    import convgen.runtime.verify as verify_mod
 
     real = verify_mod.reference_conv
 
@@ -143,7 +143,7 @@ def test_bench_json_against_onnxruntime():
 def test_bench_alternates_implementations_in_rounds(monkeypatch):
     """Each implementation gets its samples in blocks that alternate with the others',
     so a slow spell of the machine cannot fall on one of them only."""
-    import convgen.bench as bench
+    import convgen.runtime.bench as bench
 
     monkeypatch.setattr(bench, "_wait_until_idle", lambda: None)
     order: list[str] = []

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from convgen.build import build_artifact, compile_kernel
+from convgen.compiler.build import build_artifact, compile_kernel
+from convgen.compiler.targets import resolve_target
 from convgen.errors import UnsupportedError
 from convgen.spec import make_spec
-from convgen.targets import resolve_target
 
 pytestmark = pytest.mark.cuda
 
@@ -35,7 +35,7 @@ def test_cuda_artifact_compiles(flags, tmp_path):
     assert so.is_file() and so.stat().st_size > 0
     assert "__global__" in (tmp_path / m["files"]["cuda_source"]).read_text()
     assert m["target"]["config"]["arch"] == "sm_90"
-    from convgen.cuda_driver import gpu_present
+    from convgen.runtime.cuda_driver import gpu_present
 
     if not gpu_present():
         assert m["verification"]["status"] == "not run"
@@ -47,8 +47,8 @@ def test_cuda_artifact_compiles(flags, tmp_path):
 
 
 def test_deferred_nvcc_then_compile(tmp_path):
-    from convgen.nvcc import compile_artifacts
-    from convgen.runtime import load
+    from convgen.runtime.kernel import load
+    from convgen.runtime.nvcc import compile_artifacts
 
     spec = make_spec(mode="conv", input="1x4x8x8", kernel="4x4x3x3", padding=1)
     art = build_artifact(spec, resolve_target("cuda:sm_80"), tmp_path, defer_nvcc=True)
@@ -63,15 +63,15 @@ def test_deferred_nvcc_then_compile(tmp_path):
 def test_host_only_code_is_refused(monkeypatch):
     """An unscheduled PrimFunc compiled for CUDA becomes host code with no GPU kernel:
     the build must fail loudly rather than ship it."""
-    import convgen.build
-    from convgen.compute import conv_prim_func
-    from convgen.schedule import ScheduleChoice
-    from convgen.schedule.common import new_schedule
+    import convgen.compiler.build
+    from convgen.compiler.compute import conv_prim_func
+    from convgen.compiler.schedule import ScheduleChoice
+    from convgen.compiler.schedule.common import new_schedule
 
     def unscheduled(spec, target):
         return new_schedule(conv_prim_func(spec)), ScheduleChoice("fallback", "none", {})
 
-    monkeypatch.setattr(convgen.build, "schedule_for", unscheduled)
+    monkeypatch.setattr(convgen.compiler.build, "schedule_for", unscheduled)
     spec = make_spec(mode="conv", input="1x2x6x6", kernel="2x2x3x3")
     with pytest.raises(UnsupportedError, match="no GPU kernel"):
         compile_kernel(spec, resolve_target("cuda"))
@@ -80,9 +80,9 @@ def test_host_only_code_is_refused(monkeypatch):
 def test_cuda_tuning_round_trip_without_a_gpu(tmp_path):
     """Candidates are emitted here; results.json (written by `convgen measure` on the GPU
     machine, faked here) becomes a record that `convgen build` then uses."""
-    from convgen.measure import INDEX, RESULTS
-    from convgen.records import find_record
-    from convgen.tune import emit_cuda_candidates, ingest_cuda_results
+    from convgen.compiler.records import find_record
+    from convgen.tuning.grid import emit_cuda_candidates, ingest_cuda_results
+    from convgen.tuning.measure import INDEX, RESULTS
 
     target = resolve_target("cuda")
     spec = make_spec(mode="conv", input="1x16x14x14", kernel="32x16x3x3", padding=1)
@@ -113,9 +113,9 @@ def test_cuda_tuning_round_trip_without_a_gpu(tmp_path):
 def test_measure_compiles_candidates_into_loadable_kernels(tmp_path):
     """The device-side step up to the GPU: every candidate is compiled by nvcc and
     marked compiled, so it loads (loading a CUDA module needs no GPU)."""
-    from convgen.measure import INDEX, _compile_all
-    from convgen.runtime import Kernel
-    from convgen.tune import emit_cuda_candidates
+    from convgen.runtime.kernel import Kernel
+    from convgen.tuning.grid import emit_cuda_candidates
+    from convgen.tuning.measure import INDEX, _compile_all
 
     spec = make_spec(mode="corr", input="1x8x8x8", kernel="8x3x3x1", padding=1, groups=8,
                      layout="NHWC")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from convgen.build import build_artifact
+from convgen.compiler.build import build_artifact
 from convgen.spec import make_spec
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "deploy.cc"

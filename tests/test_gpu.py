@@ -24,11 +24,11 @@ pytestmark = pytest.mark.gpu
 
 
 def _kernel(spec: ConvSpec, tmp_path: Path):
-    from convgen.runtime import load
+    from convgen.runtime.kernel import load
 
     prebuilt = os.environ.get("CONVGEN_PREBUILT")
     if prebuilt:
-        from convgen.nvcc import compile_artifacts
+        from convgen.runtime.nvcc import compile_artifacts
 
         manifest = Path(prebuilt) / f"{spec.name()}.json"
         if not manifest.is_file():
@@ -37,8 +37,8 @@ def _kernel(spec: ConvSpec, tmp_path: Path):
         return load(manifest)
     if importlib.util.find_spec("tvm") is None:
         pytest.skip("no TVM compiler here and CONVGEN_PREBUILT not set")
-    from convgen.build import build_artifact
-    from convgen.targets import resolve_target
+    from convgen.compiler.build import build_artifact
+    from convgen.compiler.targets import resolve_target
 
     build_artifact(spec, resolve_target("cuda"), tmp_path, verify=False)
     return load(tmp_path, spec.name())
@@ -46,7 +46,7 @@ def _kernel(spec: ConvSpec, tmp_path: Path):
 
 @pytest.mark.parametrize("spec", case_specs())
 def test_cuda_case_table(spec: ConvSpec, tmp_path):
-    from convgen.verify import verify_kernel
+    from convgen.runtime.verify import verify_kernel
 
     kernel = _kernel(spec, tmp_path)
     inputs = random_case(spec, seed=5)

@@ -11,10 +11,10 @@ import pytest
 from cases import case_specs
 from helpers import assert_close, build_and_load, random_case
 
-from convgen.build import build_artifact
+from convgen.compiler.build import build_artifact
 from convgen.onnx_export import export_onnx
 from convgen.reference import flip_weight, reference_conv
-from convgen.runtime import load
+from convgen.runtime.kernel import load
 from convgen.spec import ConvSpec
 
 SEED_INPUT = np.array(

@@ -11,7 +11,7 @@ import pytest
 from helpers import assert_close, random_case
 
 import convgen
-from convgen.build import build_artifact
+from convgen.compiler.build import build_artifact
 from convgen.errors import ConvgenError, SpecError
 from convgen.reference import reference_conv
 from convgen.spec import make_spec
@@ -81,7 +81,7 @@ def test_runtime_side_never_imports_the_compiler(artifact):
     code = f"""
 import sys, numpy as np
 import convgen
-from convgen.verify import verify_artifact
+from convgen.runtime.verify import verify_artifact
 k = convgen.load({str(artifact)!r}, {SPEC.name()!r})
 x = np.ones(k.inputs[0].shape, np.float32)
 w = np.ones(k.inputs[1].shape, np.float32)
@@ -99,7 +99,7 @@ sys.exit(1 if bad else 0)
 
 
 def test_uses_every_core_by_default():
-    code = ("import os, convgen.runtime as r; r.use_all_cores(); "
+    code = ("import os, convgen.runtime.kernel as r; r.use_all_cores(); "
             "print(os.environ['TVM_NUM_THREADS'])")
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -110,7 +110,7 @@ def test_tvm_ffi_tensors_in_and_out(artifact):
     """DLPack tensors (here tvm-ffi's own) go straight to the kernel, `out` included."""
     import tvm_ffi
 
-    from convgen.runtime import aligned_empty
+    from convgen.runtime.kernel import aligned_empty
 
     k = convgen.load(artifact)
     inputs = random_case(SPEC, 2)

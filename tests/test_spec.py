@@ -230,8 +230,8 @@ def test_random_specs_compile_and_verify(spec: ConvSpec):
     """Every random valid spec compiles for the CPU and passes verification."""
     import tempfile
 
-    from convgen.build import build_artifact
-    from convgen.targets import resolve_target
+    from convgen.compiler.build import build_artifact
+    from convgen.compiler.targets import resolve_target
 
     with tempfile.TemporaryDirectory() as tmp:
         art = build_artifact(spec, resolve_target("llvm"), tmp, verify=True)

@@ -10,10 +10,10 @@ import dataclasses
 import pytest
 from cases import case_specs
 
-from convgen.build import build_artifact
-from convgen.schedule import cpu
+from convgen.compiler.build import build_artifact
+from convgen.compiler.schedule import cpu
+from convgen.compiler.targets import resolve_target
 from convgen.spec import ConvSpec, make_spec
-from convgen.targets import resolve_target
 
 TARGET = resolve_target("llvm")
 

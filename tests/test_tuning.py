@@ -8,11 +8,11 @@ import math
 
 import pytest
 
-from convgen.build import build_artifact
-from convgen.records import Record, RecordError, find_record, read_record, write_record
-from convgen.schedule import schedule_for
+from convgen.compiler.build import build_artifact
+from convgen.compiler.records import Record, RecordError, find_record, read_record, write_record
+from convgen.compiler.schedule import schedule_for
 from convgen.spec import make_spec
-from convgen.tune import TuneOptions, candidates_for, tune_specs
+from convgen.tuning.grid import TuneOptions, candidates_for, tune_specs
 
 SPEC = make_spec(mode="conv", input="1x8x12x16", kernel="16x8x3x3", padding=1)
 
@@ -93,7 +93,7 @@ def test_tune_writes_a_record_and_resumes(tmp_path, cpu_target):
 def test_changed_schedule_code_does_not_resume_old_timings(tmp_path, cpu_target, monkeypatch):
     """Timings measured with other schedule code (or another TVM) say nothing about
     the new kernels: a run after a change measures every candidate again."""
-    import convgen.tune as tune_mod
+    import convgen.tuning.grid as tune_mod
 
     opts = TuneOptions(trials=2, repeats=3, min_repeat_ms=1, library=tmp_path / "lib",
                        work_dir=tmp_path / "work")
@@ -109,7 +109,7 @@ def test_changed_schedule_code_does_not_resume_old_timings(tmp_path, cpu_target,
 def test_confirm_rounds_decide_between_the_fastest(tmp_path, cpu_target, monkeypatch):
     """The grid's fastest few are re-timed back to back: a candidate that won the grid
     by a burst of noise loses the record to the one that is faster when re-timed."""
-    import convgen.tune as tune_mod
+    import convgen.tuning.grid as tune_mod
 
     cands = candidates_for(SPEC, cpu_target)[:4]
     grid = dict(zip((c.key() for c in cands), (1.0, 1.1, 1.2, 5.0)))
@@ -125,7 +125,7 @@ def test_confirm_rounds_decide_between_the_fastest(tmp_path, cpu_target, monkeyp
 
 
 def test_ctrl_c_keeps_what_was_measured(tmp_path, cpu_target, monkeypatch):
-    import convgen.tune as tune_mod
+    import convgen.tuning.grid as tune_mod
 
     real, calls = tune_mod._measure, []
 
@@ -148,7 +148,7 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path, cpu_target, monkeypatch):
 
 
 def test_failing_candidates_count_as_infinitely_slow(tmp_path, cpu_target, monkeypatch):
-    import convgen.tune as tune_mod
+    import convgen.tuning.grid as tune_mod
 
     real = tune_mod._compile
 
@@ -203,8 +203,8 @@ ZEN3 = '{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}'  # AVX2: 16
 ])
 @pytest.mark.parametrize("target", [ZEN4, ZEN3], ids=["avx512", "avx2"])
 def test_heuristic_picks_the_template_and_fits_the_registers(flags, template, target):
-    from convgen.schedule import cpu
-    from convgen.targets import resolve_target
+    from convgen.compiler.schedule import cpu
+    from convgen.compiler.targets import resolve_target
 
     spec, tinfo = make_spec(mode="conv", **flags), resolve_target(target)
     chosen = next(t for t in cpu.TEMPLATES if t.default_knobs(spec, tinfo) is not None)
@@ -220,7 +220,7 @@ def test_heuristic_picks_the_template_and_fits_the_registers(flags, template, ta
 def test_tuning_tries_a_grid_where_the_heuristic_declines(cpu_target):
     """NCHW C256 14x14: cpu_wvec's heuristic leaves 14-wide rows to cpu_kvec, but its
     grid is measured there (and tied cpu_kvec in the shipped records' tuning)."""
-    from convgen.schedule import cpu
+    from convgen.compiler.schedule import cpu
 
     spec = make_spec(mode="conv", input="1x256x14x14", kernel="256x256x3x3", padding=1)
     assert cpu._wvec_knobs(spec, cpu_target) is None

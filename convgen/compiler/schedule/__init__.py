@@ -18,15 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convgen.compute import conv_prim_func
+from convgen.compiler.compute import conv_prim_func
+from convgen.compiler.targets import TargetInfo
 from convgen.errors import UnsupportedError
 from convgen.spec import ConvSpec
-from convgen.targets import TargetInfo
 
 if TYPE_CHECKING:
     from tvm.s_tir import Schedule
 
-    from convgen.schedule.common import Template
+    from convgen.compiler.schedule.common import Template
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,10 @@ class ScheduleChoice:
 
 def family(target: TargetInfo) -> Any:
     if target.is_cuda:
-        from convgen.schedule import cuda
+        from convgen.compiler.schedule import cuda
 
         return cuda
-    from convgen.schedule import cpu
+    from convgen.compiler.schedule import cpu
 
     return cpu
 
@@ -105,7 +105,7 @@ def schedule_for(
     """The best schedule convgen knows for this spec on this target."""
     fam = family(target)
     if use_records:
-        from convgen.records import find_record, record_path
+        from convgen.compiler.records import find_record, record_path
 
         record = find_record(spec, target)
         if record is not None:
@@ -116,7 +116,7 @@ def schedule_for(
                                               sched.get("knobs", {}), kind="record")
                 return sch, dataclasses.replace(choice, record=path)
             if sched["kind"] == "trace":
-                from convgen.metaschedule import replay_trace
+                from convgen.tuning.metaschedule import replay_trace
 
                 sch = replay_trace(spec, sched["trace"])
                 return sch, ScheduleChoice("record", "meta_schedule", {}, path)

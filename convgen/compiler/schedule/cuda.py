@@ -36,9 +36,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from convgen.schedule.common import Template, has_block, loops_below, new_schedule
+from convgen.compiler.schedule.common import Template, has_block, loops_below, new_schedule
+from convgen.compiler.targets import TargetInfo
 from convgen.spec import ConvSpec
-from convgen.targets import TargetInfo
 
 if TYPE_CHECKING:
     from tvm.s_tir import Schedule
@@ -744,7 +744,7 @@ def _dlight_gemm(
     import tvm
     from tvm.s_tir import dlight as dl
 
-    from convgen.compute import ENTRY
+    from convgen.compiler.compute import ENTRY
 
     with target.tvm_target():
         mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(tvm.IRModule({ENTRY: func}))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from convgen.errors import SpecError
-from convgen.runtime import available_cores
+from convgen.runtime.kernel import available_cores
 
 DEFAULT_CUDA_ARCH = "sm_90"
 

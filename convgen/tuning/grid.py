@@ -32,12 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from convgen.compute import ENTRY
+from convgen.compiler.compute import ENTRY
+from convgen.compiler.records import Record, library_path, write_record
+from convgen.compiler.targets import TargetInfo
 from convgen.errors import UnsupportedError
-from convgen.records import Record, library_path, write_record
-from convgen.runtime import available_cores
+from convgen.runtime.kernel import available_cores
 from convgen.spec import ConvSpec
-from convgen.targets import TargetInfo
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def candidates_for(
     heuristic's default first, then points spread evenly over the rest of the grid.
     A grid counts even where the heuristic declines the spec: tuning is how such
     a template wins there."""
-    from convgen.schedule import family
+    from convgen.compiler.schedule import family
 
     found = []
     for template in family(target).TEMPLATES:
@@ -120,9 +120,12 @@ def code_fingerprint() -> str:
 
     import tvm
 
-    root = Path(__file__).parent
+    package = Path(__file__).parents[1]
+    compiler = package / "compiler"
     digest = hashlib.sha256(tvm.__version__.encode())
-    for src in [root / "compute.py", root / "spec.py", *sorted((root / "schedule").glob("*.py"))]:
+    sources = [compiler / "compute.py", package / "spec.py",
+               *sorted((compiler / "schedule").glob("*.py"))]
+    for src in sources:
         digest.update(src.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -158,7 +161,7 @@ def _append_log(path: Path, m: Measurement) -> None:
 def _compile(spec: ConvSpec, target: TargetInfo, cand: Candidate) -> Any:
     import tvm
 
-    from convgen.build import lower
+    from convgen.compiler.build import lower
 
     mod, _ = lower(spec, target, cand.template, cand.knobs)
     return tvm.compile(mod, target=target.tvm_target())
@@ -168,7 +171,7 @@ def _measure(lib: Any, spec: ConvSpec, options: TuneOptions, check: bool = True)
     import tvm
 
     from convgen.reference import reference_conv
-    from convgen.verify import compare, random_inputs
+    from convgen.runtime.verify import compare, random_inputs
 
     dev = tvm.cpu()
     inputs = random_inputs(spec, seed=0)
@@ -274,7 +277,7 @@ def tune_spec(
         schedule = {"kind": "template", "name": best.candidate.template,
                     "knobs": best.candidate.knobs}
     if options.method in ("meta", "both") and not interrupted:
-        from convgen.metaschedule import tune_meta_schedule
+        from convgen.tuning.metaschedule import tune_meta_schedule
 
         ms_seconds, trace, interrupted = tune_meta_schedule(
             spec, target, options.trials or options.meta_trials,
@@ -311,7 +314,7 @@ def tune_specs(
     progress: Progress | None = None,
 ) -> list[TuneResult]:
     """Tune several specs in turn; Ctrl-C keeps every record finished so far."""
-    from convgen.runtime import use_all_cores
+    from convgen.runtime.kernel import use_all_cores
 
     use_all_cores()
     deadline = time.monotonic() + options.minutes * 60 if options.minutes else None
@@ -332,8 +335,8 @@ def emit_cuda_candidates(specs: list[ConvSpec], target: TargetInfo, out_dir: Pat
     """Write the candidates (template knobs, `per_template` at most of each, and the
     direct fallback) of every spec as deferred CUDA artifacts under out_dir, with the
     index `convgen measure` reads. Returns the number of candidates."""
-    from convgen.build import build_artifact
-    from convgen.measure import INDEX
+    from convgen.compiler.build import build_artifact
+    from convgen.tuning.measure import INDEX
 
     if not target.is_cuda:
         raise UnsupportedError("tune: --emit-candidates is for CUDA targets")
@@ -363,7 +366,7 @@ def ingest_cuda_results(directory: Path, library: Path | None = None) -> list[Pa
     """results.json from `convgen measure` -> one record per spec (its fastest candidate)."""
     import tvm
 
-    from convgen.measure import INDEX, RESULTS
+    from convgen.tuning.measure import INDEX, RESULTS
 
     index = json.loads((directory / INDEX).read_text())
     try:

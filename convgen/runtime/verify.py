@@ -116,7 +116,7 @@ def ort_session(model: bytes | Path) -> Any:
     off (so its thread pool does not fight TVM's when both run in one process)."""
     import onnxruntime as ort
 
-    from convgen.runtime import available_cores
+    from convgen.runtime.kernel import available_cores
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = available_cores()
@@ -136,7 +136,7 @@ def verify_kernel(kernel: Any, spec: ConvSpec, onnx_path: Path, seed: int = 0) -
     from convgen.onnx_export import export_onnx
 
     if kernel.device == "cuda":
-        from convgen import cuda_driver
+        from convgen.runtime import cuda_driver
 
         if not cuda_driver.gpu_present():
             return not_run("no GPU present")
@@ -208,7 +208,7 @@ def verify_artifact(
     """
     import platform
 
-    from convgen.runtime import Kernel, list_manifests, write_manifest
+    from convgen.runtime.kernel import Kernel, list_manifests, write_manifest
     from convgen.spec import ConvSpec
 
     results = []
@@ -220,7 +220,7 @@ def verify_artifact(
         if report["status"] != "not run":
             report["host"] = platform.node()
             if kernel.device == "cuda":
-                from convgen import cuda_driver
+                from convgen.runtime import cuda_driver
 
                 report["device"] = cuda_driver.device_name()
         if update and report["status"] != "not run":

@@ -194,7 +194,7 @@ class Kernel:
                 np.copyto(out, result)
                 return out
             return result
-        from convgen import cuda_driver
+        from convgen.runtime import cuda_driver
 
         args = [
             a if not isinstance(a, np.ndarray) else cuda_driver.DeviceArray.from_numpy(a)

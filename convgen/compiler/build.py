@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from convgen import __version__
-from convgen.compute import ENTRY
+from convgen.compiler.compute import ENTRY
+from convgen.compiler.schedule import ScheduleChoice, forced_schedule, schedule_for
+from convgen.compiler.targets import TargetInfo
 from convgen.errors import ConvgenError, UnsupportedError
-from convgen.nvcc import nvcc
-from convgen.runtime import MANIFEST_SUFFIX, Kernel
-from convgen.schedule import ScheduleChoice, forced_schedule, schedule_for
+from convgen.runtime.kernel import MANIFEST_SUFFIX, Kernel
+from convgen.runtime.nvcc import nvcc
 from convgen.spec import ConvSpec
-from convgen.targets import TargetInfo
 
 
 @dataclass
@@ -193,7 +193,7 @@ def build_artifact(
 ) -> Artifact:
     """Compile, export, (verify) and write DIR/<name>.{so,onnx,json}, atomically."""
     from convgen.onnx_export import export_onnx
-    from convgen.verify import not_run, verify_kernel
+    from convgen.runtime.verify import not_run, verify_kernel
 
     out = Path(out_dir)
     try:

@@ -42,8 +42,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from convgen.compute import Variant
-from convgen.schedule.common import (
+from convgen.compiler.compute import Variant
+from convgen.compiler.schedule.common import (
     Template,
     divisor_at_most,
     divisors,
@@ -51,8 +51,8 @@ from convgen.schedule.common import (
     loops_below,
     new_schedule,
 )
+from convgen.compiler.targets import TargetInfo
 from convgen.spec import ConvSpec
-from convgen.targets import TargetInfo
 
 if TYPE_CHECKING:
     from tvm.s_tir import Schedule

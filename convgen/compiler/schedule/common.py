@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from convgen.compute import ENTRY, Variant
+from convgen.compiler.compute import ENTRY, Variant
+from convgen.compiler.targets import TargetInfo
 from convgen.spec import ConvSpec
-from convgen.targets import TargetInfo
 
 if TYPE_CHECKING:
     from tvm.s_tir import Schedule

@@ -58,7 +58,7 @@ def compile_artifact(manifest_path: Path) -> float:
     Returns the seconds nvcc took (0 when it was compiled already)."""
     import time
 
-    from convgen.runtime import read_manifest, write_manifest
+    from convgen.runtime.kernel import read_manifest, write_manifest
 
     m = read_manifest(manifest_path)
     if m.get("module_compiled", True):
@@ -81,7 +81,7 @@ def compile_artifacts(path: str | os.PathLike[str], jobs: int = 0) -> list[tuple
     --defer-nvcc, in parallel. Returns (name, seconds)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from convgen.runtime import available_cores, list_manifests, read_manifest
+    from convgen.runtime.kernel import available_cores, list_manifests, read_manifest
 
     pending = [p for p in list_manifests(path)
                if not read_manifest(p).get("module_compiled", True)]

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from convgen.compiler.targets import TargetInfo
 from convgen.errors import ConvgenError
 from convgen.spec import ConvSpec
-from convgen.targets import TargetInfo
 
 FORMAT = "convgen-record"
 FORMAT_VERSION = 1
 # The library shipped with convgen (the repository's schedules/ folder).
-DEFAULT_LIBRARY = Path(__file__).resolve().parent.parent / "schedules"
+DEFAULT_LIBRARY = Path(__file__).resolve().parents[2] / "schedules"
 
 
 class RecordError(ConvgenError):

@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from convgen.runtime import available_cores
+from convgen.compiler.targets import TargetInfo
+from convgen.runtime.kernel import available_cores
 from convgen.spec import ConvSpec
-from convgen.targets import TargetInfo
 
 
 def _light_tensor_intrin() -> None:
@@ -63,7 +63,7 @@ def workload(spec: ConvSpec) -> Any:
     PrimFunc keeps its global symbol, so the compiled entry is unchanged."""
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
-    from convgen.compute import conv_prim_func
+    from convgen.compiler.compute import conv_prim_func
 
     return _normalize_mod(conv_prim_func(spec))
 

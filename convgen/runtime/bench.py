@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from convgen.runtime import available_cores
-from convgen.schedule import ScheduleChoice
+from convgen.compiler.schedule import ScheduleChoice
+from convgen.runtime.kernel import available_cores
 from convgen.spec import ConvSpec
 
 
@@ -164,7 +164,7 @@ def time_host_rounds(calls: dict[K, Callable[[], Any]], repeats: int, warmup: in
 
 
 def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int, min_sample_ms: float) -> Timing:
-    from convgen import cuda_driver
+    from convgen.runtime import cuda_driver
 
     timer = cuda_driver.EventTimer()
     for _ in range(warmup):
@@ -214,7 +214,7 @@ def _prepare(
     """The result row of one kernel and, on the CPU, the calls to time (convgen and
     its peers, on the same inputs); a CUDA kernel is timed here, on its own."""
     from convgen.onnx_export import export_onnx
-    from convgen.verify import ort_session, random_inputs
+    from convgen.runtime.verify import ort_session, random_inputs
 
     n = available_cores()
     inputs = random_inputs(spec, seed=0)
@@ -222,7 +222,7 @@ def _prepare(
     result = BenchResult(spec.name(), spec.describe(), kernel.device, n, spec.flops,
                          schedule=ScheduleChoice.from_dict(choice).brief() if choice else None)
     if kernel.device == "cuda":
-        from convgen import cuda_driver
+        from convgen.runtime import cuda_driver
 
         args = [cuda_driver.DeviceArray.from_numpy(a) for a in inputs.values()]
         out = cuda_driver.DeviceArray(spec.out_shape, spec.dtype)
@@ -233,7 +233,7 @@ def _prepare(
         if "torch" in peers:
             result.times.update(cudnn_timings(spec, inputs, repeats, warmup, min_sample_ms))
         return result, {}
-    from convgen.runtime import aligned_empty, host_aligned
+    from convgen.runtime.kernel import aligned_empty, host_aligned
 
     host_args = [host_aligned(a, spec.dtype) for a in inputs.values()]
     host_out = aligned_empty(spec.out_shape, spec.dtype)

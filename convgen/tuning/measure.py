@@ -45,7 +45,7 @@ def _compile_all(root: Path, index: dict[str, Any], jobs: int) -> dict[str, str]
     from concurrent.futures import ThreadPoolExecutor
 
     from convgen.errors import ConvgenError
-    from convgen.nvcc import compile_artifact
+    from convgen.runtime.nvcc import compile_artifact
 
     manifests = [c["manifest"] for s in index["specs"] for c in s["candidates"]]
 
@@ -56,7 +56,7 @@ def _compile_all(root: Path, index: dict[str, Any], jobs: int) -> dict[str, str]
             return rel, str(err)[:500]
         return rel, ""
 
-    from convgen.runtime import available_cores
+    from convgen.runtime.kernel import available_cores
 
     with ThreadPoolExecutor(max_workers=jobs or available_cores()) as pool:
         return {rel: err for rel, err in pool.map(one, manifests) if err}
@@ -65,12 +65,12 @@ def _compile_all(root: Path, index: dict[str, Any], jobs: int) -> dict[str, str]
 def measure_spec(root: Path, spec_entry: dict[str, Any], build_errors: dict[str, str],
                  repeats: int) -> dict[str, Any]:
     """Check and time every candidate of one spec (and cuDNN beside it)."""
-    from convgen import cuda_driver
-    from convgen.bench import cudnn_timings, time_cuda
     from convgen.reference import reference_conv
-    from convgen.runtime import Kernel
+    from convgen.runtime import cuda_driver
+    from convgen.runtime.bench import cudnn_timings, time_cuda
+    from convgen.runtime.kernel import Kernel
+    from convgen.runtime.verify import compare, random_inputs
     from convgen.spec import ConvSpec
-    from convgen.verify import compare, random_inputs
 
     spec = ConvSpec.from_dict(spec_entry["spec"])
     inputs = random_inputs(spec, seed=0)
@@ -102,7 +102,7 @@ def measure_candidates(
     directory: str | os.PathLike[str], repeats: int = 20, jobs: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    from convgen import cuda_driver
+    from convgen.runtime import cuda_driver
     from convgen.spec import ConvSpec
 
     root = Path(directory)
@@ -126,7 +126,7 @@ def measure_candidates(
         if not todo:
             break
         proc = subprocess.run(
-            [sys.executable, "-m", "convgen.measure", str(root), str(repeats)],
+            [sys.executable, "-m", "convgen.tuning.measure", str(root), str(repeats)],
             capture_output=True, text=True,
         )
         current = parts / "current"
