@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 import click
 
 from convgen import __version__
-from convgen.errors import ConvgenError, SpecError
+from convgen.compiler.targets import DEFAULT_CUDA_ARCH
+from convgen.errors import ConvgenError, SpecError, ToolchainError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -91,8 +92,16 @@ def spec_options(f: F) -> F:
 def target_option(f: F) -> F:
     return click.option(
         "--target", default="llvm", show_default=True,
-        help="llvm / cpu (this machine's CPU), llvm:<mcpu>, cuda (sm_90), cuda:sm_80, or a "
-        "JSON target dict.",
+        help=f"llvm / cpu (this machine's CPU), llvm:<mcpu>, cuda ({DEFAULT_CUDA_ARCH}), "
+        "cuda:sm_80, or a JSON target dict.",
+    )(f)
+
+
+def library_option(f: F) -> F:
+    return click.option(
+        "--library", type=click.Path(file_okay=False), default=None,
+        help="Record library of tuned schedules (default: the one shipped with convgen, or "
+        "$CONVGEN_SCHEDULES).",
     )(f)
 
 
@@ -163,13 +172,13 @@ def main() -> None:
               help="CUDA: write the .cu and stop; `convgen compile DIR` runs nvcc later, "
               "e.g. on the GPU machine (it needs only nvcc and tvm-ffi).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the verification inputs.")
+@library_option
 @json_option
 @handle_errors
 def build(target: str, out_dir: str, verify: bool, emit_source: bool, defer_nvcc: bool,
-          seed: int, as_json: bool, **spec_flags: Any) -> None:
+          seed: int, library: str | None, as_json: bool, **spec_flags: Any) -> None:
     """Compile kernels into DIR/<name>.{so,onnx,json}."""
     from convgen.compiler.build import build_artifact
-    from convgen.compiler.schedule import ScheduleChoice
     from convgen.compiler.targets import resolve_target
 
     specs = collect_specs(**spec_flags)
@@ -177,20 +186,20 @@ def build(target: str, out_dir: str, verify: bool, emit_source: bool, defer_nvcc
     results, lines, failed = [], [], False
     for spec in specs:
         art = build_artifact(spec, tinfo, out_dir, target_name=target, verify=verify,
-                             emit_source=emit_source, defer_nvcc=defer_nvcc, seed=seed)
+                             emit_source=emit_source, defer_nvcc=defer_nvcc, seed=seed,
+                             library=Path(library) if library else None)
         m = art.manifest
         failed |= not art.verified_ok
-        results.append({"manifest": str(art.manifest_path), "name": m["name"],
-                        "files": {k: str(Path(out_dir) / v) for k, v in m["files"].items()},
-                        "schedule": m["schedule"], "verification": m["verification"]})
-        secs = sum(m["build_seconds"].values())
-        lines.append(f"built {m['name']}")
-        lines.append(f"  {spec.describe()}")
-        choice = ScheduleChoice.from_dict(m["schedule"]).describe()
-        lines.append(f"  target {tinfo.key()}, schedule {choice}, {secs:.1f} s")
-        main_file = m["files"]["module" if m.get("module_compiled", True) else "cuda_source"]
-        lines.append(f"  -> {Path(out_dir) / main_file} (+ .onnx, .json)")
-        lines.extend("  " + line for line in _verification_lines(m["verification"]))
+        results.append({"manifest": str(art.manifest_path), "name": m.name,
+                        "files": {k: str(Path(out_dir) / f.name) for k, f in m.files.items()},
+                        "schedule": m.schedule.to_dict(),
+                        "verification": m.verification.to_dict()})
+        secs = sum(m.build_seconds.values())
+        main_file = m.files["module" if m.module_compiled else "cuda_source"].name
+        lines += [f"built {m.name}", f"  {spec.describe()}",
+                  f"  target {tinfo.key()}, schedule {m.schedule.describe()}, {secs:.1f} s",
+                  f"  -> {Path(out_dir) / main_file} (+ .onnx, .json)",
+                  *("  " + line for line in m.verification.lines())]
     emit(as_json, results, lines)
     if failed:
         sys.exit(1)
@@ -203,10 +212,11 @@ def build(target: str, out_dir: str, verify: bool, emit_source: bool, defer_nvcc
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--update/--no-update", default=True, show_default=True,
               help="Record the result in the artifact's manifest.")
+@library_option
 @json_option
 @handle_errors
-def verify(artifact: str | None, target: str, seed: int, update: bool, as_json: bool,
-           **spec_flags: Any) -> None:
+def verify(artifact: str | None, target: str, seed: int, update: bool, library: str | None,
+           as_json: bool, **spec_flags: Any) -> None:
     """Verify built artifacts (ARTIFACT: a directory or manifest), or build the spec
     given by the flags into a temporary directory and verify it."""
     if artifact is None:
@@ -215,10 +225,12 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, as_json: 
 
         specs = collect_specs(**spec_flags)
         tinfo = resolve_target(target)
+        lib = Path(library) if library else None
         with tempfile.TemporaryDirectory(prefix="convgen-verify-") as tmp:
             reports = [
-                (spec.name(), build_artifact(spec, tinfo, tmp, target_name=target, seed=seed)
-                 .manifest["verification"]) for spec in specs
+                (spec.name(), build_artifact(spec, tinfo, tmp, target_name=target, seed=seed,
+                                             library=lib).manifest.verification)
+                for spec in specs
             ]
     else:
         from convgen.runtime.verify import verify_artifact
@@ -226,10 +238,9 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, as_json: 
         reports = verify_artifact(artifact, seed=seed, update=update)
     lines = []
     for name, rep in reports:
-        lines.append(name)
-        lines.extend("  " + line for line in _verification_lines(rep))
-    emit(as_json, [{"name": n, "verification": r} for n, r in reports], lines)
-    if any(r["status"] == "failed" for _, r in reports):
+        lines += [name, *("  " + line for line in rep.lines())]
+    emit(as_json, [{"name": n, "verification": r.to_dict()} for n, r in reports], lines)
+    if any(r.status == "failed" for _, r in reports):
         sys.exit(1)
 
 
@@ -246,9 +257,7 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, as_json: 
               "own space (--trials per kernel, default 64); both: the faster wins.")
 @click.option("--workers", default=0, show_default=True,
               help="Parallel candidate compiles (0: every core). Timing is always serial.")
-@click.option("--library", type=click.Path(file_okay=False), default=None,
-              help="Record library to write (default: convgen's schedules/, or "
-              "$CONVGEN_SCHEDULES).")
+@library_option
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="Where measurement logs live, for resuming (default ~/.cache/convgen/tune).")
 @click.option("--emit-candidates", type=click.Path(file_okay=False), default=None,
@@ -305,7 +314,7 @@ def _tune_cuda(tinfo: Any, trials: int | None, library: Path | None,
                emit_candidates: str | None, ingest: str | None, as_json: bool,
                spec_flags: dict[str, Any]) -> None:
     from convgen.runtime import cuda_driver
-    from convgen.tuning.grid import emit_cuda_candidates, ingest_cuda_results
+    from convgen.tuning.cuda_offline import emit_cuda_candidates, ingest_cuda_results
 
     if ingest:
         written = ingest_cuda_results(Path(ingest), library)
@@ -321,8 +330,8 @@ def _tune_cuda(tinfo: Any, trials: int | None, library: Path | None,
               f"--ingest {emit_candidates}"])
         return
     if not cuda_driver.gpu_present():
-        raise SpecError("target: no GPU here: use --emit-candidates DIR, run `convgen measure "
-                        "DIR` on the GPU machine, then --ingest DIR")
+        raise ToolchainError("target: no GPU here: use --emit-candidates DIR, run `convgen "
+                             "measure DIR` on the GPU machine, then --ingest DIR")
     from convgen.tuning.measure import measure_candidates
 
     with tempfile.TemporaryDirectory(prefix="convgen-tune-") as tmp:
@@ -366,15 +375,16 @@ def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
 @target_option
 @click.option("--what", type=click.Choice(["all", "tir", "source"]), default="all",
               show_default=True, help="The scheduled TIR, the generated source, or both.")
+@library_option
 @handle_errors
-def inspect(target: str, what: str, **spec_flags: Any) -> None:
+def inspect(target: str, what: str, library: str | None, **spec_flags: Any) -> None:
     """Print the scheduled TIR and the generated CUDA C or LLVM IR of a spec."""
     from convgen.compiler.build import compile_kernel
     from convgen.compiler.targets import resolve_target
 
     tinfo = resolve_target(target)
     for spec in collect_specs(**spec_flags):
-        compiled = compile_kernel(spec, tinfo)
+        compiled = compile_kernel(spec, tinfo, library=Path(library) if library else None)
         click.echo(f"// {spec.name()}: {spec.describe()}")
         click.echo(f"// schedule: {compiled.schedule.describe()}")
         if what in ("all", "tir"):
@@ -394,15 +404,16 @@ def inspect(target: str, what: str, **spec_flags: Any) -> None:
 @click.option("--no-peers", is_flag=True, help="Time convgen alone.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
               help="Also draw the bars into this PNG (needs matplotlib).")
+@library_option
 @json_option
 @handle_errors
 def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
-          plot_file: str | None, as_json: bool, **spec_flags: Any) -> None:
+          plot_file: str | None, library: str | None, as_json: bool, **spec_flags: Any) -> None:
     """Time kernels against onnxruntime (and PyTorch when installed), in one process:
     medians, GFLOP/s and speed-ups. ARTIFACT: a directory or manifest; or the spec flags."""
     from convgen.runtime.bench import bench_kernels, format_table
-    from convgen.runtime.kernel import Kernel, list_manifests
-    from convgen.spec import ConvSpec
+    from convgen.runtime.kernel import Kernel
+    from convgen.runtime.manifest import list_manifests
 
     peers = () if no_peers else ("onnxruntime", "torch")
     with tempfile.TemporaryDirectory(prefix="convgen-bench-") as tmp:
@@ -411,12 +422,13 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
             from convgen.compiler.targets import resolve_target
 
             tinfo = resolve_target(target)
-            paths = [build_artifact(s, tinfo, tmp, target_name=target, verify=False).manifest_path
+            lib = Path(library) if library else None
+            paths = [build_artifact(s, tinfo, tmp, target_name=target, verify=False,
+                                    library=lib).manifest_path
                      for s in collect_specs(**spec_flags)]
         else:
             paths = list_manifests(artifact)
-        kernels = [(k, ConvSpec.from_dict(k.manifest["spec"])) for k in map(Kernel, paths)]
-        results = bench_kernels(kernels, repeats=repeats, peers=peers)
+        results = bench_kernels([Kernel(p) for p in paths], repeats=repeats, peers=peers)
     lines = format_table(results)
     lines.append(f"threads: {results[0].threads}; medians of {repeats} samples")
     if plot_file:
@@ -425,24 +437,6 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
         plot(results, plot_file)
         lines.append(f"plot: {plot_file}")
     emit(as_json, [r.to_dict() for r in results], lines)
-
-
-def _verification_lines(v: dict[str, Any]) -> list[str]:
-    status = v.get("status", "not run")
-    head = f"verification {status}" + (f": {v['reason']}" if v.get("reason") else "")
-    checks = v.get("checks", [])
-    if status == "passed":
-        # the flip "differs" check's error is the distance to the wrong answer
-        worst = max((c["max_abs_error"] for c in checks if "differs" not in c["name"]),
-                    default=0.0)
-        names = "onnxruntime, numpy oracle, flip property"
-        return [f"{head} ({names}; max abs error {worst:.2g}, seed {v.get('seed')})"]
-    lines = [head]
-    for c in checks:
-        mark = "ok  " if c["passed"] else "FAIL"
-        lines.append(f"  {mark} {c['name']}: max abs error {c['max_abs_error']:.3g} "
-                     f"{c.get('detail', '')}".rstrip())
-    return lines
 
 
 if __name__ == "__main__":

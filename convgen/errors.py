@@ -11,12 +11,24 @@ class SpecError(ConvgenError, ValueError):
     """The operator spec is invalid. The message names the field and the value."""
 
 
+class TargetError(ConvgenError):
+    """The target is not one convgen knows. The message names `target` and the value."""
+
+
+class ArgumentError(ConvgenError, ValueError):
+    """A kernel was called with arrays that do not match it (count, shape or dtype)."""
+
+
+class ArtifactError(ConvgenError):
+    """An artifact cannot be used: missing, damaged, or written by a newer convgen."""
+
+
 class UnsupportedError(ConvgenError):
     """A valid spec or target that convgen cannot build (yet)."""
 
 
 class ToolchainError(ConvgenError):
-    """A tool convgen needs (TVM, nvcc, a GPU) is missing or failed."""
+    """A tool or device convgen needs (TVM's runtime, nvcc, a GPU) is missing or failed."""
 
 
 class VerificationError(ConvgenError):

@@ -99,7 +99,7 @@ class ConvSpec:
 
     @property
     def dilated_kernel_size(self) -> tuple[int, ...]:
-        return tuple(d * (r - 1) + 1 for r, d in zip(self.kernel_size, self.dilation))
+        return tuple(dilated_extent(r, d) for r, d in zip(self.kernel_size, self.dilation))
 
     @property
     def out_size(self) -> tuple[int, ...]:
@@ -235,6 +235,11 @@ class ConvSpec:
         )
 
 
+def dilated_extent(kernel: int, dilation: int) -> int:
+    """The input span one output reads along an axis: d * (r - 1) + 1."""
+    return dilation * (kernel - 1) + 1
+
+
 # ---- validation -------------------------------------------------------------------
 
 
@@ -262,14 +267,8 @@ def _validate(s: ConvSpec) -> None:
                 f"{field}: {list(values)} has {len(values)} values, expected {n} "
                 f"for {nd} spatial dimension(s)"
             )
-    for field, values in (
-        ("input", s.in_size),
-        ("kernel", s.kernel_size),
-        ("stride", s.stride),
-        ("dilation", s.dilation),
-    ):
-        for v in values:
-            _positive(field, "size", v)
+    _check_sizes(s.in_size, s.kernel_size)
+    _check_steps(s.stride, s.dilation)
     for v in s.pads:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise SpecError(f"padding: {list(s.pads)} must be non-negative integers")
@@ -287,6 +286,20 @@ def _validate(s: ConvSpec) -> None:
                 f"kernel: dilated extent {k} on spatial axis {axis} is larger than the "
                 f"padded input ({p}); the output would be empty"
             )
+
+
+def _check_sizes(in_size: Sequence[int], kernel_size: Sequence[int]) -> None:
+    for v in in_size:
+        _positive("input", "every spatial size", v)
+    for v in kernel_size:
+        _positive("kernel", "every spatial size", v)
+
+
+def _check_steps(stride: Sequence[int], dilation: Sequence[int]) -> None:
+    for v in stride:
+        _positive("stride", "every stride", v)
+    for v in dilation:
+        _positive("dilation", "every dilation", v)
 
 
 def _positive(field: str, what: str, v: object) -> None:
@@ -342,32 +355,22 @@ def make_spec(
             f"{_fmt(in_shape)} has rank {len(in_shape)}"
         )
     channels_last = _parse_layout(layout, nd)
-    if channels_last:
-        batch, *size, chans = in_shape
-        k_out, *ksize, k_in = w_shape
-    else:
-        batch, chans, *size = in_shape
-        k_out, k_in, *ksize = w_shape
+    batch, chans, size, k_out, k_in, ksize = _split_shapes(in_shape, w_shape, channels_last)
     groups_i = _parse_int(groups, "groups")
-    if groups_i <= 0:
-        raise SpecError(f"groups: must be a positive integer, got {groups_i}")
-    if chans % groups_i == 0 and k_in != chans // groups_i:
+    # (value ranges are ConvSpec's to check; this one needs both shapes as the user gave them)
+    if groups_i > 0 and chans > 0 and chans % groups_i == 0 and k_in != chans // groups_i:
         raise SpecError(
             f"kernel: {_fmt(w_shape)} has {k_in} input channels per group, but the input "
             f"has {chans} channels in {groups_i} group(s), so it must be {chans // groups_i}"
         )
     stride_t = _per_axis(stride if stride is not None else 1, nd, "stride")
     dilation_t = _per_axis(dilation if dilation is not None else 1, nd, "dilation")
-    for field, values in (("stride", stride_t), ("dilation", dilation_t)):
-        if any(v <= 0 for v in values):
-            raise SpecError(f"{field}: {list(values)} must be positive integers")
-    if any(v <= 0 for v in (*size, *ksize)):
-        which = "input" if any(v <= 0 for v in size) else "kernel"
-        shape = in_shape if which == "input" else w_shape
-        raise SpecError(f"{which}: {_fmt(shape)} has a zero or negative size")
-    pads = resolve_padding(
-        padding if padding is not None else 0, tuple(size), tuple(ksize), stride_t, dilation_t
-    )
+    # the padding words' formulas divide by the stride and span the dilated kernel:
+    # the checks ConvSpec makes of these fields, made before they are used
+    _check_sizes(size, ksize)
+    _check_steps(stride_t, dilation_t)
+    pads = resolve_padding(padding if padding is not None else 0, size, ksize, stride_t,
+                           dilation_t)
     dtype = str(dtype).strip().lower()
     aliases = {"fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16"}
     dtype = aliases.get(dtype, dtype)
@@ -375,9 +378,9 @@ def make_spec(
         mode=mode,
         batch=batch,
         in_channels=chans,
-        in_size=tuple(size),
+        in_size=size,
         out_channels=k_out,
-        kernel_size=tuple(ksize),
+        kernel_size=ksize,
         stride=stride_t,
         dilation=dilation_t,
         pads=pads,
@@ -386,6 +389,20 @@ def make_spec(
         dtype=dtype,
         bias=bool(bias),
     )
+
+
+def _split_shapes(
+    in_shape: tuple[int, ...], w_shape: tuple[int, ...], channels_last: bool
+) -> tuple[int, int, tuple[int, ...], int, int, tuple[int, ...]]:
+    """The shapes in the layout's order -> (batch, channels, spatial size, output
+    channels, input channels per group, kernel size)."""
+    if channels_last:
+        batch, *size, chans = in_shape
+        k_out, *ksize, k_in = w_shape
+    else:
+        batch, chans, *size = in_shape
+        k_out, k_in, *ksize = w_shape
+    return batch, chans, tuple(size), k_out, k_in, tuple(ksize)
 
 
 def resolve_padding(
@@ -399,7 +416,7 @@ def resolve_padding(
     nd = len(in_size)
     if isinstance(padding, str) and padding.strip().lower() in PADDING_WORDS:
         word = padding.strip().lower()
-        extents = [d * (k - 1) + 1 for k, d in zip(kernel_size, dilation)]
+        extents = [dilated_extent(k, d) for k, d in zip(kernel_size, dilation)]
         if word == "valid":
             return (0,) * (2 * nd)
         if word == "full":

@@ -5,8 +5,10 @@ means. Usage: python scripts/cuda_results_table.py DIR/results.json [...]"""
 from __future__ import annotations
 
 import json
-import math
 import sys
+
+from convgen.runtime.timing import geomean
+from convgen.tuning.measure import fastest_row
 
 
 def main(paths: list[str]) -> None:
@@ -19,11 +21,10 @@ def main(paths: list[str]) -> None:
             results = json.load(f)
         device = results.get("device", device)
         for name, entry in results["specs"].items():
-            ok = [c for c in entry["candidates"] if c["median_ms"]]
-            if not ok:
+            best = fastest_row(entry["candidates"])
+            if best is None:
                 print(f"| {name} | - | no working candidate | | | | |")
                 continue
-            best = min(ok, key=lambda c: c["median_ms"])
             ms = best["median_ms"]
             peers = entry.get("peers_ms", {})
             cells = [name, f"{ms:.4f}", best["template"]]
@@ -36,8 +37,7 @@ def main(paths: list[str]) -> None:
             print("| " + " | ".join(cells) + " |")
     for key, rs in ratios.items():
         if rs:
-            geo = math.exp(sum(map(math.log, rs)) / len(rs))
-            print(f"\ngeometric mean vs {key}: {geo:.2f}x over {len(rs)} kernels "
+            print(f"\ngeometric mean vs {key}: {geomean(rs):.2f}x over {len(rs)} kernels "
                   f"(worst {min(rs):.2f}x) on {device}")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from convgen.compiler.build import build_artifact
 from convgen.compiler.targets import TargetInfo
 from convgen.runtime.kernel import Kernel, load
-from convgen.runtime.verify import TOLERANCES
+from convgen.runtime.verify import compare, within_tolerance
 from convgen.spec import ConvSpec
 
 
@@ -23,11 +23,8 @@ def assert_close(got: np.ndarray, want: np.ndarray, dtype: str) -> None:
     """Shape, then dtype, then values within the dtype's tolerance."""
     assert got.shape == want.shape, f"shape {got.shape} != {want.shape}"
     assert got.dtype == np.dtype(dtype), f"dtype {got.dtype} != {dtype}"
-    rtol, atol = TOLERANCES[dtype]
-    scale = max(1.0, float(np.abs(want.astype(np.float64)).max(initial=0)))
-    np.testing.assert_allclose(
-        got.astype(np.float64), want.astype(np.float64), rtol=rtol, atol=atol * scale
-    )
+    ok = within_tolerance(got, want, dtype)
+    assert ok.all(), compare("values", got, want, dtype).line()
 
 
 def random_case(spec: ConvSpec, seed: int) -> dict[str, Any]:

@@ -137,20 +137,3 @@ def test_bench_json_against_onnxruntime():
     assert result["schedule"].startswith("cpu_")  # which template the kernel used
     t = result["times"]["convgen"]
     assert 0 < t["p10"] <= t["median"] <= t["p90"]
-
-
-
-def test_bench_alternates_implementations_in_rounds(monkeypatch):
-    """Each implementation gets its samples in blocks that alternate with the others',
-    so a slow spell of the machine cannot fall on one of them only."""
-    import convgen.runtime.bench as bench
-
-    monkeypatch.setattr(bench, "_wait_until_idle", lambda: None)
-    order: list[str] = []
-    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
-    times = bench.time_host_rounds(calls, repeats=6, warmup=1, min_sample_ms=0.0, rounds=3)
-    assert set(times) == {"a", "b"}
-    timed = order[4:]  # after each one's warm-up and calibration call
-    blocks = [timed[i] for i in range(len(timed)) if i == 0 or timed[i] != timed[i - 1]]
-    assert blocks == ["a", "b"] * 3
-    assert timed.count("a") == timed.count("b") == 3 * (1 + 2)  # an untimed call + 2 samples

@@ -15,9 +15,9 @@ from convgen.spec import make_spec
 pytestmark = pytest.mark.cuda
 
 CUDA_CASES = [
-    # implicit GEMM (dlight Matmul), float32, with the flip and 'same' padding
+    # implicit GEMM, float32, with the flip and 'same' padding
     dict(mode="conv", input="1x16x14x14", kernel="32x16x3x3", padding="same"),
-    # depthwise, channels-last, bias: the direct fallback
+    # depthwise, channels-last, bias
     dict(mode="corr", input="1x10x10x8", kernel="8x3x3x1", padding=1, groups=8, layout="NHWC",
          bias=True),
     # float16 with bias, 1-D, strided
@@ -31,15 +31,15 @@ def test_cuda_artifact_compiles(flags, tmp_path):
     spec = make_spec(**flags)
     art = build_artifact(spec, resolve_target("cuda"), tmp_path, emit_source=True)
     m = art.manifest
-    so = tmp_path / m["files"]["module"]
-    assert so.is_file() and so.stat().st_size > 0
-    assert "__global__" in (tmp_path / m["files"]["cuda_source"]).read_text()
-    assert m["target"]["config"]["arch"] == "sm_90"
+    so = m.path_of("module", tmp_path)
+    assert so.is_file() and so.stat().st_size == m.files["module"].size > 0
+    assert "__global__" in m.path_of("cuda_source", tmp_path).read_text()
+    assert m.target.cuda_arch == "sm_90"
     from convgen.runtime.cuda_driver import gpu_present
 
     if not gpu_present():
-        assert m["verification"]["status"] == "not run"
-        assert "no GPU present" in m["verification"]["reason"]
+        assert m.verification.status == "not run"
+        assert "no GPU present" in m.verification.reason
     # the module loads with tvm-ffi alone, GPU or not
     import tvm_ffi
 
@@ -65,11 +65,11 @@ def test_host_only_code_is_refused(monkeypatch):
     the build must fail loudly rather than ship it."""
     import convgen.compiler.build
     from convgen.compiler.compute import conv_prim_func
-    from convgen.compiler.schedule import ScheduleChoice
     from convgen.compiler.schedule.common import new_schedule
+    from convgen.runtime.manifest import ScheduleChoice
 
-    def unscheduled(spec, target):
-        return new_schedule(conv_prim_func(spec)), ScheduleChoice("fallback", "none", {})
+    def unscheduled(spec, target, library=None):
+        return new_schedule(conv_prim_func(spec)), ScheduleChoice("heuristic", "none")
 
     monkeypatch.setattr(convgen.compiler.build, "schedule_for", unscheduled)
     spec = make_spec(mode="conv", input="1x2x6x6", kernel="2x2x3x3")
@@ -81,7 +81,7 @@ def test_cuda_tuning_round_trip_without_a_gpu(tmp_path):
     """Candidates are emitted here; results.json (written by `convgen measure` on the GPU
     machine, faked here) becomes a record that `convgen build` then uses."""
     from convgen.compiler.records import find_record
-    from convgen.tuning.grid import emit_cuda_candidates, ingest_cuda_results
+    from convgen.tuning.cuda_offline import emit_cuda_candidates, ingest_cuda_results
     from convgen.tuning.measure import INDEX, RESULTS
 
     target = resolve_target("cuda")
@@ -89,7 +89,7 @@ def test_cuda_tuning_round_trip_without_a_gpu(tmp_path):
     n = emit_cuda_candidates([spec], target, tmp_path / "cands")
     index = json.loads((tmp_path / "cands" / INDEX).read_text())
     cands = index["specs"][0]["candidates"]
-    assert n == len(cands) >= 2 and cands[-1]["template"] == "fallback"
+    assert n == len(cands) >= 2 and cands[-1]["template"] == "cuda_direct"
     for c in cands:  # each candidate is a deferred artifact with its own schedule
         m = json.loads((tmp_path / "cands" / c["manifest"]).read_text())
         assert m["module_compiled"] is False and m["schedule"]["name"]
@@ -103,18 +103,15 @@ def test_cuda_tuning_round_trip_without_a_gpu(tmp_path):
     record = find_record(spec, target, tmp_path / "lib")
     assert record is not None and record.measured["median_ms"] == 0.2
     want = cands[1]  # the fastest that computed the right thing
-    if want["template"] == "fallback":
-        assert record.schedule == {"kind": "fallback"}
-    else:
-        assert (record.schedule["name"], record.schedule["knobs"]) == (want["template"],
-                                                                        want["knobs"])
+    assert (record.schedule.template, record.schedule.knobs) == (want["template"],
+                                                                  want["knobs"])
 
 
 def test_measure_compiles_candidates_into_loadable_kernels(tmp_path):
     """The device-side step up to the GPU: every candidate is compiled by nvcc and
     marked compiled, so it loads (loading a CUDA module needs no GPU)."""
     from convgen.runtime.kernel import Kernel
-    from convgen.tuning.grid import emit_cuda_candidates
+    from convgen.tuning.cuda_offline import emit_cuda_candidates
     from convgen.tuning.measure import INDEX, _compile_all
 
     spec = make_spec(mode="corr", input="1x8x8x8", kernel="8x3x3x1", padding=1, groups=8,

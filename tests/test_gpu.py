@@ -51,6 +51,5 @@ def test_cuda_case_table(spec: ConvSpec, tmp_path):
     kernel = _kernel(spec, tmp_path)
     inputs = random_case(spec, seed=5)
     assert_close(kernel(*inputs.values()), reference_conv(spec, *inputs.values()), spec.dtype)
-    report = verify_kernel(kernel, spec, kernel.manifest_path.parent
-                           / kernel.manifest["files"]["onnx"], seed=2)
+    report = verify_kernel(kernel, seed=2)
     assert report.status == "passed", report.lines()

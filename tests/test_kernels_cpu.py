@@ -40,9 +40,9 @@ def test_seed_example(mode, want, cpu_target, tmp_path):
 @pytest.mark.parametrize("spec", case_specs())
 def test_case_table(spec: ConvSpec, cpu_target, tmp_path):
     art = build_artifact(spec, cpu_target, tmp_path, verify=True, seed=1)
-    report = art.manifest["verification"]
-    failed = [c for c in report["checks"] if not c["passed"]]
-    assert report["status"] == "passed", failed
+    report = art.manifest.verification
+    failed = [c for c in report.checks if not c.passed]
+    assert report.passed, failed
     # and independently of verify.py, on other inputs:
     kernel = load(art.manifest_path)
     inputs = random_case(spec, seed=7)

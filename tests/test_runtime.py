@@ -12,7 +12,7 @@ from helpers import assert_close, random_case
 
 import convgen
 from convgen.compiler.build import build_artifact
-from convgen.errors import ConvgenError, SpecError
+from convgen.errors import ArgumentError, ArtifactError, ConvgenError
 from convgen.reference import reference_conv
 from convgen.spec import make_spec
 
@@ -56,11 +56,11 @@ def test_any_layout_of_memory(artifact):
 def test_wrong_inputs_name_the_field(artifact):
     k = convgen.load(artifact)
     x, w, b = random_case(SPEC, 0).values()
-    with pytest.raises(SpecError, match=r"^data: shape"):
+    with pytest.raises(ArgumentError, match=r"^data: shape"):
         k(x[:, :4], w, b)
-    with pytest.raises(SpecError, match=r"^weight: dtype float64"):
+    with pytest.raises(ArgumentError, match=r"^weight: dtype float64"):
         k(x, w.astype(np.float64), b)
-    with pytest.raises(SpecError, match=r"^inputs:"):
+    with pytest.raises(ArgumentError, match=r"^inputs:"):
         k(x, w)
 
 
@@ -76,11 +76,14 @@ def test_load_errors(tmp_path, cpu_target):
 
 
 def test_runtime_side_never_imports_the_compiler(artifact):
-    """load + call + verify of an existing artifact import numpy, tvm-ffi and
-    onnxruntime only; `tvm` (the 100 MB compiler package) stays out."""
+    """load + call, verify, bench and the GPU side of tuning, on an existing artifact,
+    import numpy, tvm-ffi, onnx and onnxruntime only; `tvm` (the 100 MB compiler
+    package) stays out (tests/test_boundaries.py checks the imports statically)."""
     code = f"""
 import sys, numpy as np
 import convgen
+import convgen.tuning.measure
+from convgen.runtime.bench import bench_kernels
 from convgen.runtime.verify import verify_artifact
 k = convgen.load({str(artifact)!r}, {SPEC.name()!r})
 x = np.ones(k.inputs[0].shape, np.float32)
@@ -89,7 +92,9 @@ b = np.ones(k.inputs[2].shape, np.float32)
 k(x, w, b)
 [(name, report)] = [r for r in verify_artifact({str(artifact)!r}, update=False)
                     if r[0] == {SPEC.name()!r}]
-assert report["status"] == "passed", report
+assert report.passed, report.lines()
+[row] = bench_kernels([k], repeats=2, warmup=1, min_sample_ms=1, peers=("onnxruntime",))
+assert row.times["convgen"].median > 0 and row.times["onnxruntime"].median > 0
 bad = sorted(m for m in sys.modules if m == "tvm" or m.startswith("tvm."))
 print("compiler modules:", bad)
 sys.exit(1 if bad else 0)
@@ -98,8 +103,70 @@ sys.exit(1 if bad else 0)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_damaged_module_is_one_clear_error(artifact, tmp_path):
+    """A .so cut short by a failed copy would crash the process with a bus error when
+    opened: loading checks its size and hash against the manifest first."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from convgen.cli import main
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    so = copy / f"{SPEC.name()}.so"
+    so.write_bytes(so.read_bytes()[: so.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match=rf"{SPEC.name()}\.so is damaged"):
+        convgen.load(copy)
+    for command in (["verify", str(copy)], ["bench", str(copy), "--no-peers", "--repeats", "1"]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("Error: artifact:") and "is damaged" in result.output
+        assert result.output.count("\n") == 1  # one line, no traceback
+    # same size, other bytes: the hash catches it
+    shutil.copy(artifact / so.name, so)
+    data = bytearray(so.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    so.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="SHA-256"):
+        convgen.load(copy)
+
+
+def test_manifest_from_a_newer_convgen_is_refused(artifact, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    path = copy / f"{SPEC.name()}.json"
+    data = json.loads(path.read_text())
+    data["format_version"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"newer convgen .*upgrade convgen"):
+        convgen.load(copy)
+
+
+def test_format_1_manifest_still_loads(artifact, tmp_path):
+    """Artifacts written before files carried sizes and hashes load as before."""
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    path = copy / f"{SPEC.name()}.json"
+    data = json.loads(path.read_text())
+    data["format_version"] = 1
+    data["files"] = {role: f["name"] for role, f in data["files"].items()}
+    data["schedule"]["kind"] = "template"
+    path.write_text(json.dumps(data))
+    k = convgen.load(copy)
+    inputs = random_case(SPEC, 4)
+    assert_close(k(*inputs.values()), reference_conv(SPEC, *inputs.values()), "float32")
+    assert k.manifest.schedule.kind == "heuristic"
+
+
 def test_uses_every_core_by_default():
-    code = ("import os, convgen.runtime.kernel as r; r.use_all_cores(); "
+    code = ("import os, convgen.runtime.cores as r; r.use_all_cores(); "
             "print(os.environ['TVM_NUM_THREADS'])")
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

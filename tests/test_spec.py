@@ -235,7 +235,7 @@ def test_random_specs_compile_and_verify(spec: ConvSpec):
 
     with tempfile.TemporaryDirectory() as tmp:
         art = build_artifact(spec, resolve_target("llvm"), tmp, verify=True)
-    assert art.manifest["verification"]["status"] == "passed", art.manifest["verification"]
+    assert art.manifest.verification.passed, art.manifest.verification.lines()
 
 
 def test_resnet50_suite():

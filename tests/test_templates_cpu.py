@@ -23,7 +23,7 @@ def _params() -> list:
     for p in case_specs():
         spec: ConvSpec = p.values[0]
         for t in cpu.TEMPLATES:
-            default = t.default_knobs(spec, TARGET)
+            default = t.heuristic(spec, TARGET)
             grid = t.candidates(spec, TARGET)
             # the grid may apply where the heuristic declines (tuning tries it there);
             # its ends and middle vary every knob (rows, k_inner, ...) across the table
@@ -39,9 +39,9 @@ def _params() -> list:
 def test_template_is_correct(spec, template, knobs, tmp_path):
     art = build_artifact(spec, TARGET, tmp_path, verify=True, template=template,
                          knobs=dataclasses.asdict(knobs))
-    report = art.manifest["verification"]
-    assert art.manifest["schedule"]["name"] == template
-    assert report["status"] == "passed", [c for c in report["checks"] if not c["passed"]]
+    report = art.manifest.verification
+    assert art.manifest.schedule.name == template
+    assert report.passed, [c for c in report.checks if not c.passed]
 
 
 def test_every_template_is_exercised():
@@ -53,13 +53,13 @@ def test_every_template_is_exercised():
 @pytest.mark.parametrize(("flags", "knobs"), [
     # a 13-wide row in 8-lane tiles: widened to 16, the last tile cropped to 5 lanes
     (dict(input="1x8x5x13", kernel="16x8x3x3", padding=[1, 0, 2, 1], bias=True,
-          dtype="float16"), cpu.WvecKnobs(v=8, kb=4, rows=3)),
+          dtype="float16"), cpu.WvecKnobs(lanes=8, kb=4, rows=3)),
     (dict(input="1x16x6x6", kernel="16x1x3x3", padding=1, groups=16, bias=True),
-     cpu.WvecKnobs(v=8, kb=2, rows=3)),  # depthwise, padded planes made in the tile
+     cpu.WvecKnobs(lanes=8, kb=2, rows=3)),  # depthwise, padded planes made in the tile
 ], ids=["dense-bias-f16", "depthwise-bias"])
 def test_wvec_widened_rows_are_cropped(flags, knobs, mode, tmp_path):
     """Rows widened to whole vectors compute outputs that do not exist; the epilogue
     (bias, cast) must crop them wherever the tile ends."""
     spec = make_spec(mode=mode, **flags)
-    assert cpu._row_extra(spec, knobs.v) > 0
+    assert cpu.row_extra(spec, knobs.lanes) > 0
     test_template_is_correct(spec, "cpu_wvec", knobs, tmp_path)

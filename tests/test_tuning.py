@@ -9,7 +9,14 @@ import math
 import pytest
 
 from convgen.compiler.build import build_artifact
-from convgen.compiler.records import Record, RecordError, find_record, read_record, write_record
+from convgen.compiler.records import (
+    Record,
+    RecordedSchedule,
+    RecordError,
+    find_record,
+    read_record,
+    write_record,
+)
 from convgen.compiler.schedule import schedule_for
 from convgen.spec import make_spec
 from convgen.tuning.grid import TuneOptions, candidates_for, tune_specs
@@ -17,12 +24,11 @@ from convgen.tuning.grid import TuneOptions, candidates_for, tune_specs
 SPEC = make_spec(mode="conv", input="1x8x12x16", kernel="16x8x3x3", padding=1)
 
 
-def _record(spec, target, **schedule):
+def _record(spec, target):
     import tvm
 
     return Record(spec, target.key(), tvm.__version__,
-                  schedule or {"kind": "template", "name": "cpu_wvec",
-                               "knobs": {"v": 8, "kb": 4}},
+                  RecordedSchedule("cpu_wvec", {"lanes": 8, "kb": 4}),
                   {"gflops": 1.0}, {"method": "test"})
 
 
@@ -55,16 +61,35 @@ def test_record_for_other_tvm_or_spec_is_ignored(tmp_path, cpu_target):
 
 
 def test_build_uses_the_record(tmp_path, cpu_target, monkeypatch):
-    monkeypatch.setenv("CONVGEN_SCHEDULES", str(tmp_path / "lib"))
     write_record(_record(SPEC, cpu_target), tmp_path / "lib")
-    art = build_artifact(SPEC, cpu_target, tmp_path / "out", verify=True)
-    sched = art.manifest["schedule"]
-    assert sched["kind"] == "record" and sched["knobs"] == {"v": 8, "kb": 4}
-    assert art.manifest["verification"]["status"] == "passed"
+    art = build_artifact(SPEC, cpu_target, tmp_path / "out", verify=True,
+                         library=tmp_path / "lib")
+    sched = art.manifest.schedule
+    assert sched.kind == "record" and sched.knobs == {"lanes": 8, "kb": 4}
+    assert sched.record == f"{cpu_target.key()}/{SPEC.name()}.json"
+    assert art.manifest.verification.passed
+    # the environment variable names a library too
+    monkeypatch.setenv("CONVGEN_SCHEDULES", str(tmp_path / "lib"))
+    assert schedule_for(SPEC, cpu_target)[1].kind == "record"
     # without a record: the template heuristic
-    monkeypatch.setenv("CONVGEN_SCHEDULES", str(tmp_path / "empty"))
-    _, choice = schedule_for(SPEC, cpu_target)
-    assert choice.kind == "template"
+    _, choice = schedule_for(SPEC, cpu_target, library=tmp_path / "empty")
+    assert choice.kind == "heuristic"
+
+
+@pytest.mark.parametrize(("schedule", "want"), [
+    ({"kind": "template", "name": "cpu_kvec", "knobs": {"lanes": 8, "nkv": 2, "pw": 4}},
+     RecordedSchedule("cpu_kvec", {"lanes": 8, "nkv": 2, "pw": 4})),
+    ({"kind": "fallback"}, RecordedSchedule("cpu_generic")),
+    ({"kind": "trace", "trace": [[], []]}, RecordedSchedule("meta_schedule", trace=[[], []])),
+])
+def test_format_1_records_still_read(tmp_path, cpu_target, schedule, want):
+    """Records written before the schedule vocabulary was unified keep working."""
+    rec = _record(SPEC, cpu_target)
+    path = write_record(rec, tmp_path)
+    data = json.loads(path.read_text())
+    data.update(format_version=1, schedule=schedule)
+    path.write_text(json.dumps(data))
+    assert read_record(path).schedule == want
 
 
 def test_chooser_falls_back_where_no_template_applies(cpu_target):
@@ -86,7 +111,7 @@ def test_tune_writes_a_record_and_resumes(tmp_path, cpu_target):
     assert second.measured == 4
     assert len(log.read_text().splitlines()) == 4  # only the two new ones were measured
     record = find_record(SPEC, cpu_target, tmp_path / "lib")
-    assert record.schedule["knobs"] == second.best.candidate.knobs
+    assert record.schedule.knobs == second.best.candidate.knobs
     assert "alternating rounds" in record.tuner["confirmed"]
 
 
@@ -121,7 +146,7 @@ def test_confirm_rounds_decide_between_the_fastest(tmp_path, cpu_target, monkeyp
     [result] = tune_specs([SPEC], cpu_target, opts)
     assert result.best.candidate == cands[1] and result.best.seconds == 1.05  # not the 4th
     record = find_record(SPEC, cpu_target, tmp_path / "lib")
-    assert record.schedule["knobs"] == cands[1].knobs
+    assert record.schedule.knobs == cands[1].knobs
 
 
 def test_ctrl_c_keeps_what_was_measured(tmp_path, cpu_target, monkeypatch):
@@ -174,12 +199,13 @@ def test_meta_schedule_trace_record_replays(tmp_path, cpu_target, monkeypatch):
                        work_dir=tmp_path / "work")
     [result] = tune_specs([small], cpu_target, opts)
     record = find_record(small, cpu_target, tmp_path / "lib")
-    assert record is not None and record.schedule["kind"] == "trace"
-    json.dumps(record.schedule)  # plain JSON, no TVM objects
-    monkeypatch.setenv("CONVGEN_SCHEDULES", str(tmp_path / "lib"))
-    art = build_artifact(small, cpu_target, tmp_path / "out", verify=True)
-    assert art.manifest["schedule"]["name"] == "meta_schedule"
-    assert art.manifest["verification"]["status"] == "passed"
+    assert record is not None and record.schedule.template == "meta_schedule"
+    assert record.schedule.trace
+    json.dumps(record.schedule.to_dict())  # plain JSON, no TVM objects
+    art = build_artifact(small, cpu_target, tmp_path / "out", verify=True,
+                         library=tmp_path / "lib")
+    assert art.manifest.schedule.name == "meta_schedule"
+    assert art.manifest.verification.passed
     assert result.gflops > 0
 
 
@@ -207,12 +233,10 @@ def test_heuristic_picks_the_template_and_fits_the_registers(flags, template, ta
     from convgen.compiler.targets import resolve_target
 
     spec, tinfo = make_spec(mode="conv", **flags), resolve_target(target)
-    chosen = next(t for t in cpu.TEMPLATES if t.default_knobs(spec, tinfo) is not None)
+    chosen = next(t for t in cpu.FAMILY.templates if t.heuristic(spec, tinfo) is not None)
     assert chosen.name == template
-    knobs = chosen.default_knobs(spec, tinfo)
-    tile = {"cpu_cvec": lambda k: k.kb * k.pw, "cpu_wvec": cpu._wvec_tile,
-            "cpu_kvec": lambda k: k.nkv * k.pw}[template](knobs)
-    budget = cpu._acc_budget(tinfo)
+    tile = cpu.register_tile(chosen.heuristic(spec, tinfo), tinfo)
+    budget = cpu.accumulator_budget(tinfo)
     assert budget == (14 if target == ZEN4 else 8)
     assert budget // 2 <= tile <= budget + 2  # big enough to hide the FMA latency, no spill
 
@@ -223,5 +247,5 @@ def test_tuning_tries_a_grid_where_the_heuristic_declines(cpu_target):
     from convgen.compiler.schedule import cpu
 
     spec = make_spec(mode="conv", input="1x256x14x14", kernel="256x256x3x3", padding=1)
-    assert cpu._wvec_knobs(spec, cpu_target) is None
+    assert cpu.FAMILY.template("cpu_wvec").heuristic(spec, cpu_target) is None
     assert "cpu_wvec" in {c.template for c in candidates_for(spec, cpu_target)}

@@ -1,16 +1,16 @@
 """Compile a spec for a target and write the artifact directory (the only writer).
 
-Artifact contract (ARCHITECTURE.md): DIR/<name>.so (the module, one entry
+Artifact contract (docs/architecture.md): DIR/<name>.so (the module, one entry
 function, destination passing), DIR/<name>.onnx (the same operator in ONNX),
-DIR/<name>.json (the manifest), optional sources. Files are written into a
-temporary directory beside DIR's contents and renamed into place, the manifest
-last, so a crash never leaves a half artifact that looks whole.
+DIR/<name>.json (the manifest, `convgen.runtime.manifest`), optional sources.
+Files are written into a temporary directory beside DIR's contents and renamed
+into place, the manifest last, so a crash never leaves a half artifact that
+looks whole.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -20,11 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from convgen import __version__
-from convgen.compiler.compute import ENTRY
-from convgen.compiler.schedule import ScheduleChoice, forced_schedule, schedule_for
+from convgen.compiler.schedule import forced_schedule, schedule_for
 from convgen.compiler.targets import TargetInfo
 from convgen.errors import ConvgenError, UnsupportedError
-from convgen.runtime.kernel import MANIFEST_SUFFIX, Kernel
+from convgen.runtime.kernel import Kernel
+from convgen.runtime.manifest import (
+    SUFFIX,
+    ArtifactFile,
+    Manifest,
+    ScheduleChoice,
+    TargetRecord,
+    VerifyReport,
+    not_run,
+)
 from convgen.runtime.nvcc import nvcc
 from convgen.spec import ConvSpec
 
@@ -44,12 +52,12 @@ class Compiled:
 
 def lower(
     spec: ConvSpec, target: TargetInfo, template: str | None = None,
-    knobs: dict[str, Any] | None = None,
+    knobs: dict[str, Any] | None = None, library: Path | None = None,
 ) -> tuple[Any, ScheduleChoice]:
-    """The scheduled IRModule: the chooser's pick, or a named template with explicit
-    knobs ("fallback" for the generic schedule), as tuning needs."""
+    """The scheduled IRModule: the chooser's pick (records from `library`), or a named
+    template (or the fallback, by its name) with explicit knobs, as tuning needs."""
     if template is None:
-        sch, choice = schedule_for(spec, target)
+        sch, choice = schedule_for(spec, target, library)
     else:
         sch, choice = forced_schedule(spec, target, template, knobs or {})
     return sch.mod, choice
@@ -57,12 +65,12 @@ def lower(
 
 def compile_kernel(
     spec: ConvSpec, target: TargetInfo, template: str | None = None,
-    knobs: dict[str, Any] | None = None,
+    knobs: dict[str, Any] | None = None, library: Path | None = None,
 ) -> Compiled:
     import tvm
 
     t0 = time.perf_counter()
-    mod, choice = lower(spec, target, template, knobs)
+    mod, choice = lower(spec, target, template, knobs, library)
     tvm_target = target.tvm_target()
     t1 = time.perf_counter()
     try:
@@ -97,8 +105,8 @@ def _cuda_source(lib: Any, spec: ConvSpec) -> str:
 
 
 def write_module(compiled: Compiled, directory: Path, defer_nvcc: bool = False) -> dict[str, str]:
-    """Write the module (and its sources, when CUDA) into `directory`; returns file names.
-    With `defer_nvcc` a CUDA module is left as source for `convgen compile`."""
+    """Write the module (and its sources, when CUDA) into `directory`; returns file names
+    by role. With `defer_nvcc` a CUDA module is left as source for `convgen compile`."""
     name = compiled.spec.name()
     files = {"module": f"{name}.so"}
     if compiled.target.is_cuda:
@@ -128,54 +136,41 @@ def emit_sources(compiled: Compiled, directory: Path, files: dict[str, str]) -> 
         files["llvm_ir"], files["asm"] = f"{name}.ll", f"{name}.s"
 
 
-def manifest_for(
-    compiled: Compiled, target_name: str, files: dict[str, str], verification: dict[str, Any]
-) -> dict[str, Any]:
+def manifest_for(compiled: Compiled, target_name: str, directory: Path, files: dict[str, str],
+                 compiled_module: bool) -> Manifest:
+    """The manifest of the files written into `directory` (sizes and hashes taken from
+    them), not yet verified."""
     import tvm
     import tvm_ffi
 
-    spec = compiled.spec
-    return {
-        "format": "convgen-artifact",
-        "format_version": 1,
-        "name": spec.name(),
-        "description": spec.describe(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {
-            "convgen": __version__,
-            "tvm": tvm.__version__,
-            "tvm_ffi": tvm_ffi.__version__,
-        },
-        "spec": spec.to_dict(),
-        "target": {
-            "name": target_name,
-            "kind": compiled.target.kind,
-            "key": compiled.target.key(),
-            "config": compiled.target.config_dict,
-        },
-        "entry": ENTRY,
-        "calling_convention": "destination passing: entry(data, weight[, bias], out)",
-        "inputs": [
-            {"name": n, "shape": list(s), "dtype": spec.dtype}
-            for n, s in spec.input_shapes().items()
-        ],
-        "outputs": [{"name": "out", "shape": list(spec.out_shape), "dtype": spec.dtype}],
-        "files": files,
-        "schedule": compiled.schedule.to_dict(),
-        "flops": spec.flops,
-        "build_seconds": {k: round(v, 3) for k, v in compiled.seconds.items()},
-        "verification": verification,
+    spec, target = compiled.spec, compiled.target
+    entries = {
+        role: ArtifactFile.of(directory / fname) if (directory / fname).exists()
+        else ArtifactFile(fname)  # a deferred CUDA module: hashed by `convgen compile`
+        for role, fname in files.items()
     }
+    return Manifest(
+        name=spec.name(),
+        spec=spec,
+        target=TargetRecord(target_name, target.kind, target.key(), target.config_dict),
+        files=entries,
+        schedule=compiled.schedule,
+        verification=not_run("not verified yet"),
+        versions={"convgen": __version__, "tvm": tvm.__version__,
+                  "tvm_ffi": tvm_ffi.__version__},
+        build_seconds=dict(compiled.seconds),
+        module_compiled=compiled_module,
+    )
 
 
 @dataclass
 class Artifact:
     manifest_path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     @property
     def verified_ok(self) -> bool:
-        return self.manifest["verification"].get("status") != "failed"
+        return self.manifest.verification.status != "failed"
 
 
 def build_artifact(
@@ -190,52 +185,65 @@ def build_artifact(
     seed: int = 0,
     template: str | None = None,
     knobs: dict[str, Any] | None = None,
+    library: Path | None = None,
 ) -> Artifact:
-    """Compile, export, (verify) and write DIR/<name>.{so,onnx,json}, atomically."""
-    from convgen.onnx_export import export_onnx
-    from convgen.runtime.verify import not_run, verify_kernel
-
+    """Compile, export, (verify) and write DIR/<name>.{so,onnx,json}, atomically.
+    `library`: the record library to take a tuned schedule from (default: the shipped
+    one, or $CONVGEN_SCHEDULES)."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConvgenError(f"out: cannot create {out}: {err.strerror}") from None
-    compiled = compile_kernel(spec, target, template, knobs)
-    name = spec.name()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
+    compiled = compile_kernel(spec, target, template, knobs, library)
+    defer_nvcc = defer_nvcc and target.is_cuda
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name()}.", dir=out))
     try:
-        defer_nvcc = defer_nvcc and target.is_cuda
-        files = write_module(compiled, tmp, defer_nvcc)
-        model = export_onnx(spec)
-        files["onnx"] = f"{name}.onnx"
-        (tmp / files["onnx"]).write_bytes(model.SerializeToString())
-        if emit_source:
-            emit_sources(compiled, tmp, files)
-        elif "cuda_source" in files and not defer_nvcc:
-            (tmp / files.pop("cuda_source")).unlink()
-        manifest = manifest_for(compiled, target_name or target.key(), files, {})
-        manifest["module_compiled"] = not defer_nvcc
-        if defer_nvcc:
-            manifest["verification"] = not_run(
-                "module not compiled yet (--defer-nvcc): run `convgen compile DIR`"
-            ).to_dict()
-        elif verify:
-            kernel = Kernel(tmp / f"{name}{MANIFEST_SUFFIX}", manifest)
-            report = verify_kernel(kernel, spec, tmp / files["onnx"], seed=seed)
-            manifest["verification"] = report.to_dict()
-        else:
-            manifest["verification"] = not_run("skipped (--no-verify)").to_dict()
-        (tmp / f"{name}{MANIFEST_SUFFIX}").write_text(json.dumps(manifest, indent=2) + "\n")
-        # Rename into place, the manifest last: it is what marks an artifact whole.
-        stale = out / f"{name}{MANIFEST_SUFFIX}"
-        if stale.exists():
-            stale.unlink()
-        for fname in files.values():
-            if (tmp / fname).exists():
-                os.replace(tmp / fname, out / fname)
-            else:  # a deferred module: no stale one from an earlier build may stay
-                (out / fname).unlink(missing_ok=True)
-        os.replace(tmp / f"{name}{MANIFEST_SUFFIX}", out / f"{name}{MANIFEST_SUFFIX}")
+        manifest = _write_files(compiled, tmp, target_name or target.key(), emit_source,
+                                defer_nvcc)
+        manifest = dataclasses.replace(manifest, verification=_verification(
+            tmp, manifest, verify, defer_nvcc, seed))
+        manifest.write(tmp / f"{manifest.name}{SUFFIX}")
+        _move_into_place(tmp, out, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Artifact(out / f"{name}{MANIFEST_SUFFIX}", manifest)
+    return Artifact(out / f"{manifest.name}{SUFFIX}", manifest)
+
+
+def _write_files(compiled: Compiled, tmp: Path, target_name: str, emit_source: bool,
+                 defer_nvcc: bool) -> Manifest:
+    """The module, the ONNX model and (--emit-source) the sources, into `tmp`."""
+    from convgen.onnx_export import export_onnx
+
+    name = compiled.spec.name()
+    files = write_module(compiled, tmp, defer_nvcc)
+    files["onnx"] = f"{name}.onnx"
+    (tmp / files["onnx"]).write_bytes(export_onnx(compiled.spec).SerializeToString())
+    if emit_source:
+        emit_sources(compiled, tmp, files)
+    elif "cuda_source" in files and not defer_nvcc:
+        (tmp / files.pop("cuda_source")).unlink()
+    return manifest_for(compiled, target_name, tmp, files, compiled_module=not defer_nvcc)
+
+
+def _verification(tmp: Path, manifest: Manifest, verify: bool, defer_nvcc: bool,
+                  seed: int) -> VerifyReport:
+    from convgen.runtime.verify import verify_kernel
+
+    if defer_nvcc:
+        return not_run("module not compiled yet (--defer-nvcc): run `convgen compile DIR`")
+    if not verify:
+        return not_run("skipped (--no-verify)")
+    return verify_kernel(Kernel(tmp / f"{manifest.name}{SUFFIX}", manifest), seed=seed)
+
+
+def _move_into_place(tmp: Path, out: Path, manifest: Manifest) -> None:
+    """Rename the files into `out`, the manifest last: it is what marks an artifact whole."""
+    final = out / f"{manifest.name}{SUFFIX}"
+    final.unlink(missing_ok=True)
+    for f in manifest.files.values():
+        if (tmp / f.name).exists():
+            os.replace(tmp / f.name, out / f.name)
+        else:  # a deferred module: no stale one from an earlier build may stay
+            (out / f.name).unlink(missing_ok=True)
+    os.replace(tmp / final.name, final)

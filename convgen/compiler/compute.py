@@ -28,12 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from convgen.runtime.manifest import ENTRY  # the artifact contract names the entry function
 from convgen.spec import ConvSpec
 
 if TYPE_CHECKING:
     from tvm.tirx import PrimFunc
-
-ENTRY = "convgen_main"
 
 
 @dataclass(frozen=True)
@@ -43,13 +42,12 @@ class Variant:
 
     flip_weight: `conv` reads the kernel reversed instead of the input tap. With the
         weight broadcast from memory (cpu_wvec) the input loads then come in the
-        same order as in `corr`, and so does LLVM's register allocation: C512 7x7
-        NCHW conv ran 188 GFLOP/s with the flip on the input tap, 195 on the
-        weight (corr 195).
+        same order as in `corr`, and so does LLVM's register allocation.
     row_extra: compute the last spatial axis this many outputs wider (the input
         padded with zeros to match, `ConvSpec.widened`) and crop in "out", so a
         7-wide row fills one 8-lane vector: full-width loads instead of 7-lane
-        ones that LLVM assembles piecewise (C512 7x7 NCHW 163 -> 195 GFLOP/s).
+        ones that LLVM assembles piecewise.
+    (The measurements are in benchmarks/NOTES.md.)
     """
 
     flip_weight: bool = False

@@ -2,10 +2,10 @@
 
 One human-readable JSON file per (target, spec), written by `convgen tune`,
 reviewed and committed, read by `convgen build`. A record names the schedule
-that won (a template and its knobs, or a MetaSchedule trace), what it measured,
-and the TVM version it was tuned with. A record only matches a build when the
-spec (every field), the target key and the TVM version all match: a schedule
-tuned with another TVM may lower differently.
+that won (`RecordedSchedule`: a template and its knobs, or a MetaSchedule
+trace), what it measured, and the TVM version it was tuned with. A record only
+matches a build when the spec (every field), the target key and the TVM version
+all match: a schedule tuned with another TVM may lower differently.
 
 Files are written atomically (a temporary file, then renamed), so an
 interrupted tune never leaves a torn record.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from convgen.errors import ConvgenError
 from convgen.spec import ConvSpec
 
 FORMAT = "convgen-record"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: schedule as {"kind": "template" | "fallback" | "trace", ...}
+META_SCHEDULE = "meta_schedule"  # the template name of a replayed MetaSchedule trace
 # The library shipped with convgen (the repository's schedules/ folder).
 DEFAULT_LIBRARY = Path(__file__).resolve().parents[2] / "schedules"
 
@@ -33,9 +34,40 @@ class RecordError(ConvgenError):
     """A record file exists but cannot be used (corrupt, wrong format)."""
 
 
-def library_path() -> Path:
-    """$CONVGEN_SCHEDULES, else the schedules/ folder beside the package."""
+def library_path(library: Path | None = None) -> Path:
+    """`library` if given, else $CONVGEN_SCHEDULES, else the schedules/ folder beside
+    the package."""
+    if library is not None:
+        return library
     return Path(os.environ.get("CONVGEN_SCHEDULES", DEFAULT_LIBRARY))
+
+
+@dataclass(frozen=True)
+class RecordedSchedule:
+    """What a record builds: a template (or the family's fallback, by its name) with
+    knobs, or, with template == "meta_schedule", a MetaSchedule trace."""
+
+    template: str
+    knobs: dict[str, Any] = field(default_factory=dict)
+    trace: list[Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.trace is not None:
+            return {"template": self.template, "trace": self.trace}
+        return {"template": self.template, "knobs": self.knobs}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], target_key: str) -> RecordedSchedule:
+        if "template" in d:
+            return cls(str(d["template"]), dict(d.get("knobs", {})), d.get("trace"))
+        kind = d["kind"]  # format 1
+        if kind == "trace":
+            return cls(META_SCHEDULE, trace=list(d["trace"]))
+        if kind == "fallback":
+            from convgen.compiler.schedule import family_for_key
+
+            return cls(family_for_key(target_key).fallback_name)
+        return cls(str(d["name"]), dict(d.get("knobs", {})))
 
 
 @dataclass(frozen=True)
@@ -43,9 +75,14 @@ class Record:
     spec: ConvSpec
     target_key: str
     tvm_version: str
-    schedule: dict[str, Any]  # {"kind": "template", "name", "knobs"} or {"kind": "trace", ...}
+    schedule: RecordedSchedule
     measured: dict[str, Any]
     tuner: dict[str, Any]
+
+    @property
+    def relpath(self) -> str:
+        """Where the record lives inside a library: `<target key>/<spec name>.json`."""
+        return f"{self.target_key}/{self.spec.name()}.json"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -55,7 +92,7 @@ class Record:
             "spec": self.spec.to_dict(),
             "target_key": self.target_key,
             "tvm_version": self.tvm_version,
-            "schedule": self.schedule,
+            "schedule": self.schedule.to_dict(),
             "measured": self.measured,
             "tuner": self.tuner,
         }
@@ -66,12 +103,14 @@ class Record:
             raise RecordError(
                 f"record: {where} is not a convgen record (format {d.get('format')!r})"
             )
+        if d.get("format_version", 1) > FORMAT_VERSION:
+            raise RecordError(f"record: {where} was written by a newer convgen: upgrade convgen")
         try:
             return cls(
                 spec=ConvSpec.from_dict(d["spec"]),
                 target_key=str(d["target_key"]),
                 tvm_version=str(d["tvm_version"]),
-                schedule=dict(d["schedule"]),
+                schedule=RecordedSchedule.from_dict(d["schedule"], str(d["target_key"])),
                 measured=dict(d.get("measured", {})),
                 tuner=dict(d.get("tuner", {})),
             )
@@ -79,14 +118,9 @@ class Record:
             raise RecordError(f"record: {where} is malformed: {err}") from None
 
 
-def record_path(library: Path, target_key: str, spec: ConvSpec) -> Path:
-    return library / target_key / f"{spec.name()}.json"
-
-
 def write_record(record: Record, library: Path | None = None) -> Path:
     """Write (or replace) a record atomically."""
-    lib = library if library is not None else library_path()
-    path = record_path(lib, record.target_key, record.spec)
+    path = library_path(library) / record.relpath
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record.to_dict(), indent=2, sort_keys=False) + "\n")
@@ -112,8 +146,7 @@ def find_record(spec: ConvSpec, target: TargetInfo, library: Path | None = None)
     """The record for exactly this spec, target and TVM version, if the library has one."""
     import tvm
 
-    lib = library if library is not None else library_path()
-    path = record_path(lib, target.key(), spec)
+    path = library_path(library) / target.key() / f"{spec.name()}.json"
     if not path.is_file():
         return None
     record = read_record(path)

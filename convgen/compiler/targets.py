@@ -1,8 +1,12 @@
-"""Target names -> TVM targets, and what the rest of convgen needs to know about them.
+"""Target names -> TVM targets, and the one hardware model schedules ask for facts.
 
 Accepted: `llvm` / `cpu` (the host CPU, detected: mcpu and core count),
 `llvm:<mcpu>` (cross-compile for another x86/Arm CPU), `cuda` (sm_90),
 `cuda:sm_80` (any arch), or a JSON dict passed to `tvm.target.Target` as is.
+
+Every fact of the hardware a schedule relies on (vector width and registers,
+SM count, shared memory per block, compute capability, warp size) is a property
+of `TargetInfo`, asked of it, never written into a template as a literal.
 """
 
 from __future__ import annotations
@@ -12,10 +16,17 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from convgen.errors import SpecError
-from convgen.runtime.kernel import available_cores
+from convgen.errors import TargetError
+from convgen.runtime.cores import available_cores
 
 DEFAULT_CUDA_ARCH = "sm_90"
+# Streaming multiprocessors of each architecture's data-centre part (the GPU a
+# kernel for that arch is most often tuned on): V100, T4, A100, A40, L4,
+# H100/H200, B200.
+SM_COUNT = {70: 80, 75: 40, 80: 108, 86: 84, 89: 58, 90: 132, 100: 148}
+# Static shared memory a block may declare (larger needs dynamic allocation and an
+# opt-in attribute, which TVM's CUDA codegen does not emit).
+STATIC_SMEM_PER_BLOCK = 48 * 1024
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,44 @@ class TargetInfo:
         """SIMD register width in bits (SVE counted at its 128-bit minimum)."""
         return {"avx512": 512, "avx2": 256, "avx": 256}.get(self.vector_isa(), 128)
 
+    # ---- the CPU model ------------------------------------------------------------
+
+    @property
+    def fp32_lanes(self) -> int:
+        """float32 lanes of the vectors CPU schedules tile by: 256-bit vectors wherever
+        the CPU has them, AVX-512 included (Zen 4 runs 512-bit FMAs as two 256-bit
+        halves, for no more throughput, and LLVM prefers 256-bit vectors on AVX-512
+        x86 parts); 128-bit elsewhere."""
+        return min(self.vector_bits(), 256) // 32
+
+    @property
+    def vector_registers(self) -> int:
+        """Architectural vector registers: 32 with AVX-512 (ymm16-31 through AVX-512VL)
+        and on Arm, 16 on AVX2/AVX/SSE x86."""
+        return 16 if self.vector_isa() in ("avx2", "avx", "sse2") else 32
+
+    # ---- the GPU model ------------------------------------------------------------
+
+    @property
+    def compute_capability(self) -> int:
+        """sm_90 -> 90 (sm_90a -> 90)."""
+        return int(self.arch.removeprefix("sm_").rstrip("a"))
+
+    @property
+    def sm_count(self) -> int:
+        """Streaming multiprocessors: the parallelism a grid of blocks must fill."""
+        known = [cc for cc in SM_COUNT if cc <= self.compute_capability]
+        return SM_COUNT[max(known)] if known else SM_COUNT[min(SM_COUNT)]
+
+    @property
+    def smem_per_block(self) -> int:
+        """Bytes of static shared memory one block may declare."""
+        return STATIC_SMEM_PER_BLOCK
+
+    @property
+    def warp_size(self) -> int:
+        return 32
+
 
 def host_cpu() -> str:
     from tvm.target import codegen
@@ -85,15 +134,15 @@ def host_cpu() -> str:
 
 
 def resolve_target(name: str) -> TargetInfo:
-    """A user's target string -> TargetInfo. Raises SpecError naming `target`."""
+    """A user's target string -> TargetInfo. Raises TargetError naming `target`."""
     text = name.strip()
     if text.startswith("{"):
         try:
             d = json.loads(text)
         except json.JSONDecodeError as err:
-            raise SpecError(f"target: {name!r} is not valid JSON: {err.msg}") from None
+            raise TargetError(f"target: {name!r} is not valid JSON: {err.msg}") from None
         if not isinstance(d, dict) or d.get("kind") not in ("llvm", "cuda"):
-            raise SpecError(f"target: {name!r} must be a dict with kind llvm or cuda")
+            raise TargetError(f"target: {name!r} must be a dict with kind llvm or cuda")
         kind = d["kind"]
         if kind == "llvm":
             d.setdefault("mcpu", host_cpu())
@@ -110,9 +159,9 @@ def resolve_target(name: str) -> TargetInfo:
     if base in ("cuda", "gpu", "nvidia"):
         arch = arg or DEFAULT_CUDA_ARCH
         if not re.fullmatch(r"sm_\d{2,3}a?", arch):
-            raise SpecError(f"target: {name!r}: CUDA arch must look like sm_90 or sm_80")
+            raise TargetError(f"target: {name!r}: CUDA arch must look like sm_90 or sm_80")
         return TargetInfo("cuda", _freeze({"kind": "cuda", "arch": arch}))
-    raise SpecError(
+    raise TargetError(
         f"target: {name!r} is not one of llvm, cpu, llvm:<mcpu>, cuda, cuda:sm_XX "
         "or a JSON dict"
     )

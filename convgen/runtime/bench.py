@@ -1,46 +1,33 @@
 """Timing a kernel against the peers a user would pick instead, in one process.
 
 CPU: onnxruntime (same thread count, intra-op spinning off so the two thread
-pools do not fight) and PyTorch when installed. CUDA: PyTorch/cuDNN when
-installed, timed with CUDA events. Every number is a median over `repeats`
-samples after warm-up (on CPU taken in rounds that alternate between the kernels
-and their peers); each sample runs the kernel enough times to last about
-`min_sample_ms`, so timer resolution never dominates. Runtime side: numpy,
-tvm-ffi and onnxruntime only (torch is optional), so it runs on GPU machines
-without the TVM compiler.
+pools do not fight) and PyTorch when installed, in rounds that alternate across
+every kernel and peer of the run (`timing.time_host_rounds`). CUDA: PyTorch/cuDNN
+when installed, timed with CUDA events. Runtime side: numpy, tvm-ffi and
+onnxruntime only (torch is optional), so it runs on GPU machines without the
+TVM compiler.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from convgen.compiler.schedule import ScheduleChoice
-from convgen.runtime.kernel import available_cores
+from convgen.runtime.cores import available_cores
+from convgen.runtime.kernel import Kernel
+from convgen.runtime.timing import (
+    Timing,
+    geomean,
+    gflops,
+    measure_cpu_peak,
+    time_cuda,
+    time_host_rounds,
+)
 from convgen.spec import ConvSpec
-
-
-@dataclass
-class Timing:
-    """Seconds per call: median and the 10th/90th percentiles of the samples."""
-
-    median: float
-    p10: float
-    p90: float
-
-    @classmethod
-    def of(cls, samples: list[float]) -> Timing:
-        s = sorted(samples)
-        pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
-        return cls(statistics.median(s), pick(0.1), pick(0.9))
 
 
 @dataclass
@@ -56,7 +43,7 @@ class BenchResult:
     notes: list[str] = field(default_factory=list)
 
     def gflops(self, who: str) -> float:
-        return self.flops / self.times[who].median / 1e9
+        return gflops(self.flops, self.times[who].median)
 
     def ratio(self, peer: str) -> float:
         """Speed-up of convgen over `peer` (> 1: convgen is faster)."""
@@ -72,119 +59,8 @@ class BenchResult:
         return d
 
 
-
-
-K = TypeVar("K")
-_peak_cache: dict[int, float | None] = {}
-# Timing blocks start once this process has used no CPU for a window: TVM's thread
-# pool keeps yield-spinning after a call (0.14 s of CPU measured here after a 3x3
-# layer), and a block started 0.1 s after convgen's ran onnxruntime beside it.
-_IDLE_WINDOW_S = 0.05
-_IDLE_WAIT_MAX_S = 1.0
-
-
-def _wait_until_idle() -> None:
-    """Return once the process's threads have been idle for a window (or after a
-    second): the previous implementation's thread pool has parked."""
-    deadline = time.perf_counter() + _IDLE_WAIT_MAX_S
-    while time.perf_counter() < deadline:
-        t0 = os.times()
-        time.sleep(_IDLE_WINDOW_S)
-        t1 = os.times()
-        if (t1.user + t1.system) - (t0.user + t0.system) < 0.01:  # under one clock tick
-            return
-
-
-def measure_cpu_peak(n_threads: int) -> float | None:
-    """The CPU's fp32 FMA peak on `n_threads`, measured (GFLOP/s): the best of a few
-    runs of a register-only FMA loop, 256- and 512-bit wide. None without gcc."""
-    if n_threads in _peak_cache:
-        return _peak_cache[n_threads]
-    import ctypes
-    import shutil
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    src = Path(__file__).parent / "native" / "fma_peak.c"
-    best = None
-    if shutil.which("gcc"):
-        with tempfile.TemporaryDirectory() as tmp:
-            for vbytes in (32, 64):
-                lib = Path(tmp) / f"peak{vbytes}.so"
-                proc = subprocess.run(
-                    ["gcc", "-O2", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared",
-                     "-fPIC", f"-DVBYTES={vbytes}", str(src), "-o", str(lib)],
-                    capture_output=True,
-                )
-                if proc.returncode != 0:
-                    continue
-                f = ctypes.CDLL(str(lib)).fma_peak
-                f.restype, f.argtypes = ctypes.c_double, [ctypes.c_long, ctypes.c_int]
-                for _ in range(3):
-                    g = f(20_000_000, n_threads)
-                    best = g if best is None else max(best, g)
-    _peak_cache[n_threads] = best
-    return best
-
-
-def _calibrate(fn: Callable[[], Any], warmup: int, min_sample_ms: float) -> int:
-    """Calls per sample, so that one sample lasts about `min_sample_ms`."""
-    _wait_until_idle()
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-7)
-    return max(1, math.ceil(min_sample_ms / 1e3 / once))
-
-
-def time_host_rounds(calls: dict[K, Callable[[], Any]], repeats: int, warmup: int,
-                     min_sample_ms: float, rounds: int = 5) -> dict[K, Timing]:
-    """`repeats` samples of each call, taken in `rounds` alternating blocks, so a slow
-    spell on a shared machine (one here halved a 1x1 layer's speed for minutes)
-    falls on every implementation alike, not on whichever one it overlapped.
-    Per-sample interleaving is worse: the thread pools that spin after each call
-    (TVM's, PyTorch's OpenMP) then steal cores from the next implementation
-    (convgen fell 26%, onnxruntime 43-57%). So each block starts once the previous
-    pool has parked, with one untimed call."""
-    number = {name: _calibrate(fn, warmup, min_sample_ms) for name, fn in calls.items()}
-    samples: dict[K, list[float]] = {name: [] for name in calls}
-    per_round = max(1, math.ceil(repeats / rounds))
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            _wait_until_idle()
-            fn()
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                for _ in range(number[name]):
-                    fn()
-                samples[name].append((time.perf_counter() - t0) / number[name])
-    return {name: Timing.of(s) for name, s in samples.items()}
-
-
-def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int, min_sample_ms: float) -> Timing:
-    from convgen.runtime import cuda_driver
-
-    timer = cuda_driver.EventTimer()
-    for _ in range(warmup):
-        fn()
-    cuda_driver.synchronize()
-    timer.start()
-    fn()
-    once = max(timer.stop_ms(), 1e-4)
-    number = max(1, math.ceil(min_sample_ms / once))
-    samples = []
-    for _ in range(repeats):
-        timer.start()
-        for _ in range(number):
-            fn()
-        samples.append(timer.stop_ms() / 1e3 / number)
-    return Timing.of(samples)
-
-
 def bench_kernels(
-    kernels: list[tuple[Any, ConvSpec]],
+    kernels: list[Kernel],
     *,
     repeats: int = 30,
     warmup: int = 5,
@@ -197,8 +73,8 @@ def bench_kernels(
     a round or two, instead of all of one row's samples."""
     results: list[BenchResult] = []
     host_calls: dict[tuple[int, str], Callable[[], Any]] = {}
-    for i, (kernel, spec) in enumerate(kernels):
-        result, calls = _prepare(kernel, spec, peers, repeats, warmup, min_sample_ms)
+    for i, kernel in enumerate(kernels):
+        result, calls = _prepare(kernel, peers, repeats, warmup, min_sample_ms)
         results.append(result)
         host_calls.update({(i, name): call for name, call in calls.items()})
     for (i, name), timing in time_host_rounds(host_calls, repeats, warmup,
@@ -208,19 +84,18 @@ def bench_kernels(
 
 
 def _prepare(
-    kernel: Any, spec: ConvSpec, peers: tuple[str, ...], repeats: int, warmup: int,
-    min_sample_ms: float,
+    kernel: Kernel, peers: tuple[str, ...], repeats: int, warmup: int, min_sample_ms: float,
 ) -> tuple[BenchResult, dict[str, Callable[[], Any]]]:
     """The result row of one kernel and, on the CPU, the calls to time (convgen and
     its peers, on the same inputs); a CUDA kernel is timed here, on its own."""
     from convgen.onnx_export import export_onnx
     from convgen.runtime.verify import ort_session, random_inputs
 
+    spec = kernel.spec
     n = available_cores()
     inputs = random_inputs(spec, seed=0)
-    choice = kernel.manifest.get("schedule")
     result = BenchResult(spec.name(), spec.describe(), kernel.device, n, spec.flops,
-                         schedule=ScheduleChoice.from_dict(choice).brief() if choice else None)
+                         schedule=kernel.manifest.schedule.brief())
     if kernel.device == "cuda":
         from convgen.runtime import cuda_driver
 
@@ -345,8 +220,8 @@ def format_table(results: list[BenchResult]) -> list[str]:
     for p in peers:
         ratios = [r.ratio(p) for r in results if p in r.times]
         if ratios:
-            geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios))
-            lines.append(f"geometric-mean speed-up over {p}: {geo:.2f}x ({len(ratios)} kernels)")
+            lines.append(f"geometric-mean speed-up over {p}: {geomean(ratios):.2f}x "
+                         f"({len(ratios)} kernels)")
     peaks = {r.peak_gflops for r in results if r.peak_gflops}
     if peaks:
         lines.append(f"measured FMA peak: {max(peaks):.1f} GFLOP/s on {results[0].threads} threads")

@@ -1,49 +1,36 @@
 """Loading and calling convgen artifacts: `convgen.load(path)`.
 
-This module and what it imports need only numpy and tvm-ffi (the 3 MB
-`apache-tvm-ffi` wheel), never the TVM compiler, so that a deployment or GPU
-machine without `apache-tvm` can load, verify and benchmark artifacts built
-elsewhere. CPU artifacts call TVM's thread pool (`__TVMBackendParallelLaunch`),
-which lives in TVM's runtime library; it is loaded from the installed
-apache-tvm package (found without importing it) or from $CONVGEN_TVM_RUNTIME.
+Needs only numpy and tvm-ffi (the 3 MB `apache-tvm-ffi` wheel), never the TVM
+compiler, so that a deployment or GPU machine without `apache-tvm` can load,
+verify and benchmark artifacts built elsewhere. CPU artifacts call TVM's thread
+pool (`__TVMBackendParallelLaunch`), which lives in TVM's runtime library; it is
+loaded from the installed apache-tvm package (found without importing it) or
+from $CONVGEN_TVM_RUNTIME.
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from convgen.errors import ConvgenError, SpecError, ToolchainError
+from convgen.errors import ArgumentError, ArtifactError, ToolchainError
+from convgen.runtime.cores import use_all_cores
+from convgen.runtime.manifest import Manifest, TensorInfo, find_manifest
 
-MANIFEST_SUFFIX = ".json"
 # Generated CPU code assumes 64-byte aligned buffers (it emits aligned vector
 # loads); numpy only guarantees 16. Misaligned inputs are copied.
 ALIGNMENT = 64
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask, not the machine's count)."""
-    return len(os.sched_getaffinity(0))
-
-
-def use_all_cores() -> None:
-    """TVM's thread pool starts half the cores on x86 unless told: use them all.
-    Must run before the pool starts (the first parallel kernel call)."""
-    os.environ.setdefault("TVM_NUM_THREADS", str(available_cores()))
-
 
 _tvm_runtime_loaded = False
 
 
 def _load_tvm_runtime() -> None:
-    """Make TVM's runtime library (thread pool) visible to CPU artifacts."""
+    """Make TVM's runtime library (thread pool) visible to CPU artifacts, once."""
     global _tvm_runtime_loaded
     if _tvm_runtime_loaded:
         return
@@ -68,84 +55,27 @@ def _load_tvm_runtime() -> None:
     )
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def find_manifest(path: str | os.PathLike[str], name: str | None = None) -> Path:
-    """A directory, a manifest, or a module file -> the manifest's path."""
-    p = Path(path)
-    if p.is_dir():
-        if name:
-            m = p / f"{name}{MANIFEST_SUFFIX}"
-            if not m.is_file():
-                raise ConvgenError(f"artifact: no kernel named {name!r} in {p}")
-            return m
-        found = list_manifests(p)
-        if len(found) > 1:
-            names = ", ".join(q.stem for q in found)
-            raise ConvgenError(f"artifact: {p} holds several kernels; name one of: {names}")
-        return found[0]
-    if p.suffix in (".so", ".onnx") and p.with_suffix(MANIFEST_SUFFIX).is_file():
-        return p.with_suffix(MANIFEST_SUFFIX)
-    if p.is_file() and _is_manifest(p):
-        return p
-    raise ConvgenError(f"artifact: {p} is not a convgen artifact directory or manifest")
-
-
-def list_manifests(path: str | os.PathLike[str]) -> list[Path]:
-    p = Path(path)
-    if p.is_dir():
-        found = sorted(q for q in p.glob(f"*{MANIFEST_SUFFIX}") if _is_manifest(q))
-        if not found:
-            raise ConvgenError(f"artifact: {p} holds no convgen artifact (no manifest)")
-        return found
-    return [find_manifest(p)]
-
-
-def _is_manifest(p: Path) -> bool:
-    try:
-        return json.loads(p.read_text()).get("format") == "convgen-artifact"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
-    """Replace a manifest atomically (a temporary file, then renamed)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        data: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConvgenError(f"artifact: cannot read manifest {path}: {err}") from None
-    return data
-
-
 class Kernel:
     """A loaded artifact: call it on numpy arrays (or DLPack tensors on its device).
 
     `kernel(data, weight[, bias])` returns a new numpy array; pass `out=` to
-    write into an existing array or device tensor instead.
+    write into an existing array or device tensor instead. Loading checks every
+    file of the artifact against the sizes and hashes in its manifest.
     """
 
-    def __init__(self, manifest_path: Path, manifest: dict[str, Any] | None = None) -> None:
+    def __init__(self, manifest_path: Path, manifest: Manifest | None = None) -> None:
         self.manifest_path = manifest_path
-        self.manifest = manifest if manifest is not None else read_manifest(manifest_path)
+        self.directory = manifest_path.parent
+        self.manifest = manifest if manifest is not None else Manifest.read(manifest_path)
+        self.manifest.check_files(self.directory)
         m = self.manifest
-        self.name: str = m["name"]
-        self.entry: str = m["entry"]
-        self.device: str = "cuda" if m["target"]["kind"] == "cuda" else "cpu"
-        self.inputs = [TensorInfo(t["name"], tuple(t["shape"]), t["dtype"]) for t in m["inputs"]]
-        self.outputs = [TensorInfo(t["name"], tuple(t["shape"]), t["dtype"]) for t in m["outputs"]]
-        self.flops: int = m["flops"]
-        self.module_path = manifest_path.parent / m["files"]["module"]
+        self.spec = m.spec
+        self.name = m.name
+        self.device = m.target.device
+        self.inputs: list[TensorInfo] = m.inputs
+        self.outputs: list[TensorInfo] = m.outputs
+        self.flops = m.flops
+        self.module_path = m.path_of("module", self.directory)
         self._func: Any = None
 
     def __repr__(self) -> str:
@@ -157,16 +87,16 @@ class Kernel:
         if self._func is None:
             import tvm_ffi
 
-            if not self.manifest.get("module_compiled", True):
-                raise ConvgenError(
+            if not self.manifest.module_compiled:
+                raise ArtifactError(
                     f"artifact: {self.name} was built with --defer-nvcc and is not compiled "
-                    f"yet: run `convgen compile {self.manifest_path.parent}`"
+                    f"yet: run `convgen compile {self.directory}`"
                 )
             if self.device == "cpu":
                 _load_tvm_runtime()
             try:
                 mod = tvm_ffi.load_module(str(self.module_path.resolve()))
-                self._func = mod[self.entry]
+                self._func = mod[self.manifest.entry]
             except Exception as err:  # tvm-ffi raises its own error types
                 raise ToolchainError(f"cannot load {self.module_path}: {err}") from None
         return self._func
@@ -174,7 +104,7 @@ class Kernel:
     def check_inputs(self, arrays: tuple[Any, ...]) -> None:
         if len(arrays) != len(self.inputs):
             names = ", ".join(t.name for t in self.inputs)
-            raise SpecError(
+            raise ArgumentError(
                 f"inputs: {self.name} takes {len(self.inputs)} ({names}), got {len(arrays)}"
             )
         for info, a in zip(self.inputs, arrays):
@@ -215,7 +145,7 @@ def _check_tensor(info: TensorInfo, a: Any) -> None:
     shape = tuple(getattr(a, "shape", ()))
     dtype = str(getattr(a, "dtype", ""))
     if shape != info.shape:
-        raise SpecError(
+        raise ArgumentError(
             f"{info.name}: shape {'x'.join(map(str, shape)) or '()'} does not match the "
             f"kernel's {'x'.join(map(str, info.shape))}"
         )
@@ -224,7 +154,7 @@ def _check_tensor(info: TensorInfo, a: Any) -> None:
     except TypeError:
         same = False
     if not same:
-        raise SpecError(
+        raise ArgumentError(
             f"{info.name}: dtype {dtype or '?'} does not match the kernel's {info.dtype}"
         )
 
@@ -264,5 +194,4 @@ def host_aligned(a: Any, dtype: str) -> Any:
 def load(path: str | os.PathLike[str], name: str | None = None) -> Kernel:
     """Load a convgen artifact: a build directory (with `name` when it holds several
     kernels), a manifest (.json), or its module (.so)."""
-    m = find_manifest(path, name)
-    return Kernel(m)
+    return Kernel(find_manifest(path, name))

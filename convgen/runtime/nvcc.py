@@ -9,12 +9,17 @@ libtvm_ffi.so and the NVIDIA driver.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from convgen.errors import ToolchainError
+from convgen.runtime.cores import available_cores
+from convgen.runtime.manifest import ArtifactFile, Manifest, list_manifests, not_run
 
 
 def find_nvcc() -> str:
@@ -54,38 +59,30 @@ def nvcc(source: Path, output: Path, arch: str) -> None:
 
 
 def compile_artifact(manifest_path: Path) -> float:
-    """nvcc one deferred CUDA artifact and mark its manifest compiled (atomically).
-    Returns the seconds nvcc took (0 when it was compiled already)."""
-    import time
-
-    from convgen.runtime.kernel import read_manifest, write_manifest
-
-    m = read_manifest(manifest_path)
-    if m.get("module_compiled", True):
+    """nvcc one deferred CUDA artifact and mark its manifest compiled (atomically),
+    with the module's size and hash. Returns the seconds nvcc took (0 when it was
+    compiled already)."""
+    m = Manifest.read(manifest_path)
+    if m.module_compiled:
         return 0.0
     directory = manifest_path.parent
+    module = m.path_of("module", directory)
     t0 = time.perf_counter()
-    nvcc(directory / m["files"]["cuda_source"], directory / m["files"]["module"],
-         m["target"]["config"].get("arch", "sm_90"))
+    nvcc(m.path_of("cuda_source", directory), module, m.target.cuda_arch)
     seconds = time.perf_counter() - t0
-    m = dict(m, module_compiled=True)
-    m["build_seconds"] = dict(m.get("build_seconds", {}), nvcc=round(seconds, 3))
-    m["verification"] = {"status": "not run",
-                         "reason": "compiled by convgen compile; run convgen verify DIR"}
-    write_manifest(manifest_path, m)
+    dataclasses.replace(
+        m, module_compiled=True,
+        files={**m.files, "module": ArtifactFile.of(module)},
+        build_seconds={**m.build_seconds, "nvcc": seconds},
+        verification=not_run("compiled by convgen compile; run convgen verify DIR"),
+    ).write(manifest_path)
     return seconds
 
 
 def compile_artifacts(path: str | os.PathLike[str], jobs: int = 0) -> list[tuple[str, float]]:
     """`convgen compile DIR`: nvcc every CUDA artifact in DIR that was built with
     --defer-nvcc, in parallel. Returns (name, seconds)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from convgen.runtime.kernel import available_cores, list_manifests, read_manifest
-
-    pending = [p for p in list_manifests(path)
-               if not read_manifest(p).get("module_compiled", True)]
-    workers = jobs or available_cores()
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pending = [p for p in list_manifests(path) if not Manifest.read(p).module_compiled]
+    with ThreadPoolExecutor(max_workers=jobs or available_cores()) as pool:
         seconds = list(pool.map(compile_artifact, pending))
     return [(p.stem, t) for p, t in zip(pending, seconds)]

@@ -17,13 +17,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+import platform
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from convgen.onnx_export import export_onnx
 from convgen.reference import flip_weight, reference_conv
+from convgen.runtime.cores import available_cores
+from convgen.runtime.kernel import Kernel
+from convgen.runtime.manifest import Check, Manifest, VerifyReport, list_manifests, not_run
 from convgen.spec import ConvSpec
 
 # |got - want| <= atol * max(1, max|want|) + rtol * |want|, elementwise.
@@ -40,44 +44,6 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 DIFFERS_FACTOR = 10.0
 
 
-@dataclass
-class Check:
-    name: str
-    passed: bool
-    max_abs_error: float
-    max_rel_error: float  # relative to max(1, max|want|)
-    detail: str = ""
-
-    def line(self) -> str:
-        mark = "ok  " if self.passed else "FAIL"
-        return f"{mark} {self.name}: max abs error {self.max_abs_error:.3g} {self.detail}".rstrip()
-
-
-@dataclass
-class VerifyReport:
-    status: str  # "passed", "failed" or "not run"
-    reason: str = ""
-    seed: int | None = None
-    dtype: str = ""
-    tolerance: dict[str, float] = field(default_factory=dict)
-    checks: list[Check] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def lines(self) -> list[str]:
-        head = f"verification {self.status}" + (f": {self.reason}" if self.reason else "")
-        return [head, *(f"  {c.line()}" for c in self.checks)]
-
-
-def not_run(reason: str) -> VerifyReport:
-    return VerifyReport(status="not run", reason=reason)
-
-
 def random_inputs(spec: ConvSpec, seed: int) -> dict[str, np.ndarray]:
     """Seeded inputs: data in [-1, 1), weights and bias normal. A random kernel is
     asymmetric with probability 1, so conv and corr give different outputs."""
@@ -91,14 +57,21 @@ def random_inputs(spec: ConvSpec, seed: int) -> dict[str, np.ndarray]:
     return {k: v.astype(spec.dtype) for k, v in arrays.items()}
 
 
-def compare(name: str, got: np.ndarray, want: np.ndarray, dtype: str) -> Check:
+def within_tolerance(got: np.ndarray, want: np.ndarray, dtype: str) -> np.ndarray:
+    """Elementwise: |got - want| <= atol * max(1, max|want|) + rtol * |want| (NaN fails)."""
     rtol, atol = TOLERANCES[dtype]
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    scale = max(1.0, float(np.abs(w).max(initial=0.0)))
+    return np.abs(g - w) <= atol * scale + rtol * np.abs(w)
+
+
+def compare(name: str, got: np.ndarray, want: np.ndarray, dtype: str) -> Check:
     g, w = got.astype(np.float64), want.astype(np.float64)
     if g.shape != w.shape:
         return Check(name, False, math.inf, math.inf, f"shape {g.shape} != {w.shape}")
     scale = max(1.0, float(np.abs(w).max(initial=0.0)))
     err = np.abs(g - w)
-    bad = ~(err <= atol * scale + rtol * np.abs(w))  # NaN counts as bad
+    bad = ~within_tolerance(got, want, dtype)
     max_abs = float(np.nanmax(err, initial=0.0)) if not np.isnan(err).all() else math.inf
     detail = ""
     if bad.any():
@@ -116,8 +89,6 @@ def ort_session(model: bytes | Path) -> Any:
     off (so its thread pool does not fight TVM's when both run in one process)."""
     import onnxruntime as ort
 
-    from convgen.runtime.kernel import available_cores
-
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = available_cores()
     opts.inter_op_num_threads = 1
@@ -130,43 +101,40 @@ def ort_session(model: bytes | Path) -> Any:
     )
 
 
-def verify_kernel(kernel: Any, spec: ConvSpec, onnx_path: Path, seed: int = 0) -> VerifyReport:
-    """Run `kernel` on seeded inputs and check it against onnxruntime, the numpy oracle
-    and the flip property."""
-    from convgen.onnx_export import export_onnx
-
+def verify_kernel(kernel: Kernel, seed: int = 0) -> VerifyReport:
+    """Run `kernel` on seeded inputs and check it against onnxruntime on the artifact's
+    ONNX model, the numpy oracle and the flip property."""
+    spec = kernel.spec
     if kernel.device == "cuda":
         from convgen.runtime import cuda_driver
 
         if not cuda_driver.gpu_present():
             return not_run("no GPU present")
     rtol, atol = TOLERANCES[spec.dtype]
-    report = VerifyReport(
-        status="passed", seed=seed, dtype=spec.dtype, tolerance={"rtol": rtol, "atol": atol}
-    )
     inputs = random_inputs(spec, seed)
     got = kernel(*inputs.values())
     if got.shape != spec.out_shape or got.dtype != np.dtype(spec.dtype):
-        report.checks.append(
-            Check("output shape and dtype", False, math.inf, math.inf,
-                  f"got {got.shape} {got.dtype}, want {spec.out_shape} {spec.dtype}")
-        )
+        checks = [Check("output shape and dtype", False, math.inf, math.inf,
+                        f"got {got.shape} {got.dtype}, want {spec.out_shape} {spec.dtype}")]
     else:
-        report.checks.append(Check("output shape and dtype", True, 0.0, 0.0))
+        onnx_path = kernel.manifest.path_of("onnx", kernel.directory)
         onnx_out = ort_session(onnx_path).run(None, inputs)[0]
-        report.checks.append(compare("onnxruntime (exported model)", got, onnx_out, spec.dtype))
-        oracle = reference_conv(spec, *inputs.values())
-        report.checks.append(compare("numpy oracle", got, oracle, spec.dtype))
-        report.checks.extend(_flip_checks(spec, inputs, got, export_onnx))
-    if not all(c.passed for c in report.checks):
-        report.status = "failed"
-        report.reason = "output does not match the references"
-    return report
+        checks = [
+            Check("output shape and dtype", True, 0.0, 0.0),
+            compare("onnxruntime (exported model)", got, onnx_out, spec.dtype),
+            compare("numpy oracle", got, reference_conv(spec, *inputs.values()), spec.dtype),
+            *_flip_checks(spec, inputs, got),
+        ]
+    ok = all(c.passed for c in checks)
+    return VerifyReport(
+        status="passed" if ok else "failed",
+        reason="" if ok else "output does not match the references",
+        seed=seed, dtype=spec.dtype, tolerance={"rtol": rtol, "atol": atol},
+        checks=tuple(checks),
+    )
 
 
-def _flip_checks(
-    spec: ConvSpec, inputs: dict[str, np.ndarray], got: np.ndarray, export_onnx: Any
-) -> list[Check]:
+def _flip_checks(spec: ConvSpec, inputs: dict[str, np.ndarray], got: np.ndarray) -> list[Check]:
     """conv == Conv(flip(W)) != Conv(W); corr == Conv(W) != Conv(flip(W))."""
     plain = dataclasses.replace(spec, mode="corr")
     session = ort_session(export_onnx(plain).SerializeToString())
@@ -199,34 +167,34 @@ def _flip_checks(
 
 def verify_artifact(
     path: str | os.PathLike[str], seed: int = 0, update: bool = True
-) -> list[tuple[str, dict[str, Any]]]:
+) -> list[tuple[str, VerifyReport]]:
     """Verify every kernel of an artifact directory (or one manifest) on this machine.
 
     With `update`, the result replaces the manifest's verification record (written
     atomically), so an artifact built where its GPU was absent can be verified later
     on the GPU machine.
     """
-    import platform
-
-    from convgen.runtime.kernel import Kernel, list_manifests, write_manifest
-    from convgen.spec import ConvSpec
-
     results = []
     for manifest_path in list_manifests(path):
         kernel = Kernel(manifest_path)
-        spec = ConvSpec.from_dict(kernel.manifest["spec"])
-        onnx_path = manifest_path.parent / kernel.manifest["files"]["onnx"]
-        report = verify_kernel(kernel, spec, onnx_path, seed=seed).to_dict()
-        if report["status"] != "not run":
-            report["host"] = platform.node()
+        report = verify_kernel(kernel, seed=seed)
+        if report.status != "not run":
+            device = ""
             if kernel.device == "cuda":
                 from convgen.runtime import cuda_driver
 
-                report["device"] = cuda_driver.device_name()
-        if update and report["status"] != "not run":
-            try:
-                write_manifest(manifest_path, dict(kernel.manifest, verification=report))
-            except OSError:
-                report["reason"] = "manifest is read-only: result not recorded"
+                device = cuda_driver.device_name()
+            report = dataclasses.replace(report, host=platform.node(), device=device)
+            if update:
+                report = _record(kernel.manifest, manifest_path, report)
         results.append((kernel.name, report))
     return results
+
+
+def _record(manifest: Manifest, path: Path, report: VerifyReport) -> VerifyReport:
+    """Write the report into the manifest; a read-only artifact keeps its old record."""
+    try:
+        dataclasses.replace(manifest, verification=report).write(path)
+    except OSError:
+        return dataclasses.replace(report, reason="manifest is read-only: result not recorded")
+    return report

@@ -1,17 +1,22 @@
-"""Tuning runs: measure candidate schedules, keep the fastest as a record.
+"""CPU tuning runs: measure candidate schedules on this machine, keep the fastest as a record.
 
-The search space is our templates' knob grids (each template's `candidates`),
-measured in this process on this machine. Each spec's run:
+The search space is convgen's templates' knob grids (`Template.candidates`),
+measured in this process. Each spec's run:
 
   1. compiles every candidate not yet measured (`workers` threads: tvm.compile
      releases the GIL in C++), a failed build counting as infinitely slow;
   2. measures them one at a time (nothing else compiling meanwhile, so the
-     timings are clean): median of `repeats` samples of >= `min_repeat_ms`;
+     timings are clean): median of `repeats` samples of >= `min_repeat_ms`,
+     after checking the result against the numpy oracle;
   3. appends each measurement to a log (work_dir/<target key>/<code>/<spec>.jsonl,
      <code> a fingerprint of the schedule code and TVM version), so an
      interrupted run (Ctrl-C, a crash) resumes where it stopped, and a run after
      the schedules changed measures afresh instead of trusting old timings;
-  4. writes the winner to the record library atomically.
+  4. re-times the fastest few in alternating rounds (`_confirm`), so a burst of
+     load from elsewhere on a shared machine cannot pick the winner;
+  5. with --method meta|both, searches MetaSchedule's space too and times its
+     best trace the same way;
+  6. writes the winner to the record library atomically.
 
 Budgets: `trials` caps the candidates measured per spec, `minutes` the whole
 run; whatever was measured when a budget runs out still produces a record.
@@ -24,7 +29,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from convgen.compiler.compute import ENTRY
-from convgen.compiler.records import Record, library_path, write_record
+from convgen.compiler.records import META_SCHEDULE, Record, RecordedSchedule, write_record
 from convgen.compiler.targets import TargetInfo
 from convgen.errors import UnsupportedError
-from convgen.runtime.kernel import available_cores
+from convgen.runtime.cores import available_cores, use_all_cores
+from convgen.runtime.manifest import ENTRY
+from convgen.runtime.timing import gflops
 from convgen.spec import ConvSpec
 
 
@@ -53,20 +59,33 @@ class TuneOptions:
     work_dir: Path | None = None  # default: ~/.cache/convgen/tune
 
 
-@dataclass
+@dataclass(frozen=True)
 class Candidate:
+    """A template (or the family's fallback, by its name) with knobs, or a MetaSchedule
+    trace (template "meta_schedule")."""
+
     template: str
     knobs: dict[str, Any]
+    trace: list[Any] | None = None
 
     def key(self) -> str:
         return json.dumps({"template": self.template, "knobs": self.knobs}, sort_keys=True)
+
+    def recorded(self) -> RecordedSchedule:
+        return RecordedSchedule(self.template, self.knobs, self.trace)
 
 
 @dataclass
 class Measurement:
     candidate: Candidate
-    seconds: float  # math.inf when it failed to build or run
+    seconds: float  # math.inf when it failed to build, run or check
     error: str = ""
+
+
+def fastest(measurements: Iterable[Measurement]) -> Measurement | None:
+    """The measurement with the lowest time among those that worked (None if none did)."""
+    ok = [m for m in measurements if math.isfinite(m.seconds)]
+    return min(ok, key=lambda m: m.seconds, default=None)
 
 
 @dataclass
@@ -79,9 +98,7 @@ class TuneResult:
 
     @property
     def gflops(self) -> float:
-        if self.best is None or not math.isfinite(self.best.seconds):
-            return 0.0
-        return self.spec.flops / self.best.seconds / 1e9
+        return gflops(self.spec.flops, self.best.seconds) if self.best else 0.0
 
 
 Progress = Callable[[ConvSpec, int, int, float], None]
@@ -90,26 +107,22 @@ Progress = Callable[[ConvSpec, int, int, float], None]
 def candidates_for(
     spec: ConvSpec, target: TargetInfo, per_template: int | None = None
 ) -> list[Candidate]:
-    """Every template's grid; with `per_template`, at most that many of each: the
+    """Every template's candidates; with `per_template`, at most that many of each: the
     heuristic's default first, then points spread evenly over the rest of the grid.
-    A grid counts even where the heuristic declines the spec: tuning is how such
-    a template wins there."""
+    A grid counts even where the heuristic declines the spec: tuning is how such a
+    template wins there."""
     from convgen.compiler.schedule import family
 
     found = []
-    for template in family(target).TEMPLATES:
-        grid = template.candidates(spec, target)
-        if not grid:
-            continue
-        default = template.default_knobs(spec, target)
-        head = [default] if default is not None else []
-        rest = [k for k in grid if k != default]
-        if per_template is not None:
+    for template in family(target).templates:
+        points = template.candidates(spec, target)
+        if per_template is not None and len(points) > per_template:
+            has_default = template.heuristic(spec, target) is not None
+            head, rest = (points[:1], points[1:]) if has_default else ([], points)
             take = max(0, per_template - len(head))
             step = len(rest) / take if take else 0
-            rest = [rest[int(i * step)] for i in range(min(take, len(rest)))]
-        for knobs in [*head, *rest]:
-            found.append(Candidate(template.name, dataclasses.asdict(knobs)))
+            points = [*head, *(rest[int(i * step)] for i in range(take))]
+        found.extend(Candidate(template.name, dataclasses.asdict(k)) for k in points)
     return found
 
 
@@ -161,13 +174,20 @@ def _append_log(path: Path, m: Measurement) -> None:
 def _compile(spec: ConvSpec, target: TargetInfo, cand: Candidate) -> Any:
     import tvm
 
-    from convgen.compiler.build import lower
+    if cand.trace is not None:
+        from convgen.compiler.schedule.trace import replay_trace
 
-    mod, _ = lower(spec, target, cand.template, cand.knobs)
+        mod = replay_trace(spec, cand.trace).mod
+    else:
+        from convgen.compiler.build import lower
+
+        mod, _ = lower(spec, target, cand.template, cand.knobs)
     return tvm.compile(mod, target=target.tvm_target())
 
 
 def _measure(lib: Any, spec: ConvSpec, options: TuneOptions, check: bool = True) -> float:
+    """Median seconds per call; with `check`, first against the numpy oracle (a fast
+    wrong kernel must never win)."""
     import tvm
 
     from convgen.reference import reference_conv
@@ -178,7 +198,6 @@ def _measure(lib: Any, spec: ConvSpec, options: TuneOptions, check: bool = True)
     args = [tvm.runtime.tensor(a, dev) for a in inputs.values()]
     out = tvm.runtime.tensor(np.zeros(spec.out_shape, spec.dtype), dev)
     lib[ENTRY](*args, out)
-    # a fast wrong kernel must never win: check it once against the oracle
     want = reference_conv(spec, *inputs.values()) if check else None
     if want is not None and not compare("oracle", out.numpy(), want, spec.dtype).passed:
         raise UnsupportedError("candidate computes a wrong result")
@@ -187,28 +206,71 @@ def _measure(lib: Any, spec: ConvSpec, options: TuneOptions, check: bool = True)
     return float(np.median(timer(*args, out).results))
 
 
+def _try(spec: ConvSpec, target: TargetInfo, cand: Candidate, lib: Callable[[], Any],
+         options: TuneOptions) -> Measurement:
+    """One candidate measured; any failure (build, run, wrong result) is infinitely slow."""
+    try:
+        return Measurement(cand, _measure(lib(), spec, options))
+    except Exception as err:
+        text = str(err).strip()
+        return Measurement(cand, math.inf, text.splitlines()[-1][:300] if text else
+                           type(err).__name__)
+
+
 CONFIRM_TOP, CONFIRM_ROUNDS = 3, 3
 
 
 def _confirm(spec: ConvSpec, target: TargetInfo, results: list[Measurement],
-             options: TuneOptions) -> Measurement:
-    """Re-time the fastest few candidates in alternating rounds and keep the best
-    median. Candidates are timed minutes apart, and on a shared machine a burst of
-    load from elsewhere can decide which one wins: in one grid run C128 28x28 3x3
-    (corr, NCHW) timed cpu_wvec v=14 at 187.9 GFLOP/s and cpu_kvec 4x4 at 187.2;
-    timed back to back, they ran 187 and 194."""
-    ok = sorted((m for m in results if math.isfinite(m.seconds)), key=lambda m: m.seconds)
-    top = ok[:CONFIRM_TOP]
+             options: TuneOptions) -> Measurement | None:
+    """Re-time the fastest few candidates in alternating rounds and keep the best median:
+    candidates are timed minutes apart, and on a shared machine a burst of load from
+    elsewhere can decide which one wins."""
+    top = sorted((m for m in results if math.isfinite(m.seconds)), key=lambda m: m.seconds)
+    top = top[:CONFIRM_TOP]
     if len(top) < 2:
-        return top[0]
+        return fastest(top)
     libs = [_compile(spec, target, m.candidate) for m in top]
     times: list[list[float]] = [[] for _ in top]
     for _ in range(CONFIRM_ROUNDS):
         for lib, t in zip(libs, times):
             t.append(_measure(lib, spec, options, check=False))
-    medians = [float(np.median(t)) for t in times]
-    i = int(np.argmin(medians))
-    return Measurement(top[i].candidate, medians[i])
+    return fastest(Measurement(m.candidate, float(np.median(t))) for m, t in zip(top, times))
+
+
+def _grid(spec: ConvSpec, target: TargetInfo, options: TuneOptions, log: Path,
+          deadline: float | None, progress: Progress | None) -> tuple[list[Measurement], bool]:
+    """Measure the grid's candidates not in the log yet. Returns (every measurement of
+    this spec, interrupted)."""
+    done = _read_log(log)
+    cands = [] if options.method == "meta" else candidates_for(spec, target)
+    if options.trials is not None:
+        cands = cands[: options.trials]
+    results = [done[c.key()] for c in cands if c.key() in done]
+    todo = [c for c in cands if c.key() not in done]
+
+    def report() -> None:
+        if progress:
+            best = fastest(results)
+            progress(spec, len(results), len(cands), gflops(spec.flops, best.seconds)
+                     if best else 0.0)
+
+    report()
+    workers = options.workers or available_cores()
+    try:
+        while todo:
+            if deadline is not None and time.monotonic() > deadline:
+                return results, True
+            chunk, todo = todo[:workers], todo[workers:]
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_compile, spec, target, c) for c in chunk]
+            for cand, fut in zip(chunk, futures):
+                m = _try(spec, target, cand, fut.result, options)
+                _append_log(log, m)
+                results.append(m)
+                report()
+    except KeyboardInterrupt:
+        return results, True
+    return results, False
 
 
 def tune_spec(
@@ -219,92 +281,54 @@ def tune_spec(
     progress: Progress | None = None,
 ) -> TuneResult:
     """Tune one spec on this machine's CPU; writes its record and returns the result."""
-    import tvm
-
     if target.is_cuda:
         raise UnsupportedError(
             "tune: CUDA candidates are measured on the GPU machine: use "
-            "`convgen tune --target cuda --candidates DIR` (see the README)"
+            "`convgen tune --target cuda --emit-candidates DIR` (see the README)"
         )
     work_dir = options.work_dir or Path.home() / ".cache" / "convgen" / "tune"
     log = _log_path(work_dir, target, spec)
     log.parent.mkdir(parents=True, exist_ok=True)
-    done = _read_log(log)
-    cands = candidates_for(spec, target)
-    if options.trials is not None:
-        cands = cands[: options.trials]
-    if options.method == "meta":
-        cands = []
-    todo = [c for c in cands if c.key() not in done]
-    total = len(cands)
-    results = [done[c.key()] for c in cands if c.key() in done]
-    best = min(results, key=lambda m: m.seconds, default=None)
-
-    def report() -> None:
-        if progress:
-            gf = spec.flops / best.seconds / 1e9 if best and math.isfinite(best.seconds) else 0.0
-            progress(spec, len(results), total, gf)
-
-    report()
-    interrupted = False
-    workers = options.workers or available_cores()
-    batch = max(1, workers)
-    try:
-        while todo:
-            if deadline is not None and time.monotonic() > deadline:
-                interrupted = True
-                break
-            chunk, todo = todo[:batch], todo[batch:]
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(_compile, spec, target, c) for c in chunk]
-            for cand, fut in zip(chunk, futures):
-                try:
-                    m = Measurement(cand, _measure(fut.result(), spec, options))
-                except Exception as err:  # any failure: infinitely slow, the run goes on
-                    m = Measurement(cand, math.inf, str(err).strip().splitlines()[-1][:300]
-                                    if str(err).strip() else type(err).__name__)
-                _append_log(log, m)
-                results.append(m)
-                if best is None or m.seconds < best.seconds:
-                    best = m
-                report()
-    except KeyboardInterrupt:
-        interrupted = True
-    if not interrupted and best is not None and math.isfinite(best.seconds):
-        best = _confirm(spec, target, results, options)
-    schedule = None
-    if best is not None and math.isfinite(best.seconds):
-        schedule = {"kind": "template", "name": best.candidate.template,
-                    "knobs": best.candidate.knobs}
+    results, interrupted = _grid(spec, target, options, log, deadline, progress)
+    best = fastest(results) if interrupted else _confirm(spec, target, results, options)
     if options.method in ("meta", "both") and not interrupted:
         from convgen.tuning.metaschedule import tune_meta_schedule
 
-        ms_seconds, trace, interrupted = tune_meta_schedule(
+        trace, interrupted = tune_meta_schedule(
             spec, target, options.trials or options.meta_trials,
             log.with_suffix(".meta_schedule"), deadline, progress)
-        if trace is not None and (best is None or ms_seconds < best.seconds):
-            best = Measurement(Candidate("meta_schedule", {}), ms_seconds)
-            schedule = {"kind": "trace", "trace": trace}
+        if trace is not None:
+            cand = Candidate(META_SCHEDULE, {}, trace)
+            best = fastest([*([best] if best else []),
+                            _try(spec, target, cand, lambda: _compile(spec, target, cand),
+                                 options)])
     path = None
-    if best is not None and schedule is not None:
-        record = Record(
-            spec=spec,
-            target_key=target.key(),
-            tvm_version=tvm.__version__,
-            schedule=schedule,
-            measured={
-                "median_ms": round(best.seconds * 1e3, 4),
-                "gflops": round(spec.flops / best.seconds / 1e9, 2),
-                "threads": int(os.environ.get("TVM_NUM_THREADS", target.num_cores)),
-                "date": time.strftime("%Y-%m-%d"),
-            },
-            tuner={"method": options.method, "grid_candidates": len(results),
-                   "grid_failed": sum(not math.isfinite(m.seconds) for m in results),
-                   "confirmed": f"best median of {CONFIRM_ROUNDS} alternating rounds "
-                                f"among the grid's top {CONFIRM_TOP}"},
-        )
-        path = write_record(record, options.library or library_path())
+    if best is not None:
+        path = write_record(_record(spec, target, best, options, results),
+                            options.library)
     return TuneResult(spec, best, len(results), path, interrupted)
+
+
+def _record(spec: ConvSpec, target: TargetInfo, best: Measurement, options: TuneOptions,
+            results: list[Measurement]) -> Record:
+    import tvm
+
+    return Record(
+        spec=spec,
+        target_key=target.key(),
+        tvm_version=tvm.__version__,
+        schedule=best.candidate.recorded(),
+        measured={
+            "median_ms": round(best.seconds * 1e3, 4),
+            "gflops": round(gflops(spec.flops, best.seconds), 2),
+            "threads": int(os.environ.get("TVM_NUM_THREADS", target.num_cores)),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        tuner={"method": options.method, "grid_candidates": len(results),
+               "grid_failed": sum(not math.isfinite(m.seconds) for m in results),
+               "confirmed": f"best median of {CONFIRM_ROUNDS} alternating rounds "
+                            f"among the grid's top {CONFIRM_TOP}"},
+    )
 
 
 def tune_specs(
@@ -314,8 +338,6 @@ def tune_specs(
     progress: Progress | None = None,
 ) -> list[TuneResult]:
     """Tune several specs in turn; Ctrl-C keeps every record finished so far."""
-    from convgen.runtime.kernel import use_all_cores
-
     use_all_cores()
     deadline = time.monotonic() + options.minutes * 60 if options.minutes else None
     results = []
@@ -325,75 +347,3 @@ def tune_specs(
         if result.interrupted:
             break
     return results
-
-
-# ---- CUDA: candidates generated here, measured on the GPU machine ----------------------
-
-
-def emit_cuda_candidates(specs: list[ConvSpec], target: TargetInfo, out_dir: Path,
-                         per_template: int | None = None) -> int:
-    """Write the candidates (template knobs, `per_template` at most of each, and the
-    direct fallback) of every spec as deferred CUDA artifacts under out_dir, with the
-    index `convgen measure` reads. Returns the number of candidates."""
-    from convgen.compiler.build import build_artifact
-    from convgen.tuning.measure import INDEX
-
-    if not target.is_cuda:
-        raise UnsupportedError("tune: --emit-candidates is for CUDA targets")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    index: dict[str, Any] = {"target": target.config_dict, "target_key": target.key(),
-                             "specs": []}
-    count = 0
-    for spec in specs:
-        cands = [*candidates_for(spec, target, per_template), Candidate("fallback", {})]
-        entries = []
-        for i, cand in enumerate(cands):
-            sub = out_dir / spec.name() / f"c{i:03d}"
-            try:
-                art = build_artifact(spec, target, sub, verify=False, defer_nvcc=True,
-                                     template=cand.template, knobs=cand.knobs)
-            except Exception:  # a candidate TVM cannot lower: skip it, the search goes on
-                continue
-            entries.append({"template": cand.template, "knobs": cand.knobs,
-                            "manifest": str(art.manifest_path.relative_to(out_dir))})
-            count += 1
-        index["specs"].append({"spec": spec.to_dict(), "candidates": entries})
-    (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return count
-
-
-def ingest_cuda_results(directory: Path, library: Path | None = None) -> list[Path]:
-    """results.json from `convgen measure` -> one record per spec (its fastest candidate)."""
-    import tvm
-
-    from convgen.tuning.measure import INDEX, RESULTS
-
-    index = json.loads((directory / INDEX).read_text())
-    try:
-        results = json.loads((directory / RESULTS).read_text())
-    except OSError:
-        raise UnsupportedError(
-            f"tune: {directory / RESULTS} not found: run `convgen measure {directory}` on the "
-            "GPU machine first"
-        ) from None
-    written = []
-    for entry in results["specs"].values():
-        spec = ConvSpec.from_dict(entry["spec"])
-        ok = [r for r in entry["candidates"] if r["median_ms"]]
-        if not ok:
-            continue
-        best = min(ok, key=lambda r: r["median_ms"])
-        schedule = ({"kind": "fallback"} if best["template"] == "fallback" else
-                    {"kind": "template", "name": best["template"], "knobs": best["knobs"]})
-        record = Record(
-            spec=spec, target_key=index["target_key"], tvm_version=tvm.__version__,
-            schedule=schedule,
-            measured={"median_ms": round(best["median_ms"], 5),
-                      "gflops": round(spec.flops / best["median_ms"] / 1e6, 1),
-                      "device": results.get("device", ""), "date": time.strftime("%Y-%m-%d"),
-                      "peers_ms": entry.get("peers_ms", {})},
-            tuner={"method": "template grid on the device", "candidates": len(entry["candidates"]),
-                   "failed": len(entry["candidates"]) - len(ok)},
-        )
-        written.append(write_record(record, library or library_path()))
-    return written

@@ -16,7 +16,6 @@ into records.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -25,14 +24,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from convgen.errors import ConvgenError, ToolchainError
+from convgen.reference import reference_conv
+from convgen.runtime import cuda_driver
+from convgen.runtime.bench import cudnn_timings
+from convgen.runtime.cores import available_cores
+from convgen.runtime.kernel import Kernel
+from convgen.runtime.nvcc import compile_artifact
+from convgen.runtime.timing import gflops, time_cuda
+from convgen.runtime.verify import compare, random_inputs
+from convgen.spec import ConvSpec
+
 INDEX = "candidates.json"
 RESULTS = "results.json"
 PARTS = "results.d"  # one file per spec, merged into RESULTS
 
 
-def _load_index(root: Path) -> dict[str, Any]:
-    from convgen.errors import ConvgenError
+def fastest_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The fastest candidate that built, ran and computed the right result."""
+    ok = [r for r in rows if r["median_ms"]]
+    return min(ok, key=lambda r: r["median_ms"], default=None)
 
+
+def _load_index(root: Path) -> dict[str, Any]:
     try:
         index: dict[str, Any] = json.loads((root / INDEX).read_text())
     except (OSError, ValueError) as err:
@@ -44,9 +58,6 @@ def _compile_all(root: Path, index: dict[str, Any], jobs: int) -> dict[str, str]
     """nvcc every candidate not compiled yet; returns {manifest: error} for failures."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from convgen.errors import ConvgenError
-    from convgen.runtime.nvcc import compile_artifact
-
     manifests = [c["manifest"] for s in index["specs"] for c in s["candidates"]]
 
     def one(rel: str) -> tuple[str, str]:
@@ -56,8 +67,6 @@ def _compile_all(root: Path, index: dict[str, Any], jobs: int) -> dict[str, str]
             return rel, str(err)[:500]
         return rel, ""
 
-    from convgen.runtime.kernel import available_cores
-
     with ThreadPoolExecutor(max_workers=jobs or available_cores()) as pool:
         return {rel: err for rel, err in pool.map(one, manifests) if err}
 
@@ -65,13 +74,6 @@ def _compile_all(root: Path, index: dict[str, Any], jobs: int) -> dict[str, str]
 def measure_spec(root: Path, spec_entry: dict[str, Any], build_errors: dict[str, str],
                  repeats: int) -> dict[str, Any]:
     """Check and time every candidate of one spec (and cuDNN beside it)."""
-    from convgen.reference import reference_conv
-    from convgen.runtime import cuda_driver
-    from convgen.runtime.bench import cudnn_timings, time_cuda
-    from convgen.runtime.kernel import Kernel
-    from convgen.runtime.verify import compare, random_inputs
-    from convgen.spec import ConvSpec
-
     spec = ConvSpec.from_dict(spec_entry["spec"])
     inputs = random_inputs(spec, seed=0)
     want = reference_conv(spec, *inputs.values())
@@ -102,9 +104,6 @@ def measure_candidates(
     directory: str | os.PathLike[str], repeats: int = 20, jobs: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    from convgen.runtime import cuda_driver
-    from convgen.spec import ConvSpec
-
     root = Path(directory)
     index = _load_index(root)
     device = cuda_driver.device_name()  # no GPU: fail before minutes of nvcc
@@ -139,8 +138,6 @@ def measure_candidates(
             (parts / f"{i:04d}.json").write_text(
                 json.dumps({"spec": specs[i]["spec"], "candidates": rows, "peers_ms": {}}))
         elif proc.returncode != 0:
-            from convgen.errors import ToolchainError
-
             raise ToolchainError(f"measure: {proc.stderr.strip()[-1000:]}")
     results: dict[str, Any] = {"device": device, "specs": {}}
     for i, spec_entry in enumerate(specs):
@@ -148,15 +145,20 @@ def measure_candidates(
         entry = json.loads((parts / f"{i:04d}.json").read_text())
         results["specs"][spec.name()] = entry
         if log:
-            best = min((r["median_ms"] for r in entry["candidates"] if r["median_ms"]),
-                       default=math.inf)
-            won = next((r for r in entry["candidates"] if r["median_ms"] == best), None)
-            what = f" ({won['template']})" if won else ""
-            vs = "".join(f", {k} {v:.4f} ms ({v / best:.2f}x)"
-                         for k, v in entry.get("peers_ms", {}).items())
-            log(f"{spec.name()}: best {best:.4f} ms{what}{vs}")
+            log(_summary(spec, entry))
     (root / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _summary(spec: ConvSpec, entry: dict[str, Any]) -> str:
+    won = fastest_row(entry["candidates"])
+    if won is None:
+        return f"{spec.name()}: no candidate built, ran and computed the right result"
+    best = won["median_ms"]
+    vs = "".join(f", {k} {v:.4f} ms ({v / best:.2f}x)"
+                 for k, v in entry.get("peers_ms", {}).items())
+    return (f"{spec.name()}: best {best:.4f} ms ({won['template']}, "
+            f"{gflops(spec.flops, best / 1e3):.0f} GFLOP/s){vs}")
 
 
 if __name__ == "__main__":  # the measuring process (see measure_candidates)

@@ -3,8 +3,8 @@
 TVM 0.27's MetaSchedule, set up for a 2-core build machine:
 
   * `tvm.s_tir.tensor_intrin` is imported by every TuneContext and every stock
-    builder worker (15-37 s each here; the stock LocalBuilder timed out on 42 of
-    64 candidates). float32 convolutions never tensorize, so the package is
+    builder worker (seconds each: the stock LocalBuilder timed out on most
+    candidates on 2 cores). float32 convolutions never tensorize, so the package is
     stubbed and only its x86 part loaded (0.1 s), and candidates are built in
     this process without that import.
   * Candidates are measured in this process too, one at a time, after the batch
@@ -16,10 +16,11 @@ TVM 0.27's MetaSchedule, set up for a 2-core build machine:
     resuming), else random: the evolutionary search is then a random search
     that never measures a schedule twice.
 
-Measured by the prototype on C64 56x56 K64 3x3 (2 cores, loaded machine): the
-default space reached 54 GFLOP/s in 64 trials (85 s) and 91 in 96; convgen's
-template grid reached 97 in 20 candidates. So the template grid runs first and
-MetaSchedule's space is an extra that must beat it to win the record.
+MetaSchedule's space needs many more trials than convgen's template grid to
+reach the same speed (benchmarks/NOTES.md), so the grid runs first and this
+space is an extra that must beat it to win the record. Its best trace is then
+timed by the grid's own measurement (a median), so the two compare like with
+like: MetaSchedule's run_secs are means of a differently configured evaluator.
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from typing import Any
 
 import numpy as np
 
+from convgen.compiler.schedule.trace import workload
 from convgen.compiler.targets import TargetInfo
-from convgen.runtime.kernel import available_cores
+from convgen.runtime.cores import available_cores
+from convgen.runtime.timing import gflops
 from convgen.spec import ConvSpec
 
 
@@ -57,26 +60,6 @@ def _light_tensor_intrin() -> None:
     importlib.import_module(name + ".x86")
 
 
-def workload(spec: ConvSpec) -> Any:
-    """The module MetaSchedule tunes and traces replay onto: IRModule({"main": f}),
-    normalised as TuneContext does, so database hashes and replays agree. The
-    PrimFunc keeps its global symbol, so the compiled entry is unchanged."""
-    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
-
-    from convgen.compiler.compute import conv_prim_func
-
-    return _normalize_mod(conv_prim_func(spec))
-
-
-def replay_trace(spec: ConvSpec, trace: list[Any]) -> Any:
-    """A stored trace (plain JSON) applied to a fresh schedule of the spec's PrimFunc."""
-    import tvm
-
-    sch = tvm.s_tir.Schedule(workload(spec))
-    tvm.s_tir.Trace.apply_json_to_schedule(trace, sch)
-    return sch
-
-
 def _plain(obj: Any) -> Any:
     """Trace JSON holds TVM IntImm/FloatImm: turn them into Python numbers."""
     import tvm
@@ -92,13 +75,11 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _classes() -> tuple[Any, Any, Any]:
-    """The PyBuilder / PyRunner / PyMeasureCallback subclasses (built lazily: they need TVM)."""
+def _builder_class() -> Any:
+    """A PyBuilder that builds every candidate in this process (see the module doc)."""
     import tvm
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
-    from tvm.s_tir.meta_schedule.runner import PyRunner
 
     @derived_object
     class InProcessBuilder(PyBuilder):
@@ -118,6 +99,15 @@ def _classes() -> tuple[Any, Any, Any]:
                 except Exception as err:  # a failed candidate: infinitely slow, run goes on
                     results.append(BuilderResult(None, f"build: {err}"))
             return results
+
+    return InProcessBuilder
+
+
+def _runner_class() -> Any:
+    """A PyRunner that measures the built candidates in this process, one at a time."""
+    import tvm
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner
 
     @derived_object
     class InProcessRunner(PyRunner):
@@ -145,6 +135,15 @@ def _classes() -> tuple[Any, Any, Any]:
                     futures.append(LocalRunnerFuture(error_message=f"run: {err}"))
             return futures
 
+    return InProcessRunner
+
+
+def _budget_class() -> Any:
+    """A measure callback: progress after every batch, and an end at the deadline or on
+    Ctrl-C."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
     @derived_object
     class Budget(PyMeasureCallback):
         """After every measured batch: progress, and an end at the deadline or on Ctrl-C
@@ -170,33 +169,33 @@ def _classes() -> tuple[Any, Any, Any]:
                   runs: Any) -> None:
             for b, r in zip(builds, runs):
                 if not b.error_msg and not r.error_msg and r.run_secs:
-                    self.best = min(self.best, float(np.mean([float(s) for s in r.run_secs])))
+                    self.best = min(self.best, float(np.median([float(s) for s in r.run_secs])))
             self.trials += len(candidates)
             if self.progress:
-                gf = self.spec.flops / self.best / 1e9 if math.isfinite(self.best) else 0.0
-                self.progress(self.spec, self.trials, self.max_trials, gf)
+                self.progress(self.spec, self.trials, self.max_trials,
+                              gflops(self.spec.flops, self.best))
             over = self.deadline is not None and time.monotonic() > self.deadline
             last = self.trials >= self.max_trials
             task = scheduler.tasks_[task_id]
             if (over or self.interrupted) and not last and not task.is_terminated:
                 scheduler.terminate_task(task_id)
 
-    return InProcessBuilder, InProcessRunner, Budget
+    return Budget
 
 
 def tune_meta_schedule(
     spec: ConvSpec, target: TargetInfo, trials: int, work_dir: Path,
     deadline: float | None = None, progress: Any = None,
-) -> tuple[float, list[Any] | None, bool]:
-    """Search MetaSchedule's own space. Returns (best seconds, its trace as plain JSON
-    or None, interrupted)."""
+) -> tuple[list[Any] | None, bool]:
+    """Search MetaSchedule's own space. Returns (the best trace as plain JSON or None,
+    interrupted); the caller times it as it times grid candidates."""
     _light_tensor_intrin()
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.runner import EvaluatorConfig
 
-    builder_cls, runner_cls, budget_cls = _classes()
+    builder_cls, runner_cls, budget_cls = _builder_class(), _runner_class(), _budget_class()
     work_dir.mkdir(parents=True, exist_ok=True)
-    mod = workload(spec)
+    mod = workload(spec)  # the module traces replay onto (compiler.schedule.trace)
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
     ctx = ms.TuneContext(
         mod=mod, target=target.tvm_target(), space_generator=ms.space_generator.PostOrderApply(),
@@ -239,6 +238,5 @@ def tune_meta_schedule(
         budget.restore()
     top = database.get_top_k(database.commit_workload(mod), 1)
     if not top:
-        return math.inf, None, budget.interrupted
-    seconds = float(np.mean([float(s) for s in top[0].run_secs]))
-    return seconds, _plain(top[0].trace.as_json(remove_postproc=False)), budget.interrupted
+        return None, budget.interrupted
+    return _plain(top[0].trace.as_json(remove_postproc=False)), budget.interrupted

@@ -1,13 +1,14 @@
-"""Small helpers the schedule templates share."""
+"""The template and family types, and small helpers the schedule templates share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from convgen.compiler.compute import ENTRY, Variant
+from convgen.compiler.compute import ENTRY, Variant, conv_prim_func
 from convgen.compiler.targets import TargetInfo
+from convgen.errors import UnsupportedError
 from convgen.spec import ConvSpec
 
 if TYPE_CHECKING:
@@ -23,16 +24,62 @@ def default_variant(spec: ConvSpec, knobs: Any) -> Variant:
 
 @dataclass(frozen=True)
 class Template(Generic[K]):
-    """A named schedule template: its knob type, the heuristic that picks knobs for
-    a spec (None: the template does not apply), the knob grid that tuning searches,
-    the function that applies it, and the form of the algorithm it schedules."""
+    """A named schedule template: its knob type, the heuristic that picks knobs for a
+    spec (None: the template does not apply by default), the grid of raw knob points
+    that tuning searches (it may reach specs the heuristic declines), the function
+    that applies it (None: does not apply to these knobs), and the form of the
+    algorithm it schedules."""
 
     name: str
     knobs_type: type[K]
-    default_knobs: Callable[[ConvSpec, TargetInfo], K | None]
-    candidates: Callable[[ConvSpec, TargetInfo], list[K]]
-    apply: Callable[[Any, ConvSpec, TargetInfo, K], Any]
+    heuristic: Callable[[ConvSpec, TargetInfo], K | None]
+    grid: Callable[[ConvSpec, TargetInfo], Iterable[K]]
+    apply: Callable[[PrimFunc, ConvSpec, TargetInfo, K], Schedule | None]
     variant: Callable[[ConvSpec, K], Variant] = default_variant
+    max_candidates: int | None = None  # tuning measures at most this many points
+
+    def candidates(self, spec: ConvSpec, target: TargetInfo) -> list[K]:
+        """What tuning measures: the heuristic's knobs first, then the grid's points,
+        each once, at most `max_candidates`."""
+        default = self.heuristic(spec, target)
+        points = [default] if default is not None else []
+        for k in self.grid(spec, target):
+            if k not in points:
+                points.append(k)
+        return points[: self.max_candidates]
+
+    def knobs(self, values: dict[str, Any]) -> K:
+        """Knobs from their stored form (a record, a manifest, the CLI)."""
+        try:
+            return self.knobs_type(**values)
+        except TypeError as err:
+            raise UnsupportedError(f"schedule: knobs {values} do not fit {self.name}: {err}") \
+                from None
+
+    def schedule(self, spec: ConvSpec, target: TargetInfo, knobs: K) -> Schedule | None:
+        """The algorithm in the form this template asks for, scheduled (None: declined)."""
+        return self.apply(conv_prim_func(spec, self.variant(spec, knobs)), spec, target, knobs)
+
+
+@dataclass(frozen=True)
+class Family:
+    """The templates of one target kind, tried in order, and the generic fallback that
+    schedules every spec."""
+
+    kind: str  # "llvm" or "cuda"
+    templates: tuple[Template[Any], ...]
+    fallback_name: str
+    fallback: Callable[[PrimFunc, ConvSpec, TargetInfo], Schedule]
+
+    def template(self, name: str) -> Template[Any]:
+        for t in self.templates:
+            if t.name == name:
+                return t
+        names = ", ".join([*(t.name for t in self.templates), self.fallback_name])
+        raise UnsupportedError(f"schedule: no {self.kind} template named {name!r} ({names})")
+
+    def schedule_fallback(self, spec: ConvSpec, target: TargetInfo) -> Schedule:
+        return self.fallback(conv_prim_func(spec), spec, target)
 
 
 def new_schedule(func: PrimFunc) -> Schedule:
@@ -57,6 +104,11 @@ def has_block(sch: Schedule, name: str) -> bool:
     except Exception:  # TVM raises a plain error when the block is absent
         return False
     return True
+
+
+def first_valid(preferred: Iterable[K], valid: Callable[[K], bool]) -> K | None:
+    """The first of a heuristic's knob points, in order of preference, that is valid."""
+    return next((k for k in preferred if valid(k)), None)
 
 
 def divisors(n: int) -> list[int]:

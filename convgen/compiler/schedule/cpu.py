@@ -10,10 +10,10 @@ also tries a template's grid where its heuristic declines):
     tile is pw output pixels x kb output channels, each accumulator a vector of
     partial sums, summed across lanes once per tile (rfactor).
   * `cpu_wvec` (channels-first, unit stride along the row): vectorized over the
-    output row: v lanes x `rows` rows x kb channels, weights broadcast from
-    storage order (no repack), the GEMM shape of a 1x1 conv over (H, W); with
-    k_inner the channel blocks run inside the spatial tile, so one input tile
-    serves every output channel from L1. A row that tiles of v lanes do not
+    output row: `lanes` outputs x `rows` rows x kb channels, weights broadcast
+    from storage order (no repack), the GEMM shape of a 1x1 conv over (H, W);
+    with k_inner the channel blocks run inside the spatial tile, so one input
+    tile serves every output channel from L1. A row that tiles of `lanes` do not
     cover is widened to whole tiles and cropped in the write-back (a 7-wide row
     runs in 8 lanes). For depthwise the padded planes are produced inside the
     parallel loop, where they stay in L1.
@@ -26,24 +26,21 @@ also tries a template's grid where its heuristic declines):
     once in the write-back.
 Every template unrolls small kernel windows, which turns the flipped tap of
 `conv` into constant offsets (conv == corr), and unrolls the write-back so the
-whole register tile stays in registers.
-The fallback (`cpu_generic`) works for every spec.
-
-Numbers in the comments: this project's 2-core Zen 4 machine, TVM_NUM_THREADS=2,
-float32, medians in GFLOP/s. The tile sizes quoted as "AVX2" come from the
-prototype, which used 16-register tiles on that machine; onnxruntime reached
-175-219 on the same dense layers there.
+whole register tile stays in registers. The fallback (`cpu_generic`) works for
+every spec. The measurements behind each heuristic are in benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from convgen.compiler.compute import Variant
 from convgen.compiler.schedule.common import (
+    Family,
     Template,
     divisor_at_most,
     divisors,
@@ -59,24 +56,14 @@ if TYPE_CHECKING:
     from tvm.tirx import PrimFunc
 
 FALLBACK_NAME = "cpu_generic"
-# fp32 lanes per 256-bit vector. On Zen 4 512-bit FMAs gave no more throughput: the
-# FMA probe (convgen/native/fma_peak.c) measured 116.7 GFLOP/s on one thread with
-# 256-bit vectors and 116.6 with 512-bit ones.
-VEC = 8
 
 
-def _registers(target: TargetInfo) -> int:
-    """Vector registers: 32 with AVX-512 (ymm16-31 via AVX-512VL), else 16."""
-    return 32 if target.vector_bits() >= 512 else 16
-
-
-def _acc_budget(target: TargetInfo) -> int:
-    """Accumulators in a register tile; the rest hold weights and broadcasts.
-    16-register tiles (the prototype): 4 px x 2 vectors (8 acc) ran ~195-200 on
-    C64 56x56 K64 3x3; 7 px x 2 (14 acc) spilled: 106-120; 2 x 4: 148-165; 8 x 1: 92-159.
-    AVX-512VL (32 ymm): 7 px x 2 (14 acc) ran 143 on C512 7x7 K512 3x3, where the
-    AVX2-sized 1 px x 2 tile (7 has no other divisor <= 4) ran 46."""
-    return 14 if _registers(target) >= 32 else 8
+def accumulator_budget(target: TargetInfo) -> int:
+    """Accumulator registers a tile may hold: with 16 registers, 8, leaving the rest
+    for the weight vectors and broadcasts one reduction step loads (14 spilled);
+    with 32, 14. Fewer than about 6 cannot cover the FMA latency (4 cycles, 2 FMA
+    pipes: 8 independent chains keep both busy)."""
+    return 14 if target.vector_registers >= 32 else 8
 
 
 @dataclass
@@ -119,9 +106,8 @@ def _write_back_at(sch: Schedule, wb: Any, at: Any) -> None:
 
 
 def _unroll_window(sch: Schedule, window: list[Any], spec: ConvSpec) -> None:
-    """Unroll the kernel-window loops: conv's flipped tap becomes constant offsets
-    (cpu_kvec 3x3: NCHW 194 vs corr 195, NHWC 200 vs 200; not unrolled, conv was
-    188 / 175). Big windows: the innermost loop only."""
+    """Unroll the kernel-window loops: conv's flipped tap becomes constant offsets,
+    so conv runs the same code as corr. Big windows: the innermost loop only."""
     for r in window if math.prod(spec.kernel_size) <= 32 else window[-1:]:
         sch.unroll(r)
 
@@ -130,27 +116,28 @@ def _is_dw_like(spec: ConvSpec) -> bool:
     return spec.channels_per_group == 1 and spec.out_channels_per_group == 1
 
 
-def _kvec_lanes(spec: ConvSpec) -> int:
-    """Channel-vector width: 8 (ymm) if the channel axis allows, else 4 (xmm); 0 if
-    neither divides it. Depthwise: the vector spans groups, contiguous only in NHWC."""
-    kg, g = spec.out_channels_per_group, spec.groups
+def _kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
+    """Channel-vector width: a whole vector if the channel axis allows, else half of
+    one; 0 if neither divides it. Depthwise: the vector spans groups, contiguous
+    only in NHWC."""
+    kg, g, vec = spec.out_channels_per_group, spec.groups, target.fp32_lanes
     if _is_dw_like(spec) and not spec.channels_last:
         return 0
     ext = kg if kg > 1 or spec.channels_per_group > 1 else g
-    for lanes in (VEC, VEC // 2):
+    for lanes in (vec, vec // 2):
         if ext % lanes == 0 and (kg % lanes == 0 or kg == 1):
             return lanes
     return 0
 
 
 def _prepare(sch: Schedule, spec: ConvSpec, pad_at_tile: bool) -> tuple[Any, Any]:
-    """The padding stage, common to both templates. Returns (conv, pad or None)."""
+    """The padding stage, common to the templates. Returns (conv, pad or None)."""
     conv = sch.get_sblock("conv")
     pad = sch.get_sblock("pad") if has_block(sch, "pad") else None
-    # Dense convs: materialise the padded input once, in parallel (2-4% of the run), so
-    # no bounds check sits in the FMA loop: inlining it cost NCHW 197 -> 123.
-    # Depthwise-like convs are memory bound: their padded planes are produced inside
-    # the tile (pad_at_tile) where they stay in L1 (NHWC dw 51 -> 71, NCHW dw 27 -> 77).
+    # Dense convs: materialise the padded input once, in parallel (a few % of the
+    # run), so no bounds check sits in the FMA loop. Depthwise-like convs are memory
+    # bound: their padded planes are produced inside the tile (pad_at_tile), where
+    # they stay in L1 for the taps that reread them.
     if pad is not None and not pad_at_tile:
         loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*loops[:2]))
@@ -181,25 +168,21 @@ def _channel_ext(spec: ConvSpec) -> int:
 
 
 def _kvec_knobs(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
-    lanes = _kvec_lanes(spec)
-    if not lanes or (lanes < VEC and not spec.channels_last):
-        # 4-lane vectors pay only for NHWC (C32 28x28 K20: 19 -> 83, ORT 88); NCHW
-        # then does better vectorized over the row (cpu_wvec: 75)
+    lanes, vec = _kvec_lanes(spec, target), target.fp32_lanes
+    if not lanes or (lanes < vec and not spec.channels_last):
+        # half vectors pay only for NHWC; NCHW then does better along the row (cpu_wvec)
         return None
     # Per reduction step a tile broadcasts pw inputs and loads nkv weight vectors for
     # pw * nkv FMAs: the squarest tile within the budget needs the fewest loads (ties:
     # two channel vectors). 32 registers hold 16 accumulators, the weight vectors and a
-    # broadcast. 4 px x 4 vectors against 7 x 2, alternating rounds: NHWC C64 -> K256
-    # 1x1 166-169 vs 122-146, C256 -> K64 208-217 vs 153-175, NHWC C64 3x3 213-214 vs
-    # 210-212, NCHW stem 196-206 vs 178-196; NHWC C128 28x28 level (175-188 vs
-    # 174-188). 16 registers: 8 accumulators (see `_acc_budget`).
-    budget = _acc_budget(target) + (2 if _registers(target) >= 32 else 0)
+    # broadcast; 16 registers hold 8.
+    budget = accumulator_budget(target) + (2 if target.vector_registers >= 32 else 0)
 
     def fmas_per_load(k: KvecKnobs) -> float:
         return k.nkv * k.pw / (k.nkv + k.pw)
 
     best = None
-    for nkv in (2 * VEC // lanes, 4 * VEC // lanes, VEC // lanes):
+    for nkv in (2 * vec // lanes, 4 * vec // lanes, vec // lanes):
         nkv = divisor_at_most(_channel_ext(spec) // lanes, nkv)
         tile = KvecKnobs(lanes, nkv, divisor_at_most(spec.out_size[-1], max(1, budget // nkv)))
         if best is None or fmas_per_load(tile) > fmas_per_load(best):
@@ -207,27 +190,24 @@ def _kvec_knobs(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
     return best
 
 
-def _kvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[KvecKnobs]:
+def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
     default = _kvec_knobs(spec, target)
     if default is None:
-        return []
-    budget = _acc_budget(target) + 4  # the tuner may try slightly larger tiles
-    out = [default]
+        return
+    budget = accumulator_budget(target) + 4  # the tuner may try slightly larger tiles
     for nkv in divisors(_channel_ext(spec) // default.lanes):
         for pw in divisors(spec.out_size[-1]):
-            k = KvecKnobs(default.lanes, nkv, pw)
-            if nkv <= 8 and pw <= 16 and nkv * pw <= budget and k != default:
-                out.append(k)
-    return out
+            if nkv <= 8 and pw <= 16 and nkv * pw <= budget:
+                yield KvecKnobs(default.lanes, nkv, pw)
 
 
 def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> Schedule:
     sch = new_schedule(func)
-    pad_at_tile = bool(any(spec.pads)) and spec.channels_per_group < VEC
+    pad_at_tile = bool(any(spec.pads)) and spec.channels_per_group < target.fp32_lanes
     conv, pad = _prepare(sch, spec, pad_at_tile)
     lanes, nkv, pw = knobs.lanes, knobs.nkv, knobs.pw
     # Weights repacked in-kernel to [K/lanes, reduction dims, lanes]: one contiguous
-    # vector load per (k-vector, c, r) instead of an 8-way gather (<2% of the run).
+    # vector load per (k-vector, c, r) instead of a lanes-way gather.
     wc = sch.cache_read(conv, 1, "global")
     sch.transform_layout(wc, ("write", 0), lambda k, *rest: (k // lanes, *rest, k % lanes))
     sch.parallel(sch.get_loops(wc)[0])
@@ -267,11 +247,12 @@ def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) 
 
 @dataclass(frozen=True)
 class WvecKnobs:
-    """Register tile: v lanes of the output row x `rows` rows x kb channels, weights
-    broadcast from storage order (no repack). k_inner puts the channel blocks inside
-    the spatial tile loop, so one input tile serves every output channel from L1."""
+    """Register tile: `lanes` outputs along the row x `rows` rows x kb channels,
+    weights broadcast from storage order (no repack). k_inner puts the channel
+    blocks inside the spatial tile loop, so one input tile serves every output
+    channel from L1."""
 
-    v: int
+    lanes: int
     kb: int
     rows: int = 1
     k_inner: bool = False
@@ -281,94 +262,84 @@ def _wvec_applies(spec: ConvSpec) -> bool:
     return not spec.channels_last and spec.stride[-1] == 1 and spec.out_size[-1] >= 4
 
 
-def _wvec_tile(knobs: WvecKnobs) -> int:
+def _wvec_tile(knobs: WvecKnobs, target: TargetInfo) -> int:
     """Accumulator registers of a tile."""
-    return knobs.kb * knobs.rows * -(-knobs.v // VEC)
+    return knobs.kb * knobs.rows * -(-knobs.lanes // target.fp32_lanes)
 
 
 def _row_choices(spec: ConvSpec) -> list[int]:
     return [r for r in divisors(spec.out_size[-2]) if r <= 8] if spec.ndim >= 2 else [1]
 
 
-def _row_extra(spec: ConvSpec, v: int) -> int:
-    """Outputs the row is widened by so that tiles of v lanes cover it."""
-    return -spec.out_size[-1] % v
+def row_extra(spec: ConvSpec, lanes: int) -> int:
+    """Outputs the row is widened by so that tiles of `lanes` cover it."""
+    return -spec.out_size[-1] % lanes
 
 
-def _row_vector_choices(spec: ConvSpec) -> list[int]:
+def _row_vector_choices(spec: ConvSpec, target: TargetInfo) -> list[int]:
     """Tile widths along the row: its divisors, and whole vectors where the row is
     widened to fit them, wasting at most one lane in eight."""
-    w = spec.out_size[-1]
-    widened = [v for v in (VEC, 2 * VEC, 4 * VEC) if 7 * _row_extra(spec, v) <= w]
+    w, vec = spec.out_size[-1], target.fp32_lanes
+    widened = [v for v in (vec, 2 * vec, 4 * vec) if 7 * row_extra(spec, v) <= w]
     return sorted(set(divisors(w)) | set(widened))
 
 
 def _wvec_variant(spec: ConvSpec, knobs: WvecKnobs) -> Variant:
-    """Weights are broadcast from memory, so conv flips them, not the input (see
-    `Variant`), and the row is widened to whole tiles."""
-    return Variant(flip_weight=True, row_extra=_row_extra(spec, knobs.v))
+    """Weights are broadcast from memory, so conv flips them, not the input tap (the
+    input loads then come in corr's order, and so does LLVM's register allocation),
+    and the row is widened to whole tiles."""
+    return Variant(flip_weight=True, row_extra=row_extra(spec, knobs.lanes))
 
 
 def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     if not _wvec_applies(spec):
         return None
-    ext = _channel_ext(spec)
+    ext, vec = _channel_ext(spec), target.fp32_lanes
     if _is_dw_like(spec):
-        # 28 lanes x 2 channels: 77 GFLOP/s on depthwise 28x28 (ORT 35); 8 x 8: 44;
-        # 28 x 4 (16 acc) spilled: 15; 56 x 1 on 56x56: 38 vs 28 x 2: 55.
-        v = divisor_at_most(spec.out_size[-1], 4 * VEC)
-        return WvecKnobs(v, divisor_at_most(ext, max(1, 8 // -(-v // VEC))))
-    # Dense: one vector of the row x rows x kb channels, up to 16 accumulators
-    # (+ rows loads + kb broadcasts fit 32 registers). C64 56x56 -> K256 1x1:
-    # 4 rows x 4 channels 215 with k_inner, 161 without (ORT 173-207, cpu_kvec
-    # 170-181: its NCHW write-back scatters); 2 x 8: 191; 8 x 2: 181. C64 56x56 K64
-    # 3x3: 4 x 4 k_inner 219, without 207, cpu_kvec 211. C512 7x7 K512 3x3: 7 rows
-    # x 2 channels, k outer (one spatial tile to share out), the 7-wide row widened
-    # to 8 lanes: 193-195 in both modes; in 7-lane vectors 159-164; 1 x 16: 139-146,
-    # ORT 89-143, cpu_kvec 118-140 (its weight repack is 9.4 MB per call).
-    # Rows that whole vectors do not cover are left to cpu_kvec: C128 28x28 3x3 ran
-    # 152 in 7-lane vectors and 185-198 widened to 32, cpu_kvec 195-212. Unless a
-    # short row and few output pixels per weight make cpu_kvec's per-call weight
-    # repack the larger cost: C512 7x7 above (49 pixels); at 196 (C256 14x14) the
-    # two tied in tuning (197-199).
+        # Depthwise: each input vector feeds one channel's taps, so go wide along the
+        # row (up to 4 vectors) and keep a few channels, within 8 accumulators.
+        lanes = divisor_at_most(spec.out_size[-1], 4 * vec)
+        return WvecKnobs(lanes, divisor_at_most(ext, max(1, 8 // -(-lanes // vec))))
+    # Dense: one vector of the row x rows x kb channels. Rows that whole vectors do
+    # not cover are left to cpu_kvec, unless a short row and few output pixels per
+    # weight make cpu_kvec's per-call weight repack the larger cost (C512 7x7: the
+    # 7-wide row runs widened to 8 lanes, `_wvec_variant`).
     w = spec.out_size[-1]
-    if w % VEC and not (w < VEC and math.prod(spec.out_size) < 128):
+    if w % vec and not (w < vec and math.prod(spec.out_size) < 128):
         return None
     # Per reduction step a tile loads `rows` vectors and broadcasts kb weights for
     # rows * kb FMAs: the squarest tile within the budget needs the fewest loads.
-    # A row shorter than a vector is widened to one (`_wvec_variant`).
-    v = VEC
-    budget = _acc_budget(target) + 2
+    budget = accumulator_budget(target) + 2
 
     def fmas_per_load(k: WvecKnobs) -> tuple[float, int]:
         return k.kb * k.rows / (k.kb + k.rows), k.kb * k.rows
 
-    best = WvecKnobs(v, 1)
+    best = WvecKnobs(vec, 1)
     for rows in _row_choices(spec):
-        tile = WvecKnobs(v, divisor_at_most(ext, max(1, budget // rows)), rows)
+        tile = WvecKnobs(vec, divisor_at_most(ext, max(1, budget // rows)), rows)
         if fmas_per_load(tile) > fmas_per_load(best):
             best = tile
+    # k_inner (one input tile serves every channel block from L1) needs enough
+    # spatial tiles to share out among the cores; else the channel blocks do that
     spatial_tiles = spec.batch * math.prod(spec.out_size[:-1]) // best.rows
     return dataclasses.replace(best, k_inner=spatial_tiles >= 4 * target.num_cores)
 
 
-def _wvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[WvecKnobs]:
+def _wvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[WvecKnobs]:
     if not _wvec_applies(spec):
-        return []
-    default = _wvec_knobs(spec, target)
-    budget = _acc_budget(target) + 4
-    out = [default] if default else []
-    for v in _row_vector_choices(spec):
+        return
+    budget, vec = accumulator_budget(target) + 4, target.fp32_lanes
+    for lanes in _row_vector_choices(spec, target):
         for rows in _row_choices(spec):
             for kb in divisors(_channel_ext(spec)):
                 for k_inner in (False, True):
-                    k = WvecKnobs(v, kb, rows, k_inner)
+                    k = WvecKnobs(lanes, kb, rows, k_inner)
                     # fewer than 6 accumulators cannot cover the FMA latency;
                     # several rows pay with one vector per row (more spilled)
-                    if (4 <= v <= 32 and kb <= 16 and 6 <= _wvec_tile(k) <= budget
-                            and (rows == 1 or (v <= VEC and kb <= 8)) and k != default):
-                        out.append(k)
-    return out
+                    if (4 <= lanes <= 4 * vec and kb <= 16
+                            and 6 <= _wvec_tile(k, target) <= budget
+                            and (rows == 1 or (lanes <= vec and kb <= 8))):
+                        yield k
 
 
 def _wvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: WvecKnobs) -> Schedule | None:
@@ -376,9 +347,11 @@ def _wvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: WvecKnobs) 
         return None
     sch = new_schedule(func)
     # Few FLOPs per input element (depthwise): produce the padded planes in the tile,
-    # where they stay in L1. Dense: pad once up front; padding per channel block cost
-    # C512 7x7 3x3 161 -> 113. With k_inner a tile spans every channel: up front too.
-    pad_at_tile = bool(any(spec.pads)) and spec.channels_per_group < VEC and not knobs.k_inner
+    # where they stay in L1. Dense: pad once up front (per channel block, every block
+    # would pad the same planes again). With k_inner a tile spans every channel: up
+    # front too.
+    pad_at_tile = (bool(any(spec.pads)) and spec.channels_per_group < target.fp32_lanes
+                   and not knobs.k_inner)
     conv, pad = _prepare(sch, spec, pad_at_tile)
     if has_block(sch, "out"):  # the epilogue (and the crop of a widened row) writes back
         sch.set_scope(conv, 0, "local")
@@ -396,7 +369,7 @@ def _wvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: WvecKnobs) 
     if knobs.rows > 1:
         ho, hi = sch.split(loops.sp[-2], [None, knobs.rows])
         outer_sp, row_l = [*loops.sp[:-2], ho], [hi]
-    owo, vl = sch.split(loops.sp[-1], [None, knobs.v])
+    owo, vl = sch.split(loops.sp[-1], [None, knobs.lanes])
     red = [loops.rc, *loops.r]
     if knobs.k_inner:
         sch.reorder(loops.n, *outer_sp, owo, *kouter, *red, kb_l, *row_l, vl)
@@ -426,44 +399,40 @@ class CvecKnobs:
     pw: int
 
 
-def _cvec_applies(spec: ConvSpec) -> bool:
-    return spec.channels_last and spec.channels_per_group % VEC == 0
+def _cvec_applies(spec: ConvSpec, target: TargetInfo) -> bool:
+    return spec.channels_last and spec.channels_per_group % target.fp32_lanes == 0
 
 
 def _cvec_knobs(spec: ConvSpec, target: TargetInfo) -> CvecKnobs | None:
     # Channels-last input and OHWI weights are both contiguous along the input
     # channels, so vectorizing the reduction reads both in storage order: no weight
-    # repack, which on C512 7x7 K512 3x3 (9.4 MB of weights) held cpu_kvec to
-    # 126-135 GFLOP/s; this tile (2 channels x 7 pixels) ran 184-198. Short
-    # reductions pay for the final cross-lane sums: C64 3x3 (576) ran 154-163 here,
-    # cpu_kvec 207-212, so the heuristic leaves them to cpu_kvec.
-    if not _cvec_applies(spec) or spec.gemm_shape[2] < 1024:
+    # repack, which is what decides big-weight layers (C512 7x7 K512: 9.4 MB). Each
+    # tile ends in cross-lane sums, which short reductions cannot amortise: below
+    # 1024 the heuristic leaves them to cpu_kvec.
+    if not _cvec_applies(spec, target) or spec.gemm_shape[2] < 1024:
         return None
-    best = None
+    best, vec = None, target.fp32_lanes
     for kb in (2, 1, 4):  # the largest tile within the accumulator budget, 2 channels first
         kb = divisor_at_most(spec.out_channels, kb)
-        k = CvecKnobs(VEC, kb, divisor_at_most(spec.out_size[-1], _acc_budget(target) // kb))
+        pw = divisor_at_most(spec.out_size[-1], accumulator_budget(target) // kb)
+        k = CvecKnobs(vec, kb, pw)
         if best is None or k.kb * k.pw > best.kb * best.pw:
             best = k
     return best
 
 
-def _cvec_candidates(spec: ConvSpec, target: TargetInfo) -> list[CvecKnobs]:
-    if not _cvec_applies(spec):
-        return []
-    default = _cvec_knobs(spec, target)
-    budget = _acc_budget(target) + 4
-    out = [default] if default else []
+def _cvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[CvecKnobs]:
+    if not _cvec_applies(spec, target):
+        return
+    budget = accumulator_budget(target) + 4
     for kb in divisors(spec.out_channels):
         for pw in divisors(spec.out_size[-1]):
-            k = CvecKnobs(VEC, kb, pw)
-            if kb <= 8 and pw <= 16 and 6 <= kb * pw <= budget and k != default:
-                out.append(k)
-    return out
+            if kb <= 8 and pw <= 16 and 6 <= kb * pw <= budget:
+                yield CvecKnobs(target.fp32_lanes, kb, pw)
 
 
 def _cvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: CvecKnobs) -> Schedule | None:
-    if not _cvec_applies(spec) or spec.channels_per_group % knobs.lanes:
+    if not _cvec_applies(spec, target) or spec.channels_per_group % knobs.lanes:
         return None
     sch = new_schedule(func)
     conv, _ = _prepare(sch, spec, pad_at_tile=False)
@@ -497,11 +466,20 @@ def _cvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: CvecKnobs) 
     return sch
 
 
-TEMPLATES: list[Template[Any]] = [
-    Template("cpu_cvec", CvecKnobs, _cvec_knobs, _cvec_candidates, _cvec),
-    Template("cpu_wvec", WvecKnobs, _wvec_knobs, _wvec_candidates, _wvec, _wvec_variant),
-    Template("cpu_kvec", KvecKnobs, _kvec_knobs, _kvec_candidates, _kvec),
-]
+TEMPLATES: tuple[Template[Any], ...] = (
+    Template("cpu_cvec", CvecKnobs, _cvec_knobs, _cvec_grid, _cvec),
+    Template("cpu_wvec", WvecKnobs, _wvec_knobs, _wvec_grid, _wvec, _wvec_variant),
+    Template("cpu_kvec", KvecKnobs, _kvec_knobs, _kvec_grid, _kvec),
+)
+
+
+def register_tile(knobs: CvecKnobs | WvecKnobs | KvecKnobs, target: TargetInfo) -> int:
+    """Accumulator registers a template's tile holds (what `accumulator_budget` bounds)."""
+    if isinstance(knobs, WvecKnobs):
+        return _wvec_tile(knobs, target)
+    if isinstance(knobs, KvecKnobs):
+        return knobs.nkv * knobs.pw
+    return knobs.kb * knobs.pw
 
 
 def _parallel_outer(sch: Schedule, loops: list[Any], extents: list[int], cores: int) -> None:
@@ -526,8 +504,7 @@ def fallback(func: PrimFunc, spec: ConvSpec, target: TargetInfo) -> Schedule:
     nsp = len(out_shape)
     loops = sch.get_loops(conv)
     spatial, reduction = loops[:nsp], loops[nsp:]
-    lanes = target.vector_bits() // 32 or 4
-    inner = divisor_at_most(out_shape[-1], lanes)
+    inner = divisor_at_most(out_shape[-1], target.fp32_lanes)
     io, ii = sch.split(spatial[-1], [None, inner])
     sch.reorder(*spatial[:-1], io, *reduction, ii)
     extents = [*out_shape[:-1], out_shape[-1] // inner]
@@ -548,3 +525,6 @@ def fallback(func: PrimFunc, spec: ConvSpec, target: TargetInfo) -> Schedule:
         oloops = sch.get_loops(out)
         _parallel_outer(sch, oloops, list(out_shape), target.num_cores)
     return sch
+
+
+FAMILY = Family("llvm", TEMPLATES, FALLBACK_NAME, fallback)

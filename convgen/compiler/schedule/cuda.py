@@ -22,8 +22,7 @@ Templates, tried in order (each returns None where it does not apply):
     the row's filter taps are loaded into registers once.
 
   * `cuda_dlight_gemm` (groups == 1): TVM dlight's GPU Matmul rule, which sees
-    the conv block as a GEMM by itself; kept as a tuning candidate (it was the
-    first CUDA schedule: 0.28-1.23x cuDNN on an H200).
+    the conv block as a GEMM by itself; kept as a tuning candidate.
 
 The fallback (`cuda_direct`): one thread per output element, the float32 sum
 in a register; correct for every spec.
@@ -33,10 +32,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from convgen.compiler.schedule.common import Template, has_block, loops_below, new_schedule
+from convgen.compiler.schedule.common import (
+    Family,
+    Template,
+    first_valid,
+    has_block,
+    loops_below,
+    new_schedule,
+)
 from convgen.compiler.targets import TargetInfo
 from convgen.spec import ConvSpec
 
@@ -173,18 +180,18 @@ def _igemm_threads(k: IgemmKnobs) -> int:
     return (k.bm // k.tm) * (k.bn // k.tn)
 
 
-def _igemm_valid(k: IgemmKnobs) -> bool:
+def _igemm_valid(k: IgemmKnobs, target: TargetInfo) -> bool:
     if min(k.bm, k.bn, k.bk, k.tm, k.tn, k.vec) < 1 or k.stages not in (1, 2):
         return False
     if k.bm % k.tm or k.bn % k.tn or k.bk % k.vec or k.tm > 8 or k.tn > 8:
         return False
     t = _igemm_threads(k)
-    if t < 64 or t > 512 or t % 32:
+    if t < 64 or t > 512 or t % target.warp_size:
         return False
     # every thread loads a whole number of vectors of each operand tile
     if (k.bm * k.bk) % (t * k.vec) or (k.bn * k.bk) % (t * k.vec):
         return False
-    return 4 * (k.bm + k.bn + 8) * k.bk <= 48 * 1024
+    return 4 * (k.bm + k.bn + 8) * k.bk <= target.smem_per_block
 
 
 def _use_split_taps(spec: ConvSpec, bk: int) -> bool:
@@ -197,7 +204,6 @@ def _igemm_f32_knobs(spec: ConvSpec, target: TargetInfo) -> IgemmKnobs | None:
     if spec.groups != 1:
         return None
     m, n, kk = spec.gemm_shape
-    sms = 132  # H100 SXM / H200
     # the biggest block tile that still gives at least one full wave of blocks
     # (small-M layers such as 7x7 outputs want split-K: not implemented)
     tiles = [
@@ -210,7 +216,7 @@ def _igemm_f32_knobs(spec: ConvSpec, target: TargetInfo) -> IgemmKnobs | None:
     ]
     blocks = [-(-m // bm) * -(-n // bn) for bm, bn, _, _ in tiles]
     pick = next(
-        (i for i, b in enumerate(blocks) if b >= sms),
+        (i for i, b in enumerate(blocks) if b >= target.sm_count),
         max(range(len(tiles)), key=blocks.__getitem__),
     )
     bm, bn, tm, tn = tiles[pick]
@@ -218,22 +224,19 @@ def _igemm_f32_knobs(spec: ConvSpec, target: TargetInfo) -> IgemmKnobs | None:
     split = _use_split_taps(spec, bk)
     if not split and bk == 16 and _use_split_taps(spec, 8):
         bk, split = 8, True
-    for knobs in (
+    preferred = (
         IgemmKnobs(bm, bn, bk, tm, tn, 4, 2, split),
         IgemmKnobs(bm, bn, bk, tm, tn, 1, 2, split),
         IgemmKnobs(bm, bn, 8, tm, tn, 1, 2, _use_split_taps(spec, 8)),
         IgemmKnobs(64, 64, 16, 4, 4, 4, 2, False),
-    ):
-        if _igemm_valid(knobs):
-            return knobs
-    return None
+    )
+    return first_valid(preferred, lambda k: _igemm_valid(k, target))
 
 
-def _igemm_f32_candidates(spec: ConvSpec, target: TargetInfo) -> list[IgemmKnobs]:
+def _igemm_f32_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[IgemmKnobs]:
     """~20-30 points: tile shapes x reduction step x reduction form x pipelining."""
-    base = _igemm_f32_knobs(spec, target)
-    if base is None:
-        return []
+    if _igemm_f32_knobs(spec, target) is None:
+        return
     tiles = [
         (64, 64, 4, 4),
         (128, 64, 8, 4),
@@ -243,7 +246,6 @@ def _igemm_f32_candidates(spec: ConvSpec, target: TargetInfo) -> list[IgemmKnobs
         (32, 64, 4, 4),
         (32, 32, 4, 4),
     ]
-    out = [base]
     for (bm, bn, tm, tn), bk, split, stages in itertools.product(
         tiles, (8, 16), (False, True), (2, 1)
     ):
@@ -252,17 +254,56 @@ def _igemm_f32_candidates(spec: ConvSpec, target: TargetInfo) -> list[IgemmKnobs
         if stages == 1 and (bm, bn) != (64, 64):
             continue
         k = IgemmKnobs(bm, bn, bk, tm, tn, 4, stages, split)
-        if not _igemm_valid(k):
+        if not _igemm_valid(k, target):
             k = IgemmKnobs(bm, bn, bk, tm, tn, 1, stages, split)
-        if _igemm_valid(k) and k not in out:
-            out.append(k)
-    return out[:40]
+        if _igemm_valid(k, target):
+            yield k
+
+
+@dataclass(frozen=True)
+class _SharedStage:
+    """How cuda_igemm_f32 stages an operand tile in shared memory at reduction step
+    `ko`: loaded cooperatively by the block's ty x tx threads in vectors, stored
+    reduction-major (the register tile then reads tm or tn consecutive values)."""
+
+    conv: Any
+    ko: Any
+    ndims: int  # the operand's loops: [m or n, (t,) k]
+    ty: int
+    tx: int
+    split: bool
+    pipeline: bool
+
+    def fetch(self, sch: Schedule, index: int, k_inner: bool, vec: int) -> Any:
+        blk = sch.cache_read(self.conv, index, "shared")
+        sch.compute_at(blk, self.ko, preserve_unit_loops=True)
+        loops = sch.get_loops(blk)[-self.ndims:]
+        if not k_inner:
+            sch.reorder(*loops[1:], loops[0])
+            loops = [*loops[1:], loops[0]]
+        fused = sch.fuse(*loops)
+        _, t_y, t_x, vv = sch.split(fused, [None, self.ty, self.tx, vec])
+        sch.bind(t_y, "threadIdx.y")
+        sch.bind(t_x, "threadIdx.x")
+        if vec > 1:
+            sch.vectorize(vv)
+        # reduction-major; rows padded by 4 words against bank conflicts of the
+        # transposing stores
+        if self.split:
+            sch.transform_layout(blk, ("write", 0), lambda i, t, c: (t, c, i))
+            sch.storage_align(blk, 0, axis=1, factor=32, offset=4)
+        else:
+            sch.transform_layout(blk, ("write", 0), lambda i, k: (k, i))
+            sch.storage_align(blk, 0, axis=0, factor=32, offset=4)
+        if self.pipeline:
+            sch.annotate(blk, "tirx.manifest_shared_memory_local_stage", 1)
+        return blk
 
 
 def _igemm_f32(
     func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: IgemmKnobs
 ) -> Schedule | None:
-    if spec.groups != 1 or not _igemm_valid(knobs):
+    if spec.groups != 1 or not _igemm_valid(knobs, target):
         return None
     split = bool(knobs.split_taps)
     M, N, K = spec.gemm_shape
@@ -303,42 +344,12 @@ def _igemm_f32(
     _inline_consumer_chain(sch, acc)
 
     cl, v = spec.channels_last, knobs.vec
-    if split:
-        a_vec = v if cl and C % v == 0 else 1
-        b_vec = v if cl and C % v == 0 else 1
-    else:
-        a_vec = v if cl and C % v == 0 else 1
-        b_vec = v if K % v == 0 else 1
-    ndims = 3 if split else 2
-
-    def fetch(index: int, k_inner: bool, vec: int) -> Any:
-        blk = sch.cache_read(conv, index, "shared")
-        sch.compute_at(blk, ko, preserve_unit_loops=True)
-        loops = sch.get_loops(blk)[-ndims:]  # [m or n, (t,) k]
-        if not k_inner:
-            sch.reorder(*loops[1:], loops[0])
-            loops = [*loops[1:], loops[0]]
-        fused = sch.fuse(*loops)
-        _, t_y, t_x, vv = sch.split(fused, [None, ty_n, tx_n, vec])
-        sch.bind(t_y, "threadIdx.y")
-        sch.bind(t_x, "threadIdx.x")
-        if vec > 1:
-            sch.vectorize(vv)
-        # reduction-major in shared memory: the register tile reads tm (tn) consecutive
-        # values; rows padded by 4 words against bank conflicts of transposing stores
-        if split:
-            sch.transform_layout(blk, ("write", 0), lambda i, t, c: (t, c, i))
-            sch.storage_align(blk, 0, axis=1, factor=32, offset=4)
-        else:
-            sch.transform_layout(blk, ("write", 0), lambda i, k: (k, i))
-            sch.storage_align(blk, 0, axis=0, factor=32, offset=4)
-        if pipeline:
-            sch.annotate(blk, "tirx.manifest_shared_memory_local_stage", 1)
-        return blk
-
+    a_vec = v if cl and C % v == 0 else 1
+    b_vec = a_vec if split else (v if K % v == 0 else 1)
+    stage = _SharedStage(conv, ko, 3 if split else 2, ty_n, tx_n, split, pipeline)
     # channels-first inputs are contiguous along the pixels: fetch with m innermost
-    a_sh = fetch(0, k_inner=cl, vec=a_vec)
-    b_sh = fetch(1, k_inner=True, vec=b_vec)
+    a_sh = stage.fetch(sch, 0, k_inner=cl, vec=a_vec)
+    b_sh = stage.fetch(sch, 1, k_inner=True, vec=b_vec)
     _inline_producers(sch, a_sh)
     _inline_producers(sch, b_sh)
 
@@ -389,7 +400,7 @@ def _tc_tiles(k: TensorCoreKnobs) -> tuple[int, int, int]:
     return 16 * k.fm * k.wm, 16 * k.fn * k.wn, 16 * k.kf
 
 
-def _tc_valid(spec: ConvSpec, k: TensorCoreKnobs) -> bool:
+def _tc_valid(k: TensorCoreKnobs, target: TargetInfo) -> bool:
     if min(k.wm, k.wn, k.fm, k.fn, k.kf, k.vec) < 1 or k.stages not in (1, 2):
         return False
     warps = k.wm * k.wn
@@ -401,11 +412,11 @@ def _tc_valid(spec: ConvSpec, k: TensorCoreKnobs) -> bool:
     # ("tvm_access_ptr element type must match"); keep the accumulator larger.
     if 2 * min(bm, bn) <= bk:
         return False
-    threads = 32 * warps
+    threads = target.warp_size * warps
     if (bm * bk) % (threads * k.vec) or (bn * bk) % (threads * k.vec):
         return False
     smem = 2 * (bm + bn) * (bk + 8) + 4 * warps * (16 * k.fm) * (16 * k.fn + 4)
-    return smem <= 48 * 1024
+    return smem <= target.smem_per_block
 
 
 def _tc_applies(spec: ConvSpec) -> bool:
@@ -419,31 +430,28 @@ def _tc_applies(spec: ConvSpec) -> bool:
 def _tc_knobs(spec: ConvSpec, target: TargetInfo) -> TensorCoreKnobs | None:
     if not _tc_applies(spec):
         return None
-    arch = target.arch.removeprefix("sm_").rstrip("a")
-    if not arch.isdigit() or int(arch) < 70:
+    if target.compute_capability < 70:  # wmma needs Volta or newer
         return None
     m, n, kk = spec.gemm_shape
     fn = 2 if n >= 64 else 1
     wn = 2 if n >= 32 * fn else 1
-    fm, wm = (4, 2) if m * n >= 2 * 132 * 128 * 64 else ((2, 2) if m >= 64 * 32 else (1, 2))
+    # 128 x 64 block tiles where they still make two waves, else smaller ones
+    big = m * n >= 2 * target.sm_count * 128 * 64
+    fm, wm = (4, 2) if big else ((2, 2) if m >= 64 * 32 else (1, 2))
     kf = 2 if kk >= 32 else 1
     vec = 8
-    for k in (
+    preferred = (
         TensorCoreKnobs(wm, wn, fm, fn, kf, vec, 2),
         TensorCoreKnobs(wm, wn, fm, fn, kf, 4, 2),
         TensorCoreKnobs(wm, wn, fm, fn, kf, 1, 2),
         TensorCoreKnobs(2, 2, 2, 2, 2, 1, 2),
-    ):
-        if _tc_valid(spec, k):
-            return k
-    return None
+    )
+    return first_valid(preferred, lambda k: _tc_valid(k, target))
 
 
-def _tc_candidates(spec: ConvSpec, target: TargetInfo) -> list[TensorCoreKnobs]:
-    base = _tc_knobs(spec, target)
-    if base is None:
-        return []
-    out = [base]
+def _tc_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[TensorCoreKnobs]:
+    if _tc_knobs(spec, target) is None:
+        return
     for (wm, wn, fm, fn), kf, stages in itertools.product(
         [
             (2, 2, 2, 2),
@@ -464,20 +472,61 @@ def _tc_candidates(spec: ConvSpec, target: TargetInfo) -> list[TensorCoreKnobs]:
             continue
         for vec in (8, 4, 1):
             k = TensorCoreKnobs(wm, wn, fm, fn, kf, vec, stages)
-            if _tc_valid(spec, k):
-                if k not in out:
-                    out.append(k)
+            if _tc_valid(k, target):
+                yield k
                 break
-    return out[:40]
+
+
+def _tensorize_wmma(sch: Schedule, a_frag: Any, b_frag: Any, init: Any, store: Any,
+                    compute: Any) -> bool:
+    """Replace the 16x16 fragment loads, the accumulator's init and store and the
+    16x16x16 multiply-add with wmma intrinsics (float16 in, float32 accumulators).
+    False where a block does not match the wmma patterns."""
+    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
+
+    intrin = get_wmma_intrin_group(load_scope="shared", store_scope="shared",
+                                   in_dtype="float16", out_dtype="float32", trans_b=True)
+    try:
+        for frag, name in ((a_frag, "load_a"), (b_frag, "load_b")):
+            i, j = sch.get_loops(frag)[-2:]
+            i0, i1 = sch.split(i, [None, 16])
+            j0, j1 = sch.split(j, [None, 16])
+            sch.reorder(i0, j0, i1, j1)
+            sch.unroll(i0)
+            sch.unroll(j0)
+            sch.tensorize(i1, intrin[name])
+        sch.tensorize(sch.get_loops(init)[-2], intrin["init"])
+        sch.tensorize(sch.get_loops(store)[-2], intrin["store"])
+        sch.tensorize(sch.get_loops(compute)[-3], intrin["compute"])
+    except Exception:  # TVM raises a plain error when a pattern does not match
+        return False
+    return True
+
+
+def _tc_stage(sch: Schedule, outer: Any, k0: Any, index: int, warps: int, vec: int,
+              pipeline: bool) -> Any:
+    """An operand's tile for reduction step k0 in shared memory, loaded by every warp of
+    the block in vectors; rows padded by 8 halves against bank conflicts of the
+    fragment loads."""
+    blk = sch.cache_read(outer, index, "shared")
+    sch.compute_at(blk, k0)
+    fused = sch.fuse(*sch.get_loops(blk)[-2:])
+    _, f1, f2, f3 = sch.split(fused, [None, warps, 32, vec])
+    sch.bind(f2, "threadIdx.x")
+    sch.bind(f1, "threadIdx.y")
+    if vec > 1:
+        sch.vectorize(f3)
+    sch.storage_align(blk, 0, axis=-2, factor=16, offset=8)
+    if pipeline:
+        sch.annotate(blk, "tirx.manifest_shared_memory_local_stage", 1)
+    return blk
 
 
 def _igemm_f16_tc(
     func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: TensorCoreKnobs
 ) -> Schedule | None:
-    if not _tc_applies(spec) or not _tc_valid(spec, knobs):
+    if not _tc_applies(spec) or not _tc_valid(knobs, target):
         return None
-    from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
-
     M, N, K = spec.gemm_shape
     bm, bn, bk = _tc_tiles(knobs)
     pipeline = knobs.stages > 1 and -(-K // bk) >= 2
@@ -504,20 +553,6 @@ def _igemm_f16_tc(
     cl = spec.channels_last
     C = spec.channels_per_group
 
-    def fetch(index: int, vec: int) -> Any:
-        blk = sch.cache_read(outer, index, "shared")
-        sch.compute_at(blk, k0)
-        fused = sch.fuse(*sch.get_loops(blk)[-2:])
-        _, f1, f2, f3 = sch.split(fused, [None, warps, 32, vec])
-        sch.bind(f2, "threadIdx.x")
-        sch.bind(f1, "threadIdx.y")
-        if vec > 1:
-            sch.vectorize(f3)
-        sch.storage_align(blk, 0, axis=-2, factor=16, offset=8)
-        if pipeline:
-            sch.annotate(blk, "tirx.manifest_shared_memory_local_stage", 1)
-        return blk
-
     a_vec = knobs.vec if cl and C % knobs.vec == 0 else 1
     b_vec = (
         knobs.vec
@@ -525,8 +560,8 @@ def _igemm_f16_tc(
         or (not cl and K % knobs.vec == 0 and math.prod(spec.kernel_size) == 1)
         else 1
     )
-    a_sh = fetch(0, a_vec)
-    b_sh = fetch(1, b_vec)
+    a_sh = _tc_stage(sch, outer, k0, 0, warps, a_vec, pipeline)
+    b_sh = _tc_stage(sch, outer, k0, 1, warps, b_vec, pipeline)
     _inline_producers(sch, a_sh)
     _inline_producers(sch, b_sh)
 
@@ -546,26 +581,7 @@ def _igemm_f16_tc(
     init = sch.decompose_reduction(outer, k0)
     init_inner = sch.get_child_blocks(init)[0]
 
-    intrin = get_wmma_intrin_group(
-        load_scope="shared",
-        store_scope="shared",
-        in_dtype="float16",
-        out_dtype="float32",
-        trans_b=True,
-    )
-    try:
-        for frag, name in ((a_frag, "load_a"), (b_frag, "load_b")):
-            i, j = sch.get_loops(frag)[-2:]
-            i0, i1 = sch.split(i, [None, 16])
-            j0, j1 = sch.split(j, [None, 16])
-            sch.reorder(i0, j0, i1, j1)
-            sch.unroll(i0)
-            sch.unroll(j0)
-            sch.tensorize(i1, intrin[name])
-        sch.tensorize(sch.get_loops(init_inner)[-2], intrin["init"])
-        sch.tensorize(sch.get_loops(store)[-2], intrin["store"])
-        sch.tensorize(sch.get_loops(inner)[-3], intrin["compute"])
-    except Exception:  # the block does not match the wmma patterns: not applicable
+    if not _tensorize_wmma(sch, a_frag, b_frag, init_inner, store, inner):
         return None
     _inline_consumer_chain(sch, acc_sh)
     fused = sch.fuse(*sch.get_loops(acc_sh)[-2:])
@@ -599,8 +615,9 @@ def _depthwise_ok(spec: ConvSpec) -> bool:
     return spec.is_depthwise and spec.channels_per_group == 1
 
 
-def _depthwise_valid(spec: ConvSpec, k: DepthwiseKnobs) -> bool:
-    if k.vw < 1 or k.vc < 1 or k.threads % 32 or not 32 <= k.threads <= 1024:
+def _depthwise_valid(spec: ConvSpec, k: DepthwiseKnobs, target: TargetInfo) -> bool:
+    warp = target.warp_size
+    if k.vw < 1 or k.vc < 1 or k.threads % warp or not warp <= k.threads <= 1024:
         return False
     if spec.out_channels % k.vc:
         return False
@@ -626,34 +643,30 @@ def _depthwise_knobs(spec: ConvSpec, target: TargetInfo) -> DepthwiseKnobs | Non
         vw = next((v for v in (4, 2) if ow % v == 0), 4 if ow >= 16 else 2)
     # keep every SM busy: shrink the block when there are few threads in all
     total = spec.batch * spec.out_channels * math.prod(spec.out_size) // (vw * vc)
-    threads = 256 if total >= 256 * 132 * 2 else (128 if total >= 128 * 132 else 64)
-    for k in (
+    sms = target.sm_count
+    threads = 256 if total >= 256 * sms * 2 else (128 if total >= 128 * sms else 64)
+    preferred = (
         DepthwiseKnobs(vw, vc, threads),
         DepthwiseKnobs(vw, 1, threads),
         DepthwiseKnobs(1, 1, threads),
-    ):
-        if _depthwise_valid(spec, k):
-            return k
-    return None
+    )
+    return first_valid(preferred, lambda k: _depthwise_valid(spec, k, target))
 
 
-def _depthwise_candidates(spec: ConvSpec, target: TargetInfo) -> list[DepthwiseKnobs]:
-    base = _depthwise_knobs(spec, target)
-    if base is None:
-        return []
-    out = [base]
+def _depthwise_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[DepthwiseKnobs]:
+    if _depthwise_knobs(spec, target) is None:
+        return
     vcs = (1, 2, 4) if spec.channels_last else (1, 2)
     for vw, vc, t in itertools.product((1, 2, 4, 7, 8), vcs, (64, 128, 256)):
         k = DepthwiseKnobs(vw, vc, t)
-        if _depthwise_valid(spec, k) and k not in out:
-            out.append(k)
-    return out[:40]
+        if _depthwise_valid(spec, k, target):
+            yield k
 
 
 def _depthwise(
     func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: DepthwiseKnobs
 ) -> Schedule | None:
-    if not _depthwise_ok(spec) or not _depthwise_valid(spec, knobs):
+    if not _depthwise_ok(spec) or not _depthwise_valid(spec, knobs, target):
         return None
     nd = spec.ndim
     sch = new_schedule(func)
@@ -701,7 +714,7 @@ def _depthwise(
 
 
 # ---------------------------------------------------------------------------------------
-# fallback (as in convgen today)
+# fallback
 # ---------------------------------------------------------------------------------------
 
 
@@ -754,12 +767,19 @@ def _dlight_gemm(
     return new_schedule(scheduled)
 
 
-TEMPLATES: list[Template[Any]] = [
-    Template("cuda_igemm_f16_tc", TensorCoreKnobs, _tc_knobs, _tc_candidates, _igemm_f16_tc),
-    Template("cuda_depthwise", DepthwiseKnobs, _depthwise_knobs, _depthwise_candidates, _depthwise),
-    Template("cuda_igemm_f32", IgemmKnobs, _igemm_f32_knobs, _igemm_f32_candidates, _igemm_f32),
-    Template(
-        "cuda_dlight_gemm", DlightKnobs, _dlight_knobs,
-        lambda spec, target: [k for k in [_dlight_knobs(spec, target)] if k], _dlight_gemm,
-    ),
-]
+def _dlight_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[DlightKnobs]:
+    return iter(())  # nothing to vary: the heuristic's one point is the grid
+
+
+GRID_CAP = 40  # candidates per template: the grids are sized for an offline GPU run
+
+TEMPLATES: tuple[Template[Any], ...] = (
+    Template("cuda_igemm_f16_tc", TensorCoreKnobs, _tc_knobs, _tc_grid, _igemm_f16_tc,
+             max_candidates=GRID_CAP),
+    Template("cuda_depthwise", DepthwiseKnobs, _depthwise_knobs, _depthwise_grid, _depthwise,
+             max_candidates=GRID_CAP),
+    Template("cuda_igemm_f32", IgemmKnobs, _igemm_f32_knobs, _igemm_f32_grid, _igemm_f32,
+             max_candidates=GRID_CAP),
+    Template("cuda_dlight_gemm", DlightKnobs, _dlight_knobs, _dlight_grid, _dlight_gemm),
+)
+FAMILY = Family("cuda", TEMPLATES, FALLBACK_NAME, fallback)

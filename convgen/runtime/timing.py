@@ -1,0 +1,152 @@
+"""Timing on the host and on CUDA devices, and the CPU's measured FMA peak.
+
+Every number is a median over samples taken after warm-up; each sample runs the
+call enough times to last about `min_sample_ms`, so timer resolution never
+dominates. Host samples are taken in rounds that alternate between the calls
+being compared (see `time_host_rounds`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+
+def gflops(flops: int, seconds: float) -> float:
+    """Throughput in GFLOP/s (0 for a failed or unmeasured run: `seconds` not finite)."""
+    return flops / seconds / 1e9 if math.isfinite(seconds) and seconds > 0 else 0.0
+
+
+def geomean(ratios: list[float]) -> float:
+    """The geometric mean: the average of speed-ups that multiply."""
+    return math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+
+
+@dataclass
+class Timing:
+    """Seconds per call: median and the 10th/90th percentiles of the samples."""
+
+    median: float
+    p10: float
+    p90: float
+
+    @classmethod
+    def of(cls, samples: list[float]) -> Timing:
+        s = sorted(samples)
+        pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
+        return cls(statistics.median(s), pick(0.1), pick(0.9))
+
+
+K = TypeVar("K")
+_peak_cache: dict[int, float | None] = {}
+# Timing blocks start once this process has used no CPU for a window: TVM's thread
+# pool keeps yield-spinning for a while after a call, and a block started after a
+# fixed pause could still run the next implementation beside it.
+_IDLE_WINDOW_S = 0.05
+_IDLE_WAIT_MAX_S = 1.0
+
+
+def _wait_until_idle() -> None:
+    """Return once the process's threads have been idle for a window (or after a
+    second): the previous implementation's thread pool has parked."""
+    deadline = time.perf_counter() + _IDLE_WAIT_MAX_S
+    while time.perf_counter() < deadline:
+        t0 = os.times()
+        time.sleep(_IDLE_WINDOW_S)
+        t1 = os.times()
+        if (t1.user + t1.system) - (t0.user + t0.system) < 0.01:  # under one clock tick
+            return
+
+
+def measure_cpu_peak(n_threads: int) -> float | None:
+    """The CPU's fp32 FMA peak on `n_threads`, measured (GFLOP/s): the best of a few
+    runs of a register-only FMA loop, 256- and 512-bit wide. None without gcc."""
+    if n_threads in _peak_cache:
+        return _peak_cache[n_threads]
+    import ctypes
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    src = Path(__file__).parent / "native" / "fma_peak.c"
+    best = None
+    if shutil.which("gcc"):
+        with tempfile.TemporaryDirectory() as tmp:
+            for vbytes in (32, 64):
+                lib = Path(tmp) / f"peak{vbytes}.so"
+                proc = subprocess.run(
+                    ["gcc", "-O2", "-march=native", "-ffp-contract=fast", "-fopenmp", "-shared",
+                     "-fPIC", f"-DVBYTES={vbytes}", str(src), "-o", str(lib)],
+                    capture_output=True,
+                )
+                if proc.returncode != 0:
+                    continue
+                f = ctypes.CDLL(str(lib)).fma_peak
+                f.restype, f.argtypes = ctypes.c_double, [ctypes.c_long, ctypes.c_int]
+                for _ in range(3):
+                    g = f(20_000_000, n_threads)
+                    best = g if best is None else max(best, g)
+    _peak_cache[n_threads] = best
+    return best
+
+
+def _calibrate(fn: Callable[[], Any], warmup: int, min_sample_ms: float) -> int:
+    """Calls per sample, so that one sample lasts about `min_sample_ms`."""
+    _wait_until_idle()
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - t0, 1e-7)
+    return max(1, math.ceil(min_sample_ms / 1e3 / once))
+
+
+def time_host_rounds(calls: dict[K, Callable[[], Any]], repeats: int, warmup: int,
+                     min_sample_ms: float, rounds: int = 5) -> dict[K, Timing]:
+    """`repeats` samples of each call, taken in `rounds` alternating blocks, so a slow
+    spell on a shared machine falls on every implementation alike, not on whichever
+    one it overlapped. Per-sample interleaving is worse: the thread pools that spin
+    after each call (TVM's, PyTorch's OpenMP) then steal cores from the next
+    implementation. So each block starts once the previous pool has parked, with one
+    untimed call. (The measurements are in benchmarks/NOTES.md.)"""
+    number = {name: _calibrate(fn, warmup, min_sample_ms) for name, fn in calls.items()}
+    samples: dict[K, list[float]] = {name: [] for name in calls}
+    per_round = max(1, math.ceil(repeats / rounds))
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            _wait_until_idle()
+            fn()
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                for _ in range(number[name]):
+                    fn()
+                samples[name].append((time.perf_counter() - t0) / number[name])
+    return {name: Timing.of(s) for name, s in samples.items()}
+
+
+def time_cuda(fn: Callable[[], Any], repeats: int, warmup: int, min_sample_ms: float) -> Timing:
+    from convgen.runtime import cuda_driver
+
+    timer = cuda_driver.EventTimer()
+    for _ in range(warmup):
+        fn()
+    cuda_driver.synchronize()
+    timer.start()
+    fn()
+    once = max(timer.stop_ms(), 1e-4)
+    number = max(1, math.ceil(min_sample_ms / once))
+    samples = []
+    for _ in range(repeats):
+        timer.start()
+        for _ in range(number):
+            fn()
+        samples.append(timer.stop_ms() / 1e3 / number)
+    return Timing.of(samples)
+
+

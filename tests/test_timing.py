@@ -1,0 +1,26 @@
+"""Timing: samples alternate between implementations; throughput in one place."""
+
+from __future__ import annotations
+
+import math
+
+from convgen.runtime import timing
+
+
+def test_bench_alternates_implementations_in_rounds(monkeypatch):
+    """Each implementation gets its samples in blocks that alternate with the others',
+    so a slow spell of the machine cannot fall on one of them only."""
+    monkeypatch.setattr(timing, "_wait_until_idle", lambda: None)
+    order: list[str] = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    times = timing.time_host_rounds(calls, repeats=6, warmup=1, min_sample_ms=0.0, rounds=3)
+    assert set(times) == {"a", "b"}
+    timed = order[4:]  # after each one's warm-up and calibration call
+    blocks = [timed[i] for i in range(len(timed)) if i == 0 or timed[i] != timed[i - 1]]
+    assert blocks == ["a", "b"] * 3
+    assert timed.count("a") == timed.count("b") == 3 * (1 + 2)  # an untimed call + 2 samples
+
+
+def test_gflops_of_failed_runs_is_zero():
+    assert timing.gflops(2_000_000_000, 0.5) == 4.0
+    assert timing.gflops(10, math.inf) == 0.0
