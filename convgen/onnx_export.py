@@ -13,6 +13,7 @@ dtypes as the compiled kernel:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,7 +29,11 @@ OPSET = 21
 IR_VERSION = 10
 
 
-def export_onnx(spec: ConvSpec) -> onnx.ModelProto:
+def export_onnx(spec: ConvSpec, constants: Mapping[str, np.ndarray] | None = None
+                ) -> onnx.ModelProto:
+    """The model. `constants` (`weight`, `bias`) are stored as initializers instead of
+    taken as inputs, as a deployed model carries its weights (which lets onnxruntime
+    prepack them)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -87,7 +92,11 @@ def export_onnx(spec: ConvSpec) -> onnx.ModelProto:
     if spec.channels_last:
         node("Transpose", [conv_out], "out", perm=[0, *range(2, nd + 2), 1])
 
-    inputs = [helper.make_tensor_value_info(n, elem, s) for n, s in spec.input_shapes().items()]
+    constants = dict(constants or {})
+    for name, value in constants.items():
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=spec.dtype), name))
+    inputs = [helper.make_tensor_value_info(n, elem, s) for n, s in spec.input_shapes().items()
+              if n not in constants]
     outputs = [helper.make_tensor_value_info("out", elem, spec.out_shape)]
     graph = helper.make_graph(nodes, spec.name(), inputs, outputs, initializer=inits)
     model = helper.make_model(

@@ -127,6 +127,10 @@ class ConvSpec:
         return (self.out_channels,)
 
     @property
+    def element_bytes(self) -> int:
+        return {"float32": 4, "float16": 2}[self.dtype]
+
+    @property
     def accum_dtype(self) -> str:
         """float16 multiplies in float32 and accumulates there."""
         return "float32"

@@ -121,6 +121,27 @@ def test_failed_verification_exits_1(tmp_path, monkeypatch):
     assert manifest["verification"]["status"] == "failed"
 
 
+def test_bench_feeds_onnxruntime_the_data_alone():
+    """The onnxruntime peer holds the weights (and bias) as initializers, flipped once
+    for conv, is fed the data alone, and computes the same as the kernel."""
+    import numpy as np
+
+    from convgen.reference import reference_conv
+    from convgen.runtime import bench
+    from convgen.runtime.verify import random_inputs
+    from convgen.spec import make_spec
+
+    spec = make_spec(mode="conv", input="1x4x8x8", kernel="6x4x3x3", padding=1, bias=True)
+    inputs = random_inputs(spec, 0)
+    call = bench._onnxruntime_call(spec, inputs)
+    [session] = [c.cell_contents for c in call.__closure__
+                 if type(c.cell_contents).__name__ == "InferenceSession"]
+    assert [i.name for i in session.get_inputs()] == ["data"]
+    (got,) = call()
+    np.testing.assert_allclose(got, reference_conv(spec, *inputs.values()), rtol=1e-4,
+                               atol=1e-5)
+
+
 def test_version_and_help():
     code, out = run("--version")
     assert code == 0 and "convgen" in out
@@ -132,7 +153,10 @@ def test_bench_json_against_onnxruntime():
     code, out = run("bench", *SMALL, "--repeats", "3", "--json")
     assert code == 0, out
     (result,) = json.loads(out)
-    assert {"convgen", "onnxruntime"} <= set(result["times"])
+    # convgen through k(x, w), its raw entry, and onnxruntime with the weights as
+    # initializers (fed the data alone, as a deployed model is)
+    assert {"convgen", "convgen_raw", "onnxruntime"} <= set(result["times"])
+    assert "convgen_raw" not in result["speedup"] and "call_overhead" in result
     assert result["speedup"]["onnxruntime"] > 0
     assert result["schedule"].startswith("cpu_")  # which template the kernel used
     t = result["times"]["convgen"]

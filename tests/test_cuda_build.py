@@ -69,7 +69,7 @@ def test_host_only_code_is_refused(monkeypatch):
     from convgen.runtime.manifest import ScheduleChoice
 
     def unscheduled(spec, target, library=None):
-        return new_schedule(conv_prim_func(spec)), ScheduleChoice("heuristic", "none")
+        return new_schedule(conv_prim_func(spec, target)), ScheduleChoice("heuristic", "none")
 
     monkeypatch.setattr(convgen.compiler.build, "schedule_for", unscheduled)
     spec = make_spec(mode="conv", input="1x2x6x6", kernel="2x2x3x3")

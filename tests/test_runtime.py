@@ -53,6 +53,47 @@ def test_any_layout_of_memory(artifact):
     assert_close(out, want, "float32")
 
 
+def test_numpy_arrays_are_used_without_a_copy(artifact, monkeypatch):
+    """The kernel declares its arguments element-aligned, so any C-contiguous writable
+    array numpy gives (16-byte aligned, or here only 4) goes to it as it is."""
+    k = convgen.load(artifact)
+    assert k.alignment == 4
+    inputs = random_case(SPEC, 5)
+    want = reference_conv(SPEC, *inputs.values())
+    shifted = []
+    for a in inputs.values():
+        raw = np.empty(a.nbytes + 64, np.uint8)
+        start = (-raw.ctypes.data) % 64 + 4  # 4 bytes past a 64-byte boundary
+        b = raw[start : start + a.nbytes].view(np.float32).reshape(a.shape)
+        b[...] = a
+        shifted.append(b)
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("an input or the output was copied")
+
+    monkeypatch.setattr(np, "copyto", no_copy)
+    out = np.empty(SPEC.out_shape, np.float32)
+    assert k(*shifted, out=out) is out
+    monkeypatch.undo()
+    assert_close(out, want, "float32")
+
+
+def test_returned_arrays_are_never_overwritten_while_held(artifact):
+    """The kernel recycles an output array only once nothing refers to it: arrays the
+    caller keeps, and views of them, keep their values across later calls."""
+    k = convgen.load(artifact)
+    cases = [random_case(SPEC, seed) for seed in (10, 11, 12, 13)]
+    wants = [reference_conv(SPEC, *c.values()) for c in cases]
+    held = k(*cases[0].values())
+    view = k(*cases[1].values())[0, :2]  # only a view of the second result is kept
+    for c in cases[2:] * 3:
+        k(*c.values())
+    assert_close(held, wants[0], "float32")
+    assert_close(view, wants[1][0, :2], "float32")
+    seen = {id(k(*cases[2].values())) for _ in range(6)}
+    assert len(seen) <= 3  # dropped results are handed out again, not reallocated
+
+
 def test_wrong_inputs_name_the_field(artifact):
     k = convgen.load(artifact)
     x, w, b = random_case(SPEC, 0).values()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from convgen import __version__
+from convgen.compiler.compute import argument_alignment
 from convgen.compiler.schedule import forced_schedule, schedule_for
 from convgen.compiler.targets import TargetInfo
 from convgen.errors import ConvgenError, UnsupportedError
@@ -160,6 +161,7 @@ def manifest_for(compiled: Compiled, target_name: str, directory: Path, files: d
                   "tvm_ffi": tvm_ffi.__version__},
         build_seconds=dict(compiled.seconds),
         module_compiled=compiled_module,
+        arg_alignment=argument_alignment(spec, target),
     )
 
 

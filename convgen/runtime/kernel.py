@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,6 @@ import numpy as np
 from convgen.errors import ArgumentError, ArtifactError, ToolchainError
 from convgen.runtime.cores import use_all_cores
 from convgen.runtime.manifest import Manifest, TensorInfo, find_manifest
-
-# Generated CPU code assumes 64-byte aligned buffers (it emits aligned vector
-# loads); numpy only guarantees 16. Misaligned inputs are copied.
-ALIGNMENT = 64
 
 _tvm_runtime_loaded = False
 
@@ -75,8 +72,12 @@ class Kernel:
         self.inputs: list[TensorInfo] = m.inputs
         self.outputs: list[TensorInfo] = m.outputs
         self.flops = m.flops
+        self.alignment = m.arg_alignment
         self.module_path = m.path_of("module", self.directory)
         self._func: Any = None
+        self._outputs: list[np.ndarray] = []  # the last arrays returned (see _output)
+        self._in_specs = [(t.shape, np.dtype(t.dtype)) for t in self.inputs]
+        self._out_spec = (self.outputs[0].shape, np.dtype(self.outputs[0].dtype))
 
     def __repr__(self) -> str:
         return f"<convgen.Kernel {self.name} on {self.device}>"
@@ -111,21 +112,73 @@ class Kernel:
             _check_tensor(info, a)
 
     def __call__(self, *arrays: Any, out: Any = None) -> Any:
+        if self.device != "cpu":
+            return self._call_cuda(arrays, out)
+        # The common case first, at the cost of a few attribute reads: numpy arrays of
+        # the right shape and dtype that the kernel can read in place.
+        args = arrays
+        if not self._in_place(arrays):
+            self.check_inputs(arrays)
+            args = tuple(host_usable(a, info.dtype, self.alignment)
+                         for a, info in zip(arrays, self.inputs))
+        if out is None:
+            result = self._output()
+        elif type(out) is np.ndarray and (out.shape, out.dtype) == self._out_spec:
+            result = out if self._usable(out) else aligned_empty(
+                out.shape, out.dtype, self.alignment)
+        else:
+            _check_tensor(self.outputs[0], out)
+            usable = not isinstance(out, np.ndarray) or self._usable(out)
+            result = out if usable else aligned_empty(out.shape, out.dtype, self.alignment)
+        self.func(*args, result)
+        if out is not None and result is not out:
+            np.copyto(out, result)
+            return out
+        return result
+
+    def _in_place(self, arrays: tuple[Any, ...]) -> bool:
+        """Every input a numpy array of the kernel's shape and dtype, readable in place."""
+        if len(arrays) != len(self._in_specs):
+            return False
+        for a, (shape, dtype) in zip(arrays, self._in_specs):
+            if type(a) is not np.ndarray or a.shape != shape or a.dtype != dtype:
+                return False
+            if not self._usable(a):
+                return False
+        return True
+
+    def _usable(self, a: np.ndarray) -> bool:
+        """Readable in place by the kernel: C-contiguous, aligned as the module declares
+        (numpy's own `aligned` flag is the element alignment) and writable (DLPack
+        cannot export read-only numpy arrays)."""
+        f = a.flags
+        if not (f.c_contiguous and f.writeable and f.aligned):
+            return False
+        return self.alignment <= a.itemsize or _address(a) % self.alignment == 0
+
+    def _output(self) -> np.ndarray:
+        """A fresh output array for the caller. A new allocation of this size comes from
+        the OS page by page (glibc maps large blocks afresh), and the kernel then pays
+        a page fault per 4 KiB on its first write, a tenth of a small layer's time. So
+        the kernel keeps the last two arrays it returned and hands one out again once
+        the caller holds no reference to it (nor to a view of it): in `y = k(x)` in a
+        loop, the array before last."""
+        for i, a in enumerate(self._outputs):
+            if sys.getrefcount(a) == 3:  # the list, the loop variable, getrefcount's own
+                self._outputs.append(self._outputs.pop(i))
+                return a
+        shape, dtype = self.outputs[0].shape, self.outputs[0].dtype
+        a = aligned_empty(shape, dtype, self.alignment)
+        self._outputs = [*self._outputs[-1:], a]
+        return a
+
+    def _call_cuda(self, arrays: tuple[Any, ...], out: Any) -> Any:
+        from convgen.runtime import cuda_driver
+
         self.check_inputs(arrays)
         out_info = self.outputs[0]
         if out is not None:
             _check_tensor(out_info, out)
-        if self.device == "cpu":
-            args = [host_aligned(a, info.dtype) for a, info in zip(arrays, self.inputs)]
-            usable = out is not None and (not isinstance(out, np.ndarray) or _is_aligned(out))
-            result = out if usable else aligned_empty(out_info.shape, out_info.dtype)
-            self.func(*args, result)
-            if out is not None and result is not out:
-                np.copyto(out, result)
-                return out
-            return result
-        from convgen.runtime import cuda_driver
-
         args = [
             a if not isinstance(a, np.ndarray) else cuda_driver.DeviceArray.from_numpy(a)
             for a in arrays
@@ -139,6 +192,10 @@ class Kernel:
         if isinstance(out, np.ndarray):
             np.copyto(out, dev_out.numpy())
         return out
+
+
+def _address(a: np.ndarray) -> int:
+    return int(a.__array_interface__["data"][0])
 
 
 def _check_tensor(info: TensorInfo, a: Any) -> None:
@@ -159,34 +216,34 @@ def _check_tensor(info: TensorInfo, a: Any) -> None:
         )
 
 
-def _is_aligned(a: Any) -> bool:
-    """Usable as is: contiguous, 64-byte aligned, and writable (DLPack cannot
-    export read-only numpy arrays)."""
-    return (
-        isinstance(a, np.ndarray)
-        and a.flags.c_contiguous
-        and a.flags.writeable
-        and a.ctypes.data % ALIGNMENT == 0
-    )
+def _is_usable(a: np.ndarray, alignment: int) -> bool:
+    """Usable as is: C-contiguous, aligned, and writable (DLPack cannot export
+    read-only numpy arrays)."""
+    f = a.flags
+    return f.c_contiguous and f.writeable and f.aligned and _address(a) % alignment == 0
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: str | np.dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
+def aligned_empty(shape: tuple[int, ...], dtype: str | np.dtype, alignment: int = 64
+                  ) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an `alignment` boundary
+    (a plain np.empty where numpy's own alignment suffices)."""
     dt = np.dtype(dtype)
+    if alignment <= 16:  # numpy aligns every allocation to 16 bytes
+        return np.empty(shape, dt)
     nbytes = max(1, int(np.prod(shape)) * dt.itemsize)
-    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
-    offset = (-raw.ctypes.data) % ALIGNMENT
+    raw = np.empty(nbytes + alignment, np.uint8)
+    offset = (-_address(raw)) % alignment
     return raw[offset : offset + nbytes].view(dt).reshape(shape)
 
 
-def host_aligned(a: Any, dtype: str) -> Any:
-    """numpy arrays of any strides, alignment or writability -> a contiguous,
-    64-byte aligned array."""
+def host_usable(a: Any, dtype: str, alignment: int = 64) -> Any:
+    """numpy arrays of any strides, alignment or writability -> one the kernel takes
+    as is: the array itself when it already is, else a contiguous aligned copy."""
     if not isinstance(a, np.ndarray):
         return a  # a DLPack tensor: the caller vouches for its layout
-    if _is_aligned(a):
+    if _is_usable(a, alignment):
         return a
-    copy = aligned_empty(a.shape, dtype)
+    copy = aligned_empty(a.shape, dtype, alignment)
     np.copyto(copy, a)
     return copy
 

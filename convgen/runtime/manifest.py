@@ -211,6 +211,9 @@ class Manifest:
     versions: dict[str, str]
     build_seconds: dict[str, float] = field(default_factory=dict)
     module_compiled: bool = True  # False: a CUDA build with --defer-nvcc
+    # the byte alignment the entry requires of every argument's data (TVM checks it);
+    # 64 for artifacts that predate element-aligned arguments
+    arg_alignment: int = 64
     created: str = field(default_factory=lambda: datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"))
     entry: str = ENTRY
@@ -253,6 +256,7 @@ class Manifest:
             "outputs": [t.to_dict() for t in self.outputs],
             "files": {role: f.to_dict() for role, f in self.files.items()},
             "module_compiled": self.module_compiled,
+            "arg_alignment": self.arg_alignment,
             "schedule": self.schedule.to_dict(),
             "flops": self.flops,
             "build_seconds": {k: round(v, 3) for k, v in self.build_seconds.items()},
@@ -281,6 +285,7 @@ class Manifest:
                 versions=dict(d.get("versions", {})),
                 build_seconds=dict(d.get("build_seconds", {})),
                 module_compiled=bool(d.get("module_compiled", True)),
+                arg_alignment=int(d.get("arg_alignment", 64)),
                 created=str(d.get("created", "")),
                 entry=str(d.get("entry", ENTRY)),
             )

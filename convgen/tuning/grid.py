@@ -177,7 +177,7 @@ def _compile(spec: ConvSpec, target: TargetInfo, cand: Candidate) -> Any:
     if cand.trace is not None:
         from convgen.compiler.schedule.trace import replay_trace
 
-        mod = replay_trace(spec, cand.trace).mod
+        mod = replay_trace(spec, target, cand.trace).mod
     else:
         from convgen.compiler.build import lower
 

@@ -195,7 +195,7 @@ def tune_meta_schedule(
 
     builder_cls, runner_cls, budget_cls = _builder_class(), _runner_class(), _budget_class()
     work_dir.mkdir(parents=True, exist_ok=True)
-    mod = workload(spec)  # the module traces replay onto (compiler.schedule.trace)
+    mod = workload(spec, target)  # the module traces replay onto (compiler.schedule.trace)
     database = ms.database.JSONDatabase(work_dir=str(work_dir))
     ctx = ms.TuneContext(
         mod=mod, target=target.tvm_target(), space_generator=ms.space_generator.PostOrderApply(),

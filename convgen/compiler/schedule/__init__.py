@@ -73,7 +73,7 @@ def recorded_schedule(spec: ConvSpec, target: TargetInfo,
     if rec.trace is not None:
         from convgen.compiler.schedule.trace import replay_trace
 
-        return replay_trace(spec, rec.trace), ScheduleChoice(
+        return replay_trace(spec, target, rec.trace), ScheduleChoice(
             "record", META_SCHEDULE, {}, record.relpath)
     sch, choice = forced_schedule(spec, target, rec.template, rec.knobs, kind="record")
     return sch, dataclasses.replace(choice, record=record.relpath)

@@ -58,7 +58,8 @@ class Template(Generic[K]):
 
     def schedule(self, spec: ConvSpec, target: TargetInfo, knobs: K) -> Schedule | None:
         """The algorithm in the form this template asks for, scheduled (None: declined)."""
-        return self.apply(conv_prim_func(spec, self.variant(spec, knobs)), spec, target, knobs)
+        func = conv_prim_func(spec, target, self.variant(spec, knobs))
+        return self.apply(func, spec, target, knobs)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class Family:
         raise UnsupportedError(f"schedule: no {self.kind} template named {name!r} ({names})")
 
     def schedule_fallback(self, spec: ConvSpec, target: TargetInfo) -> Schedule:
-        return self.fallback(conv_prim_func(spec), spec, target)
+        return self.fallback(conv_prim_func(spec, target), spec, target)
 
 
 def new_schedule(func: PrimFunc) -> Schedule:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from convgen.compiler.targets import TargetInfo
 from convgen.spec import ConvSpec
 
 
-def workload(spec: ConvSpec) -> Any:
+def workload(spec: ConvSpec, target: TargetInfo) -> Any:
     """The module MetaSchedule tunes and traces replay onto: IRModule({"main": f}),
     normalised as TuneContext does, so database hashes and replays agree. The
     PrimFunc keeps its global symbol, so the compiled entry is unchanged."""
@@ -20,13 +21,13 @@ def workload(spec: ConvSpec) -> Any:
 
     from convgen.compiler.compute import conv_prim_func
 
-    return _normalize_mod(conv_prim_func(spec))
+    return _normalize_mod(conv_prim_func(spec, target))
 
 
-def replay_trace(spec: ConvSpec, trace: list[Any]) -> Any:
+def replay_trace(spec: ConvSpec, target: TargetInfo, trace: list[Any]) -> Any:
     """A stored trace (plain JSON) applied to a fresh schedule of the spec's PrimFunc."""
     import tvm
 
-    sch = tvm.s_tir.Schedule(workload(spec))
+    sch = tvm.s_tir.Schedule(workload(spec, target))
     tvm.s_tir.Trace.apply_json_to_schedule(trace, sch)
     return sch
