@@ -3,7 +3,7 @@
 # fp16, batch 1 and 8. The GPU may be on another machine:
 #   bash scripts/retune_cuda_records.sh emit DIR      # here: candidates (no GPU needed)
 #   convgen measure DIR                               # on the GPU machine (nvcc + tvm-ffi)
-#   bash scripts/retune_cuda_records.sh ingest DIR    # here: results.json -> schedules/
+#   bash scripts/retune_cuda_records.sh ingest DIR    # here: results.json -> convgen/schedules/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step=${1:?emit or ingest}; dir=${2:?candidates folder}
@@ -15,7 +15,7 @@ case $step in
     done ;;
   ingest)
     for dtype in float32 float16; do
-      convgen tune --target cuda:sm_90 --ingest "$dir/$dtype" --library schedules
+      convgen tune --target cuda:sm_90 --ingest "$dir/$dtype" --library convgen/schedules
     done ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate the shipped CPU records in schedules/ for this machine's CPU:
+# Regenerate the shipped CPU records in convgen/schedules/ for this machine's CPU:
 # every layer of the ResNet-50 suite in both layouts and modes, float32.
 # Run on a quiet machine (nothing else using the cores): the records keep the
 # fastest candidate measured, so noise picks a worse one. Resumable: rerun
@@ -7,5 +7,5 @@
 #   bash scripts/retune_records.sh [extra convgen tune flags, e.g. --method both]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-convgen tune --target llvm --suite resnet50 --library schedules \
+convgen tune --target llvm --suite resnet50 --library convgen/schedules \
   --work-dir "${CONVGEN_TUNE_WORK:-$HOME/.cache/convgen/tune}" "$@"

@@ -26,8 +26,8 @@ from convgen.spec import ConvSpec
 FORMAT = "convgen-record"
 FORMAT_VERSION = 2  # 1: schedule as {"kind": "template" | "fallback" | "trace", ...}
 META_SCHEDULE = "meta_schedule"  # the template name of a replayed MetaSchedule trace
-# The library shipped with convgen (the repository's schedules/ folder).
-DEFAULT_LIBRARY = Path(__file__).resolve().parents[2] / "schedules"
+# The library shipped with convgen, inside the package (installed with it).
+DEFAULT_LIBRARY = Path(__file__).resolve().parents[1] / "schedules"
 
 
 class RecordError(ConvgenError):
