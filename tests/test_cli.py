@@ -161,3 +161,9 @@ def test_bench_json_against_onnxruntime():
     assert result["schedule"].startswith("cpu_")  # which template the kernel used
     t = result["times"]["convgen"]
     assert 0 < t["p10"] <= t["median"] <= t["p90"]
+    # a saved run prints the same table again (scripts/bench_table.py)
+    from convgen.runtime.bench import BenchResult, format_table
+
+    again = BenchResult.from_dict(result)
+    assert again.to_dict() == result
+    assert format_table([again])[2].startswith(f"| {result['name']} |")

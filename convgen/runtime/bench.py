@@ -75,6 +75,14 @@ class BenchResult:
                                     for k in self.times}
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchResult:
+        """Inverse of `to_dict` (the derived figures are recomputed, not read)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        row = {k: v for k, v in d.items() if k in fields}
+        row["times"] = {k: Timing(**t) for k, t in d["times"].items()}
+        return cls(**row)
+
 
 def bench_kernels(
     kernels: list[Kernel],

@@ -23,6 +23,7 @@ from convgen.errors import ArgumentError, ArtifactError, ToolchainError
 from convgen.runtime.cores import use_all_cores
 from convgen.runtime.manifest import Manifest, TensorInfo, find_manifest
 
+CACHE_LINE = 64
 _tvm_runtime_loaded = False
 
 
@@ -163,12 +164,15 @@ class Kernel:
         the kernel keeps the last two arrays it returned and hands one out again once
         the caller holds no reference to it (nor to a view of it): in `y = k(x)` in a
         loop, the array before last."""
-        for i, a in enumerate(self._outputs):
-            if sys.getrefcount(a) == 3:  # the list, the loop variable, getrefcount's own
-                self._outputs.append(self._outputs.pop(i))
+        for i in range(len(self._outputs)):
+            if _released(self._outputs[i]):
+                a = self._outputs.pop(i)
+                self._outputs.append(a)
                 return a
+        # 64-byte aligned although the kernel would take less: vector stores that
+        # straddle cache lines cost a second store on Intel cores before Ice Lake
         shape, dtype = self.outputs[0].shape, self.outputs[0].dtype
-        a = aligned_empty(shape, dtype, self.alignment)
+        a = aligned_empty(shape, dtype, CACHE_LINE)
         self._outputs = [*self._outputs[-1:], a]
         return a
 
@@ -192,6 +196,16 @@ class Kernel:
         if isinstance(out, np.ndarray):
             np.copyto(out, dev_out.numpy())
         return out
+
+
+def _released(a: np.ndarray) -> bool:
+    """Nothing outside the kernel's list refers to `a` or to a view of it. A view's
+    `base` is the array that owns the memory (numpy skips intermediate views), so both
+    `a` and its owner are counted."""
+    if sys.getrefcount(a) != 3:  # the list, the parameter, getrefcount's argument
+        return False
+    owner = a.base
+    return owner is None or sys.getrefcount(owner) == 3  # a.base, `owner`, the argument
 
 
 def _address(a: np.ndarray) -> int:
