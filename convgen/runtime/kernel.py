@@ -14,6 +14,7 @@ import ctypes
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ class Kernel:
         self.module_path = m.path_of("module", self.directory)
         self._func: Any = None
         self._outputs: list[np.ndarray] = []  # the last arrays returned (see _output)
+        self._outputs_lock = threading.Lock()
         self._in_specs = [(t.shape, np.dtype(t.dtype)) for t in self.inputs]
         self._out_spec = (self.outputs[0].shape, np.dtype(self.outputs[0].dtype))
 
@@ -125,11 +127,11 @@ class Kernel:
         if out is None:
             result = self._output()
         elif type(out) is np.ndarray and (out.shape, out.dtype) == self._out_spec:
-            result = out if self._usable(out) else aligned_empty(
+            result = out if _is_usable(out, self.alignment) else aligned_empty(
                 out.shape, out.dtype, self.alignment)
         else:
             _check_tensor(self.outputs[0], out)
-            usable = not isinstance(out, np.ndarray) or self._usable(out)
+            usable = not isinstance(out, np.ndarray) or _is_usable(out, self.alignment)
             result = out if usable else aligned_empty(out.shape, out.dtype, self.alignment)
         self.func(*args, result)
         if out is not None and result is not out:
@@ -144,18 +146,9 @@ class Kernel:
         for a, (shape, dtype) in zip(arrays, self._in_specs):
             if type(a) is not np.ndarray or a.shape != shape or a.dtype != dtype:
                 return False
-            if not self._usable(a):
+            if not _is_usable(a, self.alignment):
                 return False
         return True
-
-    def _usable(self, a: np.ndarray) -> bool:
-        """Readable in place by the kernel: C-contiguous, aligned as the module declares
-        (numpy's own `aligned` flag is the element alignment) and writable (DLPack
-        cannot export read-only numpy arrays)."""
-        f = a.flags
-        if not (f.c_contiguous and f.writeable and f.aligned):
-            return False
-        return self.alignment <= a.itemsize or _address(a) % self.alignment == 0
 
     def _output(self) -> np.ndarray:
         """A fresh output array for the caller. A new allocation of this size comes from
@@ -163,18 +156,19 @@ class Kernel:
         a page fault per 4 KiB on its first write, a tenth of a small layer's time. So
         the kernel keeps the last two arrays it returned and hands one out again once
         the caller holds no reference to it (nor to a view of it): in `y = k(x)` in a
-        loop, the array before last."""
-        for i in range(len(self._outputs)):
-            if _released(self._outputs[i]):
-                a = self._outputs.pop(i)
-                self._outputs.append(a)
-                return a
-        # 64-byte aligned although the kernel would take less: vector stores that
-        # straddle cache lines cost a second store on Intel cores before Ice Lake
-        shape, dtype = self.outputs[0].shape, self.outputs[0].dtype
-        a = aligned_empty(shape, dtype, CACHE_LINE)
-        self._outputs = [*self._outputs[-1:], a]
-        return a
+        loop, the array before last. (A lock keeps two threads from taking the same one.)"""
+        with self._outputs_lock:
+            for i in range(len(self._outputs)):
+                if _released(self._outputs[i]):
+                    a = self._outputs.pop(i)
+                    self._outputs.append(a)
+                    return a
+            # 64-byte aligned although the kernel would take less: vector stores that
+            # straddle cache lines cost a second store on Intel cores before Ice Lake
+            shape, dtype = self.outputs[0].shape, self.outputs[0].dtype
+            a = aligned_empty(shape, dtype, CACHE_LINE)
+            self._outputs = [*self._outputs[-1:], a]
+            return a
 
     def _call_cuda(self, arrays: tuple[Any, ...], out: Any) -> Any:
         from convgen.runtime import cuda_driver
@@ -231,10 +225,13 @@ def _check_tensor(info: TensorInfo, a: Any) -> None:
 
 
 def _is_usable(a: np.ndarray, alignment: int) -> bool:
-    """Usable as is: C-contiguous, aligned, and writable (DLPack cannot export
-    read-only numpy arrays)."""
+    """Readable in place by the kernel: C-contiguous, aligned as the module declares
+    (numpy's own `aligned` flag is the element's alignment) and writable (DLPack
+    cannot export read-only numpy arrays)."""
     f = a.flags
-    return f.c_contiguous and f.writeable and f.aligned and _address(a) % alignment == 0
+    if not (f.c_contiguous and f.writeable and f.aligned):
+        return False
+    return alignment <= a.itemsize or _address(a) % alignment == 0
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: str | np.dtype, alignment: int = 64
