@@ -503,6 +503,18 @@ def _tensorize_wmma(sch: Schedule, a_frag: Any, b_frag: Any, init: Any, store: A
     return True
 
 
+def _tc_load_vectors(spec: ConvSpec, vec: int) -> tuple[int, int]:
+    """Elements per global load of the input and weight tiles: `vec` where the operand
+    is contiguous along the reduction (channels-last input and weights; channels-first
+    weights of a 1x1 conv), else 1."""
+    cl, c = spec.channels_last, spec.channels_per_group
+    a_vec = vec if cl and c % vec == 0 else 1
+    k = spec.gemm_shape[2]
+    b_vec = vec if (cl and c % vec == 0) or (
+        not cl and k % vec == 0 and math.prod(spec.kernel_size) == 1) else 1
+    return a_vec, b_vec
+
+
 def _tc_stage(sch: Schedule, outer: Any, k0: Any, index: int, warps: int, vec: int,
               pipeline: bool) -> Any:
     """An operand's tile for reduction step k0 in shared memory, loaded by every warp of
@@ -550,16 +562,7 @@ def _igemm_f16_tc(
     warp = sch.fuse(m1, n1)
     sch.bind(warp, "threadIdx.y")
 
-    cl = spec.channels_last
-    C = spec.channels_per_group
-
-    a_vec = knobs.vec if cl and C % knobs.vec == 0 else 1
-    b_vec = (
-        knobs.vec
-        if (cl and C % knobs.vec == 0)
-        or (not cl and K % knobs.vec == 0 and math.prod(spec.kernel_size) == 1)
-        else 1
-    )
+    a_vec, b_vec = _tc_load_vectors(spec, knobs.vec)
     a_sh = _tc_stage(sch, outer, k0, 0, warps, a_vec, pipeline)
     b_sh = _tc_stage(sch, outer, k0, 1, warps, b_vec, pipeline)
     _inline_producers(sch, a_sh)
