@@ -164,4 +164,6 @@ def _align_arguments(func: PrimFunc, align: int) -> PrimFunc:
     head, sep, body = func.script().partition("):\n")
     head = re.sub(r'(T\.Buffer\(\([0-9, ]*\), "float(?:32|16)")\)', rf"\1, align={align})", head)
     aligned: PrimFunc = tvm.script.from_source(head + sep + body)
+    if any(param.ty.data_alignment != align for param in aligned.params):
+        raise RuntimeError(f"TVMScript signature not understood: {head!r}")  # a TVM change
     return aligned
