@@ -41,6 +41,8 @@ CASE_TABLE: list[dict[str, Any]] = [
          dtype="float16"),
     dict(input="1x6x5x16", kernel="6x3x2x8", padding=1, groups=2, layout="NHWC",
          dtype="float16", bias=True),  # channels-last with whole vectors of input channels
+    dict(input="1x5x6x32", kernel="8x3x3x16", padding=1, groups=2, layout="NHWC",
+         bias=True),  # 16 input channels per group: whole 512-bit vectors too
 ]
 
 

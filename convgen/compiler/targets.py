@@ -24,6 +24,12 @@ DEFAULT_CUDA_ARCH = "sm_90"
 # kernel for that arch is most often tuned on): V100, T4, A100, A40, L4,
 # H100/H200, B200.
 SM_COUNT = {70: 80, 75: 40, 80: 108, 86: 84, 89: 58, 90: 132, 100: 148}
+# LLVM CPU names of AVX-512 cores with two 512-bit FMA pipes (measured on a 2-core
+# Skylake-SP: 217 GFLOP/s with 512-bit FMAs against 138 with 256-bit ones).
+WIDE_FMA_CPUS = frozenset({
+    "skylake-avx512", "cascadelake", "cooperlake", "icelake-server", "sapphirerapids",
+    "emeraldrapids", "graniterapids", "graniterapids-d", "znver5",
+})
 # Static shared memory a block may declare (larger needs dynamic allocation and an
 # opt-in attribute, which TVM's CUDA codegen does not emit).
 STATIC_SMEM_PER_BLOCK = 48 * 1024
@@ -92,10 +98,13 @@ class TargetInfo:
 
     @property
     def fp32_lanes(self) -> int:
-        """float32 lanes of the vectors CPU schedules tile by: 256-bit vectors wherever
-        the CPU has them, AVX-512 included (Zen 4 runs 512-bit FMAs as two 256-bit
-        halves, for no more throughput, and LLVM prefers 256-bit vectors on AVX-512
-        x86 parts); 128-bit elsewhere."""
+        """float32 lanes of the vectors CPU schedules tile by: 512-bit vectors on the
+        AVX-512 cores with two full-width FMA units (Xeon Skylake-SP and later server
+        parts, Zen 5: twice the 256-bit throughput), 256-bit on other AVX-512 cores
+        (Zen 4 runs a 512-bit FMA as two 256-bit halves, for no more throughput; client
+        Ice Lake has one 512-bit unit) and on AVX2, 128-bit elsewhere."""
+        if self.vector_isa() == "avx512" and self.arch in WIDE_FMA_CPUS:
+            return 16
         return min(self.vector_bits(), 256) // 32
 
     @property
