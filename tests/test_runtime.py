@@ -175,7 +175,8 @@ def test_damaged_module_is_one_clear_error(artifact, tmp_path):
         convgen.load(copy)
 
 
-def test_manifest_from_a_newer_convgen_is_refused(artifact, tmp_path):
+def _copy_with_manifest(artifact, tmp_path, edit):
+    """A copy of the artifact whose manifest `edit(dict)` has changed."""
     import json
     import shutil
 
@@ -183,26 +184,26 @@ def test_manifest_from_a_newer_convgen_is_refused(artifact, tmp_path):
     shutil.copytree(artifact, copy)
     path = copy / f"{SPEC.name()}.json"
     data = json.loads(path.read_text())
-    data["format_version"] = 99
+    edit(data)
     path.write_text(json.dumps(data))
+    return copy
+
+
+def test_manifest_from_a_newer_convgen_is_refused(artifact, tmp_path):
+    copy = _copy_with_manifest(artifact, tmp_path, lambda d: d.update(format_version=99))
     with pytest.raises(ArtifactError, match=r"newer convgen .*upgrade convgen"):
         convgen.load(copy)
 
 
 def test_format_1_manifest_still_loads(artifact, tmp_path):
     """Artifacts written before files carried sizes and hashes load as before."""
-    import json
-    import shutil
 
-    copy = tmp_path / "copy"
-    shutil.copytree(artifact, copy)
-    path = copy / f"{SPEC.name()}.json"
-    data = json.loads(path.read_text())
-    data["format_version"] = 1
-    data["files"] = {role: f["name"] for role, f in data["files"].items()}
-    data["schedule"]["kind"] = "template"
-    path.write_text(json.dumps(data))
-    k = convgen.load(copy)
+    def as_format_1(data):
+        data["format_version"] = 1
+        data["files"] = {role: f["name"] for role, f in data["files"].items()}
+        data["schedule"]["kind"] = "template"
+
+    k = convgen.load(_copy_with_manifest(artifact, tmp_path, as_format_1))
     inputs = random_case(SPEC, 4)
     assert_close(k(*inputs.values()), reference_conv(SPEC, *inputs.values()), "float32")
     assert k.manifest.schedule.kind == "heuristic"
