@@ -9,10 +9,11 @@ from convgen.errors import (
     UnsupportedError,
     VerificationError,
 )
-from convgen.runtime import Kernel, load
+from convgen.runtime import BoundKernel, Kernel, load
 from convgen.spec import ConvSpec, make_spec
 
 __all__ = [
+    "BoundKernel",
     "ConvSpec",
     "ConvgenError",
     "Kernel",

@@ -50,6 +50,8 @@ def test_case_table(spec: ConvSpec, cpu_target, tmp_path):
     assert_close(got, reference_conv(spec, *inputs.values()), spec.dtype)
     session = ort.InferenceSession(export_onnx(spec).SerializeToString())
     assert_close(got, session.run(None, inputs)[0], spec.dtype)
+    data, *constants = inputs.values()
+    assert_close(kernel.bind(*constants)(data), got, spec.dtype)  # packed entries
 
 
 @pytest.mark.parametrize("spec", case_specs(("conv",)))

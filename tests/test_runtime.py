@@ -49,9 +49,54 @@ def test_any_layout_of_memory(artifact):
     readonly.flags.writeable = False
     for data in (fortran, strided, misaligned, readonly):
         assert_close(k(data, w, b), want, "float32")
+        assert_close(k.bind(w, b)(data), want, "float32")
+    # the weights bind from any layout of memory too
+    for weight in (np.asfortranarray(w), np.repeat(w, 2, axis=0)[::2], _read_only(w)):
+        assert_close(k.bind(weight, _read_only(b))(x), want, "float32")
     out = np.empty(SPEC.out_shape, np.float32)
     assert k(x, w, b, out=out) is out
     assert_close(out, want, "float32")
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def test_bound_kernel(tmp_path, cpu_target):
+    """bind packs the weights once, here for cpu_kvec (output channels blocked by the
+    vector): the bound call equals the unbound one, and later changes to the caller's
+    weights do not reach it."""
+    art = build_artifact(SPEC, cpu_target, tmp_path, verify=False, template="cpu_kvec",
+                         knobs={"lanes": 8, "nkv": 2, "pw": 5})
+    k = convgen.load(art.manifest_path)
+    packed = k.manifest.packed_weights
+    assert packed is not None and packed.packed.shape == (2, 8, 3, 3, 8)
+    x, w, b = random_case(SPEC, 3).values()
+    bound = k.bind(w, b)
+    assert bound.constants[0].shape == packed.packed.shape
+    want = reference_conv(SPEC, x, w, b)
+    assert_close(bound(x), k(x, w, b), "float32")
+    w[...] = 0
+    b[...] = 0
+    assert_close(bound(x), want, "float32")
+    out = np.empty(SPEC.out_shape, np.float32)
+    assert bound(x, out=out) is out
+    assert_close(out, want, "float32")
+
+
+def test_bind_errors_name_the_field(artifact):
+    k = convgen.load(artifact)
+    x, w, b = random_case(SPEC, 0).values()
+    with pytest.raises(ArgumentError, match=r"^bind: .* takes weight and bias"):
+        k.bind(w)
+    with pytest.raises(ArgumentError, match=r"^weight: shape 16x8x3x2"):
+        k.bind(w[..., :2], b)
+    with pytest.raises(ArgumentError, match=r"^bias: dtype float64"):
+        k.bind(w, b.astype(np.float64))
+    with pytest.raises(ArgumentError, match=r"^data: shape"):
+        k.bind(w, b)(x[:, :4])
 
 
 def test_numpy_arrays_are_used_without_a_copy(artifact, monkeypatch):
@@ -72,11 +117,15 @@ def test_numpy_arrays_are_used_without_a_copy(artifact, monkeypatch):
     def no_copy(*args, **kwargs):
         raise AssertionError("an input or the output was copied")
 
+    bound = k.bind(*shifted[1:])
     monkeypatch.setattr(np, "copyto", no_copy)
     out = np.empty(SPEC.out_shape, np.float32)
     assert k(*shifted, out=out) is out
+    bound_out = np.empty(SPEC.out_shape, np.float32)
+    assert bound(shifted[0], out=bound_out) is bound_out
     monkeypatch.undo()
     assert_close(out, want, "float32")
+    assert_close(bound_out, want, "float32")
 
 
 def test_returned_arrays_are_never_overwritten_while_held(artifact):

@@ -1,7 +1,8 @@
 """Compile a spec for a target and write the artifact directory (the only writer).
 
-Artifact contract (docs/architecture.md): DIR/<name>.so (the module, one entry
-function, destination passing), DIR/<name>.onnx (the same operator in ONNX),
+Artifact contract (docs/architecture.md): DIR/<name>.so (the module: the entry
+function, destination passing, and on CPU the packing and run-packed entries for
+constant weights), DIR/<name>.onnx (the same operator in ONNX),
 DIR/<name>.json (the manifest, `convgen.runtime.manifest`), optional sources.
 Files are written into a temporary directory beside DIR's contents and renamed
 into place, the manifest last, so a crash never leaves a half artifact that
@@ -20,17 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from convgen import __version__
-from convgen.compiler.compute import argument_alignment
-from convgen.compiler.schedule import forced_schedule, schedule_for
+from convgen.compiler.compute import WeightPacking, argument_alignment, pack_prim_func
+from convgen.compiler.schedule import forced_schedule, packed_schedule, schedule_for
 from convgen.compiler.targets import TargetInfo
 from convgen.errors import ConvgenError, UnsupportedError
 from convgen.runtime.kernel import Kernel
 from convgen.runtime.manifest import (
+    ENTRY,
+    PACK_ENTRY,
+    PACKED_WEIGHT,
+    RUN_PACKED_ENTRY,
     SUFFIX,
     ArtifactFile,
     Manifest,
+    PackedWeights,
     ScheduleChoice,
     TargetRecord,
+    TensorInfo,
     VerifyReport,
     not_run,
 )
@@ -45,6 +52,7 @@ class Compiled:
     spec: ConvSpec
     target: TargetInfo
     schedule: ScheduleChoice
+    packing: WeightPacking | None  # the run-packed entry's weight layout (None: no entry)
     lib: Any  # tvm Executable (CPU) or the CUDA-host source module
     tir: str  # the scheduled TIR, as TVMScript
     cuda_source: str | None = None  # host + device CUDA C++ (CUDA targets)
@@ -54,14 +62,26 @@ class Compiled:
 def lower(
     spec: ConvSpec, target: TargetInfo, template: str | None = None,
     knobs: dict[str, Any] | None = None, library: Path | None = None,
-) -> tuple[Any, ScheduleChoice]:
+) -> tuple[Any, ScheduleChoice, WeightPacking | None]:
     """The scheduled IRModule: the chooser's pick (records from `library`), or a named
-    template (or the fallback, by its name) with explicit knobs, as tuning needs."""
+    template (or the fallback, by its name) with explicit knobs, as tuning needs; with
+    the packing and run-packed entries where the family has them."""
+    import tvm
+
     if template is None:
         sch, choice = schedule_for(spec, target, library)
     else:
         sch, choice = forced_schedule(spec, target, template, knobs or {})
-    return sch.mod, choice
+    packed = packed_schedule(spec, target, choice)
+    if packed is None:
+        return sch.mod, choice, None
+    run, packing = packed
+    mod = tvm.IRModule({
+        ENTRY: sch.mod[ENTRY],
+        RUN_PACKED_ENTRY: run.mod[ENTRY],  # schedules work on the name ENTRY
+        PACK_ENTRY: pack_prim_func(spec, target, packing),
+    })
+    return mod, choice, packing
 
 
 def compile_kernel(
@@ -71,7 +91,7 @@ def compile_kernel(
     import tvm
 
     t0 = time.perf_counter()
-    mod, choice = lower(spec, target, template, knobs, library)
+    mod, choice, packing = lower(spec, target, template, knobs, library)
     tvm_target = target.tvm_target()
     t1 = time.perf_counter()
     try:
@@ -82,7 +102,7 @@ def compile_kernel(
             f"{str(err).splitlines()[-1] if str(err) else type(err).__name__}"
         ) from err
     t2 = time.perf_counter()
-    compiled = Compiled(spec, target, choice, lib, mod.script(), seconds={
+    compiled = Compiled(spec, target, choice, packing, lib, mod.script(), seconds={
         "schedule": t1 - t0, "tvm_compile": t2 - t1,
     })
     if target.is_cuda:
@@ -162,6 +182,9 @@ def manifest_for(compiled: Compiled, target_name: str, directory: Path, files: d
         build_seconds=dict(compiled.seconds),
         module_compiled=compiled_module,
         arg_alignment=argument_alignment(spec, target),
+        packed_weights=None if compiled.packing is None else PackedWeights(
+            TensorInfo(PACKED_WEIGHT, compiled.packing.packed_shape(spec), spec.dtype),
+            compiled.packing.lanes),
     )
 
 

@@ -10,6 +10,10 @@ The PrimFunc has these blocks, which every schedule template relies on:
 
 Arguments, in order: data, weight[, bias], out (destination passing).
 
+Constant weights can be packed once (`convgen_pack`) into the layout a schedule
+reads best, and run from there (`convgen_run_packed`): `pack_prim_func` and the
+`Variant.packing` form of the conv, described by one `WeightPacking`.
+
 This is the only place where the two modes differ. True convolution reads the
 kernel flipped, conv(I, K)[x] = sum_r I[x*s + r*d - p] * K[R-1-r]. Substituting
 r -> R-1-r moves the flip to the input tap instead:
@@ -29,11 +33,42 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from convgen.compiler.targets import TargetInfo
-from convgen.runtime.manifest import ENTRY  # the artifact contract names the entry function
+from convgen.runtime.manifest import (  # the artifact contract names the entries
+    ENTRY,
+    PACK_ENTRY,
+    PACKED_WEIGHT,
+    RUN_PACKED_ENTRY,
+)
 from convgen.spec import ConvSpec
 
 if TYPE_CHECKING:
     from tvm.tirx import PrimFunc
+
+
+@dataclass(frozen=True)
+class WeightPacking:
+    """The layout `convgen_pack` writes and `convgen_run_packed` reads.
+
+    lanes > 1: output channels blocked innermost, [K/lanes, <the weight's other
+    axes in storage order>, lanes], so a vector of `lanes` output channels is one
+    contiguous load (what cpu_kvec otherwise repacks inside every call). lanes 1:
+    storage order. Either way `conv`'s flip is applied while packing, so the packed
+    run computes cross-correlation: both modes run the same code.
+    """
+
+    lanes: int = 1
+
+    def packed_shape(self, spec: ConvSpec) -> tuple[int, ...]:
+        k, *rest = spec.weight_shape
+        if self.lanes == 1:
+            return spec.weight_shape
+        return (k // self.lanes, *rest, self.lanes)
+
+    def packed_index(self, spec: ConvSpec, k: Any, rest: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Where weight[k, *rest] (flip already applied) lives in the packed tensor."""
+        if self.lanes == 1:
+            return (k, *rest)
+        return (k // self.lanes, *rest, k % self.lanes)
 
 
 @dataclass(frozen=True)
@@ -48,11 +83,13 @@ class Variant:
         padded with zeros to match, `ConvSpec.widened`) and crop in "out", so a
         7-wide row fills one 8-lane vector: full-width loads instead of 7-lane
         ones that LLVM assembles piecewise.
+    packing: read the weight packed (the `convgen_run_packed` entry), flip included.
     (The measurements are in benchmarks/NOTES.md.)
     """
 
     flip_weight: bool = False
     row_extra: int = 0
+    packing: WeightPacking | None = None
 
 
 def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
@@ -63,7 +100,9 @@ def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
     cl = spec.channels_last
     dt, acc = spec.dtype, spec.accum_dtype
     data = te.placeholder(spec.data_shape, dt, name="data")
-    weight = te.placeholder(spec.weight_shape, dt, name="weight")
+    packing = variant.packing
+    weight = (te.placeholder(spec.weight_shape, dt, name="weight") if packing is None else
+              te.placeholder(packing.packed_shape(spec), dt, name=PACKED_WEIGHT))
     bias = te.placeholder(spec.bias_shape, dt, name="bias") if spec.bias else None
 
     def split(idx: tuple[Any, ...]) -> tuple[Any, Any, tuple[Any, ...]]:
@@ -94,7 +133,7 @@ def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
     rc = te.reduce_axis((0, cg), name="rc")
     rs = [te.reduce_axis((0, r), name=f"r{i}") for i, r in enumerate(spec.kernel_size)]
     flipped = tuple(r_ext - 1 - r for r, r_ext in zip(rs, spec.kernel_size))
-    if spec.mode == "corr":
+    if spec.mode == "corr" or packing is not None:  # packed weights are flipped already
         in_taps, w_taps = rs, rs
     else:
         in_taps, w_taps = (rs, flipped) if variant.flip_weight else (flipped, rs)
@@ -106,7 +145,8 @@ def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
             x * s + r * d for x, r, s, d in zip(sp, in_taps, spec.stride, spec.dilation)
         )
         a = padded[join(n, c, taps)]
-        w = weight[(k, *w_taps, rc) if cl else (k, rc, *w_taps)]
+        rest = (*w_taps, rc) if cl else (rc, *w_taps)
+        w = weight[(k, *rest) if packing is None else packing.packed_index(spec, k, rest)]
         if dt != acc:
             a, w = a.astype(acc), w.astype(acc)
         return te.sum(a * w, axis=[rc, *rs])
@@ -141,15 +181,66 @@ def argument_alignment(spec: ConvSpec, target: TargetInfo) -> int:
 
 
 def conv_prim_func(spec: ConvSpec, target: TargetInfo, variant: Variant = Variant()) -> PrimFunc:
-    """The unscheduled PrimFunc, named `ENTRY`, marked as the module's global symbol,
-    its arguments declared `argument_alignment`-aligned."""
+    """The unscheduled PrimFunc, marked as the module's `ENTRY` (`RUN_PACKED_ENTRY`
+    for the packed variant), its arguments declared `argument_alignment`-aligned."""
     from tvm import te
 
-    func = te.create_prim_func(conv_tensors(spec, variant))
+    name = ENTRY if variant.packing is None else RUN_PACKED_ENTRY
+    return _entry(te.create_prim_func(conv_tensors(spec, variant)), spec, target, name)
+
+
+def reads_packed_weight(func: PrimFunc) -> bool:
+    """Whether a conv PrimFunc is the packed variant (its schedule must not repack)."""
+    return any(param.name == PACKED_WEIGHT for param in func.params)
+
+
+def pack_tensors(spec: ConvSpec, packing: WeightPacking) -> list[Any]:
+    """[weight, packed]: the weights in `packing`'s layout, flipped for `conv`."""
+    from tvm import te
+
+    weight = te.placeholder(spec.weight_shape, spec.dtype, name="weight")
+    nsp = len(spec.kernel_size)
+    window = slice(1, 1 + nsp) if spec.channels_last else slice(2, 2 + nsp)
+
+    def source(idx: tuple[Any, ...]) -> tuple[Any, ...]:
+        """packed index (storage order, unblocked) -> weight index, flipped for conv."""
+        if spec.mode == "corr":
+            return idx
+        taps = tuple(r_ext - 1 - r for r, r_ext in zip(idx[window], spec.kernel_size))
+        return (*idx[: window.start], *taps, *idx[window.stop :])
+
+    def body(*idx: Any) -> Any:
+        if packing.lanes == 1:
+            return weight[source(idx)]
+        kb, *rest, lane = idx
+        return weight[source((kb * packing.lanes + lane, *rest))]
+
+    packed = te.compute(packing.packed_shape(spec), body, name="pack")
+    return [weight, packed]
+
+
+def pack_prim_func(spec: ConvSpec, target: TargetInfo, packing: WeightPacking) -> PrimFunc:
+    """`PACK_ENTRY`(weight, packed), scheduled for the CPU: it runs once per set of
+    weights, so the outermost axis in parallel and the lanes vectorized."""
+    import tvm
+    from tvm import s_tir, te
+
+    func = _entry(te.create_prim_func(pack_tensors(spec, packing)), spec, target, PACK_ENTRY)
+    sch = s_tir.Schedule(tvm.IRModule({PACK_ENTRY: func}))
+    sch.work_on(PACK_ENTRY)
+    block = sch.get_sblock("pack")
+    loops = sch.get_loops(block)
+    sch.parallel(loops[0])
+    if packing.lanes > 1:
+        sch.vectorize(loops[-1])
+    return sch.mod[PACK_ENTRY]
+
+
+def _entry(func: PrimFunc, spec: ConvSpec, target: TargetInfo, name: str) -> PrimFunc:
     align = argument_alignment(spec, target)
     if align != 64:  # TVM's default
         func = _align_arguments(func, align)
-    return func.with_attr("global_symbol", ENTRY)
+    return func.with_attr("global_symbol", name)
 
 
 def _align_arguments(func: PrimFunc, align: int) -> PrimFunc:

@@ -10,6 +10,6 @@ compiler), `convgen.compiler` or `convgen.tuning`: tests/test_boundaries.py
 enforces it.
 """
 
-from convgen.runtime.kernel import Kernel, load
+from convgen.runtime.kernel import BoundKernel, Kernel, load
 
-__all__ = ["Kernel", "load"]
+__all__ = ["BoundKernel", "Kernel", "load"]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from convgen.runtime.cores import available_cores
-from convgen.runtime.kernel import Kernel, aligned_empty, host_usable
+from convgen.runtime.kernel import BoundKernel, Kernel, aligned_empty, host_usable
 from convgen.runtime.timing import (
     Timing,
     geomean,
@@ -29,9 +29,12 @@ from convgen.runtime.timing import (
 )
 from convgen.spec import ConvSpec
 
-CALL = "convgen"  # convgen through the public call, k(x, w), on plain numpy arrays
-RAW = "convgen_raw"  # the module's entry on buffers prepared for it
-OWN = (CALL, RAW)
+# The headline: the call a deployment makes, a bound kernel (weights packed once by
+# `Kernel.bind`, as onnxruntime prepacks initializers) on the array numpy gave it.
+CALL = "convgen"
+UNBOUND = "convgen_unbound"  # k(x, w): weights passed (and, for cpu_kvec, repacked) per call
+RAW = "convgen_raw"  # the bound kernel's entry on buffers prepared for it
+OWN = (CALL, UNBOUND, RAW)
 
 
 @dataclass
@@ -50,7 +53,7 @@ class BenchResult:
         return gflops(self.flops, self.times[who].median)
 
     def ratio(self, peer: str) -> float:
-        """Speed-up of convgen's public call over `peer` (> 1: convgen is faster)."""
+        """Speed-up of convgen's bound call over `peer` (> 1: convgen is faster)."""
         return self.times[peer].median / self.times[CALL].median
 
     @property
@@ -59,7 +62,7 @@ class BenchResult:
 
     @property
     def call_overhead(self) -> float | None:
-        """How much longer the public call takes than the raw entry (0.02: 2%)."""
+        """How much longer the bound call takes than its raw entry (0.02: 2%)."""
         if RAW not in self.times:
             return None
         return self.times[CALL].median / self.times[RAW].median - 1
@@ -120,22 +123,24 @@ def _prepare(
     inputs = random_inputs(spec, seed=0)
     result = BenchResult(spec.name(), spec.describe(), kernel.device, n, spec.flops,
                          schedule=kernel.manifest.schedule.brief())
+    data, *constants = inputs.values()
+    bound = kernel.bind(*constants)
     if kernel.device == "cuda":
         from convgen.runtime import cuda_driver
 
-        args = [cuda_driver.DeviceArray.from_numpy(a) for a in inputs.values()]
+        x = cuda_driver.DeviceArray.from_numpy(data)
         out = cuda_driver.DeviceArray(spec.out_shape, spec.dtype)
-        func = kernel.func
-        result.times[CALL] = time_cuda(lambda: func(*args, out), repeats, warmup,
-                                            min_sample_ms)
+        func, held = bound.func, bound.constants
+        result.times[CALL] = time_cuda(lambda: func(x, *held, out), repeats, warmup,
+                                       min_sample_ms)
         result.notes.append(f"GPU: {cuda_driver.device_name()}")
         if "torch" in peers:
             result.times.update(cudnn_timings(spec, inputs, repeats, warmup, min_sample_ms))
         return result, {}
     calls: dict[str, Callable[[], Any]] = {
-        # the headline: the call a user makes, on the arrays numpy gave them
-        CALL: lambda: kernel(*inputs.values()),
-        RAW: _raw_entry(kernel, inputs),
+        CALL: lambda: bound(data),
+        UNBOUND: lambda: kernel(*inputs.values()),
+        RAW: _raw_entry(bound, data),
     }
     result.peak_gflops = measure_cpu_peak(n)
     if "onnxruntime" in peers:
@@ -149,13 +154,14 @@ def _prepare(
     return result, calls
 
 
-def _raw_entry(kernel: Kernel, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
-    """The module's entry on buffers prepared for it (64-byte aligned, output given):
-    what the kernel costs without the call path around it."""
-    args = [host_usable(a, a.dtype, 64) for a in inputs.values()]
-    out = aligned_empty(kernel.spec.out_shape, kernel.spec.dtype, 64)
-    func = kernel.func
-    return lambda: func(*args, out)
+def _raw_entry(bound: BoundKernel, data: np.ndarray) -> Callable[[], Any]:
+    """The bound kernel's entry on buffers prepared for it (64-byte aligned, output
+    given): what the kernel costs without the call path around it."""
+    spec = bound.kernel.spec
+    x = host_usable(data, data.dtype, 64)
+    out = aligned_empty(spec.out_shape, spec.dtype, 64)
+    func, constants = bound.func, bound.constants
+    return lambda: func(x, *constants, out)
 
 
 def _onnxruntime_call(spec: ConvSpec, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
@@ -240,13 +246,16 @@ def cudnn_timings(spec: ConvSpec, inputs: dict[str, np.ndarray], repeats: int, w
 
 
 def format_table(results: list[BenchResult]) -> list[str]:
-    """A markdown table: GFLOP/s of convgen's public call (`k(x, w)` on numpy arrays)
-    and of its raw entry, and of each peer with the call's speed-up over it."""
+    """A markdown table: GFLOP/s of convgen's bound call (`k.bind(w)(x)` on numpy
+    arrays), of its raw entry and of the unbound call `k(x, w)`, and of each peer with
+    the bound call's speed-up over it."""
     peers = sorted({p for r in results for p in r.peers})
     with_raw = any(RAW in r.times for r in results)
+    with_unbound = any(UNBOUND in r.times for r in results)
     with_peak = any(r.peak_gflops for r in results)
     head = ["kernel", "schedule", "convgen ms", "convgen GFLOP/s"]
     head += ["raw entry GFLOP/s", "call overhead"] if with_raw else []
+    head += ["k(x, w) GFLOP/s"] if with_unbound else []
     head += ["% peak"] if with_peak else []
     for p in peers:
         head += [f"{p} GFLOP/s", f"vs {p}"]
@@ -258,6 +267,8 @@ def format_table(results: list[BenchResult]) -> list[str]:
             overhead = r.call_overhead
             row += ([f"{r.gflops(RAW):.1f}", f"{100 * overhead:+.1f}%"] if overhead is not None
                     else ["-", "-"])
+        if with_unbound:
+            row.append(f"{r.gflops(UNBOUND):.1f}" if UNBOUND in r.times else "-")
         if with_peak:
             row.append(f"{100 * r.gflops(CALL) / r.peak_gflops:.0f}%" if r.peak_gflops
                        else "-")

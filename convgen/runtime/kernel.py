@@ -57,8 +57,10 @@ def _load_tvm_runtime() -> None:
 class Kernel:
     """A loaded artifact: call it on numpy arrays (or DLPack tensors on its device).
 
-    `kernel(data, weight[, bias])` returns a new numpy array; pass `out=` to
-    write into an existing array or device tensor instead. Loading checks every
+    `kernel(data, weight[, bias])` returns a numpy array; pass `out=` to write
+    into an existing array or device tensor instead. For constant weights,
+    `kernel.bind(weight[, bias])` packs them once and returns a callable of the
+    data alone. Loading checks every
     file of the artifact against the sizes and hashes in its manifest.
     """
 
@@ -77,6 +79,7 @@ class Kernel:
         self.alignment = m.arg_alignment
         self.module_path = m.path_of("module", self.directory)
         self._func: Any = None
+        self._module: Any = None
         self._outputs: list[np.ndarray] = []  # the last arrays returned (see _output)
         self._outputs_lock = threading.Lock()
         self._in_specs = [(t.shape, np.dtype(t.dtype)) for t in self.inputs]
@@ -99,8 +102,8 @@ class Kernel:
             if self.device == "cpu":
                 _load_tvm_runtime()
             try:
-                mod = tvm_ffi.load_module(str(self.module_path.resolve()))
-                self._func = mod[self.manifest.entry]
+                self._module = tvm_ffi.load_module(str(self.module_path.resolve()))
+                self._func = self._module[self.manifest.entry]
             except Exception as err:  # tvm-ffi raises its own error types
                 raise ToolchainError(f"cannot load {self.module_path}: {err}") from None
         return self._func
@@ -116,7 +119,8 @@ class Kernel:
 
     def __call__(self, *arrays: Any, out: Any = None) -> Any:
         if self.device != "cpu":
-            return self._call_cuda(arrays, out)
+            self.check_inputs(arrays)
+            return self._call_cuda(self.func, arrays, out)
         # The common case first, at the cost of a few attribute reads: numpy arrays of
         # the right shape and dtype that the kernel can read in place.
         args = arrays
@@ -124,6 +128,49 @@ class Kernel:
             self.check_inputs(arrays)
             args = tuple(host_usable(a, info.dtype, self.alignment)
                          for a, info in zip(arrays, self.inputs))
+        return self._run(self.func, args, out)
+
+    def bind(self, weight: Any, bias: Any = None) -> BoundKernel:
+        """The kernel with constant weights (and bias): a callable of the data alone.
+
+        Where the module has packed entries (CPU artifacts) the weights are packed once
+        here, into the layout the schedule reads with `conv`'s flip applied, and every
+        call runs on them; elsewhere the bound kernel keeps its own copy of the weights
+        (on the GPU for CUDA artifacts) and calls the plain entry. Later changes to the
+        caller's arrays do not reach a bound kernel: bind again."""
+        consts = (weight,) if bias is None else (weight, bias)
+        if (bias is None) == self.spec.bias:
+            want = "weight and bias" if self.spec.bias else "weight only (no bias)"
+            raise ArgumentError(f"bind: {self.name} takes {want}")
+        infos = self.inputs[1:]
+        for info, a in zip(infos, consts):
+            _check_tensor(info, a)
+        if self.device != "cpu":
+            from convgen.runtime import cuda_driver
+
+            held = tuple(a if not isinstance(a, np.ndarray)
+                         else cuda_driver.DeviceArray.from_numpy(np.ascontiguousarray(a))
+                         for a in consts)
+            return BoundKernel(self, self.func, held)
+        copies = tuple(_owned_copy(a, info.dtype) for a, info in zip(consts, infos))
+        packed = self.manifest.packed_weights
+        if packed is None:
+            return BoundKernel(self, self.func, copies)
+        p = aligned_empty(packed.packed.shape, packed.packed.dtype, CACHE_LINE)
+        self.entry(packed.pack_entry)(copies[0], p)
+        return BoundKernel(self, self.entry(packed.run_entry), (p, *copies[1:]))
+
+    def entry(self, name: str) -> Any:
+        """Another entry function of the module (the packing and run-packed entries)."""
+        self.func  # noqa: B018  (loads the module, with its checks)
+        try:
+            return self._module[name]
+        except Exception:  # tvm-ffi raises its own error types
+            raise ArtifactError(f"artifact: {self.module_path} has no entry {name!r}") from None
+
+    def _run(self, func: Any, args: tuple[Any, ...], out: Any) -> Any:
+        """func(*args, result) on host arrays the kernel takes as they are, into `out`
+        or an array of the kernel's output pool."""
         if out is None:
             result = self._output()
         elif type(out) is np.ndarray and (out.shape, out.dtype) == self._out_spec:
@@ -133,7 +180,7 @@ class Kernel:
             _check_tensor(self.outputs[0], out)
             usable = not isinstance(out, np.ndarray) or _is_usable(out, self.alignment)
             result = out if usable else aligned_empty(out.shape, out.dtype, self.alignment)
-        self.func(*args, result)
+        func(*args, result)
         if out is not None and result is not out:
             np.copyto(out, result)
             return out
@@ -170,10 +217,10 @@ class Kernel:
             self._outputs = [*self._outputs[-1:], a]
             return a
 
-    def _call_cuda(self, arrays: tuple[Any, ...], out: Any) -> Any:
+    def _call_cuda(self, func: Any, arrays: tuple[Any, ...], out: Any) -> Any:
+        """func(*arrays, out) on the GPU: numpy inputs copied there, the result back."""
         from convgen.runtime import cuda_driver
 
-        self.check_inputs(arrays)
         out_info = self.outputs[0]
         if out is not None:
             _check_tensor(out_info, out)
@@ -184,12 +231,39 @@ class Kernel:
         dev_out = out if out is not None and not isinstance(out, np.ndarray) else (
             cuda_driver.DeviceArray(out_info.shape, out_info.dtype)
         )
-        self.func(*args, dev_out)
+        func(*args, dev_out)
         if out is None:
             return dev_out.numpy()
         if isinstance(out, np.ndarray):
             np.copyto(out, dev_out.numpy())
         return out
+
+
+class BoundKernel:
+    """A kernel with its weights bound (`Kernel.bind`): `bound(data[, out=])`.
+
+    `func` is the raw entry it calls and `constants` the arguments it passes after
+    the data (packed weights[, bias]): `func(data, *constants, out)`."""
+
+    def __init__(self, kernel: Kernel, func: Any, constants: tuple[Any, ...]) -> None:
+        self.kernel = kernel
+        self.func = func
+        self.constants = constants
+        self._data_spec = kernel._in_specs[0]
+
+    def __repr__(self) -> str:
+        return f"<convgen.BoundKernel {self.kernel.name} on {self.kernel.device}>"
+
+    def __call__(self, data: Any, out: Any = None) -> Any:
+        k = self.kernel
+        if k.device != "cpu":
+            _check_tensor(k.inputs[0], data)
+            return k._call_cuda(self.func, (data, *self.constants), out)
+        if not (type(data) is np.ndarray and (data.shape, data.dtype) == self._data_spec
+                and _is_usable(data, k.alignment)):
+            _check_tensor(k.inputs[0], data)
+            data = host_usable(data, k.inputs[0].dtype, k.alignment)
+        return k._run(self.func, (data, *self.constants), out)
 
 
 def _released(a: np.ndarray) -> bool:
@@ -245,6 +319,16 @@ def aligned_empty(shape: tuple[int, ...], dtype: str | np.dtype, alignment: int 
     raw = np.empty(nbytes + alignment, np.uint8)
     offset = (-_address(raw)) % alignment
     return raw[offset : offset + nbytes].view(dt).reshape(shape)
+
+
+def _owned_copy(a: Any, dtype: str) -> Any:
+    """A 64-byte aligned copy of a numpy array that the caller cannot change (a DLPack
+    tensor is kept as it is: the caller vouches for it)."""
+    if not isinstance(a, np.ndarray):
+        return a
+    copy = aligned_empty(a.shape, dtype, CACHE_LINE)
+    np.copyto(copy, a)
+    return copy
 
 
 def host_usable(a: Any, dtype: str, alignment: int = 64) -> Any:

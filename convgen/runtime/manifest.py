@@ -25,7 +25,13 @@ FORMAT = "convgen-artifact"
 FORMAT_VERSION = 2  # 1: files by name only; 2: with size and SHA-256
 SUFFIX = ".json"
 ENTRY = "convgen_main"
+PACK_ENTRY = "convgen_pack"  # (weight, packed): the weights in the run entry's layout
+RUN_PACKED_ENTRY = "convgen_run_packed"  # (data, packed[, bias], out)
+PACKED_WEIGHT = "packed_weight"  # the run-packed entry's weight argument
 CALLING_CONVENTION = "destination passing: entry(data, weight[, bias], out)"
+PACKED_CALLING_CONVENTION = (
+    "pack_entry(weight, packed) once per set of weights, then "
+    "run_entry(data, packed[, bias], out)")
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,29 @@ class TensorInfo:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TensorInfo:
         return cls(str(d["name"]), tuple(int(x) for x in d["shape"]), str(d["dtype"]))
+
+
+@dataclass(frozen=True)
+class PackedWeights:
+    """The module's entries for constant weights: `pack_entry(weight, packed)` writes
+    the weights once in the layout the schedule reads (output channels blocked by
+    `lanes` innermost where lanes > 1, `conv`'s flip applied), and
+    `run_entry(data, packed[, bias], out)` runs on them."""
+
+    packed: TensorInfo
+    lanes: int
+    pack_entry: str = PACK_ENTRY
+    run_entry: str = RUN_PACKED_ENTRY
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pack_entry": self.pack_entry, "run_entry": self.run_entry,
+                "calling_convention": PACKED_CALLING_CONVENTION,
+                "packed": self.packed.to_dict(), "lanes": self.lanes}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PackedWeights:
+        return cls(TensorInfo.from_dict(d["packed"]), int(d["lanes"]), str(d["pack_entry"]),
+                   str(d["run_entry"]))
 
 
 @dataclass(frozen=True)
@@ -164,8 +193,8 @@ class VerifyReport:
             # the flip "differs" check's error is the distance to the wrong answer
             worst = max((c.max_abs_error for c in self.checks if "differs" not in c.name),
                         default=0.0)
-            return [f"{head} (onnxruntime, numpy oracle, flip property; max abs error "
-                    f"{worst:.2g}, seed {self.seed})"]
+            return [f"{head} (onnxruntime, numpy oracle, flip property, bound kernel; "
+                    f"max abs error {worst:.2g}, seed {self.seed})"]
         return [head, *(f"  {c.line()}" for c in self.checks)]
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +246,7 @@ class Manifest:
     created: str = field(default_factory=lambda: datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"))
     entry: str = ENTRY
+    packed_weights: PackedWeights | None = None  # None: no packed entries (CUDA, old builds)
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -254,6 +284,7 @@ class Manifest:
             "calling_convention": CALLING_CONVENTION,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
+            "packed_weights": self.packed_weights.to_dict() if self.packed_weights else None,
             "files": {role: f.to_dict() for role, f in self.files.items()},
             "module_compiled": self.module_compiled,
             "arg_alignment": self.arg_alignment,
@@ -288,6 +319,8 @@ class Manifest:
                 arg_alignment=int(d.get("arg_alignment", 64)),
                 created=str(d.get("created", "")),
                 entry=str(d.get("entry", ENTRY)),
+                packed_weights=PackedWeights.from_dict(d["packed_weights"])
+                if d.get("packed_weights") else None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"artifact: {where} is malformed ({err!r})") from None

@@ -7,7 +7,9 @@ cannot hide) the kernel's output is compared with:
   * the numpy oracle (convgen.reference),
   * the flip property, through a plain ONNX Conv (cross-correlation) run by
     onnxruntime: a `conv` kernel equals Conv on the flipped weights and differs
-    from Conv on the unflipped ones; a `corr` kernel the other way round.
+    from Conv on the unflipped ones; a `corr` kernel the other way round;
+  * for the bound kernel (`kernel.bind`: the packing and run-packed entries,
+    where the module has them), onnxruntime again.
 
 Tolerances are per dtype, relative to the output's magnitude.
 """
@@ -124,6 +126,8 @@ def verify_kernel(kernel: Kernel, seed: int = 0) -> VerifyReport:
             compare("onnxruntime (exported model)", got, onnx_out, spec.dtype),
             compare("numpy oracle", got, reference_conv(spec, *inputs.values()), spec.dtype),
             *_flip_checks(spec, inputs, got),
+            compare(_bound_check_name(kernel), _bound_output(kernel, inputs), onnx_out,
+                    spec.dtype),
         ]
     ok = all(c.passed for c in checks)
     return VerifyReport(
@@ -132,6 +136,19 @@ def verify_kernel(kernel: Kernel, seed: int = 0) -> VerifyReport:
         seed=seed, dtype=spec.dtype, tolerance={"rtol": rtol, "atol": atol},
         checks=tuple(checks),
     )
+
+
+def _bound_check_name(kernel: Kernel) -> str:
+    packed = kernel.manifest.packed_weights
+    if packed is None:
+        return "bound kernel (weights held, plain entry) vs onnxruntime"
+    return f"bound kernel ({packed.pack_entry} + {packed.run_entry}) vs onnxruntime"
+
+
+def _bound_output(kernel: Kernel, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    weight, *bias = list(inputs.values())[1:]
+    out = kernel.bind(weight, *bias)(inputs["data"])
+    return out if isinstance(out, np.ndarray) else np.asarray(out)
 
 
 def _flip_checks(spec: ConvSpec, inputs: dict[str, np.ndarray], got: np.ndarray) -> list[Check]:

@@ -7,7 +7,8 @@ measured in this process. Each spec's run:
      releases the GIL in C++), a failed build counting as infinitely slow;
   2. measures them one at a time (nothing else compiling meanwhile, so the
      timings are clean): median of `repeats` samples of >= `min_repeat_ms`,
-     after checking the result against the numpy oracle;
+     after checking the result against the numpy oracle. What is timed is what
+     a bound kernel runs: the run-packed entry, on weights packed once;
   3. appends each measurement to a log (work_dir/<target key>/<code>/<spec>.jsonl,
      <code> a fingerprint of the schedule code and TVM version), so an
      interrupted run (Ctrl-C, a crash) resumes where it stopped, and a run after
@@ -37,11 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from convgen.compiler.compute import WeightPacking
 from convgen.compiler.records import META_SCHEDULE, Record, RecordedSchedule, write_record
 from convgen.compiler.targets import TargetInfo
 from convgen.errors import UnsupportedError
 from convgen.runtime.cores import available_cores, use_all_cores
-from convgen.runtime.manifest import ENTRY
+from convgen.runtime.manifest import ENTRY, PACK_ENTRY, RUN_PACKED_ENTRY
 from convgen.runtime.timing import gflops
 from convgen.spec import ConvSpec
 
@@ -171,23 +173,32 @@ def _append_log(path: Path, m: Measurement) -> None:
         os.fsync(f.fileno())
 
 
-def _compile(spec: ConvSpec, target: TargetInfo, cand: Candidate) -> Any:
+@dataclass
+class Built:
+    """A compiled candidate, and the weight layout of its run-packed entry (None: none)."""
+
+    lib: Any
+    packing: WeightPacking | None
+
+
+def _compile(spec: ConvSpec, target: TargetInfo, cand: Candidate) -> Built:
     import tvm
 
     if cand.trace is not None:
         from convgen.compiler.schedule.trace import replay_trace
 
-        mod = replay_trace(spec, target, cand.trace).mod
+        mod, packing = replay_trace(spec, target, cand.trace).mod, None
     else:
         from convgen.compiler.build import lower
 
-        mod, _ = lower(spec, target, cand.template, cand.knobs)
-    return tvm.compile(mod, target=target.tvm_target())
+        mod, _, packing = lower(spec, target, cand.template, cand.knobs)
+    return Built(tvm.compile(mod, target=target.tvm_target()), packing)
 
 
-def _measure(lib: Any, spec: ConvSpec, options: TuneOptions, check: bool = True) -> float:
-    """Median seconds per call; with `check`, first against the numpy oracle (a fast
-    wrong kernel must never win)."""
+def _measure(built: Built, spec: ConvSpec, options: TuneOptions, check: bool = True) -> float:
+    """Median seconds per call of what a bound kernel runs (the run-packed entry on
+    weights packed once, where the module has one); with `check`, first against the
+    numpy oracle (a fast wrong kernel must never win)."""
     import tvm
 
     from convgen.reference import reference_conv
@@ -197,20 +208,25 @@ def _measure(lib: Any, spec: ConvSpec, options: TuneOptions, check: bool = True)
     inputs = random_inputs(spec, seed=0)
     args = [tvm.runtime.tensor(a, dev) for a in inputs.values()]
     out = tvm.runtime.tensor(np.zeros(spec.out_shape, spec.dtype), dev)
-    lib[ENTRY](*args, out)
+    lib, entry = built.lib, ENTRY
+    if built.packing is not None:
+        packed = tvm.runtime.empty(built.packing.packed_shape(spec), spec.dtype, dev)
+        lib[PACK_ENTRY](args[1], packed)
+        args[1], entry = packed, RUN_PACKED_ENTRY
+    lib[entry](*args, out)
     want = reference_conv(spec, *inputs.values()) if check else None
     if want is not None and not compare("oracle", out.numpy(), want, spec.dtype).passed:
         raise UnsupportedError("candidate computes a wrong result")
-    timer = lib.mod.time_evaluator(ENTRY, dev, number=1, repeat=options.repeats,
+    timer = lib.mod.time_evaluator(entry, dev, number=1, repeat=options.repeats,
                                    min_repeat_ms=int(options.min_repeat_ms))
     return float(np.median(timer(*args, out).results))
 
 
-def _try(spec: ConvSpec, target: TargetInfo, cand: Candidate, lib: Callable[[], Any],
+def _try(spec: ConvSpec, target: TargetInfo, cand: Candidate, build: Callable[[], Built],
          options: TuneOptions) -> Measurement:
     """One candidate measured; any failure (build, run, wrong result) is infinitely slow."""
     try:
-        return Measurement(cand, _measure(lib(), spec, options))
+        return Measurement(cand, _measure(build(), spec, options))
     except Exception as err:
         text = str(err).strip()
         return Measurement(cand, math.inf, text.splitlines()[-1][:300] if text else
@@ -229,11 +245,11 @@ def _confirm(spec: ConvSpec, target: TargetInfo, results: list[Measurement],
     top = top[:CONFIRM_TOP]
     if len(top) < 2:
         return fastest(top)
-    libs = [_compile(spec, target, m.candidate) for m in top]
+    builds = [_compile(spec, target, m.candidate) for m in top]
     times: list[list[float]] = [[] for _ in top]
     for _ in range(CONFIRM_ROUNDS):
-        for lib, t in zip(libs, times):
-            t.append(_measure(lib, spec, options, check=False))
+        for built, t in zip(builds, times):
+            t.append(_measure(built, spec, options, check=False))
     return fastest(Measurement(m.candidate, float(np.median(t))) for m, t in zip(top, times))
 
 

@@ -11,6 +11,7 @@ templates, in the order the chooser tries them, and its generic fallback.
 The chooser, in order: a tuned record for exactly this spec, target and TVM
 version (the record library, `compiler.records`); else the first template whose
 heuristic applies; else the family's generic fallback, which works for every spec.
+`packed_schedule` gives the same choice's schedule of the run-packed entry.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convgen.compiler.compute import WeightPacking
 from convgen.compiler.records import META_SCHEDULE, Record, find_record
 from convgen.compiler.schedule.common import Family
 from convgen.compiler.targets import TargetInfo
@@ -98,3 +100,23 @@ def schedule_for(
         if sch is not None:
             return sch, ScheduleChoice("heuristic", template.name, dataclasses.asdict(knobs))
     return fam.schedule_fallback(spec, target), ScheduleChoice("fallback", fam.fallback_name)
+
+
+def packed_schedule(spec: ConvSpec, target: TargetInfo,
+                    choice: ScheduleChoice) -> tuple[Schedule, WeightPacking] | None:
+    """The run-packed entry's schedule for a choice `schedule_for` (or `forced_schedule`)
+    made, and the weight layout it reads. None where the family has no packed entries
+    (CUDA, for now) or the choice is a MetaSchedule trace (recorded on the plain form);
+    a bound kernel then holds its weights and calls the plain entry."""
+    fam = family(target)
+    if not fam.packs_weights or choice.name == META_SCHEDULE:
+        return None
+    if choice.name == fam.fallback_name:
+        return fam.schedule_fallback(spec, target, packed=True), WeightPacking()
+    template = fam.template(choice.name)
+    knobs = template.knobs(choice.knobs)
+    sch = template.schedule(spec, target, knobs, packed=True)
+    if sch is None:
+        raise UnsupportedError(f"schedule: template {choice.name} declined the packed "
+                               f"form of {spec.name()}")
+    return sch, template.packing(spec, target, knobs)

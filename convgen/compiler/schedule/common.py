@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from convgen.compiler.compute import ENTRY, Variant, conv_prim_func
+from convgen.compiler.compute import ENTRY, Variant, WeightPacking, conv_prim_func
 from convgen.compiler.targets import TargetInfo
 from convgen.errors import UnsupportedError
 from convgen.spec import ConvSpec
@@ -22,13 +23,18 @@ def default_variant(spec: ConvSpec, knobs: Any) -> Variant:
     return Variant()
 
 
+def storage_order(spec: ConvSpec, target: TargetInfo, knobs: Any) -> WeightPacking:
+    return WeightPacking()
+
+
 @dataclass(frozen=True)
 class Template(Generic[K]):
     """A named schedule template: its knob type, the heuristic that picks knobs for a
     spec (None: the template does not apply by default), the grid of raw knob points
     that tuning searches (it may reach specs the heuristic declines), the function
-    that applies it (None: does not apply to these knobs), and the form of the
-    algorithm it schedules."""
+    that applies it (None: does not apply to these knobs), the form of the
+    algorithm it schedules, and the layout it reads packed weights in (the
+    `convgen_run_packed` entry: `apply` is then given the packed variant)."""
 
     name: str
     knobs_type: type[K]
@@ -36,6 +42,7 @@ class Template(Generic[K]):
     grid: Callable[[ConvSpec, TargetInfo], Iterable[K]]
     apply: Callable[[PrimFunc, ConvSpec, TargetInfo, K], Schedule | None]
     variant: Callable[[ConvSpec, K], Variant] = default_variant
+    packing: Callable[[ConvSpec, TargetInfo, K], WeightPacking] = storage_order
     max_candidates: int | None = None  # tuning measures at most this many points
 
     def candidates(self, spec: ConvSpec, target: TargetInfo) -> list[K]:
@@ -56,10 +63,14 @@ class Template(Generic[K]):
             raise UnsupportedError(f"schedule: knobs {values} do not fit {self.name}: {err}") \
                 from None
 
-    def schedule(self, spec: ConvSpec, target: TargetInfo, knobs: K) -> Schedule | None:
-        """The algorithm in the form this template asks for, scheduled (None: declined)."""
-        func = conv_prim_func(spec, target, self.variant(spec, knobs))
-        return self.apply(func, spec, target, knobs)
+    def schedule(self, spec: ConvSpec, target: TargetInfo, knobs: K,
+                 packed: bool = False) -> Schedule | None:
+        """The algorithm in the form this template asks for, scheduled (None: declined);
+        `packed`: the form that reads the weights as `packing` lays them out."""
+        variant = self.variant(spec, knobs)
+        if packed:
+            variant = dataclasses.replace(variant, packing=self.packing(spec, target, knobs))
+        return self.apply(conv_prim_func(spec, target, variant), spec, target, knobs)
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class Family:
     templates: tuple[Template[Any], ...]
     fallback_name: str
     fallback: Callable[[PrimFunc, ConvSpec, TargetInfo], Schedule]
+    packs_weights: bool = False  # its artifacts export the packing and run-packed entries
 
     def template(self, name: str) -> Template[Any]:
         for t in self.templates:
@@ -79,8 +91,10 @@ class Family:
         names = ", ".join([*(t.name for t in self.templates), self.fallback_name])
         raise UnsupportedError(f"schedule: no {self.kind} template named {name!r} ({names})")
 
-    def schedule_fallback(self, spec: ConvSpec, target: TargetInfo) -> Schedule:
-        return self.fallback(conv_prim_func(spec, target), spec, target)
+    def schedule_fallback(self, spec: ConvSpec, target: TargetInfo,
+                          packed: bool = False) -> Schedule:
+        variant = Variant(packing=WeightPacking()) if packed else Variant()
+        return self.fallback(conv_prim_func(spec, target, variant), spec, target)
 
 
 def new_schedule(func: PrimFunc) -> Schedule:

@@ -19,8 +19,9 @@ also tries a template's grid where its heuristic declines):
     parallel loop, where they stay in L1.
   * `cpu_kvec`: vectorized over output channels (dense and grouped convs whose
     K/groups is a multiple of the vector, and NHWC depthwise, where the vector
-    spans groups). The weights are repacked inside the kernel to [K/lanes, reduction
-    dims, lanes] so each load is one contiguous vector; the register tile is pw
+    spans groups). The weights are read as [K/lanes, reduction dims, lanes], so
+    each load is one contiguous vector: packed once by `convgen_pack` for a bound
+    kernel, repacked inside every call of the plain entry; the register tile is pw
     output pixels x nkv channel vectors, accumulated in registers across the
     whole reduction; NCHW keeps the accumulator channel-innermost and scatters
     once in the write-back.
@@ -38,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from convgen.compiler.compute import Variant
+from convgen.compiler.compute import Variant, WeightPacking, reads_packed_weight
 from convgen.compiler.schedule.common import (
     Family,
     Template,
@@ -206,11 +207,13 @@ def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) 
     pad_at_tile = bool(any(spec.pads)) and spec.channels_per_group < target.fp32_lanes
     conv, pad = _prepare(sch, spec, pad_at_tile)
     lanes, nkv, pw = knobs.lanes, knobs.nkv, knobs.pw
-    # Weights repacked in-kernel to [K/lanes, reduction dims, lanes]: one contiguous
-    # vector load per (k-vector, c, r) instead of a lanes-way gather.
-    wc = sch.cache_read(conv, 1, "global")
-    sch.transform_layout(wc, ("write", 0), lambda k, *rest: (k // lanes, *rest, k % lanes))
-    sch.parallel(sch.get_loops(wc)[0])
+    # Weights in [K/lanes, reduction dims, lanes] (`_kvec_packing`): one contiguous
+    # vector load per (k-vector, c, r) instead of a lanes-way gather. Packed once by
+    # `convgen_pack` for the run-packed entry; the plain entry repacks on every call.
+    if not reads_packed_weight(func):
+        wc = sch.cache_read(conv, 1, "global")
+        sch.transform_layout(wc, ("write", 0), lambda k, *rest: (k // lanes, *rest, k % lanes))
+        sch.parallel(sch.get_loops(wc)[0])
     wb = sch.cache_write(conv, 0, "local")
     if not spec.channels_last:
         # keep the accumulator channel-innermost; the NCHW scatter happens in the write-back
@@ -243,6 +246,10 @@ def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) 
     sch.vectorize(sch.get_loops(init)[-1])
     _finish_pad(sch, pad, par, pad_at_tile)
     return sch
+
+
+def _kvec_packing(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> WeightPacking:
+    return WeightPacking(knobs.lanes)
 
 
 @dataclass(frozen=True)
@@ -469,7 +476,7 @@ def _cvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: CvecKnobs) 
 TEMPLATES: tuple[Template[Any], ...] = (
     Template("cpu_cvec", CvecKnobs, _cvec_knobs, _cvec_grid, _cvec),
     Template("cpu_wvec", WvecKnobs, _wvec_knobs, _wvec_grid, _wvec, _wvec_variant),
-    Template("cpu_kvec", KvecKnobs, _kvec_knobs, _kvec_grid, _kvec),
+    Template("cpu_kvec", KvecKnobs, _kvec_knobs, _kvec_grid, _kvec, packing=_kvec_packing),
 )
 
 
@@ -527,4 +534,4 @@ def fallback(func: PrimFunc, spec: ConvSpec, target: TargetInfo) -> Schedule:
     return sch
 
 
-FAMILY = Family("llvm", TEMPLATES, FALLBACK_NAME, fallback)
+FAMILY = Family("llvm", TEMPLATES, FALLBACK_NAME, fallback, packs_weights=True)
