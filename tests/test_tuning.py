@@ -3,6 +3,7 @@ exact matching, resume and Ctrl-C."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -15,6 +16,7 @@ from convgen.compiler.records import (
     RecordError,
     find_record,
     read_record,
+    record_spec,
     write_record,
 )
 from convgen.compiler.schedule import schedule_for
@@ -27,7 +29,7 @@ SPEC = make_spec(mode="conv", input="1x8x12x16", kernel="16x8x3x3", padding=1)
 def _record(spec, target):
     import tvm
 
-    return Record(spec, target.key(), tvm.__version__,
+    return Record(record_spec(spec, target), target.key(), tvm.__version__,
                   RecordedSchedule("cpu_wvec", {"lanes": 8, "kb": 4}),
                   {"gflops": 1.0}, {"method": "test"})
 
@@ -35,7 +37,7 @@ def _record(spec, target):
 def test_record_round_trip_and_atomic_write(tmp_path, cpu_target):
     rec = _record(SPEC, cpu_target)
     path = write_record(rec, tmp_path)
-    assert path == tmp_path / cpu_target.key() / f"{SPEC.name()}.json"
+    assert path == tmp_path / cpu_target.key() / f"{record_spec(SPEC, cpu_target).name()}.json"
     assert read_record(path) == rec
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
     assert find_record(SPEC, cpu_target, tmp_path) == rec
@@ -44,10 +46,10 @@ def test_record_round_trip_and_atomic_write(tmp_path, cpu_target):
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"format": "other"}',
                                      '{"format": "convgen-record", "spec": {}}'])
 def test_corrupt_record_is_a_clear_error(tmp_path, cpu_target, content):
-    path = tmp_path / cpu_target.key() / f"{SPEC.name()}.json"
+    path = tmp_path / cpu_target.key() / f"{record_spec(SPEC, cpu_target).name()}.json"
     path.parent.mkdir(parents=True)
     path.write_text(content)
-    with pytest.raises(RecordError, match=r"^record: .*" + SPEC.name()):
+    with pytest.raises(RecordError, match=r"^record: .*" + record_spec(SPEC, cpu_target).name()):
         find_record(SPEC, cpu_target, tmp_path)
 
 
@@ -66,7 +68,7 @@ def test_build_uses_the_record(tmp_path, cpu_target, monkeypatch):
                          library=tmp_path / "lib")
     sched = art.manifest.schedule
     assert sched.kind == "record" and sched.knobs == {"lanes": 8, "kb": 4}
-    assert sched.record == f"{cpu_target.key()}/{SPEC.name()}.json"
+    assert sched.record == f"{cpu_target.key()}/{record_spec(SPEC, cpu_target).name()}.json"
     assert art.manifest.verification.passed
     # the environment variable names a library too
     monkeypatch.setenv("CONVGEN_SCHEDULES", str(tmp_path / "lib"))
@@ -74,6 +76,22 @@ def test_build_uses_the_record(tmp_path, cpu_target, monkeypatch):
     # without a record: the template heuristic
     _, choice = schedule_for(SPEC, cpu_target, library=tmp_path / "empty")
     assert choice.kind == "heuristic"
+
+
+def test_cpu_modes_share_one_record(tmp_path, cpu_target):
+    """On CPU conv's flip is packed into the weights, so the bound kernels of both modes
+    run the same code: one record (kept under corr) serves both, and tuning both modes
+    measures it once."""
+    corr = dataclasses.replace(SPEC, mode="corr")
+    assert record_spec(SPEC, cpu_target) == record_spec(corr, cpu_target) == corr
+    write_record(_record(corr, cpu_target), tmp_path)
+    assert find_record(SPEC, cpu_target, tmp_path) == find_record(corr, cpu_target, tmp_path)
+    opts = TuneOptions(trials=2, repeats=3, min_repeat_ms=1, library=tmp_path / "lib",
+                       work_dir=tmp_path / "work")
+    results = tune_specs([SPEC, corr], cpu_target, opts)
+    assert len(results) == 1
+    assert [p.name for p in (tmp_path / "lib" / cpu_target.key()).iterdir()] == [
+        f"{corr.name()}.json"]
 
 
 @pytest.mark.parametrize(("schedule", "want"), [
@@ -163,7 +181,7 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path, cpu_target, monkeypatch):
     monkeypatch.setattr(tune_mod, "_measure", interrupt_second)
     opts = TuneOptions(trials=3, repeats=3, min_repeat_ms=1, library=tmp_path / "lib",
                        work_dir=tmp_path / "work")
-    other = make_spec(mode="corr", input="1x8x12x16", kernel="16x8x3x3", padding=1)
+    other = make_spec(mode="corr", input="1x8x12x12", kernel="16x8x3x3", padding=1)
     results = tune_specs([SPEC, other], cpu_target, opts)
     assert len(results) == 1 and results[0].interrupted  # stopped, the next spec untouched
     assert results[0].record_path is not None and results[0].measured == 1

@@ -5,7 +5,8 @@ reviewed and committed, read by `convgen build`. A record names the schedule
 that won (`RecordedSchedule`: a template and its knobs, or a MetaSchedule
 trace), what it measured, and the TVM version it was tuned with. A record only
 matches a build when the spec (every field), the target key and the TVM version
-all match: a schedule tuned with another TVM may lower differently.
+all match: a schedule tuned with another TVM may lower differently. On CPU one
+record serves both modes (`record_spec`).
 
 Files are written atomically (a temporary file, then renamed), so an
 interrupted tune never leaves a torn record.
@@ -13,6 +14,7 @@ interrupted tune never leaves a torn record.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -142,14 +144,26 @@ def read_record(path: Path) -> Record:
     return Record.from_dict(data, str(path))
 
 
+def record_spec(spec: ConvSpec, target: TargetInfo) -> ConvSpec:
+    """The spec a record is kept under. Where kernels run on packed weights (the CPU
+    family), `conv`'s flip is applied while packing and the run entry computes `corr`:
+    both modes run the same code, so one record, kept under `corr`, serves both (and
+    they cannot end up on different tiles by the noise of two tuning runs)."""
+    from convgen.compiler.schedule import family
+
+    return dataclasses.replace(spec, mode="corr") if family(target).packs_weights else spec
+
+
 def find_record(spec: ConvSpec, target: TargetInfo, library: Path | None = None) -> Record | None:
-    """The record for exactly this spec, target and TVM version, if the library has one."""
+    """The record for this spec (`record_spec`), target and TVM version, if the library
+    has one."""
     import tvm
 
-    path = library_path(library) / target.key() / f"{spec.name()}.json"
+    key = record_spec(spec, target)
+    path = library_path(library) / target.key() / f"{key.name()}.json"
     if not path.is_file():
         return None
     record = read_record(path)
-    if record.spec != spec or record.tvm_version != tvm.__version__:
+    if record.spec != key or record.tvm_version != tvm.__version__:
         return None
     return record

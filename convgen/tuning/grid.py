@@ -39,7 +39,13 @@ from typing import Any
 import numpy as np
 
 from convgen.compiler.compute import WeightPacking
-from convgen.compiler.records import META_SCHEDULE, Record, RecordedSchedule, write_record
+from convgen.compiler.records import (
+    META_SCHEDULE,
+    Record,
+    RecordedSchedule,
+    record_spec,
+    write_record,
+)
 from convgen.compiler.targets import TargetInfo
 from convgen.errors import UnsupportedError
 from convgen.runtime.cores import available_cores, use_all_cores
@@ -330,7 +336,7 @@ def _record(spec: ConvSpec, target: TargetInfo, best: Measurement, options: Tune
     import tvm
 
     return Record(
-        spec=spec,
+        spec=record_spec(spec, target),
         target_key=target.key(),
         tvm_version=tvm.__version__,
         schedule=best.candidate.recorded(),
@@ -353,11 +359,16 @@ def tune_specs(
     options: TuneOptions,
     progress: Progress | None = None,
 ) -> list[TuneResult]:
-    """Tune several specs in turn; Ctrl-C keeps every record finished so far."""
+    """Tune several specs in turn, each record once (on CPU `conv` and `corr` share one,
+    `record_spec`); Ctrl-C keeps every record finished so far."""
     use_all_cores()
     deadline = time.monotonic() + options.minutes * 60 if options.minutes else None
-    results = []
+    results, seen = [], set()
     for spec in specs:
+        key = record_spec(spec, target)
+        if key in seen:
+            continue
+        seen.add(key)
         result = tune_spec(spec, target, options, deadline, progress)
         results.append(result)
         if result.interrupted:
