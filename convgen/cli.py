@@ -105,6 +105,16 @@ def library_option(f: F) -> F:
     )(f)
 
 
+def algorithm_option(f: F) -> F:
+    return click.option(
+        "--algorithm", type=click.Choice(["auto", "direct", "winograd"]), default="auto",
+        metavar="NAME",
+        help="auto (the default: the tuned record, else the heuristics' choice), direct "
+        "convolution, or winograd: F(m x m, 3x3) for 2-D 3x3 stride-1 float32 layers on CPU "
+        "(the tile m is a knob).",
+    )(f)
+
+
 def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(f)
 
@@ -173,10 +183,12 @@ def main() -> None:
               "e.g. on the GPU machine (it needs only nvcc and tvm-ffi).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the verification inputs.")
 @library_option
+@algorithm_option
 @json_option
 @handle_errors
 def build(target: str, out_dir: str, verify: bool, emit_source: bool, defer_nvcc: bool,
-          seed: int, library: str | None, as_json: bool, **spec_flags: Any) -> None:
+          seed: int, library: str | None, algorithm: str, as_json: bool,
+          **spec_flags: Any) -> None:
     """Compile kernels into DIR/<name>.{so,onnx,json}."""
     from convgen.compiler.build import build_artifact
     from convgen.compiler.targets import resolve_target
@@ -187,17 +199,18 @@ def build(target: str, out_dir: str, verify: bool, emit_source: bool, defer_nvcc
     for spec in specs:
         art = build_artifact(spec, tinfo, out_dir, target_name=target, verify=verify,
                              emit_source=emit_source, defer_nvcc=defer_nvcc, seed=seed,
-                             library=Path(library) if library else None)
+                             library=Path(library) if library else None, algorithm=algorithm)
         m = art.manifest
         failed |= not art.verified_ok
         results.append({"manifest": str(art.manifest_path), "name": m.name,
                         "files": {k: str(Path(out_dir) / f.name) for k, f in m.files.items()},
-                        "schedule": m.schedule.to_dict(),
+                        "schedule": m.schedule.to_dict(), "algorithm": m.algorithm,
                         "verification": m.verification.to_dict()})
         secs = sum(m.build_seconds.values())
         main_file = m.files["module" if m.module_compiled else "cuda_source"].name
         lines += [f"built {m.name}", f"  {spec.describe()}",
-                  f"  target {tinfo.key()}, schedule {m.schedule.describe()}, {secs:.1f} s",
+                  f"  target {tinfo.key()}, {m.algorithm}, schedule {m.schedule.describe()}, "
+                  f"{secs:.1f} s",
                   f"  -> {Path(out_dir) / main_file} (+ .onnx, .json)",
                   *("  " + line for line in m.verification.lines())]
     emit(as_json, results, lines)
@@ -265,11 +278,12 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, library: 
               "GPU machine (which needs only nvcc, tvm-ffi and numpy).")
 @click.option("--ingest", type=click.Path(exists=True, file_okay=False), default=None,
               help="CUDA: turn a measured candidates folder (results.json) into records.")
+@algorithm_option
 @json_option
 @handle_errors
 def tune(target: str, trials: int | None, minutes: float | None, method: str, workers: int,
          library: str | None, work_dir: str | None, emit_candidates: str | None,
-         ingest: str | None, as_json: bool, **spec_flags: Any) -> None:
+         ingest: str | None, algorithm: str, as_json: bool, **spec_flags: Any) -> None:
     """Search schedules for kernels and keep the fastest in the record library, which
     `convgen build` then uses. CPU: measured here; Ctrl-C keeps every finished record and
     rerunning the same command resumes. CUDA: --emit-candidates DIR here, `convgen measure
@@ -284,7 +298,7 @@ def tune(target: str, trials: int | None, minutes: float | None, method: str, wo
         return
     specs = collect_specs(**spec_flags)
     options = TuneOptions(trials=trials, minutes=minutes, workers=workers, method=method,
-                          library=Path(library) if library else None,
+                          algorithm=algorithm, library=Path(library) if library else None,
                           work_dir=Path(work_dir) if work_dir else None)
     position = {s.name(): i + 1 for i, s in enumerate(specs)}
     live = sys.stderr.isatty() and not as_json
@@ -376,16 +390,25 @@ def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
 @click.option("--what", type=click.Choice(["all", "tir", "source"]), default="all",
               show_default=True, help="The scheduled TIR, the generated source, or both.")
 @library_option
+@algorithm_option
 @handle_errors
-def inspect(target: str, what: str, library: str | None, **spec_flags: Any) -> None:
-    """Print the scheduled TIR and the generated CUDA C or LLVM IR of a spec."""
+def inspect(target: str, what: str, library: str | None, algorithm: str,
+            **spec_flags: Any) -> None:
+    """Print the scheduled TIR and the generated CUDA C or LLVM IR of a spec, with the
+    algorithm chosen (and why Winograd does not apply, where it does not)."""
     from convgen.compiler.build import compile_kernel
+    from convgen.compiler.schedule import declined
     from convgen.compiler.targets import resolve_target
 
     tinfo = resolve_target(target)
     for spec in collect_specs(**spec_flags):
-        compiled = compile_kernel(spec, tinfo, library=Path(library) if library else None)
+        compiled = compile_kernel(spec, tinfo, library=Path(library) if library else None,
+                                  algorithm=algorithm)
         click.echo(f"// {spec.name()}: {spec.describe()}")
+        click.echo(f"// algorithm: {compiled.algorithm}")
+        if compiled.algorithm == "direct":
+            why = declined(spec, tinfo, "winograd")
+            click.echo(f"// winograd: {why or 'applies, not chosen (heuristic or record)'}")
         click.echo(f"// schedule: {compiled.schedule.describe()}")
         if what in ("all", "tir"):
             click.echo(compiled.tir)
@@ -405,10 +428,12 @@ def inspect(target: str, what: str, library: str | None, **spec_flags: Any) -> N
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
               help="Also draw the bars into this PNG (needs matplotlib).")
 @library_option
+@algorithm_option
 @json_option
 @handle_errors
 def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
-          plot_file: str | None, library: str | None, as_json: bool, **spec_flags: Any) -> None:
+          plot_file: str | None, library: str | None, algorithm: str, as_json: bool,
+          **spec_flags: Any) -> None:
     """Time kernels against onnxruntime (and PyTorch when installed), in one process:
     medians, GFLOP/s and speed-ups. ARTIFACT: a directory or manifest; or the spec flags."""
     from convgen.runtime.bench import bench_kernels, format_table
@@ -424,7 +449,7 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
             tinfo = resolve_target(target)
             lib = Path(library) if library else None
             paths = [build_artifact(s, tinfo, tmp, target_name=target, verify=False,
-                                    library=lib).manifest_path
+                                    library=lib, algorithm=algorithm).manifest_path
                      for s in collect_specs(**spec_flags)]
         else:
             paths = list_manifests(artifact)

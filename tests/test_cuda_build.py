@@ -68,7 +68,7 @@ def test_host_only_code_is_refused(monkeypatch):
     from convgen.compiler.schedule.common import new_schedule
     from convgen.runtime.manifest import ScheduleChoice
 
-    def unscheduled(spec, target, library=None):
+    def unscheduled(spec, target, library=None, algorithm="auto"):
         return new_schedule(conv_prim_func(spec, target)), ScheduleChoice("heuristic", "none")
 
     monkeypatch.setattr(convgen.compiler.build, "schedule_for", unscheduled)

@@ -251,8 +251,14 @@ def test_heuristic_picks_the_template_and_fits_the_registers(flags, template, ta
     from convgen.compiler.targets import resolve_target
 
     spec, tinfo = make_spec(mode="conv", **flags), resolve_target(target)
-    chosen = next(t for t in cpu.FAMILY.templates if t.heuristic(spec, tinfo) is not None)
+    direct = [t for t in cpu.FAMILY.templates if t.algorithm == "direct"]
+    chosen = next(t for t in direct if t.heuristic(spec, tinfo) is not None)
     assert chosen.name == template
+    # dense 3x3 stride-1 layers go to Winograd first, with tiles enough to reuse U
+    winograd = cpu.FAMILY.templates[0]
+    expect = {"1x128x28x28": 4, "1x7x7x512": 2, "1x512x7x7": 2, "1x56x56x64": 4}
+    knobs = winograd.heuristic(spec, tinfo)
+    assert (knobs.tile if knobs else None) == expect.get(flags["input"])
     tile = cpu.register_tile(chosen.heuristic(spec, tinfo), tinfo)
     budget = cpu.accumulator_budget(tinfo)
     assert budget == (14 if target == ZEN4 else 8)

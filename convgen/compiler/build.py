@@ -58,10 +58,16 @@ class Compiled:
     cuda_source: str | None = None  # host + device CUDA C++ (CUDA targets)
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def algorithm(self) -> str:
+        """`WeightPacking.algorithm` (direct where the module has no packed form)."""
+        return self.packing.algorithm if self.packing is not None else "direct"
+
 
 def lower(
     spec: ConvSpec, target: TargetInfo, template: str | None = None,
     knobs: dict[str, Any] | None = None, library: Path | None = None,
+    algorithm: str = "auto",
 ) -> tuple[Any, ScheduleChoice, WeightPacking | None]:
     """The scheduled IRModule: the chooser's pick (records from `library`), or a named
     template (or the fallback, by its name) with explicit knobs, as tuning needs; with
@@ -69,7 +75,7 @@ def lower(
     import tvm
 
     if template is None:
-        sch, choice = schedule_for(spec, target, library)
+        sch, choice = schedule_for(spec, target, library, algorithm=algorithm)
     else:
         sch, choice = forced_schedule(spec, target, template, knobs or {})
     packed = packed_schedule(spec, target, choice)
@@ -87,11 +93,12 @@ def lower(
 def compile_kernel(
     spec: ConvSpec, target: TargetInfo, template: str | None = None,
     knobs: dict[str, Any] | None = None, library: Path | None = None,
+    algorithm: str = "auto",
 ) -> Compiled:
     import tvm
 
     t0 = time.perf_counter()
-    mod, choice, packing = lower(spec, target, template, knobs, library)
+    mod, choice, packing = lower(spec, target, template, knobs, library, algorithm)
     tvm_target = target.tvm_target()
     t1 = time.perf_counter()
     try:
@@ -182,6 +189,7 @@ def manifest_for(compiled: Compiled, target_name: str, directory: Path, files: d
         build_seconds=dict(compiled.seconds),
         module_compiled=compiled_module,
         arg_alignment=argument_alignment(spec, target),
+        algorithm=compiled.algorithm,
         packed_weights=None if compiled.packing is None else PackedWeights(
             TensorInfo(PACKED_WEIGHT, compiled.packing.packed_shape(spec), spec.dtype),
             compiled.packing.lanes),
@@ -211,16 +219,17 @@ def build_artifact(
     template: str | None = None,
     knobs: dict[str, Any] | None = None,
     library: Path | None = None,
+    algorithm: str = "auto",
 ) -> Artifact:
     """Compile, export, (verify) and write DIR/<name>.{so,onnx,json}, atomically.
     `library`: the record library to take a tuned schedule from (default: the shipped
-    one, or $CONVGEN_SCHEDULES)."""
+    one, or $CONVGEN_SCHEDULES); `algorithm`: "auto", "direct" or "winograd"."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConvgenError(f"out: cannot create {out}: {err.strerror}") from None
-    compiled = compile_kernel(spec, target, template, knobs, library)
+    compiled = compile_kernel(spec, target, template, knobs, library, algorithm)
     defer_nvcc = defer_nvcc and target.is_cuda
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name()}.", dir=out))
     try:

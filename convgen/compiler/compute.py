@@ -57,8 +57,19 @@ class WeightPacking:
     """
 
     lanes: int = 1
+    winograd_tile: int = 0  # m > 0: Winograd's transformed weights U (`winograd.py`)
+
+    @property
+    def algorithm(self) -> str:
+        """The algorithm that reads this form: "direct", or "winograd_f<m>" for
+        F(m x m, 3 x 3) (the manifest's name, which verification's tolerance keys on)."""
+        return f"winograd_f{self.winograd_tile}" if self.winograd_tile else "direct"
 
     def packed_shape(self, spec: ConvSpec) -> tuple[int, ...]:
+        if self.winograd_tile:
+            from convgen.compiler.winograd import packed_shape
+
+            return packed_shape(spec, self.winograd_tile, self.lanes)
         k, *rest = spec.weight_shape
         if self.lanes == 1:
             return spec.weight_shape
@@ -189,6 +200,19 @@ def conv_prim_func(spec: ConvSpec, target: TargetInfo, variant: Variant = Varian
     return _entry(te.create_prim_func(conv_tensors(spec, variant)), spec, target, name)
 
 
+def winograd_prim_func(spec: ConvSpec, target: TargetInfo, tile: int, lanes: int,
+                       packed: bool) -> PrimFunc:
+    """Winograd F(tile x tile, 3 x 3) (`winograd.py`): the plain entry, or with `packed`
+    the run-packed one, on U as `WeightPacking(lanes, tile)` lays it out."""
+    from tvm import te
+
+    from convgen.compiler.winograd import winograd_tensors
+
+    name = RUN_PACKED_ENTRY if packed else ENTRY
+    return _entry(te.create_prim_func(winograd_tensors(spec, tile, lanes, packed)), spec,
+                  target, name)
+
+
 def reads_packed_weight(func: PrimFunc) -> bool:
     """Whether a conv PrimFunc is the packed variant (its schedule must not repack)."""
     return any(param.name == PACKED_WEIGHT for param in func.params)
@@ -225,13 +249,19 @@ def pack_prim_func(spec: ConvSpec, target: TargetInfo, packing: WeightPacking) -
     import tvm
     from tvm import s_tir, te
 
-    func = _entry(te.create_prim_func(pack_tensors(spec, packing)), spec, target, PACK_ENTRY)
+    if packing.winograd_tile:
+        from convgen.compiler import winograd
+
+        tensors = winograd.pack_tensors(spec, packing.winograd_tile, packing.lanes)
+    else:
+        tensors = pack_tensors(spec, packing)
+    func = _entry(te.create_prim_func(tensors), spec, target, PACK_ENTRY)
     sch = s_tir.Schedule(tvm.IRModule({PACK_ENTRY: func}))
     sch.work_on(PACK_ENTRY)
-    block = sch.get_sblock("pack")
+    block = sch.get_sblock("wino_u" if packing.winograd_tile else "pack")
     loops = sch.get_loops(block)
     sch.parallel(loops[0])
-    if packing.lanes > 1:
+    if packing.lanes > 1 and not packing.winograd_tile:
         sch.vectorize(loops[-1])
     return sch.mod[PACK_ENTRY]
 

@@ -247,6 +247,8 @@ class Manifest:
         datetime.timezone.utc).isoformat(timespec="seconds"))
     entry: str = ENTRY
     packed_weights: PackedWeights | None = None  # None: no packed entries (CUDA, old builds)
+    # "direct" or "winograd_f<m>"; verification's tolerance depends on it
+    algorithm: str = "direct"
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -289,6 +291,7 @@ class Manifest:
             "module_compiled": self.module_compiled,
             "arg_alignment": self.arg_alignment,
             "schedule": self.schedule.to_dict(),
+            "algorithm": self.algorithm,
             "flops": self.flops,
             "build_seconds": {k: round(v, 3) for k, v in self.build_seconds.items()},
             "verification": self.verification.to_dict(),
@@ -321,6 +324,7 @@ class Manifest:
                 entry=str(d.get("entry", ENTRY)),
                 packed_weights=PackedWeights.from_dict(d["packed_weights"])
                 if d.get("packed_weights") else None,
+                algorithm=str(d.get("algorithm", "direct")),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"artifact: {where} is malformed ({err!r})") from None

@@ -62,6 +62,7 @@ class TuneOptions:
     repeats: int = 10
     min_repeat_ms: float = 20.0
     method: str = "grid"  # "grid" (our templates' knobs), "meta" (MetaSchedule's space), "both"
+    algorithm: str = "auto"  # "direct" or "winograd": that algorithm's templates only
     meta_trials: int = 64  # MetaSchedule trials per spec when --trials is not given
     library: Path | None = None  # default: records.library_path()
     work_dir: Path | None = None  # default: ~/.cache/convgen/tune
@@ -113,7 +114,8 @@ Progress = Callable[[ConvSpec, int, int, float], None]
 
 
 def candidates_for(
-    spec: ConvSpec, target: TargetInfo, per_template: int | None = None
+    spec: ConvSpec, target: TargetInfo, per_template: int | None = None,
+    algorithm: str = "auto",
 ) -> list[Candidate]:
     """Every template's candidates; with `per_template`, at most that many of each: the
     heuristic's default first, then points spread evenly over the rest of the grid.
@@ -123,6 +125,8 @@ def candidates_for(
 
     found = []
     for template in family(target).templates:
+        if algorithm not in ("auto", template.algorithm):
+            continue
         points = template.candidates(spec, target)
         if per_template is not None and len(points) > per_template:
             has_default = template.heuristic(spec, target) is not None
@@ -186,6 +190,10 @@ class Built:
     lib: Any
     packing: WeightPacking | None
 
+    @property
+    def algorithm(self) -> str:
+        return self.packing.algorithm if self.packing is not None else "direct"
+
 
 def _compile(spec: ConvSpec, target: TargetInfo, cand: Candidate) -> Built:
     import tvm
@@ -221,7 +229,8 @@ def _measure(built: Built, spec: ConvSpec, options: TuneOptions, check: bool = T
         args[1], entry = packed, RUN_PACKED_ENTRY
     lib[entry](*args, out)
     want = reference_conv(spec, *inputs.values()) if check else None
-    if want is not None and not compare("oracle", out.numpy(), want, spec.dtype).passed:
+    if want is not None and not compare("oracle", out.numpy(), want, spec.dtype,
+                                        built.algorithm).passed:
         raise UnsupportedError("candidate computes a wrong result")
     timer = lib.mod.time_evaluator(entry, dev, number=1, repeat=options.repeats,
                                    min_repeat_ms=int(options.min_repeat_ms))
@@ -264,7 +273,8 @@ def _grid(spec: ConvSpec, target: TargetInfo, options: TuneOptions, log: Path,
     """Measure the grid's candidates not in the log yet. Returns (every measurement of
     this spec, interrupted)."""
     done = _read_log(log)
-    cands = [] if options.method == "meta" else candidates_for(spec, target)
+    cands = [] if options.method == "meta" else candidates_for(
+        spec, target, algorithm=options.algorithm)
     if options.trials is not None:
         cands = cands[: options.trials]
     results = [done[c.key()] for c in cands if c.key() in done]

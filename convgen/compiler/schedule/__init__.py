@@ -53,6 +53,15 @@ def family_for_key(target_key: str) -> Family:
     return cpu.FAMILY
 
 
+ALGORITHMS = ("auto", "direct", "winograd")
+
+
+def _algorithm_of(fam: Family, template_name: str) -> str:
+    if template_name in (fam.fallback_name, META_SCHEDULE):
+        return "direct"
+    return fam.template(template_name).algorithm
+
+
 def forced_schedule(
     spec: ConvSpec, target: TargetInfo, name: str, knobs: dict[str, Any], kind: str = "forced",
 ) -> tuple[Schedule, ScheduleChoice]:
@@ -83,23 +92,51 @@ def recorded_schedule(spec: ConvSpec, target: TargetInfo,
 
 def schedule_for(
     spec: ConvSpec, target: TargetInfo, library: Path | None = None, use_records: bool = True,
+    algorithm: str = "auto",
 ) -> tuple[Schedule, ScheduleChoice]:
     """The best schedule convgen knows for this spec on this target: its record in
     `library` (default: the shipped one, or $CONVGEN_SCHEDULES), else the first
-    template whose heuristic applies, else the fallback."""
+    template whose heuristic applies, else the fallback. `algorithm` "direct" or
+    "winograd" keeps to that algorithm's templates (and records); asked for by name,
+    an algorithm whose heuristic declines still runs with its first grid point."""
+    if algorithm not in ALGORITHMS:
+        raise UnsupportedError(f"algorithm: {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    fam = family(target)
     if use_records:
         record = find_record(spec, target, library)
-        if record is not None:
+        if record is not None and algorithm in ("auto", _algorithm_of(
+                fam, record.schedule.template)):
             return recorded_schedule(spec, target, record)
-    fam = family(target)
     for template in fam.templates:
+        if algorithm not in ("auto", template.algorithm):
+            continue
         knobs = template.heuristic(spec, target)
+        if knobs is None and algorithm == template.algorithm != "direct":
+            knobs = next(iter(template.candidates(spec, target)), None)
         if knobs is None:
             continue
         sch = template.schedule(spec, target, knobs)
         if sch is not None:
             return sch, ScheduleChoice("heuristic", template.name, dataclasses.asdict(knobs))
+    if algorithm not in ("auto", "direct"):
+        reason = declined(spec, target, algorithm) or "no template took it"
+        raise UnsupportedError(f"algorithm: {algorithm} does not apply to {spec.name()} on "
+                               f"{target.key()}: {reason}")
     return fam.schedule_fallback(spec, target), ScheduleChoice("fallback", fam.fallback_name)
+
+
+def declined(spec: ConvSpec, target: TargetInfo, algorithm: str) -> str | None:
+    """Why an algorithm other than direct convolution does not apply (None: it does),
+    for messages and `inspect`."""
+    templates = [t for t in family(target).templates if t.algorithm == algorithm]
+    if not templates:
+        return f"{target.kind} has no {algorithm} templates"
+    from convgen.compiler import winograd
+
+    reason = winograd.declines(spec)
+    if reason is None and not any(t.candidates(spec, target) for t in templates):
+        reason = f"the output channels ({spec.out_channels}) are not a multiple of the vector"
+    return reason
 
 
 def packed_schedule(spec: ConvSpec, target: TargetInfo,

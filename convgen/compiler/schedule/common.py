@@ -44,6 +44,10 @@ class Template(Generic[K]):
     variant: Callable[[ConvSpec, K], Variant] = default_variant
     packing: Callable[[ConvSpec, TargetInfo, K], WeightPacking] = storage_order
     max_candidates: int | None = None  # tuning measures at most this many points
+    # another algorithm than direct convolution: its name, and its PrimFunc
+    # (spec, target, knobs, packed) in place of `compute.conv_prim_func`
+    algorithm: str = "direct"
+    prim_func: Callable[[ConvSpec, TargetInfo, K, bool], PrimFunc] | None = None
 
     def candidates(self, spec: ConvSpec, target: TargetInfo) -> list[K]:
         """What tuning measures: the heuristic's knobs first, then the grid's points,
@@ -67,6 +71,8 @@ class Template(Generic[K]):
                  packed: bool = False) -> Schedule | None:
         """The algorithm in the form this template asks for, scheduled (None: declined);
         `packed`: the form that reads the weights as `packing` lays them out."""
+        if self.prim_func is not None:
+            return self.apply(self.prim_func(spec, target, knobs, packed), spec, target, knobs)
         variant = self.variant(spec, knobs)
         if packed:
             variant = dataclasses.replace(variant, packing=self.packing(spec, target, knobs))
@@ -95,6 +101,14 @@ class Family:
                           packed: bool = False) -> Schedule:
         variant = Variant(packing=WeightPacking()) if packed else Variant()
         return self.fallback(conv_prim_func(spec, target, variant), spec, target)
+
+
+def accumulator_budget(target: TargetInfo) -> int:
+    """Accumulator registers a CPU register tile may hold: with 16 registers, 8,
+    leaving the rest for the weight vectors and broadcasts one reduction step loads
+    (14 spilled); with 32, 14. Fewer than about 6 cannot cover the FMA latency (4
+    cycles, 2 FMA pipes: 8 independent chains keep both busy)."""
+    return 14 if target.vector_registers >= 32 else 8
 
 
 def new_schedule(func: PrimFunc) -> Schedule:

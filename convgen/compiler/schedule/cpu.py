@@ -25,6 +25,8 @@ also tries a template's grid where its heuristic declines):
     output pixels x nkv channel vectors, accumulated in registers across the
     whole reduction; NCHW keeps the accumulator channel-innermost and scatters
     once in the write-back.
+Before these, the family tries `cpu_winograd` (`schedule/winograd.py`), another
+algorithm for dense 3x3 stride-1 layers with enough channels and tiles.
 Every template unrolls small kernel windows, which turns the flipped tap of
 `conv` into constant offsets (conv == corr), and unrolls the write-back so the
 whole register tile stays in registers. The fallback (`cpu_generic`) works for
@@ -43,6 +45,7 @@ from convgen.compiler.compute import Variant, WeightPacking, reads_packed_weight
 from convgen.compiler.schedule.common import (
     Family,
     Template,
+    accumulator_budget,
     divisor_at_most,
     divisors,
     has_block,
@@ -57,14 +60,6 @@ if TYPE_CHECKING:
     from tvm.tirx import PrimFunc
 
 FALLBACK_NAME = "cpu_generic"
-
-
-def accumulator_budget(target: TargetInfo) -> int:
-    """Accumulator registers a tile may hold: with 16 registers, 8, leaving the rest
-    for the weight vectors and broadcasts one reduction step loads (14 spilled);
-    with 32, 14. Fewer than about 6 cannot cover the FMA latency (4 cycles, 2 FMA
-    pipes: 8 independent chains keep both busy)."""
-    return 14 if target.vector_registers >= 32 else 8
 
 
 @dataclass
@@ -534,4 +529,11 @@ def fallback(func: PrimFunc, spec: ConvSpec, target: TargetInfo) -> Schedule:
     return sch
 
 
-FAMILY = Family("llvm", TEMPLATES, FALLBACK_NAME, fallback, packs_weights=True)
+def _family() -> Family:
+    from convgen.compiler.schedule import winograd
+
+    return Family("llvm", (winograd.TEMPLATE, *TEMPLATES), FALLBACK_NAME, fallback,
+                  packs_weights=True)
+
+
+FAMILY = _family()

@@ -1,0 +1,218 @@
+"""Winograd minimal filtering, F(m x m, 3 x 3): the algorithm (its CPU schedule is
+`schedule/winograd.py`).
+
+For 2-D, stride-1, undilated, ungrouped 3x3 layers. Each m x m output tile is
+
+    Y = A^T [ U (.) V ] A,   U = G g G^T (per output and input channel),
+                             V = B^T d B (d: the alpha x alpha input tile, alpha = m + 2)
+
+summed over the input channels, which makes the element-wise product alpha^2
+independent GEMMs (tiles x C times C x K): 9 m^2 multiplications per output
+become alpha^2 (F(4x4): 36 for 16 outputs, 4x fewer). U is computed from the
+weights once, by the packing entry (`conv`'s flip applied to g there, so both
+modes run the same code); the plain entry computes it in the kernel.
+
+A, B and G are Cook-Toom matrices (TVM's `winograd_util`); larger tiles need more
+distant interpolation points and lose accuracy, hence a tolerance per tile
+(`runtime.verify.ALGORITHM_TOLERANCES`). Every transform is written out as sums of its non-zero
+coefficients (`_combine`), selected by the transform index (`_by_index`): once
+the schedule unrolls that index, each output is a handful of adds, with no
+multiplications by 0 or 1.
+
+Stages (block names): "pad" (the padded input, channels-last, covering whole
+tiles), "wino_bt" and "wino_v" (the input transform, rows then columns), "bgemm"
+(the batched GEMM), "wino_at" and "wino_y" (the output transform), "out" (the
+crop to the output, + bias), and "wino_u" (the weight transform, in the plain
+entry and the packing entry).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from convgen.spec import ConvSpec
+
+TILES = (2, 4, 6)  # m: F(2x2,3x3), F(4x4,3x3), F(6x6,3x3)
+
+
+def declines(spec: ConvSpec) -> str | None:
+    """Why Winograd does not apply to `spec` (None: it does)."""
+    if spec.ndim != 2 or spec.kernel_size != (3, 3):
+        return "Winograd here is for 2-D 3x3 kernels"
+    if spec.stride != (1, 1) or spec.dilation != (1, 1):
+        return "Winograd needs stride 1 and dilation 1"
+    if spec.groups != 1:
+        return "Winograd here is for ungrouped convolutions"
+    if spec.dtype != "float32":
+        return "Winograd here is float32 only"
+    return None
+
+
+@functools.cache
+def matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A, B, G) of F(m, 3): shapes (alpha, m), (alpha, alpha), (alpha, 3), float64."""
+    from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
+
+    return _cook_toom_convolution(_interpolation_points(m + 1), m, 3)
+
+
+def _combine(coefs: np.ndarray, terms: list[Any]) -> Any:
+    """sum_i coefs[i] * terms[i] over the non-zero coefficients, without multiplying
+    by +-1."""
+    from tvm import tirx
+
+    acc = tirx.const(0.0, "float32")
+    first = True
+    for c, t in zip(coefs, terms):
+        c = float(np.float32(c))
+        if c == 0.0:
+            continue
+        term = t if abs(c) == 1.0 else t * tirx.const(abs(c), "float32")
+        if first:  # no add of a leading 0
+            acc, first = (-term if c < 0 else term), False
+        else:
+            acc = acc - term if c < 0 else acc + term
+    return acc
+
+
+def _by_index(index: Any, exprs: list[Any]) -> Any:
+    """exprs[index] for a symbolic index (a chain of selects, folded once unrolled)."""
+    from tvm import tirx
+
+    out = exprs[-1]
+    for i in range(len(exprs) - 2, -1, -1):
+        out = tirx.Select(index == i, exprs[i], out)
+    return out
+
+
+def packed_shape(spec: ConvSpec, m: int, lanes: int) -> tuple[int, ...]:
+    """U as the batched GEMM reads it: [alpha^2, K/lanes, C, lanes]."""
+    alpha = m + 2
+    return (alpha * alpha, spec.out_channels // lanes, spec.in_channels, lanes)
+
+
+def weight_transform(spec: ConvSpec, weight: Any, m: int, lanes: int) -> Any:
+    """U = G g G^T in `packed_shape`'s layout, with `conv`'s flip applied to g."""
+    from tvm import te
+
+    alpha = m + 2
+    _, _, g_mat = matrices(m)
+    r = te.reduce_axis((0, 3), name="wr")
+    s = te.reduce_axis((0, 3), name="ws")
+
+    def tap(k: Any, c: Any, r: Any, s: Any) -> Any:
+        if spec.mode == "conv":
+            r, s = 2 - r, 2 - s
+        return weight[(k, r, s, c) if spec.channels_last else (k, c, r, s)]
+
+    def g_at(row: Any, col: Any) -> Any:
+        return _by_index(row, [_by_index(col, [_const(g_mat[i, j]) for j in range(3)])
+                               for i in range(alpha)])
+
+    return te.compute(
+        packed_shape(spec, m, lanes),
+        lambda e, kb, c, lane: te.sum(
+            g_at(e // alpha, r) * tap(kb * lanes + lane, c, r, s) * g_at(e % alpha, s),
+            axis=[r, s]),
+        name="wino_u",
+    )
+
+
+def _const(v: float) -> Any:
+    from tvm import tirx
+
+    return tirx.const(float(np.float32(v)), "float32")
+
+
+def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[Any]:
+    """The TE tensors [data, weight (or packed U), (bias,) out] of F(m x m, 3 x 3)."""
+    from tvm import te, tirx
+
+    a_mat, b_mat, _ = matrices(m)
+    alpha = m + 2
+    n_img, cin, k_out = spec.batch, spec.in_channels, spec.out_channels
+    oh, ow = spec.out_size
+    nh, nw = -(-oh // m), -(-ow // m)
+    tiles = n_img * nh * nw
+    pt, pl = spec.pads_begin
+    h, w = spec.in_size
+    cl = spec.channels_last
+    data = te.placeholder(spec.data_shape, "float32", name="data")
+    if packed:
+        weight = te.placeholder(packed_shape(spec, m, lanes), "float32", name="packed_weight")
+        u = weight
+    else:
+        weight = te.placeholder(spec.weight_shape, "float32", name="weight")
+        u = weight_transform(spec, weight, m, lanes)
+    bias = te.placeholder(spec.bias_shape, "float32", name="bias") if spec.bias else None
+
+    def src(n: Any, y: Any, x: Any, c: Any) -> Any:
+        inside = tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)
+        value = data[(n, y - pt, x - pl, c) if cl else (n, c, y - pt, x - pl)]
+        return tirx.if_then_else(inside, value, tirx.const(0.0, "float32"))
+
+    # channels-last, and large enough for whole tiles (the tail tiles read zeros)
+    pad = te.compute((n_img, nh * m + 2, nw * m + 2, cin), src, name="pad")
+
+    def tile_in(t: Any, a: Any, b: int, c: Any) -> Any:
+        n, th, tw = t // (nh * nw), t // nw % nh, t % nw
+        return pad[n, th * m + a, tw * m + b, c]
+
+    # rows: bt[t, a, nu, c] = sum_b d[a, b] B[b, nu]
+    bt = te.compute(
+        (tiles, alpha, alpha, cin),
+        lambda t, a, nu, c: _by_index(nu, [
+            _combine(b_mat[:, j], [tile_in(t, a, b, c) for b in range(alpha)])
+            for j in range(alpha)]),
+        name="wino_bt",
+    )
+    # columns: v[eps, nu, t, c] = sum_a B[a, eps] bt[t, a, nu, c]
+    v = te.compute(
+        (alpha, alpha, tiles, cin),
+        lambda eps, nu, t, c: _by_index(eps, [
+            _combine(b_mat[:, i], [bt[t, a, nu, c] for a in range(alpha)])
+            for i in range(alpha)]),
+        name="wino_v",
+    )
+    rc = te.reduce_axis((0, cin), name="rc")
+    mm = te.compute(
+        (alpha, alpha, tiles, k_out),
+        lambda eps, nu, t, k: te.sum(
+            v[eps, nu, t, rc] * u[eps * alpha + nu, k // lanes, rc, k % lanes], axis=rc),
+        name="bgemm",
+    )
+    # at[t, eps, j, k] = sum_nu M[eps, nu, t, k] A[nu, j]
+    at = te.compute(
+        (tiles, alpha, m, k_out),
+        lambda t, eps, j, k: _by_index(j, [
+            _combine(a_mat[:, jj], [mm[eps, nu, t, k] for nu in range(alpha)])
+            for jj in range(m)]),
+        name="wino_at",
+    )
+    # y[t, i, j, k] = sum_eps A[eps, i] at[t, eps, j, k]
+    y = te.compute(
+        (tiles, m, m, k_out),
+        lambda t, i, j, k: _by_index(i, [
+            _combine(a_mat[:, ii], [at[t, eps, j, k] for eps in range(alpha)])
+            for ii in range(m)]),
+        name="wino_y",
+    )
+
+    def out_body(*idx: Any) -> Any:
+        n, k, yy, xx = (idx[0], idx[3], idx[1], idx[2]) if cl else idx
+        val = y[n * nh * nw + yy // m * nw + xx // m, yy % m, xx % m, k]
+        return val + bias[k] if bias is not None else val
+
+    out = te.compute(spec.out_shape, out_body, name="out")
+    return [t for t in (data, weight, bias, out) if t is not None]
+
+
+def pack_tensors(spec: ConvSpec, m: int, lanes: int) -> list[Any]:
+    """[weight, U]: the packing entry's computation."""
+    from tvm import te
+
+    weight = te.placeholder(spec.weight_shape, "float32", name="weight")
+    return [weight, weight_transform(spec, weight, m, lanes)]

@@ -1,0 +1,106 @@
+"""Winograd F(m x m, 3x3) on the CPU: every tile in both modes and layouts against
+onnxruntime and a float64 oracle within the tolerance it states, random 3x3 specs,
+and the algorithm choice (where it declines, it says why)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convgen.cli import main
+from convgen.compiler.build import build_artifact
+from convgen.compiler.schedule import schedule_for
+from convgen.errors import UnsupportedError
+from convgen.reference import reference_conv
+from convgen.runtime.kernel import load
+from convgen.runtime.verify import ALGORITHM_TOLERANCES, random_inputs, within_tolerance
+from convgen.spec import ConvSpec, make_spec
+
+# tails in both directions (10 rows, 9 columns: no tile size divides both), an
+# asymmetric pad, bias, more than one image
+SPECS = [
+    make_spec(mode=mode, input="2x5x10x9" if layout == "NCHW" else "2x10x9x5",
+              kernel="16x5x3x3" if layout == "NCHW" else "16x3x3x5",
+              padding="1,0,2,1", layout=layout, bias=True)
+    for mode in ("conv", "corr") for layout in ("NCHW", "NHWC")
+]
+
+
+@pytest.mark.parametrize("tile", [2, 4, 6])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name())
+def test_every_tile_verifies(spec: ConvSpec, tile: int, cpu_target, tmp_path):
+    knobs = {"tile": tile, "lanes": 8, "nkv": 1, "pt": 2}
+    art = build_artifact(spec, cpu_target, tmp_path, verify=True, template="cpu_winograd",
+                         knobs=knobs)
+    m = art.manifest
+    assert m.algorithm == f"winograd_f{tile}"
+    assert m.packed_weights is not None and m.packed_weights.packed.shape[0] == (tile + 2) ** 2
+    report = m.verification
+    assert report.passed, [c for c in report.checks if not c.passed]
+    rtol, atol = ALGORITHM_TOLERANCES[m.algorithm]
+    assert report.tolerance == {"rtol": rtol, "atol": atol}
+    # the bound kernel against a float64 oracle, on other inputs
+    inputs = random_inputs(spec, seed=5)
+    want = reference_conv(spec, *(a.astype(np.float64) for a in inputs.values()))
+    data, *constants = inputs.values()
+    got = load(art.manifest_path).bind(*constants)(data)
+    assert within_tolerance(got, want, "float32", m.algorithm).all()
+
+
+@st.composite
+def winograd_specs(draw: st.DrawFn) -> ConvSpec:
+    layout = draw(st.sampled_from(["NCHW", "NHWC"]))
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 12))
+    k = 8 * draw(st.integers(1, 3))
+    h, w = draw(st.integers(3, 13)), draw(st.integers(3, 13))
+    pads = [draw(st.integers(0, 2)) for _ in range(4)]
+    shape = f"{n}x{c}x{h}x{w}" if layout == "NCHW" else f"{n}x{h}x{w}x{c}"
+    kernel = f"{k}x{c}x3x3" if layout == "NCHW" else f"{k}x3x3x{c}"
+    return make_spec(mode=draw(st.sampled_from(["conv", "corr"])), input=shape, kernel=kernel,
+                     padding=",".join(map(str, pads)), layout=layout,
+                     bias=draw(st.booleans()))
+
+
+@settings(max_examples=10, deadline=None)
+@given(spec=winograd_specs(), seed=st.integers(0, 2**16))
+def test_random_3x3_specs_through_winograd(spec: ConvSpec, seed: int, cpu_target,
+                                           tmp_path_factory):
+    out = tmp_path_factory.mktemp("wino")  # a fresh directory: a module path is loaded once
+    art = build_artifact(spec, cpu_target, out, verify=False, algorithm="winograd")
+    algorithm = art.manifest.algorithm
+    assert algorithm.startswith("winograd_f")
+    inputs = random_inputs(spec, seed)
+    want = reference_conv(spec, *(a.astype(np.float64) for a in inputs.values()))
+    kernel = load(art.manifest_path)
+    data, *constants = inputs.values()
+    for got in (kernel(*inputs.values()), kernel.bind(*constants)(data)):
+        assert within_tolerance(got, want, "float32", algorithm).all()
+
+
+def test_algorithm_choice(cpu_target):
+    dense = make_spec(mode="conv", input="1x64x28x28", kernel="64x64x3x3", padding=1)
+    assert schedule_for(dense, cpu_target, use_records=False)[1].name == "cpu_winograd"
+    assert schedule_for(dense, cpu_target, use_records=False,
+                        algorithm="direct")[1].name != "cpu_winograd"
+    strided = dataclasses.replace(dense, stride=(2, 2))
+    assert schedule_for(strided, cpu_target, use_records=False)[1].name != "cpu_winograd"
+    with pytest.raises(UnsupportedError, match="stride 1 and dilation 1"):
+        schedule_for(strided, cpu_target, algorithm="winograd")
+
+
+def test_cli_says_why_winograd_declines(tmp_path):
+    flags = ["--mode", "conv", "--input", "1x8x9x9", "--kernel", "8x2x3x3", "--groups", "4"]
+    result = CliRunner().invoke(main, ["build", *flags, "--algorithm", "winograd",
+                                       "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "algorithm: winograd does not apply" in result.output
+    assert "ungrouped" in result.output
+    assert not list(tmp_path.iterdir())  # nothing half-written
+    result = CliRunner().invoke(main, ["inspect", *flags, "--what", "tir"])
+    assert result.exit_code == 0
+    assert "// algorithm: direct" in result.output and "ungrouped" in result.output
