@@ -161,13 +161,20 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
         return None
     vec = target.fp32_lanes
     sch = new_schedule(func)
-    if has_block(sch, "wino_u"):  # the plain entry transforms the weights per call
+    if has_block(sch, "wino_u"):
+        # The plain entry transforms the weights on every call: each (channel vector,
+        # input channel) reads its 3x3 taps once and makes all alpha^2 outputs from
+        # them in registers (the planes outermost would read the weights alpha^2 times).
         u = sch.get_sblock("wino_u")
+        if spec.channels_last:  # OHWI: one pass to [K, C, 3, 3], so each tap block is contiguous
+            wc = sch.cache_read(u, 0, "global")
+            sch.transform_layout(wc, ("write", 0), lambda k, r, s, c: (k, c, r, s))
+            sch.parallel(sch.get_loops(wc)[0])
         e, kb, c, lane, r, s = sch.get_loops(u)
-        sch.reorder(e, kb, c, r, s, lane)
-        sch.parallel(sch.fuse(e, kb))
-        sch.unroll(r)
-        sch.unroll(s)
+        sch.reorder(kb, c, e, r, s, lane)
+        sch.parallel(kb)
+        for loop in (e, r, s):
+            sch.unroll(loop)
         sch.vectorize(lane)
     # padded input, channels-last
     pad = sch.get_sblock("pad")
