@@ -29,6 +29,7 @@ entry and the packing entry).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -121,6 +122,18 @@ def weight_transform(spec: ConvSpec, weight: Any, m: int, lanes: int) -> Any:
     )
 
 
+def _transform(shape: tuple[int, ...], mat: np.ndarray, axis: int,
+               term: Callable[[tuple[Any, ...], int], Any], name: str) -> Any:
+    """One side of a transform: out[idx] = sum_a mat[a, idx[axis]] * term(idx, a),
+    written out over the non-zero coefficients of each column of `mat`."""
+    from tvm import te
+
+    rows, cols = mat.shape
+    return te.compute(shape, lambda *idx: _by_index(idx[axis], [
+        _combine(mat[:, j], [term(idx, a) for a in range(rows)]) for j in range(cols)]),
+        name=name)
+
+
 def _const(v: float) -> Any:
     from tvm import tirx
 
@@ -161,22 +174,12 @@ def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[A
         n, th, tw = t // (nh * nw), t // nw % nh, t % nw
         return pad[n, th * m + a, tw * m + b, c]
 
-    # rows: bt[t, a, nu, c] = sum_b d[a, b] B[b, nu]
-    bt = te.compute(
-        (tiles, alpha, alpha, cin),
-        lambda t, a, nu, c: _by_index(nu, [
-            _combine(b_mat[:, j], [tile_in(t, a, b, c) for b in range(alpha)])
-            for j in range(alpha)]),
-        name="wino_bt",
-    )
-    # columns: v[eps, nu, t, c] = sum_a B[a, eps] bt[t, a, nu, c]
-    v = te.compute(
-        (alpha, alpha, tiles, cin),
-        lambda eps, nu, t, c: _by_index(eps, [
-            _combine(b_mat[:, i], [bt[t, a, nu, c] for a in range(alpha)])
-            for i in range(alpha)]),
-        name="wino_v",
-    )
+    # input: rows, bt[t, a, nu, c] = sum_b d[a, b] B[b, nu]; then columns,
+    # v[eps, nu, t, c] = sum_a B[a, eps] bt[t, a, nu, c]
+    bt = _transform((tiles, alpha, alpha, cin), b_mat, 2,
+                    lambda i, b: tile_in(i[0], i[1], b, i[3]), "wino_bt")
+    v = _transform((alpha, alpha, tiles, cin), b_mat, 0,
+                   lambda i, a: bt[i[2], a, i[1], i[3]], "wino_v")
     rc = te.reduce_axis((0, cin), name="rc")
     mm = te.compute(
         (alpha, alpha, tiles, k_out),
@@ -184,22 +187,12 @@ def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[A
             v[eps, nu, t, rc] * u[eps * alpha + nu, k // lanes, rc, k % lanes], axis=rc),
         name="bgemm",
     )
-    # at[t, eps, j, k] = sum_nu M[eps, nu, t, k] A[nu, j]
-    at = te.compute(
-        (tiles, alpha, m, k_out),
-        lambda t, eps, j, k: _by_index(j, [
-            _combine(a_mat[:, jj], [mm[eps, nu, t, k] for nu in range(alpha)])
-            for jj in range(m)]),
-        name="wino_at",
-    )
+    # output: columns, at[t, eps, j, k] = sum_nu M[eps, nu, t, k] A[nu, j]; then rows,
     # y[t, i, j, k] = sum_eps A[eps, i] at[t, eps, j, k]
-    y = te.compute(
-        (tiles, m, m, k_out),
-        lambda t, i, j, k: _by_index(i, [
-            _combine(a_mat[:, ii], [at[t, eps, j, k] for eps in range(alpha)])
-            for ii in range(m)]),
-        name="wino_y",
-    )
+    at = _transform((tiles, alpha, m, k_out), a_mat, 2,
+                    lambda i, nu: mm[i[1], nu, i[0], i[3]], "wino_at")
+    y = _transform((tiles, m, m, k_out), a_mat, 1,
+                   lambda i, eps: at[i[0], eps, i[2], i[3]], "wino_y")
 
     def out_body(*idx: Any) -> Any:
         n, k, yy, xx = (idx[0], idx[3], idx[1], idx[2]) if cl else idx

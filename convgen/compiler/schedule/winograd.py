@@ -148,6 +148,25 @@ def _unroll_and_vectorize(sch: Schedule, loops: list[Any], lanes: int) -> None:
         sch.unroll(last)
 
 
+def _transform(sch: Schedule, second: str, first: str, tile_axis: int, vec: int) -> None:
+    """A transform's two stages: the tiles in parallel; per tile and vector of channels
+    (the last axis) the first stage in registers, then the second; every transform
+    index unrolled."""
+    block = sch.get_sblock(second)
+    *loops, chan = sch.get_loops(block)
+    tile = loops.pop(tile_axis)
+    co, ci = _vector_split(sch, chan, vec)
+    sch.reorder(tile, co, *loops, ci)
+    sch.parallel(tile)
+    for lp in loops:
+        sch.unroll(lp)
+    sch.vectorize(ci)
+    stage = sch.get_sblock(first)
+    sch.compute_at(stage, co)
+    _unroll_and_vectorize(sch, loops_below(sch, stage, co), int(sch.get(ci).extent))
+    sch.set_scope(stage, 0, "local")
+
+
 def _vector_split(sch: Schedule, loop: Any, cap: int) -> tuple[Any, Any]:
     v = divisor_at_most(int(sch.get(loop).extent), cap)
     outer, inner = sch.split(loop, [None, v])
@@ -183,18 +202,7 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     _, ci = _vector_split(sch, c, vec)
     sch.vectorize(ci)
     # input transform: per tile and channel vector, rows then columns in registers
-    v = sch.get_sblock("wino_v")
-    eps, nu, t, c = sch.get_loops(v)
-    co, ci = _vector_split(sch, c, vec)
-    sch.reorder(t, co, eps, nu, ci)
-    sch.parallel(t)
-    sch.unroll(eps)
-    sch.unroll(nu)
-    sch.vectorize(ci)
-    bt = sch.get_sblock("wino_bt")
-    sch.compute_at(bt, co)
-    _unroll_and_vectorize(sch, loops_below(sch, bt, co), int(sch.get(ci).extent))
-    sch.set_scope(bt, 0, "local")
+    _transform(sch, "wino_v", "wino_bt", tile_axis=2, vec=vec)
     # batched GEMM: pt tiles x nkv channel vectors per plane, over all input channels
     gemm = sch.get_sblock("bgemm")
     wb = sch.cache_write(gemm, 0, "local")
@@ -214,18 +222,7 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     init = sch.decompose_reduction(gemm, rc)
     sch.vectorize(sch.get_loops(init)[-1])
     # output transform: per tile and channel vector, columns then rows in registers
-    yb = sch.get_sblock("wino_y")
-    t, i, j, k = sch.get_loops(yb)
-    ko, ki = _vector_split(sch, k, vec)
-    sch.reorder(t, ko, i, j, ki)
-    sch.parallel(t)
-    sch.unroll(i)
-    sch.unroll(j)
-    sch.vectorize(ki)
-    at = sch.get_sblock("wino_at")
-    sch.compute_at(at, ko)
-    _unroll_and_vectorize(sch, loops_below(sch, at, ko), int(sch.get(ki).extent))
-    sch.set_scope(at, 0, "local")
+    _transform(sch, "wino_y", "wino_at", tile_axis=0, vec=vec)
     # the crop into the output's layout (+ bias)
     out = sch.get_sblock("out")
     loops = sch.get_loops(out)
