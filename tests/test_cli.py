@@ -158,6 +158,7 @@ def test_bench_json_against_onnxruntime():
     assert {"convgen", "convgen_raw", "onnxruntime"} <= set(result["times"])
     assert "convgen_raw" not in result["speedup"] and "call_overhead" in result
     assert result["speedup"]["onnxruntime"] > 0
+    assert result["algorithm"] == "direct"  # the table says which algorithm ran
     assert result["schedule"].startswith("cpu_")  # which template the kernel used
     t = result["times"]["convgen"]
     assert 0 < t["p10"] <= t["median"] <= t["p90"]

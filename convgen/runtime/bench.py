@@ -47,6 +47,7 @@ class BenchResult:
     times: dict[str, Timing] = field(default_factory=dict)  # "convgen", "onnxruntime", ...
     peak_gflops: float | None = None  # the measured FMA peak (CPU), for "% of peak"
     schedule: str | None = None  # how the kernel was scheduled, from its manifest
+    algorithm: str = "direct"  # "direct" or "winograd_f<m>", from its manifest
     notes: list[str] = field(default_factory=list)
 
     def gflops(self, who: str) -> float:
@@ -122,7 +123,8 @@ def _prepare(
     n = available_cores()
     inputs = random_inputs(spec, seed=0)
     result = BenchResult(spec.name(), spec.describe(), kernel.device, n, spec.flops,
-                         schedule=kernel.manifest.schedule.brief())
+                         schedule=kernel.manifest.schedule.brief(),
+                         algorithm=kernel.manifest.algorithm)
     data, *constants = inputs.values()
     bound = kernel.bind(*constants)
     if kernel.device == "cuda":
@@ -253,7 +255,7 @@ def format_table(results: list[BenchResult]) -> list[str]:
     with_raw = any(RAW in r.times for r in results)
     with_unbound = any(UNBOUND in r.times for r in results)
     with_peak = any(r.peak_gflops for r in results)
-    head = ["kernel", "schedule", "convgen ms", "convgen GFLOP/s"]
+    head = ["kernel", "algorithm", "schedule", "convgen ms", "convgen GFLOP/s"]
     head += ["raw entry GFLOP/s", "call overhead"] if with_raw else []
     head += ["k(x, w) GFLOP/s"] if with_unbound else []
     head += ["% peak"] if with_peak else []
@@ -261,7 +263,7 @@ def format_table(results: list[BenchResult]) -> list[str]:
         head += [f"{p} GFLOP/s", f"vs {p}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        row = [r.name, r.schedule or "-", f"{r.times[CALL].median * 1e3:.3f}",
+        row = [r.name, r.algorithm, r.schedule or "-", f"{r.times[CALL].median * 1e3:.3f}",
                f"{r.gflops(CALL):.1f}"]
         if with_raw:
             overhead = r.call_overhead
