@@ -136,8 +136,9 @@ class Kernel:
         Where the module has packed entries (CPU artifacts) the weights are packed once
         here, into the layout the schedule reads with `conv`'s flip applied, and every
         call runs on them; elsewhere the bound kernel keeps its own copy of the weights
-        (on the GPU for CUDA artifacts) and calls the plain entry. Later changes to the
-        caller's arrays do not reach a bound kernel: bind again."""
+        (on the GPU for CUDA artifacts) and calls the plain entry. numpy arrays are
+        copied, so later changes to them do not reach a bound kernel (bind again);
+        device tensors (DLPack) are held as given."""
         consts = (weight,) if bias is None else (weight, bias)
         if (bias is None) == self.spec.bias:
             want = "weight and bias" if self.spec.bias else "weight only (no bias)"
