@@ -60,5 +60,4 @@ def reference_conv(
 
 def flip_weight(spec: ConvSpec, weight: np.ndarray) -> np.ndarray:
     """The weight flipped on every spatial axis, in the spec's weight layout."""
-    first = 1 if spec.channels_last else 2
-    return np.ascontiguousarray(np.flip(weight, axis=tuple(range(first, first + spec.ndim))))
+    return np.ascontiguousarray(np.flip(weight, axis=spec.weight_window_axes))

@@ -117,6 +117,17 @@ class ConvSpec:
         return self._activation_shape(self.out_channels, self.out_size)
 
     @property
+    def weight_window_axes(self) -> tuple[int, ...]:
+        """The weight tensor's kernel-window axes (R1, R2, ...), in its layout."""
+        first = 1 if self.channels_last else 2
+        return tuple(range(first, first + self.ndim))
+
+    def flipped_taps(self, taps: tuple[Any, ...]) -> tuple[Any, ...]:
+        """conv's flip of kernel-window indices, r -> R-1-r on every spatial axis
+        (integers or symbolic indices)."""
+        return tuple(r_ext - 1 - r for r, r_ext in zip(taps, self.kernel_size))
+
+    @property
     def weight_shape(self) -> tuple[int, ...]:
         if self.channels_last:
             return (self.out_channels, *self.kernel_size, self.channels_per_group)

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from convgen import __version__
-from convgen.compiler.compute import WeightPacking, argument_alignment, pack_prim_func
+from convgen.compiler.compute import (
+    WeightPacking,
+    algorithm_of,
+    argument_alignment,
+    pack_prim_func,
+)
 from convgen.compiler.schedule import forced_schedule, packed_schedule, schedule_for
 from convgen.compiler.targets import TargetInfo
 from convgen.errors import ConvgenError, UnsupportedError
@@ -60,8 +65,7 @@ class Compiled:
 
     @property
     def algorithm(self) -> str:
-        """`WeightPacking.algorithm` (direct where the module has no packed form)."""
-        return self.packing.algorithm if self.packing is not None else "direct"
+        return algorithm_of(self.packing)
 
 
 def lower(

@@ -65,6 +65,7 @@ class WeightPacking:
         F(m x m, 3 x 3) (the manifest's name, which verification's tolerance keys on)."""
         return f"winograd_f{self.winograd_tile}" if self.winograd_tile else "direct"
 
+
     def packed_shape(self, spec: ConvSpec) -> tuple[int, ...]:
         if self.winograd_tile:
             from convgen.compiler.winograd import packed_shape
@@ -80,6 +81,11 @@ class WeightPacking:
         if self.lanes == 1:
             return (k, *rest)
         return (k // self.lanes, *rest, k % self.lanes)
+
+
+def algorithm_of(packing: WeightPacking | None) -> str:
+    """A compiled module's algorithm: its packed form's (direct where it has none)."""
+    return packing.algorithm if packing is not None else "direct"
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,7 @@ def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
     cg, kg = spec.channels_per_group, spec.out_channels_per_group
     rc = te.reduce_axis((0, cg), name="rc")
     rs = [te.reduce_axis((0, r), name=f"r{i}") for i, r in enumerate(spec.kernel_size)]
-    flipped = tuple(r_ext - 1 - r for r, r_ext in zip(rs, spec.kernel_size))
+    flipped = spec.flipped_taps(tuple(rs))
     if spec.mode == "corr" or packing is not None:  # packed weights are flipped already
         in_taps, w_taps = rs, rs
     else:
@@ -223,15 +229,14 @@ def pack_tensors(spec: ConvSpec, packing: WeightPacking) -> list[Any]:
     from tvm import te
 
     weight = te.placeholder(spec.weight_shape, spec.dtype, name="weight")
-    nsp = len(spec.kernel_size)
-    window = slice(1, 1 + nsp) if spec.channels_last else slice(2, 2 + nsp)
+    axes = spec.weight_window_axes
 
     def source(idx: tuple[Any, ...]) -> tuple[Any, ...]:
         """packed index (storage order, unblocked) -> weight index, flipped for conv."""
         if spec.mode == "corr":
             return idx
-        taps = tuple(r_ext - 1 - r for r, r_ext in zip(idx[window], spec.kernel_size))
-        return (*idx[: window.start], *taps, *idx[window.stop :])
+        taps = spec.flipped_taps(idx[axes[0] : axes[-1] + 1])
+        return (*idx[: axes[0]], *taps, *idx[axes[-1] + 1 :])
 
     def body(*idx: Any) -> Any:
         if packing.lanes == 1:

@@ -89,6 +89,18 @@ def _by_index(index: Any, exprs: list[Any]) -> Any:
     return out
 
 
+def tile_grid(spec: ConvSpec, m: int) -> tuple[int, int]:
+    """Output tiles of m x m per image, down and across (the last ones cropped)."""
+    oh, ow = spec.out_size
+    return -(-oh // m), -(-ow // m)
+
+
+def tiles(spec: ConvSpec, m: int) -> int:
+    """Output tiles of the whole batch: the batched GEMMs' rows."""
+    nh, nw = tile_grid(spec, m)
+    return spec.batch * nh * nw
+
+
 def packed_shape(spec: ConvSpec, m: int, lanes: int) -> tuple[int, ...]:
     """U as the batched GEMM reads it: [alpha^2, K/lanes, C, lanes]."""
     alpha = m + 2
@@ -106,7 +118,7 @@ def weight_transform(spec: ConvSpec, weight: Any, m: int, lanes: int) -> Any:
 
     def tap(k: Any, c: Any, r: Any, s: Any) -> Any:
         if spec.mode == "conv":
-            r, s = 2 - r, 2 - s
+            r, s = spec.flipped_taps((r, s))
         return weight[(k, r, s, c) if spec.channels_last else (k, c, r, s)]
 
     def g_at(row: Any, col: Any) -> Any:
@@ -147,9 +159,8 @@ def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[A
     a_mat, b_mat, _ = matrices(m)
     alpha = m + 2
     n_img, cin, k_out = spec.batch, spec.in_channels, spec.out_channels
-    oh, ow = spec.out_size
-    nh, nw = -(-oh // m), -(-ow // m)
-    tiles = n_img * nh * nw
+    nh, nw = tile_grid(spec, m)
+    n_tiles = tiles(spec, m)
     pt, pl = spec.pads_begin
     h, w = spec.in_size
     cl = spec.channels_last
@@ -176,22 +187,22 @@ def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[A
 
     # input: rows, bt[t, a, nu, c] = sum_b d[a, b] B[b, nu]; then columns,
     # v[eps, nu, t, c] = sum_a B[a, eps] bt[t, a, nu, c]
-    bt = _transform((tiles, alpha, alpha, cin), b_mat, 2,
+    bt = _transform((n_tiles, alpha, alpha, cin), b_mat, 2,
                     lambda i, b: tile_in(i[0], i[1], b, i[3]), "wino_bt")
-    v = _transform((alpha, alpha, tiles, cin), b_mat, 0,
+    v = _transform((alpha, alpha, n_tiles, cin), b_mat, 0,
                    lambda i, a: bt[i[2], a, i[1], i[3]], "wino_v")
     rc = te.reduce_axis((0, cin), name="rc")
     mm = te.compute(
-        (alpha, alpha, tiles, k_out),
+        (alpha, alpha, n_tiles, k_out),
         lambda eps, nu, t, k: te.sum(
             v[eps, nu, t, rc] * u[eps * alpha + nu, k // lanes, rc, k % lanes], axis=rc),
         name="bgemm",
     )
     # output: columns, at[t, eps, j, k] = sum_nu M[eps, nu, t, k] A[nu, j]; then rows,
     # y[t, i, j, k] = sum_eps A[eps, i] at[t, eps, j, k]
-    at = _transform((tiles, alpha, m, k_out), a_mat, 2,
+    at = _transform((n_tiles, alpha, m, k_out), a_mat, 2,
                     lambda i, nu: mm[i[1], nu, i[0], i[3]], "wino_at")
-    y = _transform((tiles, m, m, k_out), a_mat, 1,
+    y = _transform((n_tiles, m, m, k_out), a_mat, 1,
                    lambda i, eps: at[i[0], eps, i[2], i[3]], "wino_y")
 
     def out_body(*idx: Any) -> Any:

@@ -322,14 +322,16 @@ def aligned_empty(shape: tuple[int, ...], dtype: str | np.dtype, alignment: int 
     return raw[offset : offset + nbytes].view(dt).reshape(shape)
 
 
+def _aligned_copy(a: np.ndarray, dtype: str, alignment: int) -> np.ndarray:
+    copy = aligned_empty(a.shape, dtype, alignment)
+    np.copyto(copy, a)
+    return copy
+
+
 def _owned_copy(a: Any, dtype: str) -> Any:
     """A 64-byte aligned copy of a numpy array that the caller cannot change (a DLPack
     tensor is kept as it is: the caller vouches for it)."""
-    if not isinstance(a, np.ndarray):
-        return a
-    copy = aligned_empty(a.shape, dtype, CACHE_LINE)
-    np.copyto(copy, a)
-    return copy
+    return _aligned_copy(a, dtype, CACHE_LINE) if isinstance(a, np.ndarray) else a
 
 
 def host_usable(a: Any, dtype: str, alignment: int = 64) -> Any:
@@ -337,11 +339,7 @@ def host_usable(a: Any, dtype: str, alignment: int = 64) -> Any:
     as is: the array itself when it already is, else a contiguous aligned copy."""
     if not isinstance(a, np.ndarray):
         return a  # a DLPack tensor: the caller vouches for its layout
-    if _is_usable(a, alignment):
-        return a
-    copy = aligned_empty(a.shape, dtype, alignment)
-    np.copyto(copy, a)
-    return copy
+    return a if _is_usable(a, alignment) else _aligned_copy(a, dtype, alignment)
 
 
 def load(path: str | os.PathLike[str], name: str | None = None) -> Kernel:

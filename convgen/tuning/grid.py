@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from convgen.compiler.compute import WeightPacking
+from convgen.compiler.compute import WeightPacking, algorithm_of
 from convgen.compiler.records import (
     META_SCHEDULE,
     Record,
@@ -192,7 +192,7 @@ class Built:
 
     @property
     def algorithm(self) -> str:
-        return self.packing.algorithm if self.packing is not None else "direct"
+        return algorithm_of(self.packing)
 
 
 def _compile(spec: ConvSpec, target: TargetInfo, cand: Candidate) -> Built:

@@ -57,11 +57,6 @@ class WinogradKnobs:
     pt: int
 
 
-def _tiles(spec: ConvSpec, m: int) -> int:
-    oh, ow = spec.out_size
-    return spec.batch * -(-oh // m) * -(-ow // m)
-
-
 def _lanes(spec: ConvSpec, target: TargetInfo) -> int:
     vec = target.fp32_lanes
     for lanes in (vec, vec // 2):
@@ -80,7 +75,7 @@ def _knobs(spec: ConvSpec, target: TargetInfo, tile: int) -> WinogradKnobs:
     count often has few divisors: 7 x 7 tiles of a 28x28 output)."""
     lanes = _lanes(spec, target)
     budget = accumulator_budget(target)
-    tiles = _tiles(spec, tile)
+    tiles = winograd.tiles(spec, tile)
     best = None
     for nkv in (2, 4, 1, 8):
         nkv = divisor_at_most(spec.out_channels // lanes, nkv)
@@ -109,7 +104,7 @@ def _heuristic(spec: ConvSpec, target: TargetInfo) -> WinogradKnobs | None:
     if not _applies(spec, target) or min(spec.in_channels, spec.out_channels) < 32:
         return None
     for tile in (4, 2):
-        if _tiles(spec, tile) >= MIN_TILES:
+        if winograd.tiles(spec, tile) >= MIN_TILES:
             return _knobs(spec, target, tile)
     return None
 
@@ -122,7 +117,7 @@ def _grid(spec: ConvSpec, target: TargetInfo) -> Iterator[WinogradKnobs]:
     for tile in winograd.TILES:
         yield _knobs(spec, target, tile)  # valid however small the layer
         for nkv in divisors(spec.out_channels // lanes):
-            for pt in divisors(_tiles(spec, tile)):
+            for pt in divisors(winograd.tiles(spec, tile)):
                 if nkv <= 8 and pt <= 16 and 6 <= nkv * pt <= budget:
                     yield WinogradKnobs(tile, lanes, nkv, pt)
 
@@ -176,7 +171,7 @@ def _vector_split(sch: Schedule, loop: Any, cap: int) -> tuple[Any, Any]:
 def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
            knobs: WinogradKnobs) -> Schedule | None:
     if not _applies(spec, target) or spec.out_channels % (knobs.lanes * knobs.nkv) \
-            or _tiles(spec, knobs.tile) % knobs.pt:
+            or winograd.tiles(spec, knobs.tile) % knobs.pt:
         return None
     vec = target.fp32_lanes
     sch = new_schedule(func)
