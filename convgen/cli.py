@@ -19,6 +19,7 @@ import click
 from convgen import __version__
 from convgen.compiler.targets import DEFAULT_CUDA_ARCH
 from convgen.errors import ConvgenError, SpecError, ToolchainError
+from convgen.spec import ACTIVATIONS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,6 +84,13 @@ def spec_options(f: F) -> F:
                      help="float16 multiplies and accumulates in float32."),
         click.option("--bias/--no-bias", default=False, show_default=True,
                      help="Add a per-output-channel bias input."),
+        click.option("--residual/--no-residual", default=False, show_default=True,
+                     help="Add a residual input of the output's shape (fused: "
+                     "activation(conv + bias + residual), the output written once)."),
+        click.option("--activation", default="none", show_default=True,
+                     type=click.Choice(list(ACTIVATIONS)), metavar="NAME",
+                     help="Fused activation, after bias and residual: none, relu, relu6 "
+                     "(ONNX Clip 0..6), silu (x * sigmoid(x)), hardswish."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -122,7 +130,7 @@ def json_option(f: F) -> F:
 def collect_specs(
     spec_file: str | None, suite: str | None, mode: str | None, input_shape: str | None,
     kernel_shape: str | None, padding: str, stride: str, dilation: str, groups: str,
-    layout: str | None, dtype: str, bias: bool,
+    layout: str | None, dtype: str, bias: bool, residual: bool, activation: str,
 ) -> list[Any]:
     """The flags (or --spec FILE, or --suite NAME) -> a list of ConvSpec."""
     from convgen.spec import make_spec, specs_from_file, specs_from_onnx
@@ -150,7 +158,8 @@ def collect_specs(
         raise SpecError(f"{missing[0].lstrip('-')}: {', '.join(missing)} required (or --spec FILE)")
     return [make_spec(mode=str(mode), input=str(input_shape), kernel=str(kernel_shape),
                       padding=padding, stride=stride, dilation=dilation, groups=groups,
-                      layout=layout, dtype=dtype, bias=bias)]
+                      layout=layout, dtype=dtype, bias=bias, residual=residual,
+                      activation=activation)]
 
 
 def emit(as_json: bool, payload: Any, human: list[str]) -> None:

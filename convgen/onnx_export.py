@@ -1,7 +1,7 @@
 """ConvSpec -> an ONNX model of standard ops that computes exactly what the kernel computes.
 
-Same inputs (`data`, `weight`[, `bias`]), same output (`out`), same shapes and
-dtypes as the compiled kernel:
+Same inputs (`data`, `weight`[, `bias`][, `residual`]), same output (`out`), same
+shapes and dtypes as the compiled kernel:
 
   * `corr` is one Conv node (ONNX Conv is cross-correlation).
   * `conv` flips the weight input inside the graph (Slice with step -1 on every
@@ -9,11 +9,13 @@ dtypes as the compiled kernel:
   * channels-last layouts go through Transpose nodes to and from ONNX's NCHW.
   * float16 is cast to float32 around the Conv: the kernel multiplies and
     accumulates in float32 and rounds once at the end, and so does this graph.
+  * the fused epilogue follows as Add (residual) and the activation's nodes, in
+    float32, as the kernel's write-back computes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,22 +77,28 @@ def export_onnx(spec: ConvSpec, constants: Mapping[str, np.ndarray] | None = Non
             [weight, "flip_starts", "flip_ends", "flip_axes", "flip_steps"],
             "weight_flipped",
         )
-    conv_out = node(
+    y = node(
         "Conv",
         [data, weight, *([bias] if bias else [])],
-        "conv_nc" if spec.channels_last or spec.dtype != "float32" else "out",
+        "conv_nc",
         kernel_shape=list(spec.kernel_size),
         pads=list(spec.pads),
         strides=list(spec.stride),
         dilations=list(spec.dilation),
         group=spec.groups,
     )
-    if spec.dtype != "float32":
-        conv_out = node(
-            "Cast", [conv_out], "conv_cast" if spec.channels_last else "out", to=elem
-        )
     if spec.channels_last:
-        node("Transpose", [conv_out], "out", perm=[0, *range(2, nd + 2), 1])
+        y = node("Transpose", [y], "conv_nl", perm=[0, *range(2, nd + 2), 1])
+    # the fused epilogue, in float32 and in the spec's layout, as the kernel's write-back
+    if spec.residual:
+        residual = "residual"
+        if spec.dtype != "float32":
+            residual = node("Cast", [residual], "residual_f32", to=TensorProto.FLOAT)
+        y = node("Add", [y, residual], "plus_residual")
+    y = _activation(spec.activation, y, node, inits)
+    if spec.dtype != "float32":
+        y = node("Cast", [y], "out_cast", to=elem)
+    node("Identity", [y], "out")
 
     constants = dict(constants or {})
     for name, value in constants.items():
@@ -108,3 +116,22 @@ def export_onnx(spec: ConvSpec, constants: Mapping[str, np.ndarray] | None = Non
     )
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _activation(activation: str, x: str, node: Callable[..., str],
+                inits: list[onnx.TensorProto]) -> str:
+    """The spec's activation (`spec.ACTIVATIONS`) as standard ONNX nodes; returns the
+    result's name."""
+    from onnx import numpy_helper
+
+    if activation == "relu":
+        return node("Relu", [x], "relu")
+    if activation == "relu6":
+        for name, v in (("clip_min", 0.0), ("clip_max", 6.0)):
+            inits.append(numpy_helper.from_array(np.array(v, dtype=np.float32), name))
+        return node("Clip", [x, "clip_min", "clip_max"], "relu6")
+    if activation == "silu":
+        return node("Mul", [x, node("Sigmoid", [x], "sigmoid")], "silu")
+    if activation == "hardswish":
+        return node("HardSwish", [x], "hardswish")
+    return x

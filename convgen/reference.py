@@ -2,6 +2,7 @@
 
     corr(I, K)[n, k, x] = sum_{c, r} I_padded[n, g*Cg + c, x*stride + r*dilation] * K[k, c, r]
     conv(I, K)          = corr(I, flip(K))   (flip on every spatial axis)
+    out = activation(conv or corr + bias + residual)   (the fused epilogue)
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ def weight_to_channels_first(w: np.ndarray) -> np.ndarray:
 
 
 def reference_conv(
-    spec: ConvSpec, data: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None
+    spec: ConvSpec, data: np.ndarray, weight: np.ndarray, *rest: np.ndarray
 ) -> np.ndarray:
-    """The operator on numpy arrays in the spec's layout; returns spec.out_shape, spec.dtype."""
+    """The operator on numpy arrays in the spec's layout; returns spec.out_shape, spec.dtype.
+    The inputs come in `spec.input_shapes()` order (data, weight[, bias][, residual]),
+    as `*inputs.values()` gives them."""
+    extra = dict(zip(list(spec.input_shapes())[2:], rest, strict=True))
+    bias, residual = extra.get("bias"), extra.get("residual")
     x = np.asarray(data, dtype=np.float64)
     w = np.asarray(weight, dtype=np.float64)
     if spec.channels_last:
@@ -55,7 +60,22 @@ def reference_conv(
         out += np.asarray(bias, dtype=np.float64).reshape(-1, *([1] * spec.ndim))
     if spec.channels_last:
         out = to_channels_last(out)
-    return out.astype(spec.dtype)
+    if residual is not None:
+        out += np.asarray(residual, dtype=np.float64)
+    return activate(spec.activation, out).astype(spec.dtype)
+
+
+def activate(activation: str, x: np.ndarray) -> np.ndarray:
+    """The spec's activation (`spec.ACTIVATIONS`) in float64."""
+    if activation == "relu":
+        return np.maximum(x, 0.0)
+    if activation == "relu6":
+        return np.clip(x, 0.0, 6.0)
+    if activation == "silu":
+        return x / (1.0 + np.exp(-x))
+    if activation == "hardswish":
+        return x * np.clip(x + 3.0, 0.0, 6.0) / 6.0
+    return x
 
 
 def flip_weight(spec: ConvSpec, weight: np.ndarray) -> np.ndarray:

@@ -33,6 +33,10 @@ DTYPES = ("float32", "float16")
 CHANNELS_FIRST = {1: "NCW", 2: "NCHW", 3: "NCDHW"}
 CHANNELS_LAST = {1: "NWC", 2: "NHWC", 3: "NDHWC"}
 PADDING_WORDS = ("valid", "same", "same_lower", "full")
+# The activation a kernel applies in its write-back, after bias and residual, and the
+# ONNX node(s) that compute the same: relu Relu, relu6 Clip(0, 6) (MobileNetV2),
+# silu x * Sigmoid(x) (EfficientNet), hardswish HardSwish (MobileNetV3).
+ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ class ConvSpec:
     channels_last: bool = False
     dtype: str = "float32"
     bias: bool = False
+    # the fused epilogue, in ONNX's order: out = activation(conv + bias + residual),
+    # where residual is an input of the output's shape (a ResNet block's shortcut)
+    residual: bool = False
+    activation: str = "none"
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -176,7 +184,26 @@ class ConvSpec:
         shapes = {"data": self.data_shape, "weight": self.weight_shape}
         if self.bias:
             shapes["bias"] = self.bias_shape
+        if self.residual:
+            shapes["residual"] = self.out_shape
         return shapes
+
+    @property
+    def constant_inputs(self) -> tuple[str, ...]:
+        """The inputs a deployed model holds constant, which `Kernel.bind` packs once:
+        weight[, bias]. The others, data[, residual], come with every call."""
+        return ("weight", "bias") if self.bias else ("weight",)
+
+    @property
+    def has_epilogue(self) -> bool:
+        """Whether the output is more than the convolution (+ bias): a residual input
+        or an activation, fused into the write-back."""
+        return self.residual or self.activation != "none"
+
+    def without_epilogue(self) -> ConvSpec:
+        """The same convolution without residual or activation (the part a schedule
+        and a tuning record are about)."""
+        return replace(self, residual=False, activation="none")
 
     # ---- identity ---------------------------------------------------------------
 
@@ -199,6 +226,10 @@ class ConvSpec:
         ]
         if self.bias:
             parts.append("bias")
+        if self.residual:
+            parts.append("res")
+        if self.activation != "none":
+            parts.append(self.activation)
         return "_".join(parts)
 
     def key(self) -> str:
@@ -212,6 +243,12 @@ class ConvSpec:
                 d[k] = list(v)
         d["layout"] = self.layout
         del d["channels_last"]
+        # the epilogue fields only where set, so specs without one keep the keys (and
+        # the tuning records) they had before fusion existed
+        if not self.residual:
+            del d["residual"]
+        if self.activation == "none":
+            del d["activation"]
         return d
 
     @classmethod
@@ -234,6 +271,8 @@ class ConvSpec:
                 channels_last=_parse_layout(layout, len(fields["in_size"])),
                 dtype=fields.get("dtype", "float32"),
                 bias=bool(fields.get("bias", False)),
+                residual=bool(fields.get("residual", False)),
+                activation=str(fields.get("activation", "none")),
             )
         except KeyError as err:
             raise SpecError(f"spec: missing field {err.args[0]!r}") from None
@@ -247,6 +286,8 @@ class ConvSpec:
             f"{self.mode} ({flip}) {self.layout} {self.dtype} input {shape} kernel {wshape} "
             f"stride {list(self.stride)} dilation {list(self.dilation)} pads {list(self.pads)} "
             f"groups {self.groups}{' +bias' if self.bias else ''}"
+            f"{' +residual' if self.residual else ''}"
+            f"{' ' + self.activation if self.activation != 'none' else ''}"
         )
 
 
@@ -263,6 +304,10 @@ def _validate(s: ConvSpec) -> None:
         raise SpecError(f"mode: {s.mode!r} is not one of {', '.join(MODES)}")
     if s.dtype not in DTYPES:
         raise SpecError(f"dtype: {s.dtype!r} is not one of {', '.join(DTYPES)}")
+    if s.activation not in ACTIVATIONS:
+        raise SpecError(
+            f"activation: {s.activation!r} is not one of {', '.join(ACTIVATIONS)}"
+        )
     nd = len(s.in_size)
     if nd not in (1, 2, 3):
         raise SpecError(f"input: {nd} spatial dimensions given; convgen supports 1, 2 or 3")
@@ -341,6 +386,8 @@ def make_spec(
     layout: str | None = None,
     dtype: str = "float32",
     bias: bool = False,
+    residual: bool = False,
+    activation: str | None = "none",
 ) -> ConvSpec:
     """Build a `ConvSpec` from the CLI / spec-file forms.
 
@@ -348,7 +395,8 @@ def make_spec(
     channels-first, N x spatial x C for channels-last); `kernel` is the weight
     shape in the layout's order (K x C/groups x R... or K x R... x C/groups).
     `padding` is an int, one per axis, explicit per side (begins then ends), or
-    one of valid / same (ONNX SAME_UPPER) / same_lower / full.
+    one of valid / same (ONNX SAME_UPPER) / same_lower / full. `residual` and
+    `activation` are the fused epilogue: activation(conv + bias + residual).
     """
     mode = str(mode).strip().lower()
     if mode not in MODES:
@@ -403,6 +451,8 @@ def make_spec(
         channels_last=channels_last,
         dtype=dtype,
         bias=bool(bias),
+        residual=bool(residual),
+        activation=str(activation or "none").strip().lower(),
     )
 
 
@@ -548,7 +598,7 @@ def _fmt_list(values: Sequence[int]) -> str:
 
 SPEC_FIELDS = (
     "mode", "input", "kernel", "padding", "stride", "dilation", "groups", "layout", "dtype",
-    "bias",
+    "bias", "residual", "activation",
 )  # fmt: skip
 
 

@@ -46,12 +46,27 @@ CASE_TABLE: list[dict[str, Any]] = [
 ]
 
 
-def case_specs(modes: tuple[str, ...] = ("conv", "corr")) -> list[Any]:
-    """pytest params: one per (row, mode), with the spec's name as the test id."""
+# The fused epilogues (activation(conv + bias + residual)), each on several rows of the
+# table, in turn: every epilogue meets both layouts, 1-D to 3-D, groups and float16.
+EPILOGUES: list[dict[str, Any]] = [
+    dict(residual=True, activation="relu"),
+    dict(activation="relu6"),
+    dict(residual=True, activation="silu"),
+    dict(activation="hardswish"),
+    dict(residual=True),
+    dict(activation="relu"),
+]
+
+
+def case_specs(modes: tuple[str, ...] = ("conv", "corr"), epilogues: bool = False
+               ) -> list[Any]:
+    """pytest params: one per (row, mode), with the spec's name as the test id; with
+    `epilogues`, each row with the next of EPILOGUES instead."""
     params = []
-    for row in CASE_TABLE:
+    for i, row in enumerate(CASE_TABLE):
+        extra = EPILOGUES[i % len(EPILOGUES)] if epilogues else {}
         for mode in modes:
-            spec = make_spec(mode=mode, **row)
+            spec = make_spec(mode=mode, **row, **extra)
             params.append(pytest.param(spec, id=spec.name()))
     return params
 

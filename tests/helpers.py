@@ -35,4 +35,6 @@ def random_case(spec: ConvSpec, seed: int) -> dict[str, Any]:
     }
     if spec.bias:
         arrays["bias"] = rng.standard_normal(spec.bias_shape)
+    if spec.residual:
+        arrays["residual"] = rng.standard_normal(spec.out_shape)
     return {k: v.astype(spec.dtype) for k, v in arrays.items()}

@@ -110,8 +110,8 @@ def test_failed_verification_exits_1(tmp_path, monkeypatch):
 
     real = verify_mod.reference_conv
 
-    def off_by_flip(spec, data, weight, bias=None):
-        return real(spec, data, verify_mod.flip_weight(spec, weight), bias)
+    def off_by_flip(spec, data, weight, *rest):
+        return real(spec, data, verify_mod.flip_weight(spec, weight), *rest)
 
     monkeypatch.setattr(verify_mod, "reference_conv", off_by_flip)
     code, out = run("build", *SMALL, "--out", str(tmp_path))
@@ -121,9 +121,11 @@ def test_failed_verification_exits_1(tmp_path, monkeypatch):
     assert manifest["verification"]["status"] == "failed"
 
 
-def test_bench_feeds_onnxruntime_the_data_alone():
+@pytest.mark.parametrize("epilogue", [{}, {"residual": True, "activation": "hardswish"}])
+def test_bench_feeds_onnxruntime_the_data_alone(epilogue):
     """The onnxruntime peer holds the weights (and bias) as initializers, flipped once
-    for conv, is fed the data alone, and computes the same as the kernel."""
+    for conv, is fed the data alone (and the residual), and computes the same as the
+    kernel."""
     import numpy as np
 
     from convgen.reference import reference_conv
@@ -131,12 +133,14 @@ def test_bench_feeds_onnxruntime_the_data_alone():
     from convgen.runtime.verify import random_inputs
     from convgen.spec import make_spec
 
-    spec = make_spec(mode="conv", input="1x4x8x8", kernel="6x4x3x3", padding=1, bias=True)
+    spec = make_spec(mode="conv", input="1x4x8x8", kernel="6x4x3x3", padding=1, bias=True,
+                     **epilogue)
     inputs = random_inputs(spec, 0)
     call = bench._onnxruntime_call(spec, inputs)
     [session] = [c.cell_contents for c in call.__closure__
                  if type(c.cell_contents).__name__ == "InferenceSession"]
-    assert [i.name for i in session.get_inputs()] == ["data"]
+    per_call = ["data", "residual"] if spec.residual else ["data"]
+    assert [i.name for i in session.get_inputs()] == per_call
     (got,) = call()
     np.testing.assert_allclose(got, reference_conv(spec, *inputs.values()), rtol=1e-4,
                                atol=1e-5)

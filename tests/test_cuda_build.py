@@ -15,14 +15,15 @@ from convgen.spec import make_spec
 pytestmark = pytest.mark.cuda
 
 CUDA_CASES = [
-    # implicit GEMM, float32, with the flip and 'same' padding
-    dict(mode="conv", input="1x16x14x14", kernel="32x16x3x3", padding="same"),
-    # depthwise, channels-last, bias
+    # implicit GEMM, float32, with the flip, 'same' padding and a residual + ReLU epilogue
+    dict(mode="conv", input="1x16x14x14", kernel="32x16x3x3", padding="same", residual=True,
+         activation="relu"),
+    # depthwise, channels-last, bias, ReLU6
     dict(mode="corr", input="1x10x10x8", kernel="8x3x3x1", padding=1, groups=8, layout="NHWC",
-         bias=True),
-    # float16 with bias, 1-D, strided
+         bias=True, activation="relu6"),
+    # float16 with bias, 1-D, strided, SiLU
     dict(mode="conv", input="2x8x33", kernel="16x8x5", padding=2, stride=2, dtype="float16",
-         bias=True),
+         bias=True, activation="silu"),
 ]
 
 

@@ -15,6 +15,7 @@ from convgen.compiler.build import build_artifact
 from convgen.onnx_export import export_onnx
 from convgen.reference import flip_weight, reference_conv
 from convgen.runtime.kernel import load
+from convgen.runtime.verify import split_constants
 from convgen.spec import ConvSpec
 
 SEED_INPUT = np.array(
@@ -37,7 +38,7 @@ def test_seed_example(mode, want, cpu_target, tmp_path):
     assert got[0, 0].tolist() == want  # small integers: exact in float32
 
 
-@pytest.mark.parametrize("spec", case_specs())
+@pytest.mark.parametrize("spec", case_specs() + case_specs(epilogues=True))
 def test_case_table(spec: ConvSpec, cpu_target, tmp_path):
     art = build_artifact(spec, cpu_target, tmp_path, verify=True, seed=1)
     report = art.manifest.verification
@@ -50,8 +51,8 @@ def test_case_table(spec: ConvSpec, cpu_target, tmp_path):
     assert_close(got, reference_conv(spec, *inputs.values()), spec.dtype)
     session = ort.InferenceSession(export_onnx(spec).SerializeToString())
     assert_close(got, session.run(None, inputs)[0], spec.dtype)
-    data, *constants = inputs.values()
-    assert_close(kernel.bind(*constants)(data), got, spec.dtype)  # packed entries
+    constants, per_call = split_constants(spec, inputs)
+    assert_close(kernel.bind(*constants)(*per_call), got, spec.dtype)  # packed entries
 
 
 @pytest.mark.parametrize("spec", case_specs(("conv",)))

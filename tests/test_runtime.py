@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -84,6 +85,24 @@ def test_bound_kernel(tmp_path, cpu_target):
     out = np.empty(SPEC.out_shape, np.float32)
     assert bound(x, out=out) is out
     assert_close(out, want, "float32")
+
+
+def test_bound_kernel_takes_the_residual_per_call(tmp_path, cpu_target):
+    """With a fused residual the bound kernel takes (data, residual): the weights are
+    constant, the shortcut is not."""
+    spec = dataclasses.replace(SPEC, residual=True, activation="relu")
+    art = build_artifact(spec, cpu_target, tmp_path, verify=False)
+    k = convgen.load(art.manifest_path)
+    x, w, b, r = random_case(spec, 4).values()
+    bound = k.bind(w, b)
+    want = reference_conv(spec, x, w, b, r)
+    assert (want == 0).any() and (want > 0).any()  # the ReLU clips some, not all
+    assert_close(bound(x, r), want, "float32")
+    assert_close(bound(x, r[:, ::-1].copy()[:, ::-1]), want, "float32")  # any strides
+    with pytest.raises(ArgumentError, match=r"^inputs: bound .* takes 2 \(data, residual\)"):
+        bound(x)
+    with pytest.raises(ArgumentError, match=r"^residual: shape"):
+        bound(x, r[..., :2])
 
 
 def test_bind_errors_name_the_field(artifact):

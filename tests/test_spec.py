@@ -94,6 +94,23 @@ def test_round_trip_and_names():
     assert s.flops == 2 * 2 * 32 * 5 * 6 * 8 * 9
 
 
+def test_epilogue_fields():
+    """The fused epilogue is part of the spec's identity and inputs; a spec without one
+    keeps the key it had before the fields existed (the record library's keys)."""
+    plain = make_spec(mode="conv", input="1x8x6x6", kernel="4x8x3x3", bias=True)
+    assert '"residual"' not in plain.key() and '"activation"' not in plain.key()
+    fused = make_spec(mode="conv", input="1x8x6x6", kernel="4x8x3x3", bias=True,
+                      residual=True, activation="ReLU6")
+    assert fused.activation == "relu6" and fused.has_epilogue
+    assert fused.name() == plain.name() + "_res_relu6"
+    assert list(fused.input_shapes()) == ["data", "weight", "bias", "residual"]
+    assert fused.input_shapes()["residual"] == fused.out_shape
+    assert fused.constant_inputs == ("weight", "bias")
+    assert ConvSpec.from_dict(json.loads(json.dumps(fused.to_dict()))) == fused
+    assert fused.without_epilogue() == plain and fused.key() != plain.key()
+    assert "+residual relu6" in fused.describe()
+
+
 BAD_SPECS = [
     ("mode", dict(mode="convolution", input="1x3x8x8", kernel="4x3x3x3")),
     ("input", dict(mode="conv", input="1x3x8xq", kernel="4x3x3x3")),
@@ -119,6 +136,7 @@ BAD_SPECS = [
     ("layout", dict(mode="conv", input="1x3x8x8", kernel="4x3x3x3", layout="NCDHW")),
     ("layout", dict(mode="conv", input="1x3x8x8", kernel="4x3x3x3", layout="HWCN")),
     ("dtype", dict(mode="conv", input="1x3x8x8", kernel="4x3x3x3", dtype="int8")),
+    ("activation", dict(mode="conv", input="1x3x8x8", kernel="4x3x3x3", activation="gelu")),
 ]
 
 
@@ -134,11 +152,13 @@ def test_spec_file_toml_and_json(tmp_path):
     toml.write_text(
         '[first]\nmode = "conv"\ninput = "1x8x16x16"\nkernel = "8x8x3x3"\npadding = "same"\n\n'
         '[second]\nmode = "corr"\ninput = [1, 16, 9]\nkernel = [4, 16, 2]\nstride = 2\n'
-        'bias = true\n'
+        'bias = true\nresidual = true\nactivation = "silu"\n'
     )
     specs = specs_from_file(str(toml))
     assert [n for n, _ in specs] == ["first", "second"]
     assert specs[0][1].pads == (1, 1, 1, 1) and specs[1][1].bias
+    assert specs[1][1].residual and specs[1][1].activation == "silu"
+    assert not specs[0][1].has_epilogue
     js = tmp_path / "k.json"
     js.write_text(json.dumps([{"mode": "conv", "input": "1x2x5", "kernel": "1x2x3"}]))
     assert specs_from_file(str(js))[0][1].ndim == 1

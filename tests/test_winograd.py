@@ -18,15 +18,21 @@ from convgen.compiler.schedule import schedule_for
 from convgen.errors import UnsupportedError
 from convgen.reference import reference_conv
 from convgen.runtime.kernel import load
-from convgen.runtime.verify import ALGORITHM_TOLERANCES, random_inputs, within_tolerance
-from convgen.spec import ConvSpec, make_spec
+from convgen.runtime.verify import (
+    ALGORITHM_TOLERANCES,
+    random_inputs,
+    split_constants,
+    within_tolerance,
+)
+from convgen.spec import ACTIVATIONS, ConvSpec, make_spec
 
 # tails in both directions (10 rows, 9 columns: no tile size divides both), an
-# asymmetric pad, bias, more than one image
+# asymmetric pad, bias, more than one image, a fused epilogue in the output transform
 SPECS = [
     make_spec(mode=mode, input="2x5x10x9" if layout == "NCHW" else "2x10x9x5",
               kernel="16x5x3x3" if layout == "NCHW" else "16x3x3x5",
-              padding="1,0,2,1", layout=layout, bias=True)
+              padding="1,0,2,1", layout=layout, bias=True, residual=layout == "NCHW",
+              activation="relu" if layout == "NCHW" else "silu")
     for mode in ("conv", "corr") for layout in ("NCHW", "NHWC")
 ]
 
@@ -47,8 +53,8 @@ def test_every_tile_verifies(spec: ConvSpec, tile: int, cpu_target, tmp_path):
     # the bound kernel against a float64 oracle, on other inputs
     inputs = random_inputs(spec, seed=5)
     want = reference_conv(spec, *(a.astype(np.float64) for a in inputs.values()))
-    data, *constants = inputs.values()
-    got = load(art.manifest_path).bind(*constants)(data)
+    constants, per_call = split_constants(spec, inputs)
+    got = load(art.manifest_path).bind(*constants)(*per_call)
     assert within_tolerance(got, want, "float32", m.algorithm).all()
 
 
@@ -63,7 +69,8 @@ def winograd_specs(draw: st.DrawFn) -> ConvSpec:
     kernel = f"{k}x{c}x3x3" if layout == "NCHW" else f"{k}x3x3x{c}"
     return make_spec(mode=draw(st.sampled_from(["conv", "corr"])), input=shape, kernel=kernel,
                      padding=",".join(map(str, pads)), layout=layout,
-                     bias=draw(st.booleans()))
+                     bias=draw(st.booleans()), residual=draw(st.booleans()),
+                     activation=draw(st.sampled_from(ACTIVATIONS)))
 
 
 @settings(max_examples=10, deadline=None)
@@ -77,8 +84,8 @@ def test_random_3x3_specs_through_winograd(spec: ConvSpec, seed: int, cpu_target
     inputs = random_inputs(spec, seed)
     want = reference_conv(spec, *(a.astype(np.float64) for a in inputs.values()))
     kernel = load(art.manifest_path)
-    data, *constants = inputs.values()
-    for got in (kernel(*inputs.values()), kernel.bind(*constants)(data)):
+    constants, per_call = split_constants(spec, inputs)
+    for got in (kernel(*inputs.values()), kernel.bind(*constants)(*per_call)):
         assert within_tolerance(got, want, "float32", algorithm).all()
 
 

@@ -4,11 +4,11 @@ The PrimFunc has these blocks, which every schedule template relies on:
 
   "pad"   zero padding of `data` in its own layout (absent when all pads are 0)
   "conv"  the reduction over (rc, r0, r1, ...) in float32
-  "out"   elementwise epilogue: + bias and/or cast to the output dtype, and the
-          crop of a widened row (absent for float32 without bias or widening,
-          when "conv" writes the output)
+  "out"   elementwise epilogue (`epilogue`): + bias, + residual, the activation,
+          the cast to the output dtype, and the crop of a widened row (absent for
+          float32 without any of them, when "conv" writes the output)
 
-Arguments, in order: data, weight[, bias], out (destination passing).
+Arguments, in order: data, weight[, bias][, residual], out (destination passing).
 
 Constant weights can be packed once (`convgen_pack`) into the layout a schedule
 reads best, and run from there (`convgen_run_packed`): `pack_prim_func` and the
@@ -121,6 +121,7 @@ def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
     weight = (te.placeholder(spec.weight_shape, dt, name="weight") if packing is None else
               te.placeholder(packing.packed_shape(spec), dt, name=PACKED_WEIGHT))
     bias = te.placeholder(spec.bias_shape, dt, name="bias") if spec.bias else None
+    residual = te.placeholder(spec.out_shape, dt, name="residual") if spec.residual else None
 
     def split(idx: tuple[Any, ...]) -> tuple[Any, Any, tuple[Any, ...]]:
         """layout index -> (n, c, spatial)."""
@@ -169,19 +170,48 @@ def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
         return te.sum(a * w, axis=[rc, *rs])
 
     conv = te.compute(wide.out_shape, conv_body, name="conv")
-    if bias is None and dt == acc and not variant.row_extra:
+    if bias is None and dt == acc and not variant.row_extra and not spec.has_epilogue:
         return [data, weight, conv]
 
-    def epilogue(*idx: Any) -> Any:
+    def out_body(*idx: Any) -> Any:
         _, k, _ = split(idx)
-        v = conv[idx]
-        if bias is not None:
-            b = bias[k]
-            v = v + (b.astype(acc) if dt != acc else b)
-        return v.astype(dt) if dt != acc else v
+        return epilogue(spec, conv[idx], bias, residual, k, idx)
 
-    out = te.compute(spec.out_shape, epilogue, name="out")
-    return [t for t in (data, weight, bias, out) if t is not None]
+    out = te.compute(spec.out_shape, out_body, name="out")
+    return [t for t in (data, weight, bias, residual, out) if t is not None]
+
+
+def epilogue(spec: ConvSpec, acc: Any, bias: Any, residual: Any, k: Any,
+             idx: tuple[Any, ...]) -> Any:
+    """The output element from its accumulator (float32) at output index `idx`, output
+    channel `k`: activation(acc + bias[k] + residual[idx]), cast to the output dtype.
+    Every algorithm's "out" block computes this, so the fused epilogue is written once
+    (`reference.py` and `onnx_export.py` hold the same order for numpy and ONNX)."""
+    from tvm import tirx
+
+    f32 = spec.accum_dtype
+
+    def wide(t: Any) -> Any:
+        return t if t.dtype == f32 else t.astype(f32)
+
+    v = acc
+    if bias is not None:
+        v = v + wide(bias[k])
+    if residual is not None:
+        v = v + wide(residual[idx])
+
+    def c(x: float) -> Any:
+        return tirx.const(x, f32)
+
+    if spec.activation == "relu":
+        v = tirx.max(v, c(0.0))
+    elif spec.activation == "relu6":
+        v = tirx.min(tirx.max(v, c(0.0)), c(6.0))
+    elif spec.activation == "silu":
+        v = v * tirx.sigmoid(v)
+    elif spec.activation == "hardswish":
+        v = v * tirx.min(tirx.max(v + c(3.0), c(0.0)), c(6.0)) * c(1.0 / 6.0)
+    return v if spec.dtype == f32 else v.astype(spec.dtype)
 
 
 def argument_alignment(spec: ConvSpec, target: TargetInfo) -> int:

@@ -148,9 +148,12 @@ def record_spec(spec: ConvSpec, target: TargetInfo) -> ConvSpec:
     """The spec a record is kept under. Where kernels run on packed weights (the CPU
     family), `conv`'s flip is applied while packing and the run entry computes `corr`:
     both modes run the same code, so one record, kept under `corr`, serves both (and
-    they cannot end up on different tiles by the noise of two tuning runs)."""
+    they cannot end up on different tiles by the noise of two tuning runs). A fused
+    epilogue (residual, activation) is one more pass over the output tile in registers
+    and does not change which tiles are best: records are kept without it."""
     from convgen.compiler.schedule import family
 
+    spec = spec.without_epilogue()
     return dataclasses.replace(spec, mode="corr") if family(target).packs_weights else spec
 
 
@@ -166,4 +169,6 @@ def find_record(spec: ConvSpec, target: TargetInfo, library: Path | None = None)
     record = read_record(path)
     if record.spec != key or record.tvm_version != tvm.__version__:
         return None
+    if record.schedule.trace is not None and spec.has_epilogue:
+        return None  # a MetaSchedule trace names the blocks it saw; the epilogue adds one
     return record

@@ -22,7 +22,7 @@ multiplications by 0 or 1.
 Stages (block names): "pad" (the padded input, channels-last, covering whole
 tiles), "wino_bt" and "wino_v" (the input transform, rows then columns), "bgemm"
 (the batched GEMM), "wino_at" and "wino_y" (the output transform), "out" (the
-crop to the output, + bias), and "wino_u" (the weight transform, in the plain
+crop to the output and the fused epilogue), and "wino_u" (the weight transform, in the plain
 entry and the packing entry).
 """
 
@@ -153,8 +153,11 @@ def _const(v: float) -> Any:
 
 
 def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[Any]:
-    """The TE tensors [data, weight (or packed U), (bias,) out] of F(m x m, 3 x 3)."""
+    """The TE tensors [data, weight (or packed U), (bias,) (residual,) out] of
+    F(m x m, 3 x 3)."""
     from tvm import te, tirx
+
+    from convgen.compiler.compute import epilogue
 
     a_mat, b_mat, _ = matrices(m)
     alpha = m + 2
@@ -172,6 +175,8 @@ def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[A
         weight = te.placeholder(spec.weight_shape, "float32", name="weight")
         u = weight_transform(spec, weight, m, lanes)
     bias = te.placeholder(spec.bias_shape, "float32", name="bias") if spec.bias else None
+    residual = (te.placeholder(spec.out_shape, "float32", name="residual") if spec.residual
+                else None)
 
     def src(n: Any, y: Any, x: Any, c: Any) -> Any:
         inside = tirx.all(y >= pt, y < pt + h, x >= pl, x < pl + w)
@@ -208,10 +213,10 @@ def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[A
     def out_body(*idx: Any) -> Any:
         n, k, yy, xx = (idx[0], idx[3], idx[1], idx[2]) if cl else idx
         val = y[n * nh * nw + yy // m * nw + xx // m, yy % m, xx % m, k]
-        return val + bias[k] if bias is not None else val
+        return epilogue(spec, val, bias, residual, k, idx)
 
     out = te.compute(spec.out_shape, out_body, name="out")
-    return [t for t in (data, weight, bias, out) if t is not None]
+    return [t for t in (data, weight, bias, residual, out) if t is not None]
 
 
 def pack_tensors(spec: ConvSpec, m: int, lanes: int) -> list[Any]:

@@ -117,7 +117,7 @@ def _prepare(
 ) -> tuple[BenchResult, dict[str, Callable[[], Any]]]:
     """The result row of one kernel and, on the CPU, the calls to time (convgen and
     its peers, on the same inputs); a CUDA kernel is timed here, on its own."""
-    from convgen.runtime.verify import random_inputs
+    from convgen.runtime.verify import random_inputs, split_constants
 
     spec = kernel.spec
     n = available_cores()
@@ -125,24 +125,24 @@ def _prepare(
     result = BenchResult(spec.name(), spec.describe(), kernel.device, n, spec.flops,
                          schedule=kernel.manifest.schedule.brief(),
                          algorithm=kernel.manifest.algorithm)
-    data, *constants = inputs.values()
+    constants, per_call = split_constants(spec, inputs)
     bound = kernel.bind(*constants)
     if kernel.device == "cuda":
         from convgen.runtime import cuda_driver
 
-        x = cuda_driver.DeviceArray.from_numpy(data)
+        xs = [cuda_driver.DeviceArray.from_numpy(a) for a in per_call]
         out = cuda_driver.DeviceArray(spec.out_shape, spec.dtype)
         func, held = bound.func, bound.constants
-        result.times[CALL] = time_cuda(lambda: func(x, *held, out), repeats, warmup,
-                                       min_sample_ms)
+        result.times[CALL] = time_cuda(lambda: func(xs[0], *held, *xs[1:], out), repeats,
+                                       warmup, min_sample_ms)
         result.notes.append(f"GPU: {cuda_driver.device_name()}")
         if "torch" in peers:
             result.times.update(cudnn_timings(spec, inputs, repeats, warmup, min_sample_ms))
         return result, {}
     calls: dict[str, Callable[[], Any]] = {
-        CALL: lambda: bound(data),
+        CALL: lambda: bound(*per_call),
         UNBOUND: lambda: kernel(*inputs.values()),
-        RAW: _raw_entry(bound, data),
+        RAW: _raw_entry(bound, per_call),
     }
     result.peak_gflops = measure_cpu_peak(n)
     if "onnxruntime" in peers:
@@ -156,14 +156,14 @@ def _prepare(
     return result, calls
 
 
-def _raw_entry(bound: BoundKernel, data: np.ndarray) -> Callable[[], Any]:
+def _raw_entry(bound: BoundKernel, per_call: list[np.ndarray]) -> Callable[[], Any]:
     """The bound kernel's entry on buffers prepared for it (64-byte aligned, output
     given): what the kernel costs without the call path around it."""
     spec = bound.kernel.spec
-    x = host_usable(data, data.dtype, 64)
+    x, *rest = (host_usable(a, a.dtype, 64) for a in per_call)
     out = aligned_empty(spec.out_shape, spec.dtype, 64)
     func, constants = bound.func, bound.constants
-    return lambda: func(x, *constants, out)
+    return lambda: func(x, *constants, *rest, out)
 
 
 def _onnxruntime_call(spec: ConvSpec, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:
@@ -175,18 +175,19 @@ def _onnxruntime_call(spec: ConvSpec, inputs: dict[str, np.ndarray]) -> Callable
     from convgen.reference import flip_weight
     from convgen.runtime.verify import ort_session
 
-    constants = {k: v for k, v in inputs.items() if k != "data"}
+    constants = {k: v for k, v in inputs.items() if k in spec.constant_inputs}
     if spec.mode == "conv":
         constants["weight"] = flip_weight(spec, inputs["weight"])
     model = export_onnx(dataclasses.replace(spec, mode="corr"), constants)
     session = ort_session(model.SerializeToString())
-    feed = {"data": inputs["data"]}
+    feed = {k: v for k, v in inputs.items() if k not in spec.constant_inputs}
     return lambda: session.run(None, feed)
 
 
 def torch_conv(spec: ConvSpec, inputs: dict[str, np.ndarray], device: str) -> Any:
     """A zero-argument callable running the same operator in PyTorch (cuDNN on CUDA,
-    oneDNN on the CPU), or None where PyTorch (or its CUDA) is missing. torch has no
+    oneDNN on the CPU), the epilogue as PyTorch users write it (in place after the
+    conv), or None where PyTorch (or its CUDA) is missing. torch has no
     true convolution: for `conv` the weights are flipped once, outside the timing."""
     try:
         import torch
@@ -216,11 +217,21 @@ def torch_conv(spec: ConvSpec, inputs: dict[str, np.ndarray], device: str) -> An
         x = F.pad(x, [p for i in reversed(range(spec.ndim))
                       for p in (spec.pads_begin[i], spec.pads_end[i])])
     padding = list(spec.pads_begin) if pads_sym else 0
+    residual = None
+    if spec.residual:
+        residual = torch.from_numpy(inputs["residual"]).to(dev)
+        if spec.channels_last:
+            residual = residual.movedim(-1, 1)
+    activation = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu,
+                  "hardswish": F.hardswish}.get(spec.activation)
 
     def call() -> Any:
         with torch.no_grad():
-            return conv(x, w, b, stride=list(spec.stride), padding=padding,
-                        dilation=list(spec.dilation), groups=spec.groups)
+            y = conv(x, w, b, stride=list(spec.stride), padding=padding,
+                     dilation=list(spec.dilation), groups=spec.groups)
+            if residual is not None:
+                y += residual
+            return activation(y, inplace=True) if activation is not None else y
 
     return call
 

@@ -57,10 +57,10 @@ def _load_tvm_runtime() -> None:
 class Kernel:
     """A loaded artifact: call it on numpy arrays (or DLPack tensors on its device).
 
-    `kernel(data, weight[, bias])` returns a numpy array; pass `out=` to write
-    into an existing array or device tensor instead. For constant weights,
+    `kernel(data, weight[, bias][, residual])` returns a numpy array; pass `out=` to
+    write into an existing array or device tensor instead. For constant weights,
     `kernel.bind(weight[, bias])` packs them once and returns a callable of the
-    data alone. Loading checks every
+    data (and the residual, where the kernel adds one). Loading checks every
     file of the artifact against the sizes and hashes in its manifest.
     """
 
@@ -90,7 +90,8 @@ class Kernel:
 
     @property
     def func(self) -> Any:
-        """The raw tvm-ffi function: f(data, weight[, bias], out) on device tensors."""
+        """The raw tvm-ffi function: f(data, weight[, bias][, residual], out) on device
+        tensors."""
         if self._func is None:
             import tvm_ffi
 
@@ -131,7 +132,8 @@ class Kernel:
         return self._run(self.func, args, out)
 
     def bind(self, weight: Any, bias: Any = None) -> BoundKernel:
-        """The kernel with constant weights (and bias): a callable of the data alone.
+        """The kernel with constant weights (and bias): a callable of the data (and the
+        residual, where the spec adds one): `bound(data[, residual])`.
 
         Where the module has packed entries (CPU artifacts) the weights are packed once
         here, into the layout the schedule reads with `conv`'s flip applied, and every
@@ -143,7 +145,7 @@ class Kernel:
         if (bias is None) == self.spec.bias:
             want = "weight and bias" if self.spec.bias else "weight only (no bias)"
             raise ArgumentError(f"bind: {self.name} takes {want}")
-        infos = self.inputs[1:]
+        infos = self.inputs[1 : 1 + len(consts)]
         for info, a in zip(infos, consts):
             _check_tensor(info, a)
         if self.device != "cpu":
@@ -241,30 +243,41 @@ class Kernel:
 
 
 class BoundKernel:
-    """A kernel with its weights bound (`Kernel.bind`): `bound(data[, out=])`.
+    """A kernel with its weights bound (`Kernel.bind`): `bound(data[, residual][, out=])`.
 
     `func` is the raw entry it calls and `constants` the arguments it passes after
-    the data (packed weights[, bias]): `func(data, *constants, out)`."""
+    the data (packed weights[, bias]): `func(data, *constants[, residual], out)`."""
 
     def __init__(self, kernel: Kernel, func: Any, constants: tuple[Any, ...]) -> None:
         self.kernel = kernel
         self.func = func
         self.constants = constants
         self._data_spec = kernel._in_specs[0]
+        # the per-call inputs after the data (the residual), as the entry takes them
+        self._rest = kernel.inputs[1 + len(constants):]
 
     def __repr__(self) -> str:
         return f"<convgen.BoundKernel {self.kernel.name} on {self.kernel.device}>"
 
-    def __call__(self, data: Any, out: Any = None) -> Any:
+    def __call__(self, data: Any, *rest: Any, out: Any = None) -> Any:
         k = self.kernel
+        if len(rest) != len(self._rest):
+            names = ", ".join(t.name for t in (k.inputs[0], *self._rest))
+            raise ArgumentError(f"inputs: bound {k.name} takes {len(self._rest) + 1} "
+                                f"({names}), got {len(rest) + 1}")
         if k.device != "cpu":
-            _check_tensor(k.inputs[0], data)
-            return k._call_cuda(self.func, (data, *self.constants), out)
+            for info, a in zip((k.inputs[0], *self._rest), (data, *rest)):
+                _check_tensor(info, a)
+            return k._call_cuda(self.func, (data, *self.constants, *rest), out)
         if not (type(data) is np.ndarray and (data.shape, data.dtype) == self._data_spec
                 and _is_usable(data, k.alignment)):
             _check_tensor(k.inputs[0], data)
             data = host_usable(data, k.inputs[0].dtype, k.alignment)
-        return k._run(self.func, (data, *self.constants), out)
+        for info, a in zip(self._rest, rest):
+            _check_tensor(info, a)
+        rest = tuple(host_usable(a, info.dtype, k.alignment)
+                     for info, a in zip(self._rest, rest))
+        return k._run(self.func, (data, *self.constants, *rest), out)
 
 
 def _released(a: np.ndarray) -> bool:

@@ -26,12 +26,12 @@ FORMAT_VERSION = 2  # 1: files by name only; 2: with size and SHA-256
 SUFFIX = ".json"
 ENTRY = "convgen_main"
 PACK_ENTRY = "convgen_pack"  # (weight, packed): the weights in the run entry's layout
-RUN_PACKED_ENTRY = "convgen_run_packed"  # (data, packed[, bias], out)
+RUN_PACKED_ENTRY = "convgen_run_packed"  # (data, packed[, bias][, residual], out)
 PACKED_WEIGHT = "packed_weight"  # the run-packed entry's weight argument
-CALLING_CONVENTION = "destination passing: entry(data, weight[, bias], out)"
+CALLING_CONVENTION = "destination passing: entry(data, weight[, bias][, residual], out)"
 PACKED_CALLING_CONVENTION = (
     "pack_entry(weight, packed) once per set of weights, then "
-    "run_entry(data, packed[, bias], out)")
+    "run_entry(data, packed[, bias][, residual], out)")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class PackedWeights:
     """The module's entries for constant weights: `pack_entry(weight, packed)` writes
     the weights once in the layout the schedule reads (output channels blocked by
     `lanes` innermost where lanes > 1, `conv`'s flip applied), and
-    `run_entry(data, packed[, bias], out)` runs on them."""
+    `run_entry(data, packed[, bias][, residual], out)` runs on them."""
 
     packed: TensorInfo
     lanes: int

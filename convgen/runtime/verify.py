@@ -62,8 +62,9 @@ DIFFERS_FACTOR = 10.0
 
 
 def random_inputs(spec: ConvSpec, seed: int) -> dict[str, np.ndarray]:
-    """Seeded inputs: data in [-1, 1), weights and bias normal. A random kernel is
-    asymmetric with probability 1, so conv and corr give different outputs."""
+    """Seeded inputs: data (and residual) in [-1, 1), weights and bias normal. A random
+    kernel is asymmetric
+    with probability 1, so conv and corr give different outputs."""
     rng = np.random.default_rng(seed)
     arrays = {
         "data": rng.uniform(-1, 1, spec.data_shape),
@@ -71,7 +72,16 @@ def random_inputs(spec: ConvSpec, seed: int) -> dict[str, np.ndarray]:
     }
     if spec.bias:
         arrays["bias"] = rng.standard_normal(spec.bias_shape)
+    if spec.residual:
+        arrays["residual"] = rng.uniform(-1, 1, spec.out_shape)
     return {k: v.astype(spec.dtype) for k, v in arrays.items()}
+
+
+def split_constants(spec: ConvSpec, inputs: dict[str, np.ndarray]
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(weight[, bias]), (data[, residual]): what `bind` takes, what each call takes."""
+    constants = [v for k, v in inputs.items() if k in spec.constant_inputs]
+    return constants, [v for k, v in inputs.items() if k not in spec.constant_inputs]
 
 
 def within_tolerance(got: np.ndarray, want: np.ndarray, dtype: str,
@@ -165,8 +175,8 @@ def _bound_check_name(kernel: Kernel) -> str:
 
 
 def _bound_output(kernel: Kernel, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    weight, *bias = list(inputs.values())[1:]
-    out = kernel.bind(weight, *bias)(inputs["data"])
+    constants, per_call = split_constants(kernel.spec, inputs)
+    out = kernel.bind(*constants)(*per_call)
     return out if isinstance(out, np.ndarray) else np.asarray(out)
 
 

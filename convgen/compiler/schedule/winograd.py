@@ -14,7 +14,7 @@ Per stage, the register and memory model:
     contiguous; one plane's U block (C x K) stays in L1/L2 while the tiles stream.
   * output transform ("wino_at", "wino_y"): per tile and vector of output
     channels, columns then rows in registers, unrolled like the input transform.
-  * "out": the crop of whole tiles to the output (+ bias), in the output's layout.
+  * "out": the crop of whole tiles to the output (+ the fused epilogue), in the output's layout.
 
 The planes and tiles are the parallel axes: alpha^2 x tiles/pt tasks.
 """
