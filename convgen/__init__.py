@@ -9,7 +9,7 @@ from convgen.errors import (
     UnsupportedError,
     VerificationError,
 )
-from convgen.runtime import BoundKernel, Kernel, load
+from convgen.runtime import BoundKernel, Kernel, Model, load
 from convgen.spec import ConvSpec, make_spec
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "ConvSpec",
     "ConvgenError",
     "Kernel",
+    "Model",
     "SpecError",
     "ToolchainError",
     "UnsupportedError",

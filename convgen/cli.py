@@ -394,6 +394,50 @@ def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@target_option
+@click.option("--out", "out_dir", default="build", show_default=True,
+              type=click.Path(file_okay=False), help="Artifact directory.")
+@click.option("--mode", type=click.Choice(["corr", "conv"]), default="corr", show_default=True,
+              help="corr: every Conv as ONNX means it (cross-correlation). conv: every Conv a "
+              "true convolution of the model's weights, for weights trained where "
+              "convolution flips the kernel (DSP code, scipy, MATLAB).")
+@click.option("--layout", type=click.Choice(["channels-last", "channels-first"]),
+              default="channels-last", show_default=True,
+              help="The activations' layout between layers; converted once, at the model's "
+              "edges.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check the model against onnxruntime on the original model.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the verification inputs.")
+@library_option
+@algorithm_option
+@json_option
+@handle_errors
+def deploy(model: str, target: str, out_dir: str, mode: str, layout: str, verify: bool,
+           seed: int, library: str | None, algorithm: str, as_json: bool) -> None:
+    """Compile a whole ONNX MODEL into DIR/<model>.{so,onnx,json}: every Conv a convgen
+    kernel (its bias, residual Add and ReLU/ReLU6/SiLU fused, weights packed at build
+    time, tuned records used), the other operators scheduled, one module that
+    `convgen.load(DIR)` runs without the TVM compiler."""
+    from convgen.compiler.deploy import DeployOptions, deploy_artifact, layer_summary
+    from convgen.compiler.targets import resolve_target
+
+    options = DeployOptions(mode=mode, layout=layout, algorithm=algorithm,
+                            library=Path(library) if library else None)
+    path, m = deploy_artifact(model, resolve_target(target), out_dir, options,
+                              target_name=target, verify=verify, seed=seed)
+    secs = sum(m.build_seconds.values())
+    lines = [f"deployed {m.name}: {len(m.layers)} convolutions ({mode}, {layout}), "
+             f"{len(m.other_ops)} other operator functions, {secs:.1f} s",
+             *("  " + line for line in layer_summary(m.layers)),
+             f"  -> {Path(out_dir) / m.files['module'].name} (+ .onnx, .json)",
+             *("  " + line for line in m.verification.lines())]
+    emit(as_json, {"manifest": str(path), **m.to_dict()}, lines)
+    if m.verification.status == "failed":
+        sys.exit(1)
+
+
+@main.command()
 @spec_options
 @target_option
 @click.option("--what", type=click.Choice(["all", "tir", "source"]), default="all",
@@ -444,12 +488,22 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
           plot_file: str | None, library: str | None, algorithm: str, as_json: bool,
           **spec_flags: Any) -> None:
     """Time kernels against onnxruntime (and PyTorch when installed), in one process:
-    medians, GFLOP/s and speed-ups. ARTIFACT: a directory or manifest; or the spec flags."""
+    medians, GFLOP/s and speed-ups. ARTIFACT: a directory or manifest (a deployed model:
+    end to end against onnxruntime on the original model); or the spec flags."""
     from convgen.runtime.bench import bench_kernels, format_table
     from convgen.runtime.kernel import Kernel
-    from convgen.runtime.manifest import list_manifests
+    from convgen.runtime.manifest import find_model_manifest, list_manifests
 
     peers = () if no_peers else ("onnxruntime", "torch")
+    if artifact is not None and find_model_manifest(artifact) is not None:
+        from convgen.runtime.bench import bench_model, format_model_table
+        from convgen.runtime.model import load_model
+
+        result = bench_model(load_model(artifact), repeats=repeats)
+        emit(as_json, [result.to_dict()],
+             [*format_model_table([result]),
+              f"threads: {result.threads}; medians of {repeats} samples"])
+        return
     with tempfile.TemporaryDirectory(prefix="convgen-bench-") as tmp:
         if artifact is None:
             from convgen.compiler.build import build_artifact

@@ -135,3 +135,20 @@ def _activation(activation: str, x: str, node: Callable[..., str],
     if activation == "hardswish":
         return node("HardSwish", [x], "hardswish")
     return x
+
+
+def flip_conv_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every Conv's (initializer) weights flipped on each spatial axis:
+    what onnxruntime must run to compute a `conv`-mode deployment (conv(I, W) ==
+    Conv(I, flip(W)))."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    for i, t in enumerate(model.graph.initializer):
+        if t.name in weights:
+            w = numpy_helper.to_array(t)
+            flipped = np.ascontiguousarray(np.flip(w, axis=tuple(range(2, w.ndim))))
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(flipped, t.name))
+    return model

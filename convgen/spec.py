@@ -196,14 +196,14 @@ class ConvSpec:
 
     @property
     def has_epilogue(self) -> bool:
-        """Whether the output is more than the convolution (+ bias): a residual input
-        or an activation, fused into the write-back."""
-        return self.residual or self.activation != "none"
+        """Whether the output is more than the convolution: a bias, a residual input or
+        an activation, fused into the write-back."""
+        return self.bias or self.residual or self.activation != "none"
 
     def without_epilogue(self) -> ConvSpec:
-        """The same convolution without residual or activation (the part a schedule
-        and a tuning record are about)."""
-        return replace(self, residual=False, activation="none")
+        """The same convolution without bias, residual or activation (the part a
+        schedule and a tuning record are about)."""
+        return replace(self, bias=False, residual=False, activation="none")
 
     # ---- identity ---------------------------------------------------------------
 

@@ -148,9 +148,10 @@ def record_spec(spec: ConvSpec, target: TargetInfo) -> ConvSpec:
     """The spec a record is kept under. Where kernels run on packed weights (the CPU
     family), `conv`'s flip is applied while packing and the run entry computes `corr`:
     both modes run the same code, so one record, kept under `corr`, serves both (and
-    they cannot end up on different tiles by the noise of two tuning runs). A fused
-    epilogue (residual, activation) is one more pass over the output tile in registers
-    and does not change which tiles are best: records are kept without it."""
+    they cannot end up on different tiles by the noise of two tuning runs). The fused
+    epilogue (bias, residual, activation) is a few operations per output element on
+    the tile in registers and does not change which tiles are best: records are kept
+    without it, and tuning measures the spec without it."""
     from convgen.compiler.schedule import family
 
     spec = spec.without_epilogue()

@@ -1,6 +1,7 @@
 """The runtime side: everything a deployment or a GPU machine needs, without the TVM compiler.
 
-Loading and calling artifacts (`kernel`), the artifact's manifest (`manifest`),
+Loading and calling artifacts (`kernel`) and deployed models (`model`), the
+artifact's manifest (`manifest`),
 the CUDA driver (`cuda_driver`), nvcc (`nvcc`), timing (`timing`), the cores
 this process may use (`cores`), and verifying and benchmarking artifacts built
 elsewhere (`verify`, `bench`). Modules here import numpy, tvm-ffi (the 3 MB
@@ -11,5 +12,6 @@ enforces it.
 """
 
 from convgen.runtime.kernel import BoundKernel, Kernel, load
+from convgen.runtime.model import Model
 
-__all__ = ["BoundKernel", "Kernel", "load"]
+__all__ = ["BoundKernel", "Kernel", "Model", "load"]

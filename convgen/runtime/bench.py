@@ -19,6 +19,7 @@ import numpy as np
 
 from convgen.runtime.cores import available_cores
 from convgen.runtime.kernel import BoundKernel, Kernel, aligned_empty, host_usable
+from convgen.runtime.model import Model
 from convgen.runtime.timing import (
     Timing,
     geomean,
@@ -154,6 +155,27 @@ def _prepare(
         else:
             calls["torch"] = call
     return result, calls
+
+
+def bench_model(model: Model, *, repeats: int = 30, warmup: int = 5,
+                min_sample_ms: float = 20.0) -> BenchResult:
+    """A deployed model against onnxruntime on the model as given (all optimizations,
+    weights as initializers; for `conv` mode with its Conv weights flipped), in one
+    process, alternating rounds; convgen through `model(x)` on numpy arrays."""
+    from convgen.runtime.verify import model_inputs, reference_session
+
+    m = model.manifest
+    inputs = model_inputs(model, seed=0)
+    session = reference_session(model)
+    result = BenchResult(m.name, f"{m.name}: {len(m.layers)} convolutions, {m.mode}, "
+                         f"{m.layout}", "cpu", available_cores(), m.flops,
+                         schedule=f"{len(m.layers)} convgen kernels", algorithm="model")
+    calls: dict[str, Callable[[], Any]] = {
+        CALL: lambda: model(**inputs),
+        "onnxruntime": lambda: session.run(None, inputs),
+    }
+    result.times.update(time_host_rounds(calls, repeats, warmup, min_sample_ms))
+    return result
 
 
 def _raw_entry(bound: BoundKernel, per_call: list[np.ndarray]) -> Callable[[], Any]:
@@ -296,6 +318,21 @@ def format_table(results: list[BenchResult]) -> list[str]:
     peaks = {r.peak_gflops for r in results if r.peak_gflops}
     if peaks:
         lines.append(f"measured FMA peak: {max(peaks):.1f} GFLOP/s on {results[0].threads} threads")
+    return lines
+
+
+def format_model_table(results: list[BenchResult]) -> list[str]:
+    """A markdown table of deployed models: milliseconds end to end, and the speed-up
+    over each peer."""
+    peers = sorted({p for r in results for p in r.peers})
+    head = ["model", "convgen ms", *(c for p in peers for c in (f"{p} ms", f"vs {p}"))]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        row = [r.name, f"{r.times[CALL].median * 1e3:.2f}"]
+        for p in peers:
+            row += ([f"{r.times[p].median * 1e3:.2f}", f"{r.ratio(p):.2f}x"] if p in r.times
+                    else ["-", "-"])
+        lines.append("| " + " | ".join(row) + " |")
     return lines
 
 

@@ -355,7 +355,15 @@ def host_usable(a: Any, dtype: str, alignment: int = 64) -> Any:
     return a if _is_usable(a, alignment) else _aligned_copy(a, dtype, alignment)
 
 
-def load(path: str | os.PathLike[str], name: str | None = None) -> Kernel:
+def load(path: str | os.PathLike[str], name: str | None = None) -> Any:
     """Load a convgen artifact: a build directory (with `name` when it holds several
-    kernels), a manifest (.json), or its module (.so)."""
+    kernels), a manifest (.json), or its module (.so) -> a `Kernel`; a `convgen deploy`
+    directory (or its manifest) -> a `Model`."""
+    from convgen.runtime.manifest import find_model_manifest
+
+    model = find_model_manifest(path) if name is None else None
+    if model is not None:
+        from convgen.runtime.model import Model
+
+        return Model(model)
     return Kernel(find_manifest(path, name))

@@ -181,6 +181,7 @@ class VerifyReport:
     checks: tuple[Check, ...] = ()
     host: str = ""  # where it ran, when verified after the build (convgen verify DIR)
     device: str = ""
+    against: str = "onnxruntime, numpy oracle, flip property, bound kernel"
 
     @property
     def passed(self) -> bool:
@@ -193,8 +194,7 @@ class VerifyReport:
             # the flip "differs" check's error is the distance to the wrong answer
             worst = max((c.max_abs_error for c in self.checks if "differs" not in c.name),
                         default=0.0)
-            return [f"{head} (onnxruntime, numpy oracle, flip property, bound kernel; "
-                    f"max abs error {worst:.2g}, seed {self.seed})"]
+            return [f"{head} ({self.against}; max abs error {worst:.2g}, seed {self.seed})"]
         return [head, *(f"  {c.line()}" for c in self.checks)]
 
     def to_dict(self) -> dict[str, Any]:
@@ -338,10 +338,14 @@ class Manifest:
         return cls.from_dict(data, str(path))
 
     def write(self, path: Path) -> None:
-        """Write (or replace) atomically: a temporary file, then renamed."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        _write_json(path, self.to_dict())
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write (or replace) a manifest atomically: a temporary file, then renamed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def is_manifest(path: Path) -> bool:
@@ -381,3 +385,147 @@ def list_manifests(path: str | os.PathLike[str]) -> list[Path]:
             raise ArtifactError(f"artifact: {p} holds no convgen artifact (no manifest)")
         return found
     return [find_manifest(p)]
+
+
+# ---- whole models (`convgen deploy`) ---------------------------------------------------
+
+MODEL_FORMAT = "convgen-model"
+MODEL_FORMAT_VERSION = 1
+MODEL_ENTRY = "main"  # the Relax VM function that runs the model
+
+
+@dataclass(frozen=True)
+class ModelLayer:
+    """One convolution of a deployed model: the ONNX Conv node it came from, the
+    operators folded into its write-back, and the kernel that runs it."""
+
+    node: str  # the ONNX Conv node's name
+    fused: tuple[str, ...]  # the ONNX nodes folded into its epilogue (Add, Relu, ...)
+    kernel: str  # the module's function (layers with one spec share one)
+    spec: ConvSpec  # in the layout the model runs it in, with its epilogue
+    schedule: ScheduleChoice
+    algorithm: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "fused": list(self.fused), "kernel": self.kernel,
+                "layout": self.spec.layout, "spec": self.spec.to_dict(),
+                "schedule": self.schedule.to_dict(), "algorithm": self.algorithm}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelLayer:
+        return cls(str(d["node"]), tuple(d.get("fused", ())), str(d["kernel"]),
+                   ConvSpec.from_dict(d["spec"]), ScheduleChoice.from_dict(d["schedule"]),
+                   str(d.get("algorithm", "direct")))
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """A deployed model (DIR/<model>.json): its inputs and outputs, how each convolution
+    runs, what the other operators got, and whether it was verified."""
+
+    name: str
+    target: TargetRecord
+    files: dict[str, ArtifactFile]  # "module" (.so), "onnx" (the model as given)
+    mode: str  # "corr": ONNX's Conv; "conv": every Conv a true convolution
+    layout: str  # the activations' layout between layers: "channels-first" / "channels-last"
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    layers: list[ModelLayer]
+    other_ops: list[str]  # the model's other operator functions, generically scheduled
+    versions: dict[str, str]
+    verification: VerifyReport
+    build_seconds: dict[str, float] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.datetime.now(
+        datetime.timezone.utc).isoformat(timespec="seconds"))
+    entry: str = MODEL_ENTRY
+
+    @property
+    def flops(self) -> int:
+        """The convolutions' FLOPs (the rest of a CNN is a rounding error)."""
+        return sum(layer.spec.flops for layer in self.layers)
+
+    def path_of(self, role: str, directory: Path) -> Path:
+        return directory / self.files[role].name
+
+    def check_files(self, directory: Path) -> None:
+        for f in self.files.values():
+            f.check(directory)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": MODEL_FORMAT,
+            "format_version": MODEL_FORMAT_VERSION,
+            "name": self.name,
+            "created": self.created,
+            "versions": self.versions,
+            "target": dataclasses.asdict(self.target),
+            "mode": self.mode,
+            "layout": self.layout,
+            "entry": self.entry,
+            "calling_convention": "entry(*inputs) -> output or tuple of outputs "
+                                  "(a Relax VM function)",
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "files": {role: f.to_dict() for role, f in self.files.items()},
+            "flops": self.flops,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "other_ops": self.other_ops,
+            "build_seconds": {k: round(v, 3) for k, v in self.build_seconds.items()},
+            "verification": self.verification.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str) -> ModelManifest:
+        if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
+            raise ArtifactError(f"artifact: {where} is not a convgen model manifest")
+        version = d.get("format_version")
+        if not isinstance(version, int) or version > MODEL_FORMAT_VERSION:
+            raise ArtifactError(
+                f"artifact: {where} was written by a newer convgen (model manifest format "
+                f"{version}; this convgen reads 1 to {MODEL_FORMAT_VERSION}): upgrade convgen"
+            )
+        try:
+            return cls(
+                name=str(d["name"]),
+                target=TargetRecord(**d["target"]),
+                files={role: ArtifactFile.from_dict(f) for role, f in d["files"].items()},
+                mode=str(d["mode"]),
+                layout=str(d["layout"]),
+                inputs=[TensorInfo.from_dict(t) for t in d["inputs"]],
+                outputs=[TensorInfo.from_dict(t) for t in d["outputs"]],
+                layers=[ModelLayer.from_dict(x) for x in d["layers"]],
+                other_ops=[str(x) for x in d.get("other_ops", [])],
+                versions=dict(d.get("versions", {})),
+                verification=VerifyReport.from_dict(d.get("verification") or
+                                                    {"status": "not run"}),
+                build_seconds=dict(d.get("build_seconds", {})),
+                created=str(d.get("created", "")),
+                entry=str(d.get("entry", MODEL_ENTRY)),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(f"artifact: {where} is malformed ({err!r})") from None
+
+    @classmethod
+    def read(cls, path: Path) -> ModelManifest:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ArtifactError(f"artifact: cannot read manifest {path}: {err}") from None
+        return cls.from_dict(data, str(path))
+
+    def write(self, path: Path) -> None:
+        _write_json(path, self.to_dict())
+
+
+def find_model_manifest(path: str | os.PathLike[str]) -> Path | None:
+    """The model manifest of a `convgen deploy` directory (or the manifest given); None
+    where `path` is not a deployed model."""
+    p = Path(path)
+    candidates = sorted(p.glob(f"*{SUFFIX}")) if p.is_dir() else [p]
+    for q in candidates:
+        try:
+            if q.suffix == SUFFIX and json.loads(q.read_text()).get("format") == MODEL_FORMAT:
+                return q
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None

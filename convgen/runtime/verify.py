@@ -12,6 +12,9 @@ cannot hide) the kernel's output is compared with:
     where the module has them), onnxruntime again.
 
 Tolerances are per dtype, relative to the output's magnitude.
+
+A deployed model (`convgen deploy`) is checked against onnxruntime running the
+model as given (`verify_model`).
 """
 
 from __future__ import annotations
@@ -25,11 +28,21 @@ from typing import Any
 
 import numpy as np
 
+from convgen.errors import ArgumentError
 from convgen.onnx_export import export_onnx
 from convgen.reference import flip_weight, reference_conv
 from convgen.runtime.cores import available_cores
 from convgen.runtime.kernel import Kernel
-from convgen.runtime.manifest import Check, Manifest, VerifyReport, list_manifests, not_run
+from convgen.runtime.manifest import (
+    Check,
+    Manifest,
+    ModelManifest,
+    VerifyReport,
+    find_model_manifest,
+    list_manifests,
+    not_run,
+)
+from convgen.runtime.model import Model
 from convgen.spec import ConvSpec
 
 # (rtol, atol): |got - want| <= atol * max(1, max|want|) + rtol * |want|, elementwise.
@@ -220,8 +233,15 @@ def verify_artifact(
 
     With `update`, the result replaces the manifest's verification record (written
     atomically), so an artifact built where its GPU was absent can be verified later
-    on the GPU machine.
+    on the GPU machine. A deployed model's directory verifies the model.
     """
+    model_manifest = find_model_manifest(path)
+    if model_manifest is not None:
+        model = Model(model_manifest)
+        report = dataclasses.replace(verify_model(model, seed=seed), host=platform.node())
+        if update:
+            report = _record(model.manifest, model_manifest, report)
+        return [(model.name, report)]
     results = []
     for manifest_path in list_manifests(path):
         kernel = Kernel(manifest_path)
@@ -239,10 +259,77 @@ def verify_artifact(
     return results
 
 
-def _record(manifest: Manifest, path: Path, report: VerifyReport) -> VerifyReport:
+def _record(manifest: Manifest | ModelManifest, path: Path, report: VerifyReport
+            ) -> VerifyReport:
     """Write the report into the manifest; a read-only artifact keeps its old record."""
     try:
         dataclasses.replace(manifest, verification=report).write(path)
     except OSError:
         return dataclasses.replace(report, reason="manifest is read-only: result not recorded")
     return report
+
+
+# ---- deployed models ------------------------------------------------------------------
+
+# A model's outputs against onnxruntime's: |got - want| <= MODEL_TOLERANCE * max|want|.
+# Tens of layers compound each kernel's rounding (Winograd's most of all), and a
+# classifier's logits are compared, not a single layer's output.
+MODEL_TOLERANCE = 1e-3
+
+
+def model_inputs(model: Model, seed: int) -> dict[str, np.ndarray]:
+    """Seeded inputs for every model input, uniform in [-1, 1) (an image's scale)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for info in model.inputs:
+        if not np.issubdtype(np.dtype(info.dtype), np.floating):
+            raise ArgumentError(f"{info.name}: verify and bench feed random floating-point "
+                                f"inputs; this input is {info.dtype}")
+        arrays[info.name] = rng.uniform(-1, 1, info.shape).astype(info.dtype)
+    return arrays
+
+
+def reference_session(model: Model) -> Any:
+    """onnxruntime on the model as given (all optimizations, weights as initializers);
+    for a `conv`-mode deployment, with every Conv's weights flipped, which is what the
+    deployment computes."""
+    import onnx
+
+    from convgen.onnx_export import flip_conv_weights
+
+    proto = onnx.load(str(model.manifest.path_of("onnx", model.directory)))
+    if model.manifest.mode == "conv":
+        proto = flip_conv_weights(proto)
+    return ort_session(proto.SerializeToString())
+
+
+def verify_model(model: Model, seed: int = 0) -> VerifyReport:
+    """The deployed model against onnxruntime on the original model, every output within
+    MODEL_TOLERANCE of the largest magnitude; in `conv` mode also that it differs from
+    the model run as cross-correlation (the flip happened)."""
+    inputs = model_inputs(model, seed)
+    want = reference_session(model).run(None, inputs)
+    got = model(**inputs)
+    got = list(got) if isinstance(got, tuple) else [got]
+    checks = []
+    for info, g, w in zip(model.outputs, got, want):
+        scale = max(float(np.max(np.abs(w))), 1e-30)
+        err = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
+        checks.append(Check(f"{info.name} vs onnxruntime", bool(err <= MODEL_TOLERANCE * scale),
+                            err, err / scale, f"(relative to max |output| {scale:.3g})"))
+    if model.manifest.mode == "conv" and any(
+            max(layer.spec.kernel_size) > 1 for layer in model.manifest.layers):
+        as_given = ort_session(Path(model.manifest.path_of("onnx", model.directory)))
+        w = as_given.run(None, inputs)[0]
+        scale = max(float(np.max(np.abs(w))), 1e-30)
+        gap = float(np.max(np.abs(got[0].astype(np.float64) - w)))
+        checks.append(Check("differs from Conv on the weights as given (the flip)",
+                            bool(gap > DIFFERS_FACTOR * MODEL_TOLERANCE * scale), gap,
+                            gap / scale))
+    ok = all(c.passed for c in checks)
+    return VerifyReport(
+        status="passed" if ok else "failed",
+        reason="" if ok else "output does not match onnxruntime",
+        seed=seed, dtype=model.outputs[0].dtype, tolerance={"relative_to_max": MODEL_TOLERANCE},
+        checks=tuple(checks), against="onnxruntime on the original model",
+    )

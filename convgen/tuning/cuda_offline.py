@@ -29,6 +29,7 @@ def emit_cuda_candidates(specs: list[ConvSpec], target: TargetInfo, out_dir: Pat
     direct fallback) of every spec as deferred CUDA artifacts under out_dir, with the
     index `convgen measure` reads. Returns the number of candidates."""
     from convgen.compiler.build import build_artifact
+    from convgen.compiler.records import record_spec
     from convgen.compiler.schedule import family
 
     if not target.is_cuda:
@@ -38,7 +39,8 @@ def emit_cuda_candidates(specs: list[ConvSpec], target: TargetInfo, out_dir: Pat
                              "specs": []}
     count = 0
     fallback = Candidate(family(target).fallback_name, {})
-    for spec in specs:
+    # each record once, on the spec it is kept under (`record_spec`)
+    for spec in dict.fromkeys(record_spec(s, target) for s in specs):
         entries = []
         for i, cand in enumerate([*candidates_for(spec, target, per_template), fallback]):
             sub = out_dir / spec.name() / f"c{i:03d}"

@@ -369,8 +369,9 @@ def tune_specs(
     options: TuneOptions,
     progress: Progress | None = None,
 ) -> list[TuneResult]:
-    """Tune several specs in turn, each record once (on CPU `conv` and `corr` share one,
-    `record_spec`); Ctrl-C keeps every record finished so far."""
+    """Tune several specs in turn, each record once, on the spec it is kept under (on
+    CPU `conv` and `corr` share one; the epilogue is left out: `record_spec`); Ctrl-C
+    keeps every record finished so far."""
     use_all_cores()
     deadline = time.monotonic() + options.minutes * 60 if options.minutes else None
     results, seen = [], set()
@@ -379,7 +380,7 @@ def tune_specs(
         if key in seen:
             continue
         seen.add(key)
-        result = tune_spec(spec, target, options, deadline, progress)
+        result = tune_spec(key, target, options, deadline, progress)
         results.append(result)
         if result.interrupted:
             break
