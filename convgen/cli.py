@@ -427,7 +427,7 @@ def deploy(model: str, target: str, out_dir: str, mode: str, layout: str, verify
     path, m = deploy_artifact(model, resolve_target(target), out_dir, options,
                               target_name=target, verify=verify, seed=seed)
     secs = sum(m.build_seconds.values())
-    lines = [f"deployed {m.name}: {len(m.layers)} convolutions ({mode}, {layout}), "
+    lines = [f"deployed {m.name}: {len(m.layers)} layers on convgen kernels ({mode}, {layout}), "
              f"{len(m.other_ops)} other operator functions, {secs:.1f} s",
              *("  " + line for line in layer_summary(m.layers)),
              f"  -> {Path(out_dir) / m.files['module'].name} (+ .onnx, .json)",

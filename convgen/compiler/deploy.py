@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +63,8 @@ CONV_OPS = {"relax.nn.conv1d": 1, "relax.nn.conv2d": 2, "relax.nn.conv3d": 3}
 # the weight layout that goes with each activation layout (convgen's: spec.py)
 WEIGHT_LAYOUTS = {"NCW": "OIW", "NCHW": "OIHW", "NCDHW": "OIDHW",
                   "NWC": "OWI", "NHWC": "OHWI", "NDHWC": "ODHWI"}
+CONV_OPS_KEY = "conv"
+DENSE_OP = "relax.matmul"  # by constant weights: a 1 x 1 convolution (`_Chain.dense`)
 OPAQUE = 8  # Relax's OpPatternKind kOpaque: FuseOps fuses nothing into a convgen kernel
 
 
@@ -134,7 +138,8 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
     inputs, outputs = model_io(model)
     t0 = time.perf_counter()
     try:
-        mod = from_onnx(model, keep_params_in_input=False)
+        with _clip_as_relax_op():
+            mod = from_onnx(model, keep_params_in_input=False)
     except Exception as err:  # the frontend's errors name the operator
         raise UnsupportedError(f"model: TVM cannot import {name}: "
                                f"{str(err).strip().splitlines()[-1]}") from None
@@ -171,9 +176,51 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
         "import": t1 - t0, "kernels": t2 - t1, "other_ops": t3 - t2, "tvm_compile": t4 - t3})
 
 
-def _node_names(model: onnx.ModelProto) -> list[str]:
-    """The model's Conv nodes' names, in graph order (the frontend keeps that order)."""
-    return [n.name or f"Conv_{i}" for i, n in enumerate(model.graph.node) if n.op_type == "Conv"]
+@contextmanager
+def _clip_as_relax_op() -> Iterator[None]:
+    """While importing: ONNX Clip with constant bounds (ReLU6) as Relax's element-wise
+    `minimum(maximum(x, lo), hi)`. The frontend lowers every Clip to two anonymous
+    TE functions (to honour NaN bounds, which constant bounds are not), which
+    ConvertLayout cannot carry a layout through (nor its `clip` operator) and
+    `_ConvFuser` cannot read. Its converter table is looked up per import
+    (`_get_convert_map`); the original is put back afterwards."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend as frontend
+
+    class Clip(frontend.Clip):  # type: ignore[misc,name-defined]
+        @classmethod
+        def _impl_v13(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+            bounds = [_const(b) if b is not None else None for b in inputs[1:3]]
+            if (all(b is not None and b.size == 1 and not np.isnan(b).any() for b in bounds)
+                    and isinstance(inputs[0].ty, relax.TensorType)):
+                dtype = inputs[0].ty.dtype
+                lo, hi = (relax.const(b.reshape(()), dtype) for b in bounds)  # type: ignore[union-attr]
+                return bb.emit(relax.op.minimum(bb.emit(relax.op.maximum(inputs[0], lo)), hi))
+            return super()._impl_v13(bb, inputs, attr, params)
+
+        _impl_v11 = _impl_v13
+
+    original = frontend._get_convert_map
+
+    def convert_map() -> dict[str, Any]:
+        return {**original(), "Clip": Clip}
+
+    frontend._get_convert_map = convert_map
+    try:
+        yield
+    finally:
+        frontend._get_convert_map = original
+
+
+def _node_names(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """The names of the model's Conv nodes, and of its Gemm and MatMul nodes (each one
+    Relax matmul), in graph order: the order the frontend emits their operators in."""
+    names: dict[str, list[str]] = {CONV_OPS_KEY: [], DENSE_OP: []}
+    for i, n in enumerate(model.graph.node):
+        kind = {"Conv": CONV_OPS_KEY, "Gemm": DENSE_OP, "MatMul": DENSE_OP}.get(n.op_type)
+        if kind:
+            names[kind].append(n.name or f"{n.op_type}_{i}")
+    return names
 
 
 # ---- the convolutions and their epilogues ---------------------------------------------
@@ -193,12 +240,18 @@ class _Kernel:
 class _Chain:
     """A convolution and the bindings after it that fold into its write-back."""
 
-    conv: relax.Call
+    conv: relax.Call  # the convolution, or a matmul by constant weights (`dense`)
     end: relax.Call  # the value of the last folded binding (replaced by the kernel)
     bias: np.ndarray | None = None
     residual: relax.Expr | None = None
     activation: str = "none"
     fused: list[str] = field(default_factory=list)  # the folded operators, for the manifest
+
+    @property
+    def dense(self) -> bool:
+        """A matmul x[M, K] @ W[K, N] (ONNX Gemm, MatMul): it runs as the 1 x 1
+        convolution it is, channels-last, [1, 1, M, K] by [N, 1, 1, K]."""
+        return _op(self.conv) == DENSE_OP
 
 
 def _const(e: Any) -> np.ndarray | None:
@@ -229,17 +282,29 @@ class _ConvFuser:
         self.mod, self.target, self.options = mod, target, options
         self.bindings: dict[Any, Any] = {}  # var -> value
         self.users: dict[Any, list[Any]] = {}  # var -> the binding vars whose value reads it
+        self.taken: set[Any] = set()  # bindings folded into a chain already
         self.kernels: dict[ConvSpec, _Kernel] = {}
 
     @classmethod
     def run(cls, mod: IRModule, target: TargetInfo, options: DeployOptions,
-            node_names: list[str]) -> tuple[IRModule, list[ModelLayer]]:
+            node_names: dict[str, list[str]]) -> tuple[IRModule, list[ModelLayer]]:
         from tvm import relax
 
         self = cls(mod, target, options)
         self._scan(mod["main"])
-        chains = [c for c in (self._chain(value) for value in self.bindings.values()
-                              if _op(value) in CONV_OPS) if c is not None]
+        # in graph order: where a residual Add follows two convolutions (a ResNet block's
+        # branch and its projection shortcut), the first to reach it takes it
+        chains, names, seen = [], [], {CONV_OPS_KEY: 0, DENSE_OP: 0}
+        for var, value in self.bindings.items():
+            kind = DENSE_OP if _op(value) == DENSE_OP else CONV_OPS_KEY
+            if _op(value) not in (*CONV_OPS, DENSE_OP):
+                continue
+            i, seen[kind] = seen[kind], seen[kind] + 1
+            chain = self._chain(var, value)
+            if chain is not None:
+                chains.append(chain)
+                known = node_names.get(kind, [])
+                names.append(known[i] if i < len(known) else f"{kind}_{i}")
         specs = [self._spec(c) for c in chains]
         self._build_kernels(sorted(set(specs), key=lambda s: s.name()))
         packed = self._pack(chains, specs)
@@ -249,16 +314,25 @@ class _ConvFuser:
         @relax.expr_functor.mutator
         class Rewriter(relax.PyExprMutator):  # type: ignore[misc]
             def visit_call_(self, call: Any) -> Any:
-                if call in ends:
-                    chain, spec, weight = ends[call]
-                    gvar = fuser.kernels[spec].gvar
-                    args = [self.visit_expr(chain.conv.args[0]), relax.const(weight)]
-                    if chain.bias is not None:
-                        args.append(relax.const(chain.bias))
-                    if chain.residual is not None:
-                        args.append(self.visit_expr(chain.residual))
+                if call not in ends:
+                    return super().visit_call_(call)
+                chain, spec, weight = ends[call]
+                gvar = fuser.kernels[spec].gvar
+
+                def fed(e: Any, shape: tuple[int, ...]) -> Any:  # a dense layer's operands
+                    e = self.visit_expr(e)  # are viewed as the convolution's (free)
+                    return self.builder_.emit(relax.op.reshape(e, shape)) if chain.dense else e
+
+                args = [fed(chain.conv.args[0], spec.data_shape), relax.const(weight)]
+                if chain.bias is not None:
+                    args.append(relax.const(chain.bias))
+                if chain.residual is not None:
+                    args.append(fed(chain.residual, spec.out_shape))
+                if not chain.dense:
                     return relax.call_tir(gvar, args, chain.end.ty)
-                return super().visit_call_(call)
+                out = self.builder_.emit(relax.call_tir(
+                    gvar, args, relax.TensorType(spec.out_shape, spec.dtype)))
+                return relax.op.reshape(out, _shape(chain.end))
 
         rewriter = Rewriter(mod)
         for spec, kernel in self.kernels.items():
@@ -267,10 +341,9 @@ class _ConvFuser:
         rewriter.builder_.update_func(mod.get_global_var("main"), main)
         out = relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
         layers = [
-            ModelLayer(node_names[i] if i < len(node_names) else f"conv_{i}",
-                       tuple(c.fused), self._kernel_name(s), s, self.kernels[s].choice,
+            ModelLayer(name, tuple(c.fused), self._kernel_name(s), s, self.kernels[s].choice,
                        self.kernels[s].packing.algorithm)
-            for i, (c, s) in enumerate(zip(chains, specs))
+            for name, c, s in zip(names, chains, specs)
         ]
         return out, layers
 
@@ -289,6 +362,7 @@ class _ConvFuser:
                 fuser.bindings[binding.var] = binding.value
                 self.current = binding.var
                 self.visit_expr(binding.value)
+                self.current = None  # a read outside any binding: the function's result
 
             def visit_var_(self, var: Any) -> None:
                 fuser.users.setdefault(var, []).append(getattr(self, "current", None))
@@ -302,29 +376,39 @@ class _ConvFuser:
         users = self.users.get(var, [])
         return users[0] if len(users) == 1 and users[0] is not None else None
 
-    def _chain(self, conv: Any) -> _Chain | None:
-        """The convolution and what folds into it, or None where convgen cannot take it
-        (weights not constant, a layout without a convgen kernel, ...)."""
-        nd = CONV_OPS[_op(conv) or ""]
-        a = conv.attrs
-        layout = str(a.data_layout)
-        if (_const(conv.args[1]) is None or layout not in (CHANNELS_FIRST[nd], CHANNELS_LAST[nd])
-                or str(a.kernel_layout) != WEIGHT_LAYOUTS[layout]
-                or str(a.out_layout) != layout or str(conv.ty.dtype) not in ("float32",)):
-            return None
-        var = next(v for v, value in self.bindings.items() if value.same_as(conv))
+    def _chain(self, var: Any, conv: Any) -> _Chain | None:
+        """The convolution bound to `var` and what folds into it (bindings no earlier
+        chain took), or None where convgen cannot take it (weights not constant, a
+        layout without a convgen kernel, ...)."""
         chain = _Chain(conv, conv)
-        channel_axis = layout.index("C")
+        if str(conv.ty.dtype) != "float32" or _const(conv.args[1]) is None:
+            return None
+        if chain.dense:
+            if len(_shape(conv.args[0])) != 2 or len(_shape(conv.args[1])) != 2:
+                return None
+            channel_axis = 1
+        else:
+            nd, a = CONV_OPS[_op(conv) or ""], conv.attrs
+            layout = str(a.data_layout)
+            if (layout not in (CHANNELS_FIRST[nd], CHANNELS_LAST[nd])
+                    or str(a.kernel_layout) != WEIGHT_LAYOUTS[layout]
+                    or str(a.out_layout) != layout):
+                return None
+            channel_axis = layout.index("C")
         out_shape = _shape(conv)
+        taken = []
         while True:
             user = self._only_user(var)
             if user is None:
                 silu = self._silu(var)
                 if silu is None or chain.activation != "none":
                     break
+                taken += self.users[var]
                 var, chain.activation = silu, "silu"
                 chain.end = self.bindings[var]
                 chain.fused += ["Sigmoid", "Mul"]
+                break
+            if user in self.taken:
                 break
             value, op = self.bindings[user], _op(self.bindings[user])
             if op == "relax.add" and chain.activation == "none":
@@ -342,13 +426,18 @@ class _ConvFuser:
             elif op == "relax.nn.relu" and chain.activation == "none":
                 chain.activation = "relu"
                 chain.fused.append("Relu")
+            elif (op == "relax.maximum" and chain.activation == "none"
+                  and _scalar(value.args[1]) == 0.0):
+                chain.activation = "relu"  # the first half of ONNX Clip(0, hi)
+                chain.fused.append("Clip")
             elif (op == "relax.minimum" and chain.activation == "relu"
-                  and _is_scalar(_const(value.args[1]), 6.0)):
-                chain.activation = "relu6"  # ONNX Clip(0, 6), as `normalize_model` wrote it
-                chain.fused[-1] = "Clip"
+                  and chain.fused[-1] == "Clip" and _scalar(value.args[1]) == 6.0):
+                chain.activation = "relu6"  # Clip(0, 6) (`_clip_as_relax_op`)
             else:
                 break
             var, chain.end = user, value
+            taken.append(user)
+        self.taken.update(taken)
         return chain
 
     def _silu(self, var: Any) -> Any | None:
@@ -358,12 +447,19 @@ class _ConvFuser:
             return None
         by_op = {_op(self.bindings[u]): u for u in users}
         sig, mul = by_op.get("relax.sigmoid"), by_op.get("relax.multiply")
-        if sig is None or mul is None or self._only_user(sig) != mul:
+        if (sig is None or mul is None or self._only_user(sig) != mul
+                or {sig, mul} & self.taken):
             return None
         return mul
 
     def _spec(self, chain: _Chain) -> ConvSpec:
         conv, a = chain.conv, chain.conv.attrs
+        epilogue = {"bias": chain.bias is not None, "residual": chain.residual is not None,
+                    "activation": chain.activation}
+        if chain.dense:  # no Conv node: no flip to apply (nor would a 1 x 1 show one)
+            (m, k), n = _shape(conv.args[0]), _shape(conv)[1]
+            return make_spec(mode="corr", input=(1, 1, m, k), kernel=(n, 1, 1, k),
+                             layout="NHWC", **epilogue)
         layout = str(a.data_layout)
         return make_spec(
             mode=self.options.mode,
@@ -375,9 +471,7 @@ class _ConvFuser:
             groups=int(a.groups),
             layout=layout,
             dtype=str(conv.ty.dtype),
-            bias=chain.bias is not None,
-            residual=chain.residual is not None,
-            activation=chain.activation,
+            **epilogue,
         )
 
     def _build_kernels(self, specs: list[ConvSpec]) -> None:
@@ -406,11 +500,20 @@ class _ConvFuser:
         lib = tvm.compile(tvm.IRModule(funcs), target=self.target.tvm_target())
         packed = []
         for chain, spec in zip(chains, specs):
-            weight = tvm.runtime.tensor(np.ascontiguousarray(_const(chain.conv.args[1])))
+            w = _const(chain.conv.args[1])
+            if chain.dense:  # [K, N] -> the 1 x 1 convolution's [N, 1, 1, K]
+                w = w.T.reshape(spec.weight_shape)
+            weight = tvm.runtime.tensor(np.ascontiguousarray(w))
             out = tvm.runtime.empty(self.kernels[spec].packing.packed_shape(spec), spec.dtype)
             lib[names[spec]](weight, out)
             packed.append(out.numpy())
         return packed
+
+
+def _scalar(e: Any) -> float | None:
+    """The value of a one-element constant (None for anything else)."""
+    values = _const(e)
+    return float(values.reshape(-1)[0]) if values is not None and values.size == 1 else None
 
 
 def _per_channel(values: np.ndarray, out_shape: tuple[int, ...], channel_axis: int) -> bool:
@@ -419,48 +522,6 @@ def _per_channel(values: np.ndarray, out_shape: tuple[int, ...], channel_axis: i
     if values.ndim == len(out_shape):
         return all(d == (channels if i == channel_axis else 1) for i, d in enumerate(values.shape))
     return values.ndim == 1 and values.shape[0] == channels and channel_axis == len(out_shape) - 1
-
-
-def _is_scalar(values: np.ndarray | None, want: float) -> bool:
-    return values is not None and values.size == 1 and float(values.reshape(-1)[0]) == want
-
-
-# ---- the model as given, made ready ---------------------------------------------------
-
-
-def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Clip(x, 0, 6) (ReLU6) as Min(Relu(x), 6), the same function, which the Relax
-    frontend imports as two plain operators `_ConvFuser` can read (it lowers Clip to
-    anonymous TIR). A copy; the model given is left as it is."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t)
-              for n in model.graph.node if n.op_type == "Constant" and n.attribute
-              and n.attribute[0].name == "value"}
-    inits.update(consts)
-    nodes = []
-    six = "convgen_relu6_max"
-    for node in model.graph.node:
-        bounds = [inits.get(name) for name in node.input[1:3]] if len(node.input) == 3 else []
-        if (node.op_type == "Clip" and len(bounds) == 2 and _is_scalar(bounds[0], 0.0)
-                and _is_scalar(bounds[1], 6.0)):
-            relu = f"{node.output[0]}_convgen_relu"
-            nodes.append(helper.make_node("Relu", [node.input[0]], [relu],
-                                          name=f"{node.name}_relu"))
-            nodes.append(helper.make_node("Min", [relu, six], list(node.output),
-                                          name=node.name))
-            if six not in inits:
-                model.graph.initializer.append(numpy_helper.from_array(
-                    np.array(6.0, dtype=np.float32), six))
-                inits[six] = np.array(6.0)
-        else:
-            nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return model
 
 
 def layer_summary(layers: list[ModelLayer]) -> list[str]:
@@ -505,7 +566,7 @@ def deploy_artifact(
     source = Path(model_path)
     name = source.stem
     model = read_model(source)
-    compiled = compile_model(normalize_model(model), name, target, options)
+    compiled = compile_model(model, name, target, options)
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

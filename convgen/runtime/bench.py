@@ -160,14 +160,15 @@ def _prepare(
 def bench_model(model: Model, *, repeats: int = 30, warmup: int = 5,
                 min_sample_ms: float = 20.0) -> BenchResult:
     """A deployed model against onnxruntime on the model as given (all optimizations,
-    weights as initializers; for `conv` mode with its Conv weights flipped), in one
-    process, alternating rounds; convgen through `model(x)` on numpy arrays."""
+    weights as initializers, its thread pool spinning as by default; for `conv` mode
+    with its Conv weights flipped), in one process, alternating rounds (each starting
+    once the other's threads are idle); convgen through `model(x)` on numpy arrays."""
     from convgen.runtime.verify import model_inputs, reference_session
 
     m = model.manifest
     inputs = model_inputs(model, seed=0)
-    session = reference_session(model)
-    result = BenchResult(m.name, f"{m.name}: {len(m.layers)} convolutions, {m.mode}, "
+    session = reference_session(model, spinning=True)  # onnxruntime's default
+    result = BenchResult(m.name, f"{m.name}: {len(m.layers)} convgen layers, {m.mode}, "
                          f"{m.layout}", "cpu", available_cores(), m.flops,
                          schedule=f"{len(m.layers)} convgen kernels", algorithm="model")
     calls: dict[str, Callable[[], Any]] = {

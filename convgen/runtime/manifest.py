@@ -396,10 +396,11 @@ MODEL_ENTRY = "main"  # the Relax VM function that runs the model
 
 @dataclass(frozen=True)
 class ModelLayer:
-    """One convolution of a deployed model: the ONNX Conv node it came from, the
-    operators folded into its write-back, and the kernel that runs it."""
+    """One layer of a deployed model that runs on a convgen kernel: a convolution, or
+    a Gemm/MatMul by constant weights (as the 1 x 1 convolution it is); the ONNX node
+    it came from, the operators folded into its write-back, and the kernel."""
 
-    node: str  # the ONNX Conv node's name
+    node: str  # the ONNX node's name (Conv, Gemm or MatMul)
     fused: tuple[str, ...]  # the ONNX nodes folded into its epilogue (Add, Relu, ...)
     kernel: str  # the module's function (layers with one spec share one)
     spec: ConvSpec  # in the layout the model runs it in, with its epilogue
@@ -441,7 +442,7 @@ class ModelManifest:
 
     @property
     def flops(self) -> int:
-        """The convolutions' FLOPs (the rest of a CNN is a rounding error)."""
+        """The convgen layers' FLOPs (the rest of a CNN is a rounding error)."""
         return sum(layer.spec.flops for layer in self.layers)
 
     def path_of(self, role: str, directory: Path) -> Path:

@@ -41,7 +41,7 @@ class Model:
         self._vm: Any = None
 
     def __repr__(self) -> str:
-        return f"<convgen.Model {self.name}: {len(self.manifest.layers)} convolutions>"
+        return f"<convgen.Model {self.name}: {len(self.manifest.layers)} convgen layers>"
 
     @property
     def main(self) -> Any:

@@ -10,6 +10,8 @@ and nothing in parallel. What pays here:
   * vectorizing an element-wise nest by a lane count that divides its innermost
     extent (with one that does not, TVM cannot simplify the index over a vector
     and emits gathers: 18x slower on a 56-wide row);
+  * reductions (pooling, mean) with the channels innermost, vectorized, below
+    the window loops;
   * threads only for large operators: a parallel region costs several
     microseconds to wake the pool, more than a 200 K-element ReLU takes on one
     core (LLVM already vectorizes the innermost loop of such a nest).
@@ -26,7 +28,7 @@ from typing import Any
 # element-wise nests with fewer outputs run on one core (see above); reductions below
 # this much work (outputs x reduction extent) too
 PARALLEL_MIN_OUTPUTS = 1 << 20
-PARALLEL_MIN_WORK = 1 << 21
+PARALLEL_MIN_WORK = 1 << 19
 
 
 def schedule_model_ops() -> Any:
@@ -71,11 +73,39 @@ def _rule() -> Any:
                         sch.vectorize(inner)
                     if outputs >= PARALLEL_MIN_OUTPUTS:
                         sch.parallel(outer)
-                elif math.prod(extents) >= PARALLEL_MIN_WORK and outputs >= 2:
-                    sch.parallel(sch.fuse(*loops[:spatial]) if spatial > 1 else loops[0])
+                else:
+                    sch = _reduction(sch, block.block_rv, extents, spatial, widest)
             return sch
 
     return OtherOpsCPU()
+
+
+def _reduction(sch: Any, block: Any, extents: list[int], spatial: int, widest: int) -> Any:
+    """A reduction (pooling, mean): channels-last keeps the channels innermost and
+    contiguous, so the reduction loops go outside them and the channels are
+    vectorized, every window position one vector load and max/add per lane group
+    (the accumulator's initialisation moved out of the reduction loops). Where TVM
+    refuses a step, the reduction stays as it was (on a copy of the schedule)."""
+    from tvm.s_tir import ScheduleError
+
+    lanes = next((n for n in (widest, 8, 4) if extents[spatial - 1] % n == 0), None)
+    trial = sch.copy()
+    try:
+        loops = trial.get_loops(block)
+        s_loops, r_loops = loops[:spatial], loops[spatial:]
+        if lanes is not None:
+            outer, inner = trial.split(s_loops[-1], factors=[None, lanes])
+            trial.reorder(*s_loops[:-1], outer, *r_loops, inner)
+            trial.vectorize(inner)
+            s_loops = [*s_loops[:-1], outer]
+        if math.prod(extents) >= PARALLEL_MIN_WORK and math.prod(extents[:spatial]) >= 2:
+            trial.parallel(trial.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0])
+        if lanes is not None:  # last: vectorize and parallel need the block whole
+            init = trial.decompose_reduction(block, r_loops[0])
+            trial.vectorize(trial.get_loops(init)[-1])
+    except ScheduleError:
+        return sch
+    return trial
 
 
 def _extent(sch: Any, loop: Any) -> int | None:

@@ -1,0 +1,238 @@
+"""`convgen deploy`: whole ONNX models on convgen's kernels, in both modes and both
+activation layouts, against onnxruntime on the model as given (for `conv`, on the
+model with its Conv weights flipped). The models are small and generated here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+import convgen
+from convgen.cli import main
+from convgen.compiler.deploy import DeployOptions, deploy_artifact
+from convgen.onnx_export import IR_VERSION, OPSET, flip_conv_weights
+from convgen.runtime.verify import MODEL_TOLERANCE, model_inputs, ort_session
+
+
+class Net:
+    """A small ONNX graph, built node by node, weights random and asymmetric."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def init(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def init_shape(self, name: str, shape: list[int]) -> str:
+        self.inits.append(numpy_helper.from_array(np.array(shape, np.int64), name))
+        return name
+
+    def op(self, op: str, inputs: list[str], out: str, **attrs: object) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def conv(self, x: str, out: str, c_in: int, c_out: int, kernel: tuple[int, ...],
+             bias: bool = True, **attrs: object) -> str:
+        groups = int(attrs.get("group", 1))
+        w = self.rng.standard_normal((c_out, c_in // groups, *kernel))
+        w /= np.sqrt(c_in // groups * np.prod(kernel))
+        inputs = [x, self.init(f"{out}_w", w)]
+        if bias:
+            inputs.append(self.init(f"{out}_b", self.rng.standard_normal(c_out) * 0.1))
+        return self.op("Conv", inputs, out, kernel_shape=list(kernel), **attrs)
+
+    def model(self, x_shape: tuple[int, ...], y: str, y_shape: tuple[int, ...]
+              ) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+            [helper.make_tensor_value_info(y, TensorProto.FLOAT, y_shape)],
+            initializer=self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              ir_version=IR_VERSION)
+        onnx.checker.check_model(m, full_check=True)
+        return m
+
+
+def residual_block() -> tuple[onnx.ModelProto, int]:
+    """ResNet's basic block and head: Conv+Relu, Conv+Add+Relu, a projection shortcut,
+    MaxPool, GlobalAveragePool, Gemm."""
+    n = Net(1)
+    a = n.op("Relu", [n.conv("x", "c1", 8, 16, (3, 3), pads=[1, 1, 1, 1])], "r1")
+    b = n.conv(a, "c2", 16, 16, (3, 3), pads=[1, 1, 1, 1])
+    r = n.op("Relu", [n.op("Add", [b, a], "add1")], "r2")
+    c = n.op("Relu", [n.conv(r, "c3", 16, 24, (3, 3), strides=[2, 2], pads=[1, 1, 1, 1])], "r3")
+    d = n.conv(c, "c4", 24, 24, (3, 3), pads=[1, 1, 1, 1])
+    short = n.conv(r, "c5", 16, 24, (1, 1), strides=[2, 2])
+    e = n.op("Relu", [n.op("Add", [d, short], "add2")], "r4")
+    p = n.op("MaxPool", [e], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    g = n.op("Flatten", [n.op("GlobalAveragePool", [p], "gap")], "flat", axis=1)
+    y = n.op("Gemm", [g, n.init("fc_w", n.rng.standard_normal((10, 24)) * 0.2),
+                      n.init("fc_b", n.rng.standard_normal(10))], "y", transB=1)
+    return n.model((1, 8, 12, 12), y, (1, 10)), 5
+
+
+def depthwise_block() -> tuple[onnx.ModelProto, int]:
+    """MobileNetV2's inverted residual: 1x1 + ReLU6 (Clip), depthwise 3x3 + ReLU6, 1x1
+    projection + residual Add; then a strided depthwise layer with asymmetric pads."""
+    n = Net(2)
+    lo, hi = n.init("lo", np.array(0.0)), n.init("hi", np.array(6.0))
+    a = n.op("Clip", [n.conv("x", "e1", 8, 48, (1, 1)), lo, hi], "a1")
+    b = n.op("Clip", [n.conv(a, "d1", 48, 48, (3, 3), group=48, pads=[1, 1, 1, 1]), lo, hi],
+             "a2")
+    c = n.op("Add", [n.conv(b, "p1", 48, 8, (1, 1)), "x"], "res")
+    d = n.conv(c, "d2", 8, 8, (3, 3), group=8, strides=[2, 2], pads=[0, 1, 1, 0])
+    return n.model((1, 8, 10, 10), d, (1, 8, 5, 5)), 4
+
+
+def conv_1d_3d_grouped() -> tuple[onnx.ModelProto, int]:
+    """A Conv1d (dilated, asymmetric pads) into a grouped Conv2d with SiLU, then a
+    Conv3d: every rank, groups, the SiLU epilogue (Sigmoid and Mul)."""
+    n = Net(3)
+    a = n.conv("x", "c1", 4, 6, (3,), dilations=[2], pads=[2, 1])
+    a = n.op("Relu", [a], "r1")  # 1 x 6 x 15
+    b = n.op("Reshape", [a, n.init_shape("s1", [1, 6, 3, 5])], "to2d")
+    c = n.conv(b, "c2", 6, 6, (2, 2), group=3, pads=[1, 0, 0, 1])  # 1 x 6 x 3 x 5
+    c = n.op("Mul", [c, n.op("Sigmoid", [c], "sig")], "silu")
+    d = n.op("Reshape", [c, n.init_shape("s2", [1, 6, 3, 5, 1])], "to3d")
+    e = n.conv(d, "c3", 6, 4, (3, 3, 1), pads=[1, 1, 0, 1, 1, 0], bias=False)
+    return n.model((1, 4, 16), e, (1, 4, 3, 5, 1)), 3
+
+
+MODELS = {"residual_block": residual_block, "depthwise_block": depthwise_block,
+          "conv_1d_3d_grouped": conv_1d_3d_grouped}
+
+
+def _deploy(tmp_path: Path, name: str, mode: str, layout: str, cpu_target
+            ) -> tuple[Path, onnx.ModelProto, int]:
+    model, convs = MODELS[name]()
+    src = tmp_path / f"{name}.onnx"
+    onnx.save(model, src)
+    out = tmp_path / f"{name}_{mode}_{layout}"
+    deploy_artifact(src, cpu_target, out, DeployOptions(mode=mode, layout=layout))
+    return out, model, convs
+
+
+@pytest.mark.parametrize("layout", ["channels-last", "channels-first"])
+@pytest.mark.parametrize("mode", ["corr", "conv"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_deployed_model_matches_onnxruntime(name, mode, layout, cpu_target, tmp_path):
+    out, model, convs = _deploy(tmp_path, name, mode, layout, cpu_target)
+    m = convgen.load(out)
+    assert isinstance(m, convgen.Model)
+    manifest = m.manifest
+    assert manifest.verification.passed, manifest.verification.lines()
+    # every Conv is a convgen kernel, in the mode and layout chosen, none is left to
+    # TVM, and a Gemm runs as the 1 x 1 convolution it is
+    convs_run = [layer for layer in manifest.layers if layer.node != "y"]
+    assert len(convs_run) == convs
+    assert all(layer.spec.mode == mode for layer in convs_run)
+    assert all(layer.spec.channels_last == (layout == "channels-last") for layer in convs_run)
+    assert not [op for op in manifest.other_ops if "conv" in op or "matmul" in op]
+    if name == "residual_block":
+        [gemm] = [layer for layer in manifest.layers if layer.node == "y"]
+        assert gemm.spec.kernel_size == (1, 1) and gemm.spec.bias
+    # independently of verify_model, on other inputs: onnxruntime on the model (with
+    # the Conv weights flipped for conv) by hand
+    x = np.random.default_rng(9).standard_normal(m.inputs[0].shape).astype(np.float32)
+    ref = flip_conv_weights(model) if mode == "conv" else model
+    want = ort_session(ref.SerializeToString()).run(None, {"x": x})[0]
+    got = m(x)
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.abs(got - want).max() <= MODEL_TOLERANCE * np.abs(want).max()
+    if mode == "conv":  # the flip happened
+        plain = ort_session(model.SerializeToString()).run(None, {"x": x})[0]
+        assert np.abs(got - plain).max() > 10 * MODEL_TOLERANCE * np.abs(plain).max()
+
+
+def test_epilogues_are_folded_into_the_kernels(cpu_target, tmp_path):
+    out, _, _ = _deploy(tmp_path, "residual_block", "corr", "channels-last", cpu_target)
+    layers = {layer.node: layer for layer in convgen.load(out).manifest.layers}
+    assert layers["c1"].fused == ("Add", "Relu") and layers["c1"].spec.activation == "relu"
+    # the block's second conv takes the residual Add (the shortcut conv after it does not)
+    assert layers["c2"].spec.residual and layers["c2"].fused == ("Add", "Add", "Relu")
+    assert layers["c4"].spec.residual and not layers["c5"].spec.residual
+    out, _, _ = _deploy(tmp_path, "depthwise_block", "corr", "channels-last", cpu_target)
+    layers = {layer.node: layer for layer in convgen.load(out).manifest.layers}
+    assert layers["e1"].spec.activation == "relu6" and layers["d1"].spec.is_depthwise
+    assert layers["p1"].spec.residual and layers["p1"].spec.activation == "none"
+    out, _, _ = _deploy(tmp_path, "conv_1d_3d_grouped", "corr", "channels-last", cpu_target)
+    layers = {layer.node: layer for layer in convgen.load(out).manifest.layers}
+    assert layers["c2"].spec.activation == "silu" and layers["c2"].spec.groups == 3
+    assert [layers[c].spec.ndim for c in ("c1", "c2", "c3")] == [1, 2, 3]
+
+
+def test_model_calls_take_names_and_check_inputs(cpu_target, tmp_path):
+    out, _, _ = _deploy(tmp_path, "depthwise_block", "corr", "channels-last", cpu_target)
+    m = convgen.load(out)
+    x = model_inputs(m, seed=1)["x"]
+    np.testing.assert_array_equal(m(x), m(x=x))
+    np.testing.assert_array_equal(m(x), m(np.asfortranarray(x)))  # any memory order
+    with pytest.raises(convgen.ConvgenError, match=r"^x: shape"):
+        m(x[..., :4])
+    with pytest.raises(convgen.ConvgenError, match=r"^y: not an input"):
+        m(y=x)
+    with pytest.raises(convgen.ConvgenError, match=r"^inputs: .* takes 1"):
+        m(x, x)
+
+
+def test_deployed_model_runs_without_the_compiler(cpu_target, tmp_path):
+    """A deployment needs tvm-ffi and TVM's runtime library, never `import tvm`."""
+    out, _, _ = _deploy(tmp_path, "residual_block", "conv", "channels-last", cpu_target)
+    code = f"""
+import sys, numpy as np, convgen
+m = convgen.load({str(out)!r})
+y = m(np.ones(m.inputs[0].shape, np.float32))
+assert y.shape == (1, 10) and np.isfinite(y).all()
+assert "tvm" not in sys.modules, "the TVM compiler was imported"
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr
+
+
+def test_cli_deploy_verify_bench(tmp_path):
+    model, _ = residual_block()
+    src = tmp_path / "block.onnx"
+    onnx.save(model, src)
+    out = tmp_path / "dep"
+    runner = CliRunner()
+    result = runner.invoke(main, ["deploy", str(src), "--out", str(out), "--mode", "conv"])
+    assert result.exit_code == 0, result.output
+    assert "6 layers on convgen kernels (conv, channels-last)" in result.output
+    assert "verification passed" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["block.json", "block.onnx", "block.so"]
+    manifest = json.loads((out / "block.json").read_text())
+    assert manifest["format"] == "convgen-model" and manifest["mode"] == "conv"
+    assert manifest["inputs"] == [{"name": "x", "shape": [1, 8, 12, 12], "dtype": "float32"}]
+    result = runner.invoke(main, ["verify", str(out)])
+    assert result.exit_code == 0 and "verification passed" in result.output, result.output
+    result = runner.invoke(main, ["bench", str(out), "--repeats", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert set(row["times"]) == {"convgen", "onnxruntime"}
+
+
+def test_bad_models_are_one_line(tmp_path):
+    runner = CliRunner()
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    result = runner.invoke(main, ["deploy", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and result.output.startswith("Error: model:"), result.output
+    model, _ = residual_block()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    dynamic = tmp_path / "dynamic.onnx"
+    onnx.save(model, dynamic)
+    result = runner.invoke(main, ["deploy", str(dynamic), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "no static shape" in result.output, result.output
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
