@@ -287,12 +287,17 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, library: 
               "GPU machine (which needs only nvcc, tvm-ffi and numpy).")
 @click.option("--ingest", type=click.Path(exists=True, file_okay=False), default=None,
               help="CUDA: turn a measured candidates folder (results.json) into records.")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Tune the layers `convgen deploy` builds for this ONNX model (its "
+              "convolutions and Gemms, channels-last, as deployed), which a later deploy "
+              "then uses.")
 @algorithm_option
 @json_option
 @handle_errors
 def tune(target: str, trials: int | None, minutes: float | None, method: str, workers: int,
          library: str | None, work_dir: str | None, emit_candidates: str | None,
-         ingest: str | None, algorithm: str, as_json: bool, **spec_flags: Any) -> None:
+         ingest: str | None, model: str | None, algorithm: str, as_json: bool,
+         **spec_flags: Any) -> None:
     """Search schedules for kernels and keep the fastest in the record library, which
     `convgen build` then uses. CPU: measured here; Ctrl-C keeps every finished record and
     rerunning the same command resumes. CUDA: --emit-candidates DIR here, `convgen measure
@@ -305,15 +310,25 @@ def tune(target: str, trials: int | None, minutes: float | None, method: str, wo
     if tinfo.is_cuda:
         _tune_cuda(tinfo, trials, lib, emit_candidates, ingest, as_json, spec_flags)
         return
-    specs = collect_specs(**spec_flags)
+    if model:
+        from convgen.compiler.deploy import DeployOptions, model_specs, read_model
+
+        specs = list(dict.fromkeys(s for _, s in model_specs(read_model(model), tinfo,
+                                                             DeployOptions())))
+    else:
+        specs = collect_specs(**spec_flags)
     options = TuneOptions(trials=trials, minutes=minutes, workers=workers, method=method,
                           algorithm=algorithm, library=Path(library) if library else None,
                           work_dir=Path(work_dir) if work_dir else None)
-    position = {s.name(): i + 1 for i, s in enumerate(specs)}
+    from convgen.compiler.records import record_spec
+
+    # tuning runs each record's spec once (`record_spec`: corr on CPU, no epilogue)
+    keys = list(dict.fromkeys(record_spec(s, tinfo) for s in specs))
+    position = {k.name(): i + 1 for i, k in enumerate(keys)}
     live = sys.stderr.isatty() and not as_json
 
     def progress(spec: Any, done: int, total: int, gflops: float) -> None:
-        line = (f"[{position[spec.name()]}/{len(specs)}] {spec.name()}: {done}/{total} "
+        line = (f"[{position[spec.name()]}/{len(keys)}] {spec.name()}: {done}/{total} "
                 f"candidates, best {gflops:.1f} GFLOP/s")
         if live:
             click.echo("\r" + line + " " * 8, nl=done == total, err=True)
@@ -325,9 +340,10 @@ def tune(target: str, trials: int | None, minutes: float | None, method: str, wo
     for r in results:
         rows.append({"name": r.spec.name(), "gflops": round(r.gflops, 2), "measured": r.measured,
                      "record": str(r.record_path) if r.record_path else None,
+                     "seconds": round(r.seconds, 1),
                      "schedule": r.best.candidate.__dict__ if r.best else None})
         where = f"-> {r.record_path}" if r.record_path else "(no working candidate)"
-        lines.append(f"{r.spec.name()}: {r.gflops:.1f} GFLOP/s {where}")
+        lines.append(f"{r.spec.name()}: {r.gflops:.1f} GFLOP/s in {r.seconds:.0f} s {where}")
     if results and results[-1].interrupted:
         lines.append("stopped early (budget or Ctrl-C); rerun the same command to resume")
     emit(as_json, rows, lines)

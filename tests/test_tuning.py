@@ -232,8 +232,10 @@ ZEN3 = '{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}'  # AVX2: 16
 
 
 @pytest.mark.parametrize(("flags", "template"), [
-    # channels-last, long reduction: vectors of input channels, no weight repack
-    (dict(input="1x7x7x512", kernel="512x3x3x512", padding=1, layout="NHWC"), "cpu_cvec"),
+    # channels-last, long reduction: output channels blocked in the packed weights;
+    # where they are no multiple of the vector, vectors of input channels
+    (dict(input="1x7x7x512", kernel="512x3x3x512", padding=1, layout="NHWC"), "cpu_kvec"),
+    (dict(input="1x7x7x256", kernel="6x3x3x256", padding=1, layout="NHWC"), "cpu_cvec"),
     # channels-first, rows of whole vectors: the GEMM-shaped row tile
     (dict(input="1x64x56x56", kernel="256x64x1x1"), "cpu_wvec"),
     (dict(input="1x256x28x28", kernel="256x1x3x3", padding=1, groups=256), "cpu_wvec"),

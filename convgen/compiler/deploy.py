@@ -128,7 +128,6 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
                   options: DeployOptions) -> CompiledModel:
     import tvm
     from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
 
     from convgen.compiler.schedule.model_ops import schedule_model_ops
 
@@ -137,18 +136,7 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
                                "models are not supported yet")
     inputs, outputs = model_io(model)
     t0 = time.perf_counter()
-    try:
-        with _clip_as_relax_op():
-            mod = from_onnx(model, keep_params_in_input=False)
-    except Exception as err:  # the frontend's errors name the operator
-        raise UnsupportedError(f"model: TVM cannot import {name}: "
-                               f"{str(err).strip().splitlines()[-1]}") from None
-    mod = relax.transform.DecomposeOpsForInference()(mod)
-    if options.layout == "channels-last":
-        desired = {op: [CHANNELS_LAST[nd], WEIGHT_LAYOUTS[CHANNELS_LAST[nd]]]
-                   for op, nd in CONV_OPS.items()}
-        mod = relax.transform.ConvertLayout(desired)(mod)
-    mod = relax.transform.FoldConstant()(mod)  # bias reshapes, weight transposes
+    mod = _relax_module(model, name, options)
     t1 = time.perf_counter()
     mod, layers = _ConvFuser.run(mod, target, options, _node_names(model))
     t2 = time.perf_counter()
@@ -210,6 +198,36 @@ def _clip_as_relax_op() -> Iterator[None]:
         yield
     finally:
         frontend._get_convert_map = original
+
+
+def _relax_module(model: onnx.ModelProto, name: str, options: DeployOptions) -> IRModule:
+    """The model in Relax, its initializers constants, in the activations' layout
+    `options` asks for (converted at the edges), constants folded."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    try:
+        with _clip_as_relax_op():
+            mod = from_onnx(model, keep_params_in_input=False)
+    except Exception as err:  # the frontend's errors name the operator
+        raise UnsupportedError(f"model: TVM cannot import {name}: "
+                               f"{str(err).strip().splitlines()[-1]}") from None
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    if options.layout == "channels-last":
+        desired = {op: [CHANNELS_LAST[nd], WEIGHT_LAYOUTS[CHANNELS_LAST[nd]]]
+                   for op, nd in CONV_OPS.items()}
+        mod = relax.transform.ConvertLayout(desired)(mod)
+    return relax.transform.FoldConstant()(mod)  # bias reshapes, weight transposes
+
+
+def model_specs(model: onnx.ModelProto, target: TargetInfo, options: DeployOptions
+                ) -> list[tuple[str, ConvSpec]]:
+    """(ONNX node, spec) of every layer `deploy` runs on a convgen kernel, as it will
+    build them (layout, epilogue), without building anything: what
+    `convgen tune --model` tunes."""
+    fuser = _ConvFuser(_relax_module(model, "model", options), target, options)
+    chains, names = fuser.find(_node_names(model))
+    return [(name, fuser._spec(chain)) for name, chain in zip(names, chains)]
 
 
 def _node_names(model: onnx.ModelProto) -> dict[str, list[str]]:
@@ -285,15 +303,11 @@ class _ConvFuser:
         self.taken: set[Any] = set()  # bindings folded into a chain already
         self.kernels: dict[ConvSpec, _Kernel] = {}
 
-    @classmethod
-    def run(cls, mod: IRModule, target: TargetInfo, options: DeployOptions,
-            node_names: dict[str, list[str]]) -> tuple[IRModule, list[ModelLayer]]:
-        from tvm import relax
-
-        self = cls(mod, target, options)
-        self._scan(mod["main"])
-        # in graph order: where a residual Add follows two convolutions (a ResNet block's
-        # branch and its projection shortcut), the first to reach it takes it
+    def find(self, node_names: dict[str, list[str]]) -> tuple[list[_Chain], list[str]]:
+        """Every chain, in graph order, with the name of the ONNX node it starts at.
+        Where a residual Add follows two convolutions (a ResNet block's branch and
+        its projection shortcut), the first to reach it takes it."""
+        self._scan(self.mod["main"])
         chains, names, seen = [], [], {CONV_OPS_KEY: 0, DENSE_OP: 0}
         for var, value in self.bindings.items():
             kind = DENSE_OP if _op(value) == DENSE_OP else CONV_OPS_KEY
@@ -305,6 +319,15 @@ class _ConvFuser:
                 chains.append(chain)
                 known = node_names.get(kind, [])
                 names.append(known[i] if i < len(known) else f"{kind}_{i}")
+        return chains, names
+
+    @classmethod
+    def run(cls, mod: IRModule, target: TargetInfo, options: DeployOptions,
+            node_names: dict[str, list[str]]) -> tuple[IRModule, list[ModelLayer]]:
+        from tvm import relax
+
+        self = cls(mod, target, options)
+        chains, names = self.find(node_names)
         specs = [self._spec(c) for c in chains]
         self._build_kernels(sorted(set(specs), key=lambda s: s.name()))
         packed = self._pack(chains, specs)

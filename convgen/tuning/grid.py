@@ -104,6 +104,7 @@ class TuneResult:
     measured: int
     record_path: Path | None
     interrupted: bool = False
+    seconds: float = 0.0  # the time tuning this spec took
 
     @property
     def gflops(self) -> float:
@@ -380,7 +381,9 @@ def tune_specs(
         if key in seen:
             continue
         seen.add(key)
+        start = time.monotonic()
         result = tune_spec(key, target, options, deadline, progress)
+        result.seconds = time.monotonic() - start
         results.append(result)
         if result.interrupted:
             break

@@ -407,11 +407,14 @@ def _cvec_applies(spec: ConvSpec, target: TargetInfo) -> bool:
 
 def _cvec_knobs(spec: ConvSpec, target: TargetInfo) -> CvecKnobs | None:
     # Channels-last input and OHWI weights are both contiguous along the input
-    # channels, so vectorizing the reduction reads both in storage order: no weight
-    # repack, which is what decides big-weight layers (C512 7x7 K512: 9.4 MB). Each
-    # tile ends in cross-lane sums, which short reductions cannot amortise: below
-    # 1024 the heuristic leaves them to cpu_kvec.
-    if not _cvec_applies(spec, target) or spec.gemm_shape[2] < 1024:
+    # channels, so vectorizing the reduction reads both in storage order, without
+    # a weight repack; but each tile ends in cross-lane sums. Since weights are
+    # packed once (`bind`, deployed models), cpu_kvec reads them blocked by its
+    # vector at no cost per call and needs no cross-lane sums: on ResNet-50's NHWC
+    # 1x1 layers it ran 1.0-1.56x cvec's speed (benchmarks/NOTES.md). So the
+    # heuristic takes cvec only where kvec does not apply.
+    if (not _cvec_applies(spec, target) or spec.gemm_shape[2] < 1024
+            or _kvec_knobs(spec, target) is not None):
         return None
     best, vec = None, target.fp32_lanes
     for kb in (2, 1, 4):  # the largest tile within the accumulator budget, 2 channels first
