@@ -236,3 +236,28 @@ def test_bad_models_are_one_line(tmp_path):
     result = runner.invoke(main, ["deploy", str(dynamic), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "no static shape" in result.output, result.output
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_tune_model_targets_what_deploy_builds(cpu_target, tmp_path):
+    """`convgen tune --model` tunes exactly the specs deploy builds (so a later deploy
+    finds their records): the same layers, layout and epilogue."""
+    from convgen.compiler.deploy import model_specs
+
+    out, model, _ = _deploy(tmp_path, "residual_block", "corr", "channels-last", cpu_target)
+    deployed = [(layer.node, layer.spec) for layer in convgen.load(out).manifest.layers]
+    assert model_specs(model, cpu_target, DeployOptions()) == deployed
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2"])
+def test_zoo_models_deploy_and_verify(name, cpu_target, tmp_path):
+    """torchvision's ResNet-18/50 and MobileNetV2 (`convgen.zoo`, at 32 x 32 to keep
+    the test short): every Conv and the classifier on convgen kernels, verified."""
+    from convgen import zoo
+
+    src = tmp_path / f"{name}.onnx"
+    onnx.save(zoo.build(name, size=32), src)
+    _, manifest = deploy_artifact(src, cpu_target, tmp_path / "dep", DeployOptions())
+    assert manifest.verification.passed, manifest.verification.lines()
+    convs = sum(n.op_type == "Conv" for n in onnx.load(src).graph.node)
+    assert len(manifest.layers) == convs + 1  # + the classifier's Gemm
+    assert not [op for op in manifest.other_ops if "conv" in op or "matmul" in op]

@@ -14,7 +14,8 @@ The pipeline (TVM Relax):
      its epilogue fused (`ConvSpec.residual`, `.activation`): the run-packed
      entry, scheduled by the chooser (a tuned record where the library has one),
      on weights packed at build time (`conv`'s flip included), so a deployment
-     never packs at all.
+     never packs at all. A matmul by constant weights (ONNX Gemm, MatMul: the
+     classifier) runs the same way, as the 1 x 1 convolution it is.
   4. The other operators: legalized to TIR, fused (FuseOps/FuseTIR), and given
      a generic CPU schedule (`schedule/model_ops.py`); Relax's default CPU
      pipeline would leave them unscheduled.

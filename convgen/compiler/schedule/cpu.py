@@ -178,7 +178,12 @@ def _kvec_knobs(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
         return k.nkv * k.pw / (k.nkv + k.pw)
 
     best = None
-    for nkv in (2 * vec // lanes, 4 * vec // lanes, vec // lanes):
+    shapes = [2 * vec // lanes, 4 * vec // lanes, vec // lanes]
+    if target.vector_registers >= 32:
+        # 8 vectors of channels by 2 pixels: what tuning chose on Zen 4 for 14-wide
+        # rows, which 4 pixels do not divide (1.6 FMAs per load against 2 x 7's 1.56)
+        shapes.append(8 * vec // lanes)
+    for nkv in shapes:
         nkv = divisor_at_most(_channel_ext(spec) // lanes, nkv)
         tile = KvecKnobs(lanes, nkv, divisor_at_most(spec.out_size[-1], max(1, budget // nkv)))
         if best is None or fmas_per_load(tile) > fmas_per_load(best):
