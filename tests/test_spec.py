@@ -107,7 +107,9 @@ def test_epilogue_fields():
     assert fused.input_shapes()["residual"] == fused.out_shape
     assert fused.constant_inputs == ("weight", "bias")
     assert ConvSpec.from_dict(json.loads(json.dumps(fused.to_dict()))) == fused
-    assert fused.without_epilogue() == plain and fused.key() != plain.key()
+    bare = make_spec(mode="conv", input="1x8x6x6", kernel="4x8x3x3")
+    assert fused.without_epilogue() == bare and not bare.has_epilogue and plain.has_epilogue
+    assert fused.key() != plain.key()
     assert "+residual relu6" in fused.describe()
 
 
