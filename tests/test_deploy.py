@@ -109,8 +109,26 @@ def conv_1d_3d_grouped() -> tuple[onnx.ModelProto, int]:
     return n.model((1, 4, 16), e, (1, 4, 3, 5, 1)), 3
 
 
+def batchnorm_block() -> tuple[onnx.ModelProto, int]:
+    """Conv without bias + BatchNormalization + Relu, and Conv with bias + BatchNorm
+    + residual Add: a model exported without folding its BatchNorms."""
+    n = Net(4)
+
+    def bn(x: str, out: str, c: int) -> str:
+        params = [n.init(f"{out}_{p}", v) for p, v in (
+            ("g", n.rng.uniform(0.5, 1.5, c)), ("b", n.rng.standard_normal(c) * 0.1),
+            ("m", n.rng.standard_normal(c) * 0.1), ("v", n.rng.uniform(0.5, 2.0, c)))]
+        return n.op("BatchNormalization", [x, *params], out)
+
+    a = n.op("Relu", [bn(n.conv("x", "c1", 8, 16, (3, 3), bias=False, pads=[1, 1, 1, 1]),
+                         "bn1", 16)], "r1")
+    b = bn(n.conv(a, "c2", 16, 8, (1, 1)), "bn2", 8)
+    y = n.op("Add", [b, "x"], "y")
+    return n.model((1, 8, 6, 6), y, (1, 8, 6, 6)), 2
+
+
 MODELS = {"residual_block": residual_block, "depthwise_block": depthwise_block,
-          "conv_1d_3d_grouped": conv_1d_3d_grouped}
+          "conv_1d_3d_grouped": conv_1d_3d_grouped, "batchnorm_block": batchnorm_block}
 
 
 def _deploy(tmp_path: Path, name: str, mode: str, layout: str, cpu_target
@@ -261,3 +279,14 @@ def test_zoo_models_deploy_and_verify(name, cpu_target, tmp_path):
     convs = sum(n.op_type == "Conv" for n in onnx.load(src).graph.node)
     assert len(manifest.layers) == convs + 1  # + the classifier's Gemm
     assert not [op for op in manifest.other_ops if "conv" in op or "matmul" in op]
+
+
+def test_unfolded_batchnorm_folds_into_the_kernels(cpu_target, tmp_path):
+    out, _, _ = _deploy(tmp_path, "batchnorm_block", "conv", "channels-last", cpu_target)
+    m = convgen.load(out)
+    assert m.manifest.verification.passed, m.manifest.verification.lines()
+    layers = {layer.node: layer for layer in m.manifest.layers}
+    assert layers["c1"].fused == ("Sub", "Div", "Mul", "Add", "Relu")
+    assert layers["c1"].spec.bias and layers["c1"].spec.activation == "relu"
+    assert layers["c2"].spec.residual
+    assert m.manifest.other_ops == ["transpose", "transpose1"]  # only the model's edges

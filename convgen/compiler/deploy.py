@@ -9,8 +9,9 @@ The pipeline (TVM Relax):
      them, so the only transposes left are at the model's edges (the weights'
      are folded into the constants).
   3. `_ConvFuser`: every convolution with constant weights, with the operators
-     that follow it and only read it (+ bias, + a residual tensor, then ReLU,
-     ReLU6 or SiLU), becomes one call of a convgen kernel for that spec, with
+     that follow it and only read it (+, -, *, / by per-channel constants: a
+     bias, an unfolded BatchNorm; + a residual tensor; then ReLU, ReLU6 or SiLU),
+     becomes one call of a convgen kernel for that spec, with
      its epilogue fused (`ConvSpec.residual`, `.activation`): the run-packed
      entry, scheduled by the chooser (a tuned record where the library has one),
      on weights packed at build time (`conv`'s flip included), so a deployment
@@ -218,7 +219,9 @@ def _relax_module(model: onnx.ModelProto, name: str, options: DeployOptions) -> 
         desired = {op: [CHANNELS_LAST[nd], WEIGHT_LAYOUTS[CHANNELS_LAST[nd]]]
                    for op, nd in CONV_OPS.items()}
         mod = relax.transform.ConvertLayout(desired)(mod)
-    return relax.transform.FoldConstant()(mod)  # bias reshapes, weight transposes
+    mod = relax.transform.FoldConstant()(mod)  # bias reshapes, weight transposes
+    # (a decomposed BatchNorm returns a tuple whose first item is read: read directly)
+    return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
 
 
 def model_specs(model: onnx.ModelProto, target: TargetInfo, options: DeployOptions
@@ -261,7 +264,8 @@ class _Chain:
 
     conv: relax.Call  # the convolution, or a matmul by constant weights (`dense`)
     end: relax.Call  # the value of the last folded binding (replaced by the kernel)
-    bias: np.ndarray | None = None
+    bias: np.ndarray | None = None  # per output channel, float64 while folding
+    scale: np.ndarray | None = None  # per output channel, folded into the weights
     residual: relax.Expr | None = None
     activation: str = "none"
     fused: list[str] = field(default_factory=list)  # the folded operators, for the manifest
@@ -349,7 +353,7 @@ class _ConvFuser:
 
                 args = [fed(chain.conv.args[0], spec.data_shape), relax.const(weight)]
                 if chain.bias is not None:
-                    args.append(relax.const(chain.bias))
+                    args.append(relax.const(chain.bias.astype(np.float32)))
                 if chain.residual is not None:
                     args.append(fed(chain.residual, spec.out_shape))
                 if not chain.dense:
@@ -435,17 +439,24 @@ class _ConvFuser:
             if user in self.taken:
                 break
             value, op = self.bindings[user], _op(self.bindings[user])
-            if op == "relax.add" and chain.activation == "none":
+            affine = op in AFFINE_OPS and chain.activation == "none" and chain.residual is None
+            other = None
+            if affine:
                 other = value.args[1] if value.args[0].same_as(var) else value.args[0]
-                bias = _const(other)
-                if (bias is not None and chain.bias is None and chain.residual is None
-                        and _per_channel(bias, out_shape, channel_axis)):
-                    chain.bias = np.ascontiguousarray(bias.reshape(-1), dtype=np.float32)
-                elif (bias is None and chain.residual is None and _shape(other) == out_shape
-                      and str(other.ty.dtype) == str(conv.ty.dtype)):
-                    chain.residual = other
-                else:
-                    break
+            per_channel = _const(other) if other is not None else None
+            if per_channel is not None and not _per_channel(per_channel, out_shape,
+                                                            channel_axis):
+                per_channel = None
+            if per_channel is not None and (op in ("relax.add", "relax.multiply")
+                                            or value.args[0].same_as(var)):
+                # + b, - b, * s, / s by a constant per output channel (a bias, an
+                # unfolded BatchNorm): folded into the bias and the weights' scale
+                _fold_affine(chain, op, per_channel.reshape(-1).astype(np.float64))
+                chain.fused.append(AFFINE_OPS[op])
+            elif (op == "relax.add" and chain.activation == "none" and chain.residual is None
+                  and _const(other) is None and _shape(other) == out_shape
+                  and str(other.ty.dtype) == str(conv.ty.dtype)):
+                chain.residual = other
                 chain.fused.append("Add")
             elif op == "relax.nn.relu" and chain.activation == "none":
                 chain.activation = "relu"
@@ -527,11 +538,33 @@ class _ConvFuser:
             w = _const(chain.conv.args[1])
             if chain.dense:  # [K, N] -> the 1 x 1 convolution's [N, 1, 1, K]
                 w = w.T.reshape(spec.weight_shape)
+            if chain.scale is not None:  # per output channel: the weights' first axis
+                w = (w * chain.scale.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype)
             weight = tvm.runtime.tensor(np.ascontiguousarray(w))
             out = tvm.runtime.empty(self.kernels[spec].packing.packed_shape(spec), spec.dtype)
             lib[names[spec]](weight, out)
             packed.append(out.numpy())
         return packed
+
+
+AFFINE_OPS = {"relax.add": "Add", "relax.subtract": "Sub", "relax.multiply": "Mul",
+              "relax.divide": "Div"}
+
+
+def _fold_affine(chain: _Chain, op: str, c: np.ndarray) -> None:
+    """The chain's output y = scale * conv + bias, followed by `op` with the per-channel
+    constant c: y + c, y - c, y * c or y / c, kept in that form."""
+    bias = chain.bias if chain.bias is not None else np.zeros_like(c)
+    scale = chain.scale if chain.scale is not None else np.ones_like(c)
+    if op == "relax.add":
+        chain.bias = bias + c
+        return
+    if op == "relax.subtract":
+        chain.bias = bias - c
+        return
+    factor = c if op == "relax.multiply" else 1.0 / c
+    chain.scale = scale * factor
+    chain.bias = bias * factor if chain.bias is not None else None
 
 
 def _scalar(e: Any) -> float | None:
