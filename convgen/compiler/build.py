@@ -39,6 +39,7 @@ from convgen.runtime.manifest import (
     SUFFIX,
     ArtifactFile,
     Manifest,
+    ModelManifest,
     PackedWeights,
     ScheduleChoice,
     TargetRecord,
@@ -242,7 +243,7 @@ def build_artifact(
         manifest = dataclasses.replace(manifest, verification=_verification(
             tmp, manifest, verify, defer_nvcc, seed))
         manifest.write(tmp / f"{manifest.name}{SUFFIX}")
-        _move_into_place(tmp, out, manifest)
+        move_into_place(tmp, out, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Artifact(out / f"{manifest.name}{SUFFIX}", manifest)
@@ -275,8 +276,9 @@ def _verification(tmp: Path, manifest: Manifest, verify: bool, defer_nvcc: bool,
     return verify_kernel(Kernel(tmp / f"{manifest.name}{SUFFIX}", manifest), seed=seed)
 
 
-def _move_into_place(tmp: Path, out: Path, manifest: Manifest) -> None:
-    """Rename the files into `out`, the manifest last: it is what marks an artifact whole."""
+def move_into_place(tmp: Path, out: Path, manifest: Manifest | ModelManifest) -> None:
+    """Rename the files into `out`, the manifest last: it is what marks an artifact whole
+    (a kernel's, or a deployed model's)."""
     final = out / f"{manifest.name}{SUFFIX}"
     final.unlink(missing_ok=True)
     for f in manifest.files.values():

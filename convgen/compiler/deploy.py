@@ -574,7 +574,7 @@ def _scalar(e: Any) -> float | None:
 
 
 def _per_channel(values: np.ndarray, out_shape: tuple[int, ...], channel_axis: int) -> bool:
-    """Whether a constant added to the output is one value per output channel."""
+    """Whether a constant combined with the output is one value per output channel."""
     channels = out_shape[channel_axis]
     if values.ndim == len(out_shape):
         return all(d == (channels if i == channel_axis else 1) for i, d in enumerate(values.shape))
@@ -593,7 +593,6 @@ def layer_summary(layers: list[ModelLayer]) -> list[str]:
         lines.append(f"{len(group)} x {first.spec.name()} [{first.algorithm}, "
                      f"{first.schedule.brief()}, fused {fused}]")
     return lines
-
 
 
 def deploy_artifact(
@@ -615,7 +614,7 @@ def deploy_artifact(
     import tvm_ffi
 
     from convgen import __version__
-    from convgen.compiler.build import _move_into_place
+    from convgen.compiler.build import move_into_place
     from convgen.runtime.manifest import ArtifactFile, TargetRecord, not_run
     from convgen.runtime.model import Model
     from convgen.runtime.verify import verify_model
@@ -657,7 +656,7 @@ def deploy_artifact(
             report = verify_model(Model(path, manifest), seed=seed)
             manifest = dataclasses.replace(manifest, verification=report)
         manifest.write(path)
-        _move_into_place(tmp, out, manifest)
+        move_into_place(tmp, out, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / f"{name}{SUFFIX}", manifest

@@ -28,7 +28,7 @@ CACHE_LINE = 64
 _tvm_runtime_loaded = False
 
 
-def _load_tvm_runtime() -> None:
+def load_tvm_runtime() -> None:
     """Make TVM's runtime library (thread pool) visible to CPU artifacts, once."""
     global _tvm_runtime_loaded
     if _tvm_runtime_loaded:
@@ -101,7 +101,7 @@ class Kernel:
                     f"yet: run `convgen compile {self.directory}`"
                 )
             if self.device == "cpu":
-                _load_tvm_runtime()
+                load_tvm_runtime()
             try:
                 self._module = tvm_ffi.load_module(str(self.module_path.resolve()))
                 self._func = self._module[self.manifest.entry]
@@ -116,7 +116,7 @@ class Kernel:
                 f"inputs: {self.name} takes {len(self.inputs)} ({names}), got {len(arrays)}"
             )
         for info, a in zip(self.inputs, arrays):
-            _check_tensor(info, a)
+            check_tensor(info, a)
 
     def __call__(self, *arrays: Any, out: Any = None) -> Any:
         if self.device != "cpu":
@@ -147,7 +147,7 @@ class Kernel:
             raise ArgumentError(f"bind: {self.name} takes {want}")
         infos = self.inputs[1 : 1 + len(consts)]
         for info, a in zip(infos, consts):
-            _check_tensor(info, a)
+            check_tensor(info, a)
         if self.device != "cpu":
             from convgen.runtime import cuda_driver
 
@@ -180,7 +180,7 @@ class Kernel:
             result = out if _is_usable(out, self.alignment) else aligned_empty(
                 out.shape, out.dtype, self.alignment)
         else:
-            _check_tensor(self.outputs[0], out)
+            check_tensor(self.outputs[0], out)
             usable = not isinstance(out, np.ndarray) or _is_usable(out, self.alignment)
             result = out if usable else aligned_empty(out.shape, out.dtype, self.alignment)
         func(*args, result)
@@ -226,7 +226,7 @@ class Kernel:
 
         out_info = self.outputs[0]
         if out is not None:
-            _check_tensor(out_info, out)
+            check_tensor(out_info, out)
         args = [
             a if not isinstance(a, np.ndarray) else cuda_driver.DeviceArray.from_numpy(a)
             for a in arrays
@@ -267,14 +267,14 @@ class BoundKernel:
                                 f"({names}), got {len(rest) + 1}")
         if k.device != "cpu":
             for info, a in zip((k.inputs[0], *self._rest), (data, *rest)):
-                _check_tensor(info, a)
+                check_tensor(info, a)
             return k._call_cuda(self.func, (data, *self.constants, *rest), out)
         if not (type(data) is np.ndarray and (data.shape, data.dtype) == self._data_spec
                 and _is_usable(data, k.alignment)):
-            _check_tensor(k.inputs[0], data)
+            check_tensor(k.inputs[0], data)
             data = host_usable(data, k.inputs[0].dtype, k.alignment)
         for info, a in zip(self._rest, rest):
-            _check_tensor(info, a)
+            check_tensor(info, a)
         rest = tuple(host_usable(a, info.dtype, k.alignment)
                      for info, a in zip(self._rest, rest))
         return k._run(self.func, (data, *self.constants, *rest), out)
@@ -294,7 +294,7 @@ def _address(a: np.ndarray) -> int:
     return int(a.__array_interface__["data"][0])
 
 
-def _check_tensor(info: TensorInfo, a: Any) -> None:
+def check_tensor(info: TensorInfo, a: Any) -> None:
     shape = tuple(getattr(a, "shape", ()))
     dtype = str(getattr(a, "dtype", ""))
     if shape != info.shape:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from convgen.errors import ArgumentError, ToolchainError
-from convgen.runtime.kernel import _check_tensor, _load_tvm_runtime
+from convgen.runtime.kernel import check_tensor, load_tvm_runtime
 from convgen.runtime.manifest import ModelManifest, TensorInfo
 
 # the VM's device and allocator codes (DLPack's kDLCPU; TVM's pooled allocator)
@@ -49,7 +49,7 @@ class Model:
         if self._main is None:
             import tvm_ffi
 
-            _load_tvm_runtime()
+            load_tvm_runtime()
             try:
                 lib = tvm_ffi.load_module(str(self.module_path.resolve()))
                 vm = lib["vm_load_executable"]()
@@ -72,7 +72,7 @@ class Model:
         given = [*args, *(named[n] for n in names[len(args):])]
         out = []
         for info, a in zip(self.inputs, given):
-            _check_tensor(info, a)
+            check_tensor(info, a)
             out.append(np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a)
         return out
 
