@@ -431,10 +431,10 @@ def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
 @handle_errors
 def deploy(model: str, target: str, out_dir: str, mode: str, layout: str, verify: bool,
            seed: int, library: str | None, algorithm: str, as_json: bool) -> None:
-    """Compile a whole ONNX MODEL into DIR/<model>.{so,onnx,json}: every Conv a convgen
-    kernel (its bias, residual Add and ReLU/ReLU6/SiLU fused, weights packed at build
-    time, tuned records used), the other operators scheduled, one module that
-    `convgen.load(DIR)` runs without the TVM compiler."""
+    """Compile a whole ONNX MODEL into DIR/<model>.{so,onnx,json}: every Conv (and Gemm)
+    a convgen kernel, with its bias, BatchNorm, residual Add and ReLU/ReLU6/SiLU/HardSwish
+    fused, weights packed at build time, tuned records used; the other operators
+    scheduled; one module that `convgen.load(DIR)` runs without the TVM compiler."""
     from convgen.compiler.deploy import DeployOptions, deploy_artifact, layer_summary
     from convgen.compiler.targets import resolve_target
 

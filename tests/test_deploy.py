@@ -84,7 +84,8 @@ def residual_block() -> tuple[onnx.ModelProto, int]:
 
 def depthwise_block() -> tuple[onnx.ModelProto, int]:
     """MobileNetV2's inverted residual: 1x1 + ReLU6 (Clip), depthwise 3x3 + ReLU6, 1x1
-    projection + residual Add; then a strided depthwise layer with asymmetric pads."""
+    projection + residual Add; then a strided depthwise layer with asymmetric pads and
+    MobileNetV3's HardSwish."""
     n = Net(2)
     lo, hi = n.init("lo", np.array(0.0)), n.init("hi", np.array(6.0))
     a = n.op("Clip", [n.conv("x", "e1", 8, 48, (1, 1)), lo, hi], "a1")
@@ -92,7 +93,7 @@ def depthwise_block() -> tuple[onnx.ModelProto, int]:
              "a2")
     c = n.op("Add", [n.conv(b, "p1", 48, 8, (1, 1)), "x"], "res")
     d = n.conv(c, "d2", 8, 8, (3, 3), group=8, strides=[2, 2], pads=[0, 1, 1, 0])
-    return n.model((1, 8, 10, 10), d, (1, 8, 5, 5)), 4
+    return n.model((1, 8, 10, 10), n.op("HardSwish", [d], "hs"), (1, 8, 5, 5)), 4
 
 
 def conv_1d_3d_grouped() -> tuple[onnx.ModelProto, int]:
@@ -184,6 +185,7 @@ def test_epilogues_are_folded_into_the_kernels(cpu_target, tmp_path):
     layers = {layer.node: layer for layer in convgen.load(out).manifest.layers}
     assert layers["e1"].spec.activation == "relu6" and layers["d1"].spec.is_depthwise
     assert layers["p1"].spec.residual and layers["p1"].spec.activation == "none"
+    assert layers["d2"].spec.activation == "hardswish" and layers["d2"].fused[-1] == "HardSwish"
     out, _, _ = _deploy(tmp_path, "conv_1d_3d_grouped", "corr", "channels-last", cpu_target)
     layers = {layer.node: layer for layer in convgen.load(out).manifest.layers}
     assert layers["c2"].spec.activation == "silu" and layers["c2"].spec.groups == 3

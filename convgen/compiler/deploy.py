@@ -10,7 +10,8 @@ The pipeline (TVM Relax):
      are folded into the constants).
   3. `_ConvFuser`: every convolution with constant weights, with the operators
      that follow it and only read it (+, -, *, / by per-channel constants: a
-     bias, an unfolded BatchNorm; + a residual tensor; then ReLU, ReLU6 or SiLU),
+     bias, an unfolded BatchNorm; + a residual tensor; then ReLU, ReLU6, SiLU or
+     HardSwish),
      becomes one call of a convgen kernel for that spec, with
      its epilogue fused (`ConvSpec.residual`, `.activation`): the run-packed
      entry, scheduled by the chooser (a tuned record where the library has one),
@@ -168,8 +169,9 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
 
 @contextmanager
 def _clip_as_relax_op() -> Iterator[None]:
-    """While importing: ONNX Clip with constant bounds (ReLU6) as Relax's element-wise
-    `minimum(maximum(x, lo), hi)`. The frontend lowers every Clip to two anonymous
+    """While importing: ONNX Clip with constant bounds (ReLU6), and the clip inside
+    HardSwish, as Relax's element-wise `minimum(maximum(x, lo), hi)`. The frontend
+    lowers every Clip to two anonymous
     TE functions (to honour NaN bounds, which constant bounds are not), which
     ConvertLayout cannot carry a layout through (nor its `clip` operator) and
     `_ConvFuser` cannot read. Its converter table is looked up per import
@@ -190,10 +192,24 @@ def _clip_as_relax_op() -> Iterator[None]:
 
         _impl_v11 = _impl_v13
 
+    class HardSwish(frontend.HardSwish):  # type: ignore[misc,name-defined]
+        """x * min(max(x + 3, 0), 6) / 6, its clip as element-wise ops too."""
+
+        @classmethod
+        def _impl_v14(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+            x = inputs[0]
+
+            def c(v: float) -> Any:
+                return relax.const(v, x.ty.dtype)
+
+            clipped = bb.emit(relax.op.minimum(
+                bb.emit(relax.op.maximum(bb.emit(relax.op.add(x, c(3.0))), c(0.0))), c(6.0)))
+            return bb.emit(relax.op.multiply(x, bb.emit(relax.op.divide(clipped, c(6.0)))))
+
     original = frontend._get_convert_map
 
     def convert_map() -> dict[str, Any]:
-        return {**original(), "Clip": Clip}
+        return {**original(), "Clip": Clip, "HardSwish": HardSwish}
 
     frontend._get_convert_map = convert_map
     try:
@@ -427,14 +443,18 @@ class _ConvFuser:
         taken = []
         while True:
             user = self._only_user(var)
-            if user is None:
-                silu = self._silu(var)
-                if silu is None or chain.activation != "none":
+            if user is None:  # x read twice: x * sigmoid(x), or HardSwish
+                if chain.activation != "none":
                     break
-                taken += self.users[var]
-                var, chain.activation = silu, "silu"
-                chain.end = self.bindings[var]
-                chain.fused += ["Sigmoid", "Mul"]
+                for activation, match in (("silu", self._silu), ("hardswish", self._hardswish)):
+                    found = match(var)
+                    if found is not None:
+                        end, nodes = found
+                        taken += nodes
+                        var, chain.activation, chain.end = end, activation, self.bindings[end]
+                        chain.fused += ["Sigmoid", "Mul"] if activation == "silu" else [
+                            "HardSwish"]
+                        break
                 break
             if user in self.taken:
                 break
@@ -475,8 +495,9 @@ class _ConvFuser:
         self.taken.update(taken)
         return chain
 
-    def _silu(self, var: Any) -> Any | None:
-        """x * sigmoid(x) on `var` (its two users): the multiply's var, else None."""
+    def _silu(self, var: Any) -> tuple[Any, list[Any]] | None:
+        """x * sigmoid(x) on `var` (its two users): the multiply's var and the bindings
+        it takes, else None."""
         users = self.users.get(var, [])
         if len(users) != 2 or None in users:
             return None
@@ -485,7 +506,30 @@ class _ConvFuser:
         if (sig is None or mul is None or self._only_user(sig) != mul
                 or {sig, mul} & self.taken):
             return None
-        return mul
+        return mul, [sig, mul]
+
+    def _hardswish(self, var: Any) -> tuple[Any, list[Any]] | None:
+        """x * (min(max(x + 3, 0), 6) / 6) on `var`, as HardSwish imports (its two
+        users: the add and the final multiply): the multiply's var and the bindings it
+        takes, else None."""
+        users = self.users.get(var, [])
+        if len(users) != 2 or None in users:
+            return None
+        by_op = {_op(self.bindings[u]): u for u in users}
+        step, mul = by_op.get("relax.add"), by_op.get("relax.multiply")
+        if step is None or mul is None or _scalar(self.bindings[step].args[1]) != 3.0:
+            return None
+        chain = [step]
+        for op, constant in (("relax.maximum", 0.0), ("relax.minimum", 6.0),
+                             ("relax.divide", 6.0)):
+            nxt = self._only_user(chain[-1])
+            if (nxt is None or _op(self.bindings[nxt]) != op
+                    or _scalar(self.bindings[nxt].args[1]) != constant):
+                return None
+            chain.append(nxt)
+        if self._only_user(chain[-1]) != mul or {*chain, mul} & self.taken:
+            return None
+        return mul, [*chain, mul]
 
     def _spec(self, chain: _Chain) -> ConvSpec:
         conv, a = chain.conv, chain.conv.attrs
