@@ -98,7 +98,7 @@ def export_onnx(spec: ConvSpec, constants: Mapping[str, np.ndarray] | None = Non
     y = _activation(spec.activation, y, node, inits)
     if spec.dtype != "float32":
         y = node("Cast", [y], "out_cast", to=elem)
-    node("Identity", [y], "out")
+    nodes[-1].output[0] = nodes[-1].name = "out"  # the last node writes the output
 
     constants = dict(constants or {})
     for name, value in constants.items():

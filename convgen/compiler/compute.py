@@ -170,7 +170,7 @@ def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
         return te.sum(a * w, axis=[rc, *rs])
 
     conv = te.compute(wide.out_shape, conv_body, name="conv")
-    if bias is None and dt == acc and not variant.row_extra and not spec.has_epilogue:
+    if dt == acc and not variant.row_extra and not spec.has_epilogue:  # (bias included)
         return [data, weight, conv]
 
     def out_body(*idx: Any) -> Any:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from convgen.compiler.build import lower
-from convgen.compiler.compute import WeightPacking, pack_prim_func
+from convgen.compiler.compute import WeightPacking
 from convgen.compiler.targets import TargetInfo
 from convgen.errors import ConvgenError, SpecError, UnsupportedError
 from convgen.runtime.manifest import (
@@ -269,6 +269,7 @@ class _Kernel:
     """One spec's kernel: the run-packed entry, as the chooser scheduled it."""
 
     func: Any  # the PrimFunc, marked opaque and scheduled
+    pack: Any  # its packing entry's PrimFunc (run at build time)
     choice: ScheduleChoice
     packing: WeightPacking
     gvar: Any = None  # its GlobalVar, once added to the model's module
@@ -563,7 +564,7 @@ class _ConvFuser:
                                        f"{self.target.key()}")
             func = (mod[RUN_PACKED_ENTRY].without_attr("global_symbol")
                     .with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True))
-            self.kernels[spec] = _Kernel(func, choice, packing)
+            self.kernels[spec] = _Kernel(func, mod[PACK_ENTRY], choice, packing)
 
     def _pack(self, chains: list[_Chain], specs: list[ConvSpec]) -> list[np.ndarray]:
         """Every chain's weights in its kernel's packed layout, flip included: the
@@ -574,8 +575,8 @@ class _ConvFuser:
             return []
         # each kernel's packing entry under its own name: one module holds them all
         names = {spec: f"{PACK_ENTRY}_{i}" for i, spec in enumerate(self.kernels)}
-        funcs = {names[s]: pack_prim_func(s, self.target, k.packing)
-                 .with_attr("global_symbol", names[s]) for s, k in self.kernels.items()}
+        funcs = {names[s]: k.pack.with_attr("global_symbol", names[s])
+                 for s, k in self.kernels.items()}
         lib = tvm.compile(tvm.IRModule(funcs), target=self.target.tvm_target())
         packed = []
         for chain, spec in zip(chains, specs):

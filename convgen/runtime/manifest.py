@@ -299,14 +299,7 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> Manifest:
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise ArtifactError(f"artifact: {where} is not a convgen manifest")
-        version = d.get("format_version", 1)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise ArtifactError(
-                f"artifact: {where} was written by a newer convgen (manifest format "
-                f"{version}; this convgen reads 1 to {FORMAT_VERSION}): upgrade convgen"
-            )
+        _check_format(d, where, FORMAT, FORMAT_VERSION, "manifest")
         try:
             return cls(
                 name=str(d["name"]),
@@ -331,14 +324,30 @@ class Manifest:
 
     @classmethod
     def read(cls, path: Path) -> Manifest:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise ArtifactError(f"artifact: cannot read manifest {path}: {err}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(_read_json(path), str(path))
 
     def write(self, path: Path) -> None:
         _write_json(path, self.to_dict())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"artifact: cannot read manifest {path}: {err}") from None
+
+
+def _check_format(d: Any, where: str, fmt: str, newest: int, what: str) -> None:
+    """A manifest of this kind (`fmt`), of a format version this convgen reads (a
+    kernel manifest without one is format 1)."""
+    if not isinstance(d, dict) or d.get("format") != fmt:
+        raise ArtifactError(f"artifact: {where} is not a convgen {what}")
+    version = d.get("format_version", 1)
+    if not isinstance(version, int) or version > newest:
+        raise ArtifactError(
+            f"artifact: {where} was written by a newer convgen ({what} format "
+            f"{version}; this convgen reads 1 to {newest}): upgrade convgen"
+        )
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -477,14 +486,7 @@ class ModelManifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> ModelManifest:
-        if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
-            raise ArtifactError(f"artifact: {where} is not a convgen model manifest")
-        version = d.get("format_version")
-        if not isinstance(version, int) or version > MODEL_FORMAT_VERSION:
-            raise ArtifactError(
-                f"artifact: {where} was written by a newer convgen (model manifest format "
-                f"{version}; this convgen reads 1 to {MODEL_FORMAT_VERSION}): upgrade convgen"
-            )
+        _check_format(d, where, MODEL_FORMAT, MODEL_FORMAT_VERSION, "model manifest")
         try:
             return cls(
                 name=str(d["name"]),
@@ -508,11 +510,7 @@ class ModelManifest:
 
     @classmethod
     def read(cls, path: Path) -> ModelManifest:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise ArtifactError(f"artifact: cannot read manifest {path}: {err}") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(_read_json(path), str(path))
 
     def write(self, path: Path) -> None:
         _write_json(path, self.to_dict())

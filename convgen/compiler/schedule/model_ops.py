@@ -109,8 +109,8 @@ def _reduction(sch: Any, block: Any, extents: list[int], spatial: int, widest: i
 
 
 def _extent(sch: Any, loop: Any) -> int | None:
-    extent = sch.get(loop).extent
-    try:
-        return int(extent)
-    except (TypeError, ValueError):  # symbolic
-        return None
+    """A loop's extent, None where symbolic."""
+    from tvm.s_tir.dlight.base import get_extent
+
+    extent = get_extent(sch, loop)
+    return extent if isinstance(extent, int) else None
