@@ -30,6 +30,11 @@ WIDE_FMA_CPUS = frozenset({
     "skylake-avx512", "cascadelake", "cooperlake", "icelake-server", "sapphirerapids",
     "emeraldrapids", "graniterapids", "graniterapids-d", "znver5",
 })
+# Private L2 per core, by LLVM CPU name (the vendors' data sheets); others: 512 KiB,
+# the size of the smaller parts in use (Zen 2/3, Ice Lake client).
+L2_BYTES = {"znver4": 1 << 20, "znver5": 1 << 20, "skylake-avx512": 1 << 20,
+            "cascadelake": 1 << 20, "cooperlake": 1 << 20, "icelake-server": 5 << 18,
+            "sapphirerapids": 2 << 20, "emeraldrapids": 2 << 20, "graniterapids": 2 << 20}
 # Static shared memory a block may declare (larger needs dynamic allocation and an
 # opt-in attribute, which TVM's CUDA codegen does not emit).
 STATIC_SMEM_PER_BLOCK = 48 * 1024
@@ -112,6 +117,12 @@ class TargetInfo:
         """Architectural vector registers: 32 with AVX-512 (ymm16-31 through AVX-512VL)
         and on Arm, 16 on AVX2/AVX/SSE x86."""
         return 16 if self.vector_isa() in ("avx2", "avx", "sse2") else 32
+
+    @property
+    def l2_bytes(self) -> int:
+        """A core's private L2 cache: what a parallel task's working set must fit in
+        to be reread without going to the shared L3 or memory."""
+        return L2_BYTES.get(self.arch, 512 << 10)
 
     # ---- the GPU model ------------------------------------------------------------
 

@@ -149,11 +149,14 @@ def _finish_pad(sch: Schedule, pad: Any, par: Any, pad_at_tile: bool) -> None:
 
 @dataclass(frozen=True)
 class KvecKnobs:
-    """Register tile: pw output pixels x nkv vectors of `lanes` output channels."""
+    """Register tile: pw output pixels x nkv vectors of `lanes` output channels.
+    k_inner: the channel blocks loop inside each output row (rows in parallel)
+    rather than outside all of them (blocks in parallel)."""
 
     lanes: int
     nkv: int
     pw: int
+    k_inner: bool = False
 
 
 def _channel_ext(spec: ConvSpec) -> int:
@@ -188,7 +191,27 @@ def _kvec_knobs(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
         tile = KvecKnobs(lanes, nkv, divisor_at_most(spec.out_size[-1], max(1, budget // nkv)))
         if best is None or fmas_per_load(tile) > fmas_per_load(best):
             best = tile
-    return best
+    return dataclasses.replace(best, k_inner=_kvec_k_inner(spec, target))
+
+
+def _output_rows(spec: ConvSpec) -> int:
+    """Rows of output pixels (every spatial axis but the last, times the batch)."""
+    return spec.batch * math.prod(spec.out_size[:-1])
+
+
+def _kvec_k_inner(spec: ConvSpec, target: TargetInfo) -> bool:
+    """Blocks outside the rows keep one block's weights in L1 while every row streams
+    past them, which suits weights too big to stay in cache whole; but each block then
+    reads the activations in strided pieces (a block's channels of every pixel), and
+    writes the output so, one block at a time. Where all the weights stay in L2
+    (depthwise, and the 1x1 and grouped layers of a mobile network), the blocks run
+    inside each row instead: the activations stream through once, in storage order
+    (on MobileNetV2's C24 56x56 1x1 and C144 3x3 depthwise layers, one after the
+    other: 10-20% less time, benchmarks/NOTES.md). The rows are then what the threads
+    share, so there must be enough of them."""
+    weight_bytes = math.prod(spec.weight_shape) * spec.element_bytes
+    return (spec.channels_last and weight_bytes <= target.l2_bytes // 16
+            and _output_rows(spec) >= 4 * target.num_cores)
 
 
 def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
@@ -196,10 +219,14 @@ def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
     if default is None:
         return
     budget = accumulator_budget(target) + 4  # the tuner may try slightly larger tiles
+    # (channels-first reads every input channel per block either way)
+    inner = [False, True] if spec.channels_last and _output_rows(spec) >= 2 * target.num_cores \
+        else [False]
     for nkv in divisors(_channel_ext(spec) // default.lanes):
         for pw in divisors(spec.out_size[-1]):
             if nkv <= 8 and pw <= 16 and nkv * pw <= budget:
-                yield KvecKnobs(default.lanes, nkv, pw)
+                for k_inner in inner:
+                    yield KvecKnobs(default.lanes, nkv, pw, k_inner)
 
 
 def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> Schedule:
@@ -234,8 +261,12 @@ def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) 
     # NCHW: rc outermost (one input plane at a time); NHWC: rc innermost (contiguous).
     # The k-block sits outside the pixel loops so its weights stay in cache.
     red = [loops.rc, *loops.r] if not spec.channels_last else [*loops.r, loops.rc]
-    sch.reorder(loops.n, *kouter, *loops.sp[:-1], owo, *red, owi, kvo, kvi)
-    par = sch.fuse(loops.n, *kouter, *loops.sp[:-1])
+    if knobs.k_inner:
+        sch.reorder(loops.n, *loops.sp[:-1], *kouter, owo, *red, owi, kvo, kvi)
+        par = sch.fuse(loops.n, *loops.sp[:-1])
+    else:
+        sch.reorder(loops.n, *kouter, *loops.sp[:-1], owo, *red, owi, kvo, kvi)
+        par = sch.fuse(loops.n, *kouter, *loops.sp[:-1])
     sch.parallel(par)
     sch.unroll(owi)
     sch.unroll(kvo)
@@ -244,7 +275,7 @@ def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) 
     _write_back_at(sch, wb, owo)
     init = sch.decompose_reduction(conv, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
-    _finish_pad(sch, pad, par, pad_at_tile)
+    _finish_pad(sch, pad, kouter[-1] if knobs.k_inner else par, pad_at_tile)
     return sch
 
 
@@ -328,7 +359,7 @@ def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
             best = tile
     # k_inner (one input tile serves every channel block from L1) needs enough
     # spatial tiles to share out among the cores; else the channel blocks do that
-    spatial_tiles = spec.batch * math.prod(spec.out_size[:-1]) // best.rows
+    spatial_tiles = _output_rows(spec) // best.rows
     return dataclasses.replace(best, k_inner=spatial_tiles >= 4 * target.num_cores)
 
 
