@@ -63,3 +63,17 @@ def test_wvec_widened_rows_are_cropped(flags, knobs, mode, tmp_path):
     spec = make_spec(mode=mode, **flags)
     assert cpu.row_extra(spec, knobs.lanes) > 0
     test_template_is_correct(spec, "cpu_wvec", knobs, tmp_path)
+
+
+def test_kvec_channel_blocks_inside_rows_where_weights_are_small():
+    """Depthwise weights stay in cache: the channel blocks run inside each row; with
+    too few rows to share among the cores, they do not; nor for weights that do not
+    fit."""
+    depthwise = make_spec(mode="corr", input="1x56x56x144", kernel="144x3x3x1", padding=1,
+                          groups=144, layout="NHWC")
+    few_rows = make_spec(mode="corr", input="1x2x7x144", kernel="144x3x3x1", padding=1,
+                         groups=144, layout="NHWC")
+    assert cpu._kvec_knobs(depthwise, TARGET).k_inner
+    assert not cpu._kvec_knobs(few_rows, TARGET).k_inner
+    big = make_spec(mode="corr", input="1x56x56x512", kernel="512x1x1x512", layout="NHWC")
+    assert not cpu._kvec_knobs(big, TARGET).k_inner

@@ -176,6 +176,19 @@ def _kvec_knobs(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
     # two channel vectors). 32 registers hold 16 accumulators, the weight vectors and a
     # broadcast; 16 registers hold 8.
     budget = accumulator_budget(target) + (2 if target.vector_registers >= 32 else 0)
+    k_inner = _kvec_k_inner(spec, target)
+    if _is_dw_like(spec) and spec.stride[-1] == 1:
+        # Depthwise: every input vector feeds a single channel vector, so more channel
+        # vectors share no loads; along a stride-1 row the pixels' taps overlap, and
+        # the unrolled tile reuses each loaded input vector for several of them. One
+        # channel vector by a run of pixels, half the accumulator budget (the taps'
+        # inputs take the other registers): 74-82 GFLOP/s on MobileNetV2's depthwise
+        # layers against 42-69 for 2 vectors by 4 pixels (Zen 4, benchmarks/NOTES.md).
+        # Strided rows share no taps: the dense rule below. A row no such run divides
+        # (7 wide, 16 registers) takes up to the whole budget rather than single pixels.
+        w = spec.out_size[-1]
+        pw = divisor_at_most(w, budget // 2)
+        return KvecKnobs(lanes, 1, pw if pw >= 3 else divisor_at_most(w, budget), k_inner)
 
     def fmas_per_load(k: KvecKnobs) -> float:
         return k.nkv * k.pw / (k.nkv + k.pw)
@@ -191,7 +204,7 @@ def _kvec_knobs(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
         tile = KvecKnobs(lanes, nkv, divisor_at_most(spec.out_size[-1], max(1, budget // nkv)))
         if best is None or fmas_per_load(tile) > fmas_per_load(best):
             best = tile
-    return dataclasses.replace(best, k_inner=_kvec_k_inner(spec, target))
+    return dataclasses.replace(best, k_inner=k_inner)
 
 
 def _output_rows(spec: ConvSpec) -> int:
@@ -203,15 +216,18 @@ def _kvec_k_inner(spec: ConvSpec, target: TargetInfo) -> bool:
     """Blocks outside the rows keep one block's weights in L1 while every row streams
     past them, which suits weights too big to stay in cache whole; but each block then
     reads the activations in strided pieces (a block's channels of every pixel), and
-    writes the output so, one block at a time. Where all the weights stay in L2
-    (depthwise, and the 1x1 and grouped layers of a mobile network), the blocks run
-    inside each row instead: the activations stream through once, in storage order
-    (on MobileNetV2's C24 56x56 1x1 and C144 3x3 depthwise layers, one after the
-    other: 10-20% less time, benchmarks/NOTES.md). The rows are then what the threads
-    share, so there must be enough of them."""
+    writes the output so, one block at a time. Where every row can reread all the
+    weights from cache (depthwise; dense layers with weights within a sixteenth of L2,
+    such as a mobile network's small 1x1 layers: at 98 and 221 KB, 1x1 layers on 14x14
+    lost 4-7%), the blocks run inside each row instead: the activations stream through
+    once, in storage order (on MobileNetV2's C24 56x56 1x1 and C144 3x3 depthwise
+    layers, one after the other: 10-20% less time, benchmarks/NOTES.md). The rows are
+    then what the threads
+    share, so there must be at least two per core (depthwise C960 7x7, 7 rows on 2
+    cores: 62 GFLOP/s against 30 with the blocks outside)."""
     weight_bytes = math.prod(spec.weight_shape) * spec.element_bytes
-    return (spec.channels_last and weight_bytes <= target.l2_bytes // 16
-            and _output_rows(spec) >= 4 * target.num_cores)
+    return (spec.channels_last and (_is_dw_like(spec) or weight_bytes <= target.l2_bytes // 16)
+            and _output_rows(spec) >= 2 * target.num_cores)
 
 
 def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
