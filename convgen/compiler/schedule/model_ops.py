@@ -65,12 +65,19 @@ def _rule() -> Any:
                     continue
                 outputs = math.prod(extents[:spatial])
                 if block.is_injective():
+                    loops, extents = _contiguous_innermost(sch, block.block_rv, loops,
+                                                           extents, widest)
                     lanes = next((n for n in (widest, 16, 8, 4)
                                   if n <= widest and extents[-1] % n == 0), None)
-                    outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
                     if lanes and outputs >= 4 * lanes:
-                        outer, inner = sch.split(outer, factors=[None, lanes])
+                        # the vector within the innermost loop, so every lane's index
+                        # is the first one's plus its lane (the fused index would
+                        # hide that behind divisions: gathers)
+                        *loops, last = loops
+                        last, inner = sch.split(last, factors=[None, lanes])
+                        loops.append(last)
                         sch.vectorize(inner)
+                    outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
                     if outputs >= PARALLEL_MIN_OUTPUTS:
                         sch.parallel(outer)
                 else:
@@ -78,6 +85,29 @@ def _rule() -> Any:
             return sch
 
     return OtherOpsCPU()
+
+
+def _contiguous_innermost(sch: Any, block: Any, loops: list[Any], extents: list[int],
+                          widest: int) -> tuple[list[Any], list[int]]:
+    """Where the innermost loop cannot be vectorized (a layout transpose into
+    channels-last: 3 channels innermost, each read 50 K elements apart), move
+    innermost a loop that can, along which some buffer is contiguous: the transpose
+    then reads whole vectors of a row and scatters them, instead of gathering every
+    element (the model's input transpose, 224 x 224 x 3: 0.155 ms as gathers)."""
+    if extents[-1] % 4 == 0:
+        return loops, extents
+    stmt = sch.get(block)
+    variables = [iv.var for iv in stmt.iter_vars]
+    if len(variables) != len(loops):
+        return loops, extents
+    for access in (*stmt.writes, *stmt.reads):
+        last = access.region[-1].min
+        pick = next((i for i, v in enumerate(variables) if last.same_as(v)), None)
+        if pick is not None and extents[pick] % 4 == 0 and extents[pick] >= widest:
+            order = [*range(pick), *range(pick + 1, len(loops)), pick]
+            sch.reorder(*[loops[i] for i in order])
+            return [loops[i] for i in order], [extents[i] for i in order]
+    return loops, extents
 
 
 def _reduction(sch: Any, block: Any, extents: list[int], spatial: int, widest: int) -> Any:
