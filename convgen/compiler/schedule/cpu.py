@@ -24,7 +24,10 @@ also tries a template's grid where its heuristic declines):
     kernel, repacked inside every call of the plain entry; the register tile is pw
     output pixels x nkv channel vectors, accumulated in registers across the
     whole reduction; NCHW keeps the accumulator channel-innermost and scatters
-    once in the write-back.
+    once in the write-back. The channel blocks run outside the rows (their
+    weights stay in L1 while the rows stream past) or, where every row can reread
+    all the weights from cache (depthwise, small 1x1), inside each row, so the
+    activations are read and written once in storage order.
 Before these, the family tries `cpu_winograd` (`schedule/winograd.py`), another
 algorithm for dense 3x3 stride-1 layers with enough channels and tiles.
 Every template unrolls small kernel windows, which turns the flipped tap of
