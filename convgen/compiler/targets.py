@@ -24,12 +24,6 @@ DEFAULT_CUDA_ARCH = "sm_90"
 # kernel for that arch is most often tuned on): V100, T4, A100, A40, L4,
 # H100/H200, B200.
 SM_COUNT = {70: 80, 75: 40, 80: 108, 86: 84, 89: 58, 90: 132, 100: 148}
-# LLVM CPU names of AVX-512 cores with two 512-bit FMA pipes (measured on a 2-core
-# Skylake-SP: 217 GFLOP/s with 512-bit FMAs against 138 with 256-bit ones).
-WIDE_FMA_CPUS = frozenset({
-    "skylake-avx512", "cascadelake", "cooperlake", "icelake-server", "sapphirerapids",
-    "emeraldrapids", "graniterapids", "graniterapids-d", "znver5",
-})
 # Private L2 per core, by LLVM CPU name (the vendors' data sheets); others: 512 KiB,
 # the size of the smaller parts in use (Zen 2/3, Ice Lake client).
 L2_BYTES = {"znver4": 1 << 20, "znver5": 1 << 20, "skylake-avx512": 1 << 20,
@@ -103,14 +97,14 @@ class TargetInfo:
 
     @property
     def fp32_lanes(self) -> int:
-        """float32 lanes of the vectors CPU schedules tile by: 512-bit vectors on the
-        AVX-512 cores with two full-width FMA units (Xeon Skylake-SP and later server
-        parts, Zen 5: twice the 256-bit throughput), 256-bit on other AVX-512 cores
-        (Zen 4 runs a 512-bit FMA as two 256-bit halves, for no more throughput; client
-        Ice Lake has one 512-bit unit) and on AVX2, 128-bit elsewhere."""
-        if self.vector_isa() == "avx512" and self.arch in WIDE_FMA_CPUS:
-            return 16
-        return min(self.vector_bits(), 256) // 32
+        """float32 lanes of the vectors CPU schedules tile by: the full SIMD width,
+        512-bit with AVX-512. Where two 512-bit FMA units exist (Xeon Skylake-SP and
+        later server parts, Zen 5) that doubles the FMA throughput; where a 512-bit
+        FMA runs as two 256-bit halves (Zen 4) the peak is the same, but a register
+        tile then needs half the loads, broadcasts and instructions per FMA: the
+        heuristics' 1x1 tiles ran 1.05-1.67x faster on Zen 4 at 16 lanes than at 8
+        (benchmarks/NOTES.md)."""
+        return self.vector_bits() // 32
 
     @property
     def vector_registers(self) -> int:

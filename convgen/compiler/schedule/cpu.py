@@ -497,7 +497,7 @@ def _cvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[CvecKnobs]:
 
 
 def _cvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: CvecKnobs) -> Schedule | None:
-    if not _cvec_applies(spec, target) or spec.channels_per_group % knobs.lanes:
+    if not spec.channels_last or spec.channels_per_group % knobs.lanes:
         return None
     sch = new_schedule(func)
     conv, _ = _prepare(sch, spec, pad_at_tile=False)
