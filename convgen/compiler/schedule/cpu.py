@@ -225,9 +225,8 @@ def _kvec_k_inner(spec: ConvSpec, target: TargetInfo) -> bool:
     lost 4-7%), the blocks run inside each row instead: the activations stream through
     once, in storage order (on MobileNetV2's C24 56x56 1x1 and C144 3x3 depthwise
     layers, one after the other: 10-20% less time, benchmarks/NOTES.md). The rows are
-    then what the threads
-    share, so there must be at least two per core (depthwise C960 7x7, 7 rows on 2
-    cores: 62 GFLOP/s against 30 with the blocks outside)."""
+    then what the threads share, so there must be at least two per core (depthwise
+    C960 7x7, 7 rows on 2 cores: 62 GFLOP/s against 30 with the blocks outside)."""
     weight_bytes = math.prod(spec.weight_shape) * spec.element_bytes
     return (spec.channels_last and (_is_dw_like(spec) or weight_bytes <= target.l2_bytes // 16)
             and _output_rows(spec) >= 2 * target.num_cores)
