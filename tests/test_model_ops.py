@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tvm
+from tvm import te
 
-tvm = pytest.importorskip("tvm")
-
-from tvm import te  # noqa: E402
-
-from convgen.compiler.schedule.model_ops import schedule_model_ops  # noqa: E402
-from convgen.compiler.targets import resolve_target  # noqa: E402
+from convgen.compiler.schedule.model_ops import schedule_model_ops
+from convgen.compiler.targets import resolve_target
 
 TARGET = resolve_target("llvm")
 
