@@ -150,6 +150,11 @@ class ConvSpec:
         return {"float32": 4, "float16": 2}[self.dtype]
 
     @property
+    def weight_bytes(self) -> int:
+        """The weight tensor's size in memory (what a cache must hold to reuse it)."""
+        return math.prod(self.weight_shape) * self.element_bytes
+
+    @property
     def accum_dtype(self) -> str:
         """float16 multiplies in float32 and accumulates there."""
         return "float32"

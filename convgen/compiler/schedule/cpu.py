@@ -227,8 +227,19 @@ def _kvec_k_inner(spec: ConvSpec, target: TargetInfo) -> bool:
     layers, one after the other: 10-20% less time, benchmarks/NOTES.md). The rows are
     then what the threads share, so there must be at least two per core (depthwise
     C960 7x7, 7 rows on 2 cores: 62 GFLOP/s against 30 with the blocks outside)."""
-    weight_bytes = math.prod(spec.weight_shape) * spec.element_bytes
-    return (spec.channels_last and (_is_dw_like(spec) or weight_bytes <= target.l2_bytes // 16)
+    return _k_inner_fits(spec, target) and (
+        _is_dw_like(spec) or spec.weight_bytes <= target.l2_bytes // 16)
+
+
+def _k_inner_fits(spec: ConvSpec, target: TargetInfo) -> bool:
+    """Where the blocks may run inside the rows at all (the grid tries both there):
+    channels-last (channels-first reads every input channel per block either way),
+    weights that rows can reread from L2, two rows per core. Tuning times a layer
+    warm, its weights in L3 from the previous call; a model calls it after the other
+    layers, so rows rereading weights larger than L2 would wait on memory there
+    (MobileNetV2's C320 7x7 1x1 K1280, 1.6 MB: tuned at 166 GFLOP/s, 109 in the
+    model)."""
+    return (spec.channels_last and spec.weight_bytes <= target.l2_bytes // 2
             and _output_rows(spec) >= 2 * target.num_cores)
 
 
@@ -237,14 +248,7 @@ def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
     if default is None:
         return
     budget = accumulator_budget(target) + 4  # the tuner may try slightly larger tiles
-    # Channels-first reads every input channel per block either way. Tuning times a
-    # layer warm, its weights in L3 from the previous call; a model calls it after
-    # the other layers, so rows that reread weights larger than L2 would wait on
-    # memory there (MobileNetV2's C320 7x7 1x1 K1280, 1.6 MB: tuned at 166 GFLOP/s,
-    # 109 in the model).
-    weight_bytes = math.prod(spec.weight_shape) * spec.element_bytes
-    inner = [False, True] if (spec.channels_last and weight_bytes <= target.l2_bytes // 2
-                              and _output_rows(spec) >= 2 * target.num_cores) else [False]
+    inner = [False, True] if _k_inner_fits(spec, target) else [False]
     for nkv in divisors(_channel_ext(spec) // default.lanes):
         for pw in divisors(spec.out_size[-1]):
             if nkv <= 8 and pw <= 16 and nkv * pw <= budget:
