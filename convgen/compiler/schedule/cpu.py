@@ -27,7 +27,8 @@ also tries a template's grid where its heuristic declines):
     once in the write-back. The channel blocks run outside the rows (their
     weights stay in L1 while the rows stream past) or, where every row can reread
     all the weights from cache (depthwise, small 1x1), inside each row, so the
-    activations are read and written once in storage order.
+    activations are read and written once in storage order. Depthwise reads its
+    zero padding in the loads rather than copying padded planes.
 Before these, the family tries `cpu_winograd` (`schedule/winograd.py`), another
 algorithm for dense 3x3 stride-1 layers with enough channels and tiles.
 Every template unrolls small kernel windows, which turns the flipped tap of
@@ -42,7 +43,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from convgen.compiler.compute import Variant, WeightPacking, reads_packed_weight
 from convgen.compiler.schedule.common import (
@@ -129,23 +130,35 @@ def _kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     return 0
 
 
-def _prepare(sch: Schedule, spec: ConvSpec, pad_at_tile: bool) -> tuple[Any, Any]:
-    """The padding stage, common to the templates. Returns (conv, pad or None)."""
+PadAt = Literal["front", "tile", "load"]
+"""Where a template produces the zero padding: materialised once before the
+convolution, per tile inside its parallel loop, or read in the convolution's own
+loads (a select on the tap's position)."""
+
+
+def _prepare(sch: Schedule, spec: ConvSpec, pad_at: PadAt) -> tuple[Any, Any]:
+    """The padding stage, common to the templates. Returns (conv, the pad block, or None
+    where there is none left to place)."""
     conv = sch.get_sblock("conv")
     pad = sch.get_sblock("pad") if has_block(sch, "pad") else None
-    # Dense convs: materialise the padded input once, in parallel (a few % of the
-    # run), so no bounds check sits in the FMA loop. Depthwise-like convs are memory
-    # bound: their padded planes are produced inside the tile (pad_at_tile), where
-    # they stay in L1 for the taps that reread them.
-    if pad is not None and not pad_at_tile:
+    if pad is None:
+        return conv, None
+    if pad_at == "front":
+        # Dense convs: materialise the padded input once, in parallel (a few % of the
+        # run), so no bounds check sits in the FMA loop.
         loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*loops[:2]))
         _vectorize_inner(sch, loops[-1])
+    elif pad_at == "load":
+        sch.compute_inline(pad)
+        return conv, None
     return conv, pad
 
 
-def _finish_pad(sch: Schedule, pad: Any, par: Any, pad_at_tile: bool) -> None:
-    if pad is not None and pad_at_tile:
+def _finish_pad(sch: Schedule, pad: Any, par: Any, pad_at: PadAt) -> None:
+    """Few FLOPs per input element: the padded planes are produced inside the tile,
+    where they stay in L1 for the taps that reread them."""
+    if pad is not None and pad_at == "tile":
         sch.compute_at(pad, par)
         _vectorize_inner(sch, sch.get_loops(pad)[-1])
 
@@ -258,8 +271,8 @@ def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
 
 def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> Schedule:
     sch = new_schedule(func)
-    pad_at_tile = bool(any(spec.pads)) and spec.channels_per_group < target.fp32_lanes
-    conv, pad = _prepare(sch, spec, pad_at_tile)
+    pad_at = _kvec_pad_at(spec, target)
+    conv, pad = _prepare(sch, spec, pad_at)
     lanes, nkv, pw = knobs.lanes, knobs.nkv, knobs.pw
     # Weights in [K/lanes, reduction dims, lanes] (`_kvec_packing`): one contiguous
     # vector load per (k-vector, c, r) instead of a lanes-way gather. Packed once by
@@ -302,8 +315,24 @@ def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) 
     _write_back_at(sch, wb, owo)
     init = sch.decompose_reduction(conv, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
-    _finish_pad(sch, pad, kouter[-1] if knobs.k_inner else par, pad_at_tile)
+    _finish_pad(sch, pad, kouter[-1] if knobs.k_inner else par, pad_at)
     return sch
+
+
+def _kvec_pad_at(spec: ConvSpec, target: TargetInfo) -> PadAt:
+    """Depthwise: each input vector feeds only its own taps' FMAs, so copying padded
+    planes, even into L1, costs as much as the convolution. The loads read the padding
+    instead: a select on the tap pixel's position, one scalar test for the whole
+    channel vector, outside any reduction (the taps are unrolled and there is one
+    input channel). MobileNetV2's C144 56x56: 0.083 ms against 0.132 with planes
+    padded in the tile; C96 112x112 stride 2: 0.111 against 0.217 (Zen 4,
+    benchmarks/NOTES.md). Several input channels per group put that test inside the
+    reduction: padded in the tile below a vector's worth (16 groups of 8: 0.99 ms
+    against 1.25 read in the loads), up front above it (dense C128 56x56 stride 2:
+    1.13 ms against 1.60)."""
+    if _is_dw_like(spec):
+        return "load"
+    return "tile" if spec.channels_per_group < target.fp32_lanes else "front"
 
 
 def _kvec_packing(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> WeightPacking:
@@ -415,9 +444,9 @@ def _wvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: WvecKnobs) 
     # where they stay in L1. Dense: pad once up front (per channel block, every block
     # would pad the same planes again). With k_inner a tile spans every channel: up
     # front too.
-    pad_at_tile = (bool(any(spec.pads)) and spec.channels_per_group < target.fp32_lanes
-                   and not knobs.k_inner)
-    conv, pad = _prepare(sch, spec, pad_at_tile)
+    pad_at: PadAt = ("tile" if spec.channels_per_group < target.fp32_lanes
+                     and not knobs.k_inner else "front")
+    conv, pad = _prepare(sch, spec, pad_at)
     if has_block(sch, "out"):  # the epilogue (and the crop of a widened row) writes back
         sch.set_scope(conv, 0, "local")
         wb = sch.get_sblock("out")
@@ -450,7 +479,7 @@ def _wvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: WvecKnobs) 
     _write_back_at(sch, wb, wb_at)
     init = sch.decompose_reduction(conv, loops.rc)
     sch.vectorize(sch.get_loops(init)[-1])
-    _finish_pad(sch, pad, par, pad_at_tile)
+    _finish_pad(sch, pad, par, pad_at)
     return sch
 
 
@@ -503,7 +532,7 @@ def _cvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: CvecKnobs) 
     if not spec.channels_last or spec.channels_per_group % knobs.lanes:
         return None
     sch = new_schedule(func)
-    conv, _ = _prepare(sch, spec, pad_at_tile=False)
+    conv, _ = _prepare(sch, spec, "front")
     loops = _conv_loops(sch, conv, spec)
     _, rci = sch.split(loops.rc, [None, knobs.lanes])
     # the lanes become a data-parallel axis of a partial-sum block; "conv" keeps the
