@@ -422,6 +422,10 @@ def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
               default="channels-last", show_default=True,
               help="The activations' layout between layers; converted once, at the model's "
               "edges.")
+@click.option("--separable/--no-separable", default=True, show_default=True,
+              help="Run each depthwise layer and the 1x1 layer that alone reads it as one "
+              "kernel, the depthwise rows computed as the 1x1 layer reads them "
+              "(channels-last CPU models).")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the model against onnxruntime on the original model.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the verification inputs.")
@@ -429,17 +433,19 @@ def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
 @algorithm_option
 @json_option
 @handle_errors
-def deploy(model: str, target: str, out_dir: str, mode: str, layout: str, verify: bool,
-           seed: int, library: str | None, algorithm: str, as_json: bool) -> None:
+def deploy(model: str, target: str, out_dir: str, mode: str, layout: str, separable: bool,
+           verify: bool, seed: int, library: str | None, algorithm: str,
+           as_json: bool) -> None:
     """Compile a whole ONNX MODEL into DIR/<model>.{so,onnx,json}: every Conv (and Gemm)
     a convgen kernel, with its bias, BatchNorm, residual Add and ReLU/ReLU6/SiLU/HardSwish
-    fused, weights packed at build time, tuned records used; the other operators
-    scheduled; one module that `convgen.load(DIR)` runs without the TVM compiler."""
+    fused (a depthwise layer and the 1x1 after it: one kernel), weights packed at build
+    time, tuned records used; the other operators scheduled; one module that
+    `convgen.load(DIR)` runs without the TVM compiler."""
     from convgen.compiler.deploy import DeployOptions, deploy_artifact, layer_summary
     from convgen.compiler.targets import resolve_target
 
     options = DeployOptions(mode=mode, layout=layout, algorithm=algorithm,
-                            library=Path(library) if library else None)
+                            library=Path(library) if library else None, separable=separable)
     path, m = deploy_artifact(model, resolve_target(target), out_dir, options,
                               target_name=target, verify=verify, seed=seed)
     secs = sum(m.build_seconds.values())

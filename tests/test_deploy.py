@@ -192,6 +192,32 @@ def test_epilogues_are_folded_into_the_kernels(cpu_target, tmp_path):
     assert [layers[c].spec.ndim for c in ("c1", "c2", "c3")] == [1, 2, 3]
 
 
+def test_depthwise_separable_pairs_run_as_one_kernel(cpu_target, tmp_path):
+    """The depthwise layer d1 and the 1 x 1 projection p1 that alone reads it: one
+    kernel (`cpu_separable`) in channels-last, named in both layers; d2, read by the
+    HardSwish only, and channels-first keep their own kernels; --no-separable too,
+    with the same outputs."""
+    out, model, _ = _deploy(tmp_path, "depthwise_block", "corr", "channels-last", cpu_target)
+    fused = convgen.load(out)
+    layers = {layer.node: layer for layer in fused.manifest.layers}
+    assert layers["d1"].pair == "p1" and layers["p1"].pair == "d1"
+    assert layers["d1"].kernel == layers["p1"].kernel != layers["e1"].kernel
+    assert layers["p1"].schedule.name == "cpu_separable" and layers["p1"].spec.residual
+    assert layers["e1"].pair == layers["d2"].pair == ""
+    src = tmp_path / "depthwise_block.onnx"
+    apart_dir = tmp_path / "apart"
+    deploy_artifact(src, cpu_target, apart_dir, DeployOptions(separable=False))
+    apart = convgen.load(apart_dir)
+    assert not any(layer.pair for layer in apart.manifest.layers)
+    assert len({layer.kernel for layer in apart.manifest.layers}) == 4
+    x = model_inputs(fused, seed=3)["x"]
+    want = ort_session(model.SerializeToString()).run(None, {"x": x})[0]
+    for m in (fused, apart):
+        assert np.abs(m(x) - want).max() <= MODEL_TOLERANCE * np.abs(want).max()
+    out, _, _ = _deploy(tmp_path, "depthwise_block", "corr", "channels-first", cpu_target)
+    assert not any(layer.pair for layer in convgen.load(out).manifest.layers)
+
+
 def test_model_calls_take_names_and_check_inputs(cpu_target, tmp_path):
     out, _, _ = _deploy(tmp_path, "depthwise_block", "corr", "channels-last", cpu_target)
     m = convgen.load(out)

@@ -110,18 +110,45 @@ class Variant:
 
 
 def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
-    """The TE tensors [data, weight, (bias,) out] of the operator."""
+    """The TE tensors [data, weight, (bias,) (residual,) out] of the operator."""
+    from tvm import te
+
+    data = te.placeholder(spec.data_shape, spec.dtype, name="data")
+    inputs, out = _conv_stage(spec, data, variant)
+    return [data, *inputs, out]
+
+
+def separable_tensors(depthwise: ConvSpec, pointwise: ConvSpec, depthwise_packing: WeightPacking,
+                      pointwise_packing: WeightPacking) -> list[Any]:
+    """A depthwise layer and the 1 x 1 layer that reads it, as one operator (`deploy`'s
+    depthwise-separable pairs): [data, dw weight, (dw bias,) weight, (bias,) (residual,)
+    out], both weights packed. The depthwise stage's blocks are "dw_pad", "dw_conv" and
+    "dw_out" (its epilogue), the pointwise stage's "conv" and "out", as in a single
+    convolution: a schedule may place the first inside the second's loops."""
+    from tvm import te
+
+    data = te.placeholder(depthwise.data_shape, depthwise.dtype, name="data")
+    first, mid = _conv_stage(depthwise, data, Variant(packing=depthwise_packing), prefix="dw_")
+    second, out = _conv_stage(pointwise, mid, Variant(packing=pointwise_packing))
+    return [data, *first, *second, out]
+
+
+def _conv_stage(spec: ConvSpec, data: Any, variant: Variant,
+                prefix: str = "") -> tuple[list[Any], Any]:
+    """The operator on the tensor `data`: (its other inputs [weight, (bias,) (residual)],
+    its output tensor), blocks named "pad", "conv", "out" after `prefix`."""
     from tvm import te, tirx
 
     wide = spec.widened(variant.row_extra)  # the spec the "pad" and "conv" blocks compute
     cl = spec.channels_last
     dt, acc = spec.dtype, spec.accum_dtype
-    data = te.placeholder(spec.data_shape, dt, name="data")
     packing = variant.packing
-    weight = (te.placeholder(spec.weight_shape, dt, name="weight") if packing is None else
-              te.placeholder(packing.packed_shape(spec), dt, name=PACKED_WEIGHT))
-    bias = te.placeholder(spec.bias_shape, dt, name="bias") if spec.bias else None
-    residual = te.placeholder(spec.out_shape, dt, name="residual") if spec.residual else None
+    weight = (te.placeholder(spec.weight_shape, dt, name=f"{prefix}weight") if packing is None
+              else te.placeholder(packing.packed_shape(spec), dt, name=f"{prefix}{PACKED_WEIGHT}"))
+    bias = te.placeholder(spec.bias_shape, dt, name=f"{prefix}bias") if spec.bias else None
+    residual = (te.placeholder(spec.out_shape, dt, name=f"{prefix}residual") if spec.residual
+                else None)
+    inputs = [t for t in (weight, bias, residual) if t is not None]
 
     def split(idx: tuple[Any, ...]) -> tuple[Any, Any, tuple[Any, ...]]:
         """layout index -> (n, c, spatial)."""
@@ -142,7 +169,7 @@ def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
             return tirx.if_then_else(tirx.all(*inside), src, tirx.const(0, dt))
 
         padded = te.compute(
-            join(spec.batch, spec.in_channels, wide.padded_size), pad_body, name="pad"
+            join(spec.batch, spec.in_channels, wide.padded_size), pad_body, name=f"{prefix}pad"
         )
     else:
         padded = data
@@ -169,16 +196,15 @@ def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
             a, w = a.astype(acc), w.astype(acc)
         return te.sum(a * w, axis=[rc, *rs])
 
-    conv = te.compute(wide.out_shape, conv_body, name="conv")
+    conv = te.compute(wide.out_shape, conv_body, name=f"{prefix}conv")
     if dt == acc and not variant.row_extra and not spec.has_epilogue:  # (bias included)
-        return [data, weight, conv]
+        return inputs, conv
 
     def out_body(*idx: Any) -> Any:
         _, k, _ = split(idx)
         return epilogue(spec, conv[idx], bias, residual, k, idx)
 
-    out = te.compute(spec.out_shape, out_body, name="out")
-    return [t for t in (data, weight, bias, residual, out) if t is not None]
+    return inputs, te.compute(spec.out_shape, out_body, name=f"{prefix}out")
 
 
 def epilogue(spec: ConvSpec, acc: Any, bias: Any, residual: Any, k: Any,
@@ -247,6 +273,16 @@ def winograd_prim_func(spec: ConvSpec, target: TargetInfo, tile: int, lanes: int
     name = RUN_PACKED_ENTRY if packed else ENTRY
     return _entry(te.create_prim_func(winograd_tensors(spec, tile, lanes, packed)), spec,
                   target, name)
+
+
+def separable_prim_func(depthwise: ConvSpec, pointwise: ConvSpec, target: TargetInfo,
+                        depthwise_packing: WeightPacking,
+                        pointwise_packing: WeightPacking) -> PrimFunc:
+    """The depthwise-separable pair (`separable_tensors`) as a run-packed entry."""
+    from tvm import te
+
+    tensors = separable_tensors(depthwise, pointwise, depthwise_packing, pointwise_packing)
+    return _entry(te.create_prim_func(tensors), pointwise, target, RUN_PACKED_ENTRY)
 
 
 def reads_packed_weight(func: PrimFunc) -> bool:

@@ -42,7 +42,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from convgen.compiler.build import lower
-from convgen.compiler.compute import WeightPacking
+from convgen.compiler.compute import WeightPacking, pack_prim_func
+from convgen.compiler.records import find_record
+from convgen.compiler.schedule import separable
 from convgen.compiler.targets import TargetInfo
 from convgen.errors import ConvgenError, SpecError, UnsupportedError
 from convgen.runtime.manifest import (
@@ -77,6 +79,7 @@ class DeployOptions:
     layout: str = "channels-last"  # the activations' layout between layers (LAYOUTS)
     algorithm: str = "auto"  # the chooser's algorithm for every convolution
     library: Path | None = None  # the record library (None: the shipped one)
+    separable: bool = True  # a depthwise layer and the 1 x 1 reading it: one kernel
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -266,12 +269,14 @@ def _node_names(model: onnx.ModelProto) -> dict[str, list[str]]:
 
 @dataclass
 class _Kernel:
-    """One spec's kernel: the run-packed entry, as the chooser scheduled it."""
+    """One kernel of the model: the run-packed entry of a spec, as the chooser scheduled
+    it, or of a depthwise-separable pair (`schedule/separable.py`)."""
 
+    name: str  # its function in the module
     func: Any  # the PrimFunc, marked opaque and scheduled
-    pack: Any  # its packing entry's PrimFunc (run at build time)
-    choice: ScheduleChoice
-    packing: WeightPacking
+    weights: tuple[tuple[ConvSpec, WeightPacking], ...]  # each weight argument's layer
+    choice: ScheduleChoice  # and the layout it is packed in, in argument order
+    algorithm: str
     gvar: Any = None  # its GlobalVar, once added to the model's module
 
 
@@ -281,6 +286,7 @@ class _Chain:
 
     conv: relax.Call  # the convolution, or a matmul by constant weights (`dense`)
     end: relax.Call  # the value of the last folded binding (replaced by the kernel)
+    var: Any = None  # the variable the convolution is bound to
     bias: np.ndarray | None = None  # per output channel, float64 while folding
     scale: np.ndarray | None = None  # per output channel, folded into the weights
     residual: relax.Expr | None = None
@@ -323,7 +329,7 @@ class _ConvFuser:
         self.bindings: dict[Any, Any] = {}  # var -> value
         self.users: dict[Any, list[Any]] = {}  # var -> the binding vars whose value reads it
         self.taken: set[Any] = set()  # bindings folded into a chain already
-        self.kernels: dict[ConvSpec, _Kernel] = {}
+        self.kernels: dict[tuple[ConvSpec, ...], _Kernel] = {}  # by the layers they run
 
     def find(self, node_names: dict[str, list[str]]) -> tuple[list[_Chain], list[str]]:
         """Every chain, in graph order, with the name of the ONNX node it starts at.
@@ -351,9 +357,17 @@ class _ConvFuser:
         self = cls(mod, target, options)
         chains, names = self.find(node_names)
         specs = [self._spec(c) for c in chains]
-        self._build_kernels(sorted(set(specs), key=lambda s: s.name()))
-        packed = self._pack(chains, specs)
-        ends = {c.end: (c, s, w) for c, s, w in zip(chains, specs, packed)}
+        pairs = self._separable_pairs(chains, specs) if options.separable else {}
+        # the chains each kernel call computes, by the index of the last one's chain
+        calls = {j: (i, j) for i, j in pairs.items()}
+        for i in range(len(chains)):
+            if i not in pairs and i not in calls:
+                calls[i] = (i,)
+        layers_of = {i: call for call in calls.values() for i in call}
+        self._build_kernels(sorted({tuple(specs[i] for i in call) for call in calls.values()},
+                                   key=lambda layers: [s.name() for s in layers]))
+        packed = self._pack(chains, specs, layers_of)
+        ends = {chains[j].end: call for j, call in calls.items()}
         fuser = self
 
         @relax.expr_functor.mutator
@@ -361,36 +375,58 @@ class _ConvFuser:
             def visit_call_(self, call: Any) -> Any:
                 if call not in ends:
                     return super().visit_call_(call)
-                chain, spec, weight = ends[call]
-                gvar = fuser.kernels[spec].gvar
+                indices = ends[call]
+                first, last = chains[indices[0]], chains[indices[-1]]
+                gvar = fuser.kernels[tuple(specs[i] for i in indices)].gvar
 
                 def fed(e: Any, shape: tuple[int, ...]) -> Any:  # a dense layer's operands
                     e = self.visit_expr(e)  # are viewed as the convolution's (free)
-                    return self.builder_.emit(relax.op.reshape(e, shape)) if chain.dense else e
+                    return self.builder_.emit(relax.op.reshape(e, shape)) if last.dense else e
 
-                args = [fed(chain.conv.args[0], spec.data_shape), relax.const(weight)]
-                if chain.bias is not None:
-                    args.append(relax.const(chain.bias.astype(np.float32)))
-                if chain.residual is not None:
-                    args.append(fed(chain.residual, spec.out_shape))
-                if not chain.dense:
-                    return relax.call_tir(gvar, args, chain.end.ty)
+                args = [fed(first.conv.args[0], specs[indices[0]].data_shape)]
+                for i in indices:  # the kernel's arguments: `compute.separable_tensors`
+                    chain = chains[i]
+                    args.append(relax.const(packed[i]))
+                    if chain.bias is not None:
+                        args.append(relax.const(chain.bias.astype(np.float32)))
+                    if chain.residual is not None:
+                        args.append(fed(chain.residual, specs[i].out_shape))
+                if not last.dense:
+                    return relax.call_tir(gvar, args, last.end.ty)
                 out = self.builder_.emit(relax.call_tir(
-                    gvar, args, relax.TensorType(spec.out_shape, spec.dtype)))
-                return relax.op.reshape(out, _shape(chain.end))
+                    gvar, args, relax.TensorType(specs[indices[-1]].out_shape, last.conv.ty.dtype)))
+                return relax.op.reshape(out, _shape(last.end))
 
         rewriter = Rewriter(mod)
-        for spec, kernel in self.kernels.items():
-            kernel.gvar = rewriter.builder_.add_func(kernel.func, self._kernel_name(spec))
+        for kernel in self.kernels.values():
+            kernel.gvar = rewriter.builder_.add_func(kernel.func, kernel.name)
         main = rewriter.visit_expr(mod["main"])
         rewriter.builder_.update_func(mod.get_global_var("main"), main)
+        # (a depthwise layer run inside its 1 x 1 layer's kernel is left unread: removed)
         out = relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
-        layers = [
-            ModelLayer(name, tuple(c.fused), self._kernel_name(s), s, self.kernels[s].choice,
-                       self.kernels[s].packing.algorithm)
-            for name, c, s in zip(names, chains, specs)
-        ]
+        layers = []
+        for i, (name, chain, spec) in enumerate(zip(names, chains, specs)):
+            call = layers_of[i]
+            kernel = self.kernels[tuple(specs[k] for k in call)]
+            pair = next((names[k] for k in call if k != i), "")
+            layers.append(ModelLayer(name, tuple(chain.fused), kernel.name, spec, kernel.choice,
+                                     kernel.algorithm, pair))
         return out, layers
+
+    def _separable_pairs(self, chains: list[_Chain], specs: list[ConvSpec]) -> dict[int, int]:
+        """Depthwise chains whose output only a 1 x 1 chain reads, where the two run as
+        one kernel (`separable.declines`): the depthwise chain's index -> the 1 x 1's."""
+        by_end = {chain.end: i for i, chain in enumerate(chains)}
+        pairs = {}
+        for j, chain in enumerate(chains):
+            x = chain.conv.args[0]
+            i = by_end.get(self.bindings.get(x))
+            reader = self._only_user(x)
+            if (i is not None and not chain.dense and reader is not None
+                    and reader.same_as(chain.var)
+                    and separable.declines(specs[i], specs[j], self.target) is None):
+                pairs[i] = j
+        return pairs
 
     @staticmethod
     def _kernel_name(spec: ConvSpec) -> str:
@@ -425,7 +461,7 @@ class _ConvFuser:
         """The convolution bound to `var` and what folds into it (bindings no earlier
         chain took), or None where convgen cannot take it (weights not constant, a
         layout without a convgen kernel, ...)."""
-        chain = _Chain(conv, conv)
+        chain = _Chain(conv, conv, var)
         if str(conv.ty.dtype) != "float32" or _const(conv.args[1]) is None:
             return None
         if chain.dense:
@@ -554,40 +590,68 @@ class _ConvFuser:
             **epilogue,
         )
 
-    def _build_kernels(self, specs: list[ConvSpec]) -> None:
-        """Each spec's run-packed entry, scheduled by the chooser (records first)."""
-        for spec in specs:
-            mod, choice, packing = lower(spec, self.target, library=self.options.library,
-                                         algorithm=self.options.algorithm)
-            if packing is None:
-                raise UnsupportedError(f"model: {spec.name()} has no packed entry on "
-                                       f"{self.target.key()}")
-            func = (mod[RUN_PACKED_ENTRY].without_attr("global_symbol")
-                    .with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True))
-            self.kernels[spec] = _Kernel(func, mod[PACK_ENTRY], choice, packing)
+    def _build_kernels(self, calls: list[tuple[ConvSpec, ...]]) -> None:
+        """Each spec's run-packed entry, scheduled by the chooser (records first); each
+        depthwise-separable pair's, each stage tiled as its layer's record (or
+        heuristic) tiles it alone."""
+        for layers in calls:
+            if len(layers) == 2:
+                dw, pw = layers
+                knobs = separable.knobs(dw, pw, self.target, self._kvec_record(dw),
+                                        self._kvec_record(pw))
+                func, dw_packing, pw_packing = separable.prim_func(dw, pw, self.target, knobs)
+                name = f"convgen_{dw.name()}_then_{pw.name()}"
+                choice = ScheduleChoice("heuristic", separable.TEMPLATE, dataclasses.asdict(knobs))
+                weights = ((dw, dw_packing), (pw, pw_packing))
+                algorithm = dw_packing.algorithm
+            else:
+                (spec,) = layers
+                mod, choice, packing = lower(spec, self.target, library=self.options.library,
+                                             algorithm=self.options.algorithm)
+                if packing is None:
+                    raise UnsupportedError(f"model: {spec.name()} has no packed entry on "
+                                           f"{self.target.key()}")
+                func, name = mod[RUN_PACKED_ENTRY], self._kernel_name(spec)
+                weights, algorithm = ((spec, packing),), packing.algorithm
+            func = (func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
+                    .with_attr("tirx.is_scheduled", True))
+            self.kernels[layers] = _Kernel(name, func, weights, choice, algorithm)
 
-    def _pack(self, chains: list[_Chain], specs: list[ConvSpec]) -> list[np.ndarray]:
-        """Every chain's weights in its kernel's packed layout, flip included: the
-        kernels' packing entries, compiled together once and run here."""
+    def _kvec_record(self, spec: ConvSpec) -> dict[str, Any] | None:
+        """The knobs of this layer's record, where it is a `cpu_kvec` one."""
+        record = find_record(spec, self.target, self.options.library)
+        if record is None or record.schedule.template != separable.POINTWISE_TEMPLATE:
+            return None
+        return dict(record.schedule.knobs)
+
+    def _pack(self, chains: list[_Chain], specs: list[ConvSpec],
+              layers_of: dict[int, tuple[int, ...]]) -> list[np.ndarray]:
+        """Every chain's weights in the packed layout of the kernel that runs it, flip
+        included: the packing entries, compiled together once and run here."""
         import tvm
 
         if not chains:
             return []
-        # each kernel's packing entry under its own name: one module holds them all
-        names = {spec: f"{PACK_ENTRY}_{i}" for i, spec in enumerate(self.kernels)}
-        funcs = {names[s]: k.pack.with_attr("global_symbol", names[s])
-                 for s, k in self.kernels.items()}
+        layouts = {}  # chain -> (spec, packing), from its kernel's weight arguments
+        for i, call in layers_of.items():
+            kernel = self.kernels[tuple(specs[k] for k in call)]
+            layouts[i] = kernel.weights[call.index(i)]
+        # each (spec, packing) under its own name: one module holds them all
+        names = {key: f"{PACK_ENTRY}_{n}" for n, key in enumerate(dict.fromkeys(layouts.values()))}
+        funcs = {name: pack_prim_func(spec, self.target, packing).with_attr("global_symbol", name)
+                 for (spec, packing), name in names.items()}
         lib = tvm.compile(tvm.IRModule(funcs), target=self.target.tvm_target())
         packed = []
-        for chain, spec in zip(chains, specs):
+        for i, (chain, spec) in enumerate(zip(chains, specs)):
             w = _const(chain.conv.args[1])
             if chain.dense:  # [K, N] -> the 1 x 1 convolution's [N, 1, 1, K]
                 w = w.T.reshape(spec.weight_shape)
             if chain.scale is not None:  # per output channel: the weights' first axis
                 w = (w * chain.scale.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype)
             weight = tvm.runtime.tensor(np.ascontiguousarray(w))
-            out = tvm.runtime.empty(self.kernels[spec].packing.packed_shape(spec), spec.dtype)
-            lib[names[spec]](weight, out)
+            _, packing = layouts[i]
+            out = tvm.runtime.empty(packing.packed_shape(spec), spec.dtype)
+            lib[names[layouts[i]]](weight, out)
             packed.append(out.numpy())
         return packed
 
@@ -627,15 +691,17 @@ def _per_channel(values: np.ndarray, out_shape: tuple[int, ...], channel_axis: i
 
 
 def layer_summary(layers: list[ModelLayer]) -> list[str]:
-    """One line per distinct kernel: how many layers run it, its algorithm and schedule."""
+    """One line per distinct kernel: how many times the model calls it, the layers it
+    runs (a depthwise-separable pair: both), its algorithm and schedule."""
     counts: dict[str, list[ModelLayer]] = {}
     for layer in layers:
         counts.setdefault(layer.kernel, []).append(layer)
     lines = []
     for group in counts.values():
-        first = group[0]
-        fused = "+".join(first.fused) or "-"
-        lines.append(f"{len(group)} x {first.spec.name()} [{first.algorithm}, "
+        specs = list(dict.fromkeys(layer.spec for layer in group))
+        first, calls = group[0], len(group) // len(specs)
+        fused = " / ".join("+".join(layer.fused) or "-" for layer in group[:len(specs)])
+        lines.append(f"{calls} x {' then '.join(s.name() for s in specs)} [{first.algorithm}, "
                      f"{first.schedule.brief()}, fused {fused}]")
     return lines
 

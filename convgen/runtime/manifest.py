@@ -415,17 +415,21 @@ class ModelLayer:
     spec: ConvSpec  # in the layout the model runs it in, with its epilogue
     schedule: ScheduleChoice
     algorithm: str
+    # the other node of a depthwise-separable pair that runs as one kernel (a depthwise
+    # layer computed row by row inside the 1 x 1 layer that reads it), else ""
+    pair: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "fused": list(self.fused), "kernel": self.kernel,
-                "layout": self.spec.layout, "spec": self.spec.to_dict(),
-                "schedule": self.schedule.to_dict(), "algorithm": self.algorithm}
+        d = {"node": self.node, "fused": list(self.fused), "kernel": self.kernel,
+             "layout": self.spec.layout, "spec": self.spec.to_dict(),
+             "schedule": self.schedule.to_dict(), "algorithm": self.algorithm}
+        return {**d, "pair": self.pair} if self.pair else d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelLayer:
         return cls(str(d["node"]), tuple(d.get("fused", ())), str(d["kernel"]),
                    ConvSpec.from_dict(d["spec"]), ScheduleChoice.from_dict(d["schedule"]),
-                   str(d.get("algorithm", "direct")))
+                   str(d.get("algorithm", "direct")), str(d.get("pair", "")))
 
 
 @dataclass(frozen=True)

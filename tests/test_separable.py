@@ -1,0 +1,106 @@
+"""A depthwise layer and the 1 x 1 layer that reads it as one CPU kernel
+(`schedule/separable.py`), against the two layers computed one after the other by the
+numpy oracle: strides, residual, both modes, rows that the tiles do not divide,
+batch 2, the tiles a 256-bit and the host's vector width choose; and the pairs it
+declines, with their reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from convgen.compiler.compute import pack_prim_func
+from convgen.compiler.schedule import separable
+from convgen.compiler.targets import resolve_target
+from convgen.reference import reference_conv
+from convgen.spec import ConvSpec, make_spec
+
+HOST = resolve_target("llvm")
+KNOB_TARGETS = {"host": HOST, "znver3": resolve_target("llvm:znver3")}
+
+# (input N x H x W x C, depthwise stride, pointwise output channels, residual, activation)
+CASES = [
+    ("1x10x10x48", 1, 8, True, "relu6"),
+    ("1x9x7x32", 2, 16, False, "relu"),
+    ("2x6x5x16", 1, 24, True, "none"),
+    ("1x7x7x64", 1, 32, False, "hardswish"),
+]
+
+
+def _pair(shape: str, stride: int, k: int, residual: bool, activation: str,
+          mode: str) -> tuple[ConvSpec, ConvSpec]:
+    n, *_, c = (int(v) for v in shape.split("x"))
+    dw = make_spec(mode=mode, input=shape, kernel=f"{c}x3x3x1", groups=c, stride=stride,
+                   padding=1, layout="NHWC", bias=True, activation=activation)
+    oh, ow = dw.out_size
+    pw = make_spec(mode=mode, input=f"{n}x{oh}x{ow}x{c}", kernel=f"{k}x1x1x{c}",
+                   layout="NHWC", bias=True, residual=residual)
+    return dw, pw
+
+
+def _packed(spec: ConvSpec, packing: object, weight: np.ndarray) -> object:
+    import tvm
+
+    func = pack_prim_func(spec, HOST, packing).with_attr("global_symbol", "pack")
+    lib = tvm.compile(tvm.IRModule({"pack": func}), target=HOST.tvm_target())
+    out = tvm.runtime.empty(packing.packed_shape(spec), spec.dtype)
+    lib["pack"](tvm.runtime.tensor(weight), out)
+    return out
+
+
+@pytest.mark.parametrize("knob_target", list(KNOB_TARGETS))
+@pytest.mark.parametrize("mode", ["corr", "conv"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_pair_matches_the_two_layers_apart(case, mode, knob_target):
+    import tvm
+
+    dw, pw = _pair(*case, mode=mode)
+    target = KNOB_TARGETS[knob_target]
+    assert separable.declines(dw, pw, target) is None
+    knobs = separable.knobs(dw, pw, target, None, None)
+    func, dw_packing, pw_packing = separable.prim_func(dw, pw, target, knobs)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=HOST.tvm_target())
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(dw.data_shape).astype(np.float32)
+    w1 = rng.standard_normal(dw.weight_shape).astype(np.float32)  # asymmetric taps
+    b1 = rng.standard_normal(dw.out_channels).astype(np.float32)
+    w2 = (rng.standard_normal(pw.weight_shape) / np.sqrt(pw.in_channels)).astype(np.float32)
+    b2 = rng.standard_normal(pw.out_channels).astype(np.float32)
+    res = [rng.standard_normal(pw.out_shape).astype(np.float32)] if pw.residual else []
+    args = [tvm.runtime.tensor(x), _packed(dw, dw_packing, w1), tvm.runtime.tensor(b1),
+            _packed(pw, pw_packing, w2), tvm.runtime.tensor(b2),
+            *(tvm.runtime.tensor(r) for r in res)]
+    out = tvm.runtime.tensor(np.zeros(pw.out_shape, np.float32))
+    lib["main"](*args, out)
+    want = reference_conv(pw, reference_conv(dw, x, w1, b1), w2, b2, *res)
+    got = out.numpy()
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+    if mode == "conv":  # the depthwise taps were flipped: corr's result differs
+        dw_corr, pw_corr = _pair(*case, mode="corr")
+        plain = reference_conv(pw_corr, reference_conv(dw_corr, x, w1, b1), w2, b2, *res)
+        assert np.abs(got - plain).max() > 1e-3
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(layout="NCHW"), "channels-last"),
+    (dict(pointwise_kernel="3x3"), "not a dense 1 x 1"),
+    (dict(k=12), "multiple of half a vector"),
+    (dict(dw_residual=True), "not depthwise, or adds a residual"),
+    (dict(size=2), "rows of one pixel"),
+])
+def test_pairs_it_declines_say_why(change, reason):
+    layout = change.get("layout", "NHWC")
+    nhwc = layout == "NHWC"
+    k, size = change.get("k", 16), change.get("size", 8)
+    stride = 1 if size > 2 else 2  # 2 x 2 -> one pixel
+    dw = make_spec(mode="corr", input=f"1x{size}x{size}x32" if nhwc else f"1x32x{size}x{size}",
+                   kernel="32x3x3x1" if nhwc else "32x1x3x3", groups=32, padding=1,
+                   stride=stride, layout=layout, residual=change.get("dw_residual", False))
+    r = 3 if change.get("pointwise_kernel") == "3x3" else 1
+    out = "x".join(map(str, dw.out_size))
+    pw = make_spec(mode="corr", input=f"1x{out}x32" if nhwc else f"1x32x{out}",
+                   kernel=f"{k}x{r}x{r}x32" if nhwc else f"{k}x32x{r}x{r}",
+                   padding=r // 2, layout=layout)
+    why = separable.declines(dw, pw, HOST)
+    assert why is not None and reason in why
