@@ -271,7 +271,7 @@ def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
 
 def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> Schedule:
     sch = new_schedule(func)
-    pad_at = _kvec_pad_at(spec, target)
+    pad_at = _kvec_pad_at(spec, target, knobs)
     conv, pad = _prepare(sch, spec, pad_at)
     lanes, nkv, pw = knobs.lanes, knobs.nkv, knobs.pw
     # Weights in [K/lanes, reduction dims, lanes] (`_kvec_packing`): one contiguous
@@ -315,11 +315,11 @@ def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) 
     _write_back_at(sch, wb, owo)
     init = sch.decompose_reduction(conv, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
-    _finish_pad(sch, pad, kouter[-1] if knobs.k_inner else par, pad_at)
+    _finish_pad(sch, pad, par, pad_at)  # (in the tile only with the blocks outside rows)
     return sch
 
 
-def _kvec_pad_at(spec: ConvSpec, target: TargetInfo) -> PadAt:
+def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:
     """Depthwise: each input vector feeds only its own taps' FMAs, so copying padded
     planes, even into L1, costs as much as the convolution. The loads read the padding
     instead: a select on the tap pixel's position, one scalar test for the whole
@@ -327,12 +327,19 @@ def _kvec_pad_at(spec: ConvSpec, target: TargetInfo) -> PadAt:
     input channel). MobileNetV2's C144 56x56: 0.083 ms against 0.132 with planes
     padded in the tile; C96 112x112 stride 2: 0.111 against 0.217 (Zen 4,
     benchmarks/NOTES.md). Several input channels per group put that test inside the
-    reduction: padded in the tile below a vector's worth (16 groups of 8: 0.99 ms
-    against 1.25 read in the loads), up front above it (dense C128 56x56 stride 2:
-    1.13 ms against 1.60)."""
+    reduction (16 groups of 8: 1.25 ms against 0.99 padded in the tile; dense C128
+    56x56 stride 2: 1.60 against 1.13 padded up front). Padded in the tile, each
+    channel block copies its own channels of the rows it reads, once per output row:
+    worth it only where the blocks run outside the rows and each would otherwise read
+    a strided slice of every pixel (16 groups of 8: 0.50 ms against 0.55 up front);
+    otherwise up front (the 3-channel stem, one block: 1.13 against 1.19; 16 groups
+    of 8 with the blocks inside the rows: 0.36 against 0.39)."""
     if _is_dw_like(spec):
         return "load"
-    return "tile" if spec.channels_per_group < target.fp32_lanes else "front"
+    blocks = spec.out_channels // (knobs.nkv * knobs.lanes)
+    if spec.channels_per_group < target.fp32_lanes and not knobs.k_inner and blocks > 1:
+        return "tile"
+    return "front"
 
 
 def _kvec_packing(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> WeightPacking:
