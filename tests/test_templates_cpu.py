@@ -75,7 +75,7 @@ def test_wvec_widened_rows_are_cropped(flags, knobs, mode, tmp_path):
 def test_kvec_channel_blocks_inside_rows_where_weights_are_small():
     """Depthwise weights stay in cache: the channel blocks run inside each row; with
     too few rows to share among the cores, they do not; nor for weights that do not
-    fit."""
+    fit (and tuning does not try them past L2)."""
     depthwise = make_spec(mode="corr", input="1x56x56x144", kernel="144x3x3x1", padding=1,
                           groups=144, layout="NHWC")
     few_rows = make_spec(mode="corr", input="1x2x7x144", kernel="144x3x3x1", padding=1,
@@ -84,3 +84,10 @@ def test_kvec_channel_blocks_inside_rows_where_weights_are_small():
     assert not cpu._kvec_knobs(few_rows, TARGET).k_inner
     big = make_spec(mode="corr", input="1x56x56x512", kernel="512x1x1x512", layout="NHWC")
     assert not cpu._kvec_knobs(big, TARGET).k_inner
+    # tuning may try the blocks inside the rows up to weights of L2's size, not past it
+    k = TARGET.l2_bytes // (4 * 256)
+    at_l2, past_l2 = (make_spec(mode="corr", input="1x14x14x256", kernel=f"{n}x1x1x256",
+                                layout="NHWC") for n in (k, 2 * k))
+    assert at_l2.weight_bytes == TARGET.l2_bytes
+    assert any(knobs.k_inner for knobs in cpu._kvec_grid(at_l2, TARGET))
+    assert not any(knobs.k_inner for knobs in cpu._kvec_grid(past_l2, TARGET))
