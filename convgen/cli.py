@@ -339,11 +339,14 @@ def tune(target: str, trials: int | None, minutes: float | None, method: str, wo
     rows, lines = [], []
     for r in results:
         rows.append({"name": r.spec.name(), "gflops": round(r.gflops, 2), "measured": r.measured,
+                     "partial": r.partial,
                      "record": str(r.record_path) if r.record_path else None,
                      "seconds": round(r.seconds, 1),
                      "schedule": r.best.candidate.__dict__ if r.best else None})
         where = f"-> {r.record_path}" if r.record_path else "(no working candidate)"
-        lines.append(f"{r.spec.name()}: {r.gflops:.1f} GFLOP/s in {r.seconds:.0f} s {where}")
+        part = f" (partial: {r.measured} candidates measured)" if r.partial else ""
+        lines.append(f"{r.spec.name()}: {r.gflops:.1f} GFLOP/s in {r.seconds:.0f} s "
+                     f"{where}{part}")
     if results and results[-1].interrupted:
         lines.append("stopped early (budget or Ctrl-C); rerun the same command to resume")
     emit(as_json, rows, lines)

@@ -80,10 +80,10 @@ def test_kvec_channel_blocks_inside_rows_where_weights_are_small():
                           groups=144, layout="NHWC")
     few_rows = make_spec(mode="corr", input="1x2x7x144", kernel="144x3x3x1", padding=1,
                          groups=144, layout="NHWC")
-    assert cpu._kvec_knobs(depthwise, TARGET).k_inner
-    assert not cpu._kvec_knobs(few_rows, TARGET).k_inner
+    assert cpu.kvec_heuristic(depthwise, TARGET).k_inner
+    assert not cpu.kvec_heuristic(few_rows, TARGET).k_inner
     big = make_spec(mode="corr", input="1x56x56x512", kernel="512x1x1x512", layout="NHWC")
-    assert not cpu._kvec_knobs(big, TARGET).k_inner
+    assert not cpu.kvec_heuristic(big, TARGET).k_inner
     # tuning may try the blocks inside the rows up to weights of L2's size, not past it
     k = TARGET.l2_bytes // (4 * 256)
     at_l2, past_l2 = (make_spec(mode="corr", input="1x14x14x256", kernel=f"{n}x1x1x256",

@@ -185,9 +185,15 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path, cpu_target, monkeypatch):
     results = tune_specs([SPEC, other], cpu_target, opts)
     assert len(results) == 1 and results[0].interrupted  # stopped, the next spec untouched
     assert results[0].record_path is not None and results[0].measured == 1
+    # the record keeps the best so far and says it is of part of the grid
+    record = find_record(SPEC, cpu_target, tmp_path / "lib")
+    assert results[0].partial and "after 1 of 3" in record.tuner["partial"]
+    assert "confirmed" not in record.tuner
     monkeypatch.setattr(tune_mod, "_measure", real)
     [resumed, _] = tune_specs([SPEC, other], cpu_target, opts)
-    assert resumed.measured == 3
+    assert resumed.measured == 3 and not resumed.partial
+    record = find_record(SPEC, cpu_target, tmp_path / "lib")
+    assert "partial" not in record.tuner and "confirmed" in record.tuner
 
 
 def test_failing_candidates_count_as_infinitely_slow(tmp_path, cpu_target, monkeypatch):

@@ -105,6 +105,7 @@ class TuneResult:
     record_path: Path | None
     interrupted: bool = False
     seconds: float = 0.0  # the time tuning this spec took
+    partial: bool = False  # its record is the best of part of the grid
 
     @property
     def gflops(self) -> float:
@@ -270,9 +271,10 @@ def _confirm(spec: ConvSpec, target: TargetInfo, results: list[Measurement],
 
 
 def _grid(spec: ConvSpec, target: TargetInfo, options: TuneOptions, log: Path,
-          deadline: float | None, progress: Progress | None) -> tuple[list[Measurement], bool]:
+          deadline: float | None, progress: Progress | None
+          ) -> tuple[list[Measurement], int, bool]:
     """Measure the grid's candidates not in the log yet. Returns (every measurement of
-    this spec, interrupted)."""
+    this spec, the grid's size, interrupted)."""
     done = _read_log(log)
     cands = [] if options.method == "meta" else candidates_for(
         spec, target, algorithm=options.algorithm)
@@ -292,7 +294,7 @@ def _grid(spec: ConvSpec, target: TargetInfo, options: TuneOptions, log: Path,
     try:
         while todo:
             if deadline is not None and time.monotonic() > deadline:
-                return results, True
+                return results, len(cands), True
             chunk, todo = todo[:workers], todo[workers:]
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 futures = [pool.submit(_compile, spec, target, c) for c in chunk]
@@ -302,8 +304,8 @@ def _grid(spec: ConvSpec, target: TargetInfo, options: TuneOptions, log: Path,
                 results.append(m)
                 report()
     except KeyboardInterrupt:
-        return results, True
-    return results, False
+        return results, len(cands), True
+    return results, len(cands), False
 
 
 def tune_spec(
@@ -322,8 +324,9 @@ def tune_spec(
     work_dir = options.work_dir or Path.home() / ".cache" / "convgen" / "tune"
     log = _log_path(work_dir, target, spec)
     log.parent.mkdir(parents=True, exist_ok=True)
-    results, interrupted = _grid(spec, target, options, log, deadline, progress)
-    best = fastest(results) if interrupted else _confirm(spec, target, results, options)
+    results, total, partial = _grid(spec, target, options, log, deadline, progress)
+    best = fastest(results) if partial else _confirm(spec, target, results, options)
+    interrupted = partial
     if options.method in ("meta", "both") and not interrupted:
         from convgen.tuning.metaschedule import tune_meta_schedule
 
@@ -337,14 +340,23 @@ def tune_spec(
                                  options)])
     path = None
     if best is not None:
-        path = write_record(_record(spec, target, best, options, results),
+        path = write_record(_record(spec, target, best, options, results, total, partial),
                             options.library)
-    return TuneResult(spec, best, len(results), path, interrupted)
+    return TuneResult(spec, best, len(results), path, interrupted, partial=partial)
 
 
 def _record(spec: ConvSpec, target: TargetInfo, best: Measurement, options: TuneOptions,
-            results: list[Measurement]) -> Record:
+            results: list[Measurement], total: int, partial: bool) -> Record:
+    """The record of a run; one cut short by its budget keeps the best so far, and says
+    that it is (a rerun of the same command finishes the grid and replaces it)."""
     import tvm
+
+    if partial:
+        outcome = {"partial": f"the budget ran out after {len(results)} of {total} grid "
+                              "candidates; the best so far, not re-timed"}
+    else:
+        outcome = {"confirmed": f"best median of {CONFIRM_ROUNDS} alternating rounds "
+                                f"among the grid's top {CONFIRM_TOP}"}
 
     return Record(
         spec=record_spec(spec, target),
@@ -359,8 +371,7 @@ def _record(spec: ConvSpec, target: TargetInfo, best: Measurement, options: Tune
         },
         tuner={"method": options.method, "grid_candidates": len(results),
                "grid_failed": sum(not math.isfinite(m.seconds) for m in results),
-               "confirmed": f"best median of {CONFIRM_ROUNDS} alternating rounds "
-                            f"among the grid's top {CONFIRM_TOP}"},
+               **outcome},
     )
 
 

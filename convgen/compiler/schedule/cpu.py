@@ -94,7 +94,7 @@ def _vectorize_inner(sch: Schedule, loop: Any, cap: int = 16) -> None:
         sch.vectorize(vi)
 
 
-def _write_back_at(sch: Schedule, wb: Any, at: Any) -> None:
+def write_back_at(sch: Schedule, wb: Any, at: Any) -> None:
     """Attach the accumulator's write-back under loop `at`, its loops unrolled and the
     innermost vectorized: with every index constant LLVM keeps the whole tile in
     registers (a rolled write-back leaves it on the stack, stored and reloaded)."""
@@ -105,23 +105,23 @@ def _write_back_at(sch: Schedule, wb: Any, at: Any) -> None:
     _vectorize_inner(sch, inner)
 
 
-def _unroll_window(sch: Schedule, window: list[Any], spec: ConvSpec) -> None:
+def unroll_window(sch: Schedule, window: list[Any], spec: ConvSpec) -> None:
     """Unroll the kernel-window loops: conv's flipped tap becomes constant offsets,
     so conv runs the same code as corr. Big windows: the innermost loop only."""
     for r in window if math.prod(spec.kernel_size) <= 32 else window[-1:]:
         sch.unroll(r)
 
 
-def _is_dw_like(spec: ConvSpec) -> bool:
+def is_depthwise_like(spec: ConvSpec) -> bool:
     return spec.channels_per_group == 1 and spec.out_channels_per_group == 1
 
 
-def _kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
+def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     """Channel-vector width: a whole vector if the channel axis allows, else half of
     one; 0 if neither divides it. Depthwise: the vector spans groups, contiguous
     only in NHWC."""
     kg, g, vec = spec.out_channels_per_group, spec.groups, target.fp32_lanes
-    if _is_dw_like(spec) and not spec.channels_last:
+    if is_depthwise_like(spec) and not spec.channels_last:
         return 0
     ext = kg if kg > 1 or spec.channels_per_group > 1 else g
     for lanes in (vec, vec // 2):
@@ -182,8 +182,8 @@ def _channel_ext(spec: ConvSpec) -> int:
     return kg if kg > 1 else spec.groups
 
 
-def _kvec_knobs(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
-    lanes, vec = _kvec_lanes(spec, target), target.fp32_lanes
+def kvec_heuristic(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
+    lanes, vec = kvec_lanes(spec, target), target.fp32_lanes
     if not lanes or (lanes < vec and not spec.channels_last):
         # half vectors pay only for NHWC; NCHW then does better along the row (cpu_wvec)
         return None
@@ -193,7 +193,7 @@ def _kvec_knobs(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
     # broadcast; 16 registers hold 8.
     budget = accumulator_budget(target) + (2 if target.vector_registers >= 32 else 0)
     k_inner = _kvec_k_inner(spec, target)
-    if _is_dw_like(spec) and spec.stride[-1] == 1:
+    if is_depthwise_like(spec) and spec.stride[-1] == 1:
         # Depthwise: every input vector feeds a single channel vector, so more channel
         # vectors share no loads; along a stride-1 row the pixels' taps overlap, and
         # the unrolled tile reuses each loaded input vector for several of them. One
@@ -241,7 +241,7 @@ def _kvec_k_inner(spec: ConvSpec, target: TargetInfo) -> bool:
     then what the threads share, so there must be at least two per core (depthwise
     C960 7x7, 7 rows on 2 cores: 62 GFLOP/s against 30 with the blocks outside)."""
     return _k_inner_fits(spec, target) and (
-        _is_dw_like(spec) or spec.weight_bytes <= target.l2_bytes // 16)
+        is_depthwise_like(spec) or spec.weight_bytes <= target.l2_bytes // 16)
 
 
 def _k_inner_fits(spec: ConvSpec, target: TargetInfo) -> bool:
@@ -259,7 +259,7 @@ def _k_inner_fits(spec: ConvSpec, target: TargetInfo) -> bool:
 
 
 def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
-    default = _kvec_knobs(spec, target)
+    default = kvec_heuristic(spec, target)
     if default is None:
         return
     budget = accumulator_budget(target) + 4  # the tuner may try slightly larger tiles
@@ -271,7 +271,7 @@ def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
                     yield KvecKnobs(default.lanes, nkv, pw, k_inner)
 
 
-def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> Schedule:
+def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> Schedule:
     sch = new_schedule(func)
     pad_at = _kvec_pad_at(spec, target, knobs)
     conv, pad = _prepare(sch, spec, pad_at)
@@ -313,8 +313,8 @@ def _kvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) 
     sch.unroll(owi)
     sch.unroll(kvo)
     sch.vectorize(kvi)
-    _unroll_window(sch, loops.r, spec)
-    _write_back_at(sch, wb, owo)
+    unroll_window(sch, loops.r, spec)
+    write_back_at(sch, wb, owo)
     init = sch.decompose_reduction(conv, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
     _finish_pad(sch, pad, par, pad_at)  # (in the tile only with the blocks outside rows)
@@ -336,7 +336,7 @@ def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:
     a strided slice of every pixel (16 groups of 8: 0.50 ms against 0.55 up front);
     otherwise up front (the 3-channel stem, one block: 1.13 against 1.19; 16 groups
     of 8 with the blocks inside the rows: 0.36 against 0.39)."""
-    if _is_dw_like(spec):
+    if is_depthwise_like(spec):
         return "load"
     blocks = spec.out_channels // (knobs.nkv * knobs.lanes)
     if spec.channels_per_group < target.fp32_lanes and not knobs.k_inner and blocks > 1:
@@ -398,7 +398,7 @@ def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     if not _wvec_applies(spec):
         return None
     ext, vec = _channel_ext(spec), target.fp32_lanes
-    if _is_dw_like(spec):
+    if is_depthwise_like(spec):
         # Depthwise: each input vector feeds one channel's taps, so go wide along the
         # row (up to 4 vectors) and keep a few channels, within 8 accumulators.
         lanes = divisor_at_most(spec.out_size[-1], 4 * vec)
@@ -484,8 +484,8 @@ def _wvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: WvecKnobs) 
     for loop in (kb_l, *row_l):
         sch.unroll(loop)
     sch.vectorize(vl)
-    _unroll_window(sch, loops.r, spec)
-    _write_back_at(sch, wb, wb_at)
+    unroll_window(sch, loops.r, spec)
+    write_back_at(sch, wb, wb_at)
     init = sch.decompose_reduction(conv, loops.rc)
     sch.vectorize(sch.get_loops(init)[-1])
     _finish_pad(sch, pad, par, pad_at)
@@ -515,7 +515,7 @@ def _cvec_knobs(spec: ConvSpec, target: TargetInfo) -> CvecKnobs | None:
     # 1x1 layers it ran 1.0-1.56x cvec's speed (benchmarks/NOTES.md). So the
     # heuristic takes cvec only where kvec does not apply.
     if (not _cvec_applies(spec, target) or spec.gemm_shape[2] < 1024
-            or _kvec_knobs(spec, target) is not None):
+            or kvec_heuristic(spec, target) is not None):
         return None
     best, vec = None, target.fp32_lanes
     for kb in (2, 1, 4):  # the largest tile within the accumulator budget, 2 channels first
@@ -561,7 +561,7 @@ def _cvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: CvecKnobs) 
     sch.unroll(kb)
     sch.unroll(pw)
     sch.vectorize(rci)
-    _unroll_window(sch, rs, spec)
+    unroll_window(sch, rs, spec)
     sch.set_scope(part, 0, "local")
     sch.reverse_compute_at(final, owo)
     if has_block(sch, "out"):  # bias/cast: after the cross-lane sum, on the same tile
@@ -575,7 +575,8 @@ def _cvec(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: CvecKnobs) 
 TEMPLATES: tuple[Template[Any], ...] = (
     Template("cpu_cvec", CvecKnobs, _cvec_knobs, _cvec_grid, _cvec),
     Template("cpu_wvec", WvecKnobs, _wvec_knobs, _wvec_grid, _wvec, _wvec_variant),
-    Template("cpu_kvec", KvecKnobs, _kvec_knobs, _kvec_grid, _kvec, packing=_kvec_packing),
+    Template("cpu_kvec", KvecKnobs, kvec_heuristic, _kvec_grid, kvec_schedule,
+             packing=_kvec_packing),
 )
 
 

@@ -29,12 +29,12 @@ from convgen.compiler.compute import ENTRY, WeightPacking, separable_prim_func
 from convgen.compiler.schedule.common import has_block, loops_below
 from convgen.compiler.schedule.cpu import (
     KvecKnobs,
-    _is_dw_like,
-    _kvec,
-    _kvec_knobs,
-    _kvec_lanes,
-    _unroll_window,
-    _write_back_at,
+    is_depthwise_like,
+    kvec_heuristic,
+    kvec_lanes,
+    kvec_schedule,
+    unroll_window,
+    write_back_at,
 )
 from convgen.compiler.targets import TargetInfo
 from convgen.errors import UnsupportedError
@@ -70,14 +70,14 @@ def declines(depthwise: ConvSpec, pointwise: ConvSpec, target: TargetInfo) -> st
         return "float32 only"
     if not (depthwise.channels_last and pointwise.channels_last and depthwise.ndim == 2):
         return "2-D channels-last layers only"
-    if not _is_dw_like(depthwise) or depthwise.residual:
+    if not is_depthwise_like(depthwise) or depthwise.residual:
         return "the first layer is not depthwise, or adds a residual"
     if depthwise.out_size[-1] == 1 or 1 in depthwise.kernel_size:
         return "rows of one pixel, or a window one tap wide"
     if (pointwise.kernel_size != (1, 1) or pointwise.stride != (1, 1) or any(pointwise.pads)
             or pointwise.groups != 1 or pointwise.data_shape != depthwise.out_shape):
         return "the second layer is not a dense 1 x 1, stride 1, on the first one's output"
-    if not _kvec_lanes(depthwise, target) or not _kvec_lanes(pointwise, target):
+    if not kvec_lanes(depthwise, target) or not kvec_lanes(pointwise, target):
         return "channels not a multiple of half a vector"
     if pointwise.weight_bytes > 2 * target.l2_bytes:
         # every row rereads all the 1 x 1 weights; measured up to 1.2 MB (C960 -> 320,
@@ -96,7 +96,7 @@ def knobs(depthwise: ConvSpec, pointwise: ConvSpec, target: TargetInfo,
     def tile(spec: ConvSpec, recorded: dict[str, Any] | None) -> KvecKnobs:
         if recorded is not None:
             return KvecKnobs(**recorded)
-        chosen = _kvec_knobs(spec, target)
+        chosen = kvec_heuristic(spec, target)
         assert chosen is not None  # `declines` checked the lanes
         return chosen
 
@@ -108,7 +108,7 @@ def schedule(func: PrimFunc, depthwise: ConvSpec, pointwise: ConvSpec, target: T
              knobs: SeparableKnobs) -> Schedule:
     """The pointwise stage as `cpu_kvec` (rows in parallel), the depthwise row computed
     under each row, before the pointwise tiles that read it."""
-    sch = _kvec(func, pointwise, target, KvecKnobs(knobs.lanes, knobs.nkv, knobs.pw,
+    sch = kvec_schedule(func, pointwise, target, KvecKnobs(knobs.lanes, knobs.nkv, knobs.pw,
                                                    k_inner=True))
     if has_block(sch, "dw_pad"):
         sch.compute_inline(sch.get_sblock("dw_pad"))  # read in the loads (`_kvec_pad_at`)
@@ -136,8 +136,8 @@ def schedule(func: PrimFunc, depthwise: ConvSpec, pointwise: ConvSpec, target: T
     sch.unroll(xi)
     sch.unroll(cvo)
     sch.vectorize(cvi)
-    _unroll_window(sch, window, depthwise)
-    _write_back_at(sch, wb, xo)
+    unroll_window(sch, window, depthwise)
+    write_back_at(sch, wb, xo)
     init = sch.decompose_reduction(dw, window[0])
     sch.vectorize(sch.get_loops(init)[-1])
     return sch
