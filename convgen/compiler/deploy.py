@@ -620,7 +620,7 @@ class _ConvFuser:
     def _kvec_record(self, spec: ConvSpec) -> dict[str, Any] | None:
         """The knobs of this layer's record, where it is a `cpu_kvec` one."""
         record = find_record(spec, self.target, self.options.library)
-        if record is None or record.schedule.template != separable.POINTWISE_TEMPLATE:
+        if record is None or record.schedule.template != separable.STAGE_TEMPLATE:
             return None
         return dict(record.schedule.knobs)
 

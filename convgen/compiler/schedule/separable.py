@@ -7,7 +7,7 @@ it back: MobileNetV2's 56x56x144 is 1.8 MB, past L2, and both layers are cheap
 enough per byte that moving it costs as much as computing it. Here the 1 x 1 layer
 runs as `cpu_kvec` with its channel blocks inside each output row and the rows in
 parallel, and every row first computes the depthwise row it reads, all channels
-of it, into a buffer of its own thread (one row: 32 KB at 56x144, 60 KB at
+of it, into a buffer of its own thread (one row: 32 KB at 56x144, 27 KB at
 7x960), where the pointwise tiles find it in L1/L2. A 1 x 1 layer reads exactly
 one input row per output row, so nothing is computed twice. The depthwise row is
 tiled as `cpu_kvec` tiles it alone (channel vectors by a run of pixels, the
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from tvm.tirx import PrimFunc
 
 TEMPLATE = "cpu_separable"
-POINTWISE_TEMPLATE = "cpu_kvec"  # the template whose knobs each stage takes
+STAGE_TEMPLATE = "cpu_kvec"  # the template whose knobs each stage takes
 
 
 @dataclass(frozen=True)
