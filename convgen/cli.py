@@ -328,7 +328,8 @@ def tune(target: str, trials: int | None, minutes: float | None, method: str, wo
     live = sys.stderr.isatty() and not as_json
 
     def progress(spec: Any, done: int, total: int, gflops: float) -> None:
-        line = (f"[{position[spec.name()]}/{len(keys)}] {spec.name()}: {done}/{total} "
+        at = position[record_spec(spec, tinfo).name()]  # (timed with a residual, maybe)
+        line = (f"[{at}/{len(keys)}] {spec.name()}: {done}/{total} "
                 f"candidates, best {gflops:.1f} GFLOP/s")
         if live:
             click.echo("\r" + line + " " * 8, nl=done == total, err=True)

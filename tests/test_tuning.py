@@ -133,6 +133,36 @@ def test_tune_writes_a_record_and_resumes(tmp_path, cpu_target):
     assert "alternating rounds" in record.tuner["confirmed"]
 
 
+def test_a_residual_is_measured_where_a_spec_sharing_the_record_reads_one(tmp_path,
+                                                                       cpu_target):
+    """Bias and activation do not move the best tile; a residual read can: the record,
+    kept without the epilogue, is tuned on the residual form where one spec has it."""
+    plain = dataclasses.replace(SPEC, mode="corr", bias=True)
+    with_residual = dataclasses.replace(SPEC, residual=True, activation="relu")
+    opts = TuneOptions(trials=1, repeats=3, min_repeat_ms=1, library=tmp_path / "lib",
+                       work_dir=tmp_path / "work")
+    [result] = tune_specs([plain, with_residual], cpu_target, opts)
+    assert result.spec.residual and not result.spec.bias and result.spec.mode == "corr"
+    record = find_record(plain, cpu_target, tmp_path / "lib")
+    assert record is not None and record.spec == record_spec(with_residual, cpu_target)
+    assert not record.spec.residual
+
+
+def test_cli_tune_reports_a_residual_spec_under_its_record(tmp_path, cpu_target):
+    from click.testing import CliRunner
+
+    from convgen.cli import main
+
+    args = ["tune", "--mode", "corr", "--input", "1x6x6x8", "--kernel", "16x1x1x8",
+            "--layout", "NHWC", "--bias", "--residual", "--trials", "1",
+            "--library", str(tmp_path / "lib"), "--work-dir", str(tmp_path / "work")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "[1/1] corr2d_nhwc_float32_n1c8i6x6_k16r1x1" in result.output
+    spec = make_spec(mode="corr", input="1x6x6x8", kernel="16x1x1x8", layout="NHWC")
+    assert find_record(spec, cpu_target, tmp_path / "lib") is not None
+
+
 def test_changed_schedule_code_does_not_resume_old_timings(tmp_path, cpu_target, monkeypatch):
     """Timings measured with other schedule code (or another TVM) say nothing about
     the new kernels: a run after a change measures every candidate again."""

@@ -148,10 +148,13 @@ def record_spec(spec: ConvSpec, target: TargetInfo) -> ConvSpec:
     """The spec a record is kept under. Where kernels run on packed weights (the CPU
     family), `conv`'s flip is applied while packing and the run entry computes `corr`:
     both modes run the same code, so one record, kept under `corr`, serves both (and
-    they cannot end up on different tiles by the noise of two tuning runs). The fused
-    epilogue (bias, residual, activation) is a few operations per output element on
-    the tile in registers and does not change which tiles are best: records are kept
-    without it, and tuning measures the spec without it."""
+    they cannot end up on different tiles by the noise of two tuning runs). Records
+    are kept without the fused epilogue: a bias and an activation are a few
+    operations per output element on the tile in registers. A residual is not: it
+    is a second output-sized tensor read in the write-back, and can change which
+    tile is best (ResNet-50's C256 14x14 1x1 K1024: 181 against 221 GFLOP/s for two
+    orders that ran alike without it), so tuning measures a residual where a spec
+    sharing the record has one (`tuning.grid.tune_specs`)."""
     from convgen.compiler.schedule import family
 
     spec = spec.without_epilogue()

@@ -381,19 +381,22 @@ def tune_specs(
     options: TuneOptions,
     progress: Progress | None = None,
 ) -> list[TuneResult]:
-    """Tune several specs in turn, each record once, on the spec it is kept under (on
-    CPU `conv` and `corr` share one; the epilogue is left out: `record_spec`); Ctrl-C
-    keeps every record finished so far."""
+    """Tune several specs in turn, each record once (on CPU `conv` and `corr` share
+    one, and the epilogue is left out: `record_spec`), measured as its key spec, or
+    with a residual where one of the specs sharing it reads one; Ctrl-C keeps every
+    record finished so far."""
     use_all_cores()
     deadline = time.monotonic() + options.minutes * 60 if options.minutes else None
-    results, seen = [], set()
+    measured: dict[ConvSpec, ConvSpec] = {}  # record key -> the spec timed for it
     for spec in specs:
         key = record_spec(spec, target)
-        if key in seen:
-            continue
-        seen.add(key)
+        if spec.residual and not measured.get(key, key).residual:
+            measured[key] = dataclasses.replace(key, residual=True)
+        measured.setdefault(key, key)
+    results = []
+    for spec in measured.values():
         start = time.monotonic()
-        result = tune_spec(key, target, options, deadline, progress)
+        result = tune_spec(spec, target, options, deadline, progress)
         result.seconds = time.monotonic() - start
         results.append(result)
         if result.interrupted:
