@@ -1,8 +1,8 @@
 """A depthwise layer and the 1 x 1 layer that reads it as one CPU kernel
 (`schedule/separable.py`), against the two layers computed one after the other by the
-numpy oracle: strides, residual, both modes, rows that the tiles do not divide,
-batch 2, the tiles a 256-bit and the host's vector width choose; and the pairs it
-declines, with their reason."""
+numpy oracle: strides, dilation, residual, both modes, rows that the tiles do not
+divide, batch 2, the tiles a 256-bit and the host's vector width choose; and the
+pairs it declines, with their reason."""
 
 from __future__ import annotations
 
@@ -18,20 +18,23 @@ from convgen.spec import ConvSpec, make_spec
 HOST = resolve_target("llvm")
 KNOB_TARGETS = {"host": HOST, "znver3": resolve_target("llvm:znver3")}
 
-# (input N x H x W x C, depthwise stride, pointwise output channels, residual, activation)
+# (input N x H x W x C, depthwise stride, pointwise output channels, residual, activation,
+#  depthwise dilation)
 CASES = [
-    ("1x10x10x48", 1, 8, True, "relu6"),
-    ("1x9x7x32", 2, 16, False, "relu"),
-    ("2x6x5x16", 1, 24, True, "none"),
-    ("1x7x7x64", 1, 32, False, "hardswish"),
+    ("1x10x10x48", 1, 8, True, "relu6", 1),
+    ("1x9x7x32", 2, 16, False, "relu", 1),
+    ("2x6x5x16", 1, 24, True, "none", 1),
+    ("1x7x7x64", 1, 32, False, "hardswish", 1),
+    ("1x9x8x16", 1, 16, False, "relu6", 2),
 ]
 
 
-def _pair(shape: str, stride: int, k: int, residual: bool, activation: str,
+def _pair(shape: str, stride: int, k: int, residual: bool, activation: str, dilation: int,
           mode: str) -> tuple[ConvSpec, ConvSpec]:
     n, *_, c = (int(v) for v in shape.split("x"))
     dw = make_spec(mode=mode, input=shape, kernel=f"{c}x3x3x1", groups=c, stride=stride,
-                   padding=1, layout="NHWC", bias=True, activation=activation)
+                   dilation=dilation, padding=dilation, layout="NHWC", bias=True,
+                   activation=activation)
     oh, ow = dw.out_size
     pw = make_spec(mode=mode, input=f"{n}x{oh}x{ow}x{c}", kernel=f"{k}x1x1x{c}",
                    layout="NHWC", bias=True, residual=residual)
