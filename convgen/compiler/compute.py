@@ -9,6 +9,8 @@ The PrimFunc has these blocks, which every schedule template relies on:
           float32 without any of them, when "conv" writes the output)
 
 Arguments, in order: data, weight[, bias][, residual], out (destination passing).
+A depthwise-separable pair (`separable_tensors`, for `deploy`) is two such stages
+in one PrimFunc, the first's blocks and arguments prefixed `dw_`.
 
 Constant weights can be packed once (`convgen_pack`) into the layout a schedule
 reads best, and run from there (`convgen_run_packed`): `pack_prim_func` and the
