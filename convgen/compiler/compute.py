@@ -10,7 +10,7 @@ The PrimFunc has these blocks, which every schedule template relies on:
 
 Arguments, in order: data, weight[, bias][, residual], out (destination passing).
 A depthwise-separable pair (`separable_tensors`, for `deploy`) is two such stages
-in one PrimFunc, the first's blocks and arguments prefixed `dw_`.
+in one PrimFunc, the first stage's blocks, weight and bias prefixed `dw_`.
 
 Constant weights can be packed once (`convgen_pack`) into the layout a schedule
 reads best, and run from there (`convgen_run_packed`): `pack_prim_func` and the
