@@ -347,13 +347,13 @@ def tune_spec(
 
 def _record(spec: ConvSpec, target: TargetInfo, best: Measurement, options: TuneOptions,
             results: list[Measurement], total: int, partial: bool) -> Record:
-    """The record of a run; one cut short by its budget keeps the best so far, and says
-    that it is (a rerun of the same command finishes the grid and replaces it)."""
+    """The record of a run; one cut short keeps the best so far, and says that it is (a
+    rerun of the same command finishes the grid and replaces it)."""
     import tvm
 
     if partial:
-        outcome = {"partial": f"the budget ran out after {len(results)} of {total} grid "
-                              "candidates; the best so far, not re-timed"}
+        outcome = {"partial": f"stopped (budget or Ctrl-C) after {len(results)} of {total} "
+                              "grid candidates; the best so far, not re-timed"}
     else:
         outcome = {"confirmed": f"best median of {CONFIRM_ROUNDS} alternating rounds "
                                 f"among the grid's top {CONFIRM_TOP}"}
