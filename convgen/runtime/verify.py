@@ -126,11 +126,11 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, dtype: str,
     return Check(name, not bad.any(), max_abs, max_abs / scale, detail)
 
 
-def ort_session(model: bytes | Path, spinning: bool = False) -> Any:
+def ort_session(model: bytes | Path, spinning: bool = False, profiling: bool = False) -> Any:
     """onnxruntime on the CPU: every core, all graph optimizations, intra-op spinning
     off unless asked for (so its thread pool does not fight TVM's when both run in
     one process; the benchmarks, which time them in separate rounds, turn it on as
-    onnxruntime's users have it)."""
+    onnxruntime's users have it); `profiling`: its per-node profiler on."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -138,6 +138,7 @@ def ort_session(model: bytes | Path, spinning: bool = False) -> Any:
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.enable_profiling = profiling
     return ort.InferenceSession(
         model if isinstance(model, bytes) else str(model),
         sess_options=opts,
@@ -291,7 +292,7 @@ def model_inputs(model: Model, seed: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-def reference_session(model: Model, spinning: bool = False) -> Any:
+def reference_session(model: Model, spinning: bool = False, profiling: bool = False) -> Any:
     """onnxruntime on the model as given (all optimizations, weights as initializers);
     for a `conv`-mode deployment, with every Conv's weights flipped, which is what the
     deployment computes."""
@@ -302,7 +303,7 @@ def reference_session(model: Model, spinning: bool = False) -> Any:
     proto = onnx.load(str(model.manifest.path_of("onnx", model.directory)))
     if model.manifest.mode == "conv":
         proto = flip_conv_weights(proto)
-    return ort_session(proto.SerializeToString(), spinning)
+    return ort_session(proto.SerializeToString(), spinning, profiling)
 
 
 def verify_model(model: Model, seed: int = 0) -> VerifyReport:

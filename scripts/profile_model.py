@@ -1,0 +1,102 @@
+"""Per layer, a deployed model's convgen kernels against onnxruntime's own profile of
+its nodes, in one process.
+
+    python scripts/profile_model.py DIR [--rounds 8]
+
+Our side: the Relax VM's instrument around every kernel call (it adds about 15 us to
+each call, which weighs on layers of tens of microseconds: compare whole builds with
+`scripts/ab_models.py`). onnxruntime's side: its profiler's kernel times
+(`enable_profiling`, spinning on: off, every node pays a thread-pool wake-up), on the
+same ONNX model with all optimizations. The two alternate in blocks of 10 runs;
+medians. Kernels are matched to onnxruntime's Conv/Gemm nodes in graph order; a
+depthwise-separable pair (`ModelLayer.pair`) is matched to both of its nodes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dir", help="a deployed model (`convgen deploy --out`)")
+    parser.add_argument("--rounds", type=int, default=8)
+    args = parser.parse_args()
+
+    import tvm
+    import tvm_ffi
+    from tvm import relax
+
+    from convgen.runtime.cores import use_all_cores
+    from convgen.runtime.model import load_model
+    from convgen.runtime.verify import model_inputs, reference_session
+
+    use_all_cores()
+    model = load_model(args.dir)
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(model.module_path)), tvm.cpu())
+    inputs = model_inputs(model, seed=0)
+    feed = [tvm.runtime.tensor(a) for a in inputs.values()]
+    profiled = reference_session(model, spinning=True, profiling=True)
+
+    calls: list[tuple[str, float]] = []
+    started: dict[str, float] = {}
+
+    def instrument(func: Any, name: str, before: bool, ret: Any, *rest: Any) -> int:
+        if name.startswith("convgen_"):
+            if before:
+                started[name] = time.perf_counter()
+            else:
+                calls.append((name, time.perf_counter() - started[name]))
+        return 0
+
+    for _ in range(5):
+        vm["main"](*feed)
+        profiled.run(None, inputs)
+    vm.set_instrument(tvm_ffi.convert(instrument))
+    ours: list[list[tuple[str, float]]] = []
+    for _ in range(args.rounds):
+        for _ in range(10):
+            calls.clear()
+            vm["main"](*feed)
+            ours.append(list(calls))
+        time.sleep(0.2)
+        for _ in range(10):
+            profiled.run(None, inputs)
+        time.sleep(0.2)
+    trace = profiled.end_profiling()
+    with open(trace) as f:
+        events = json.load(f)
+    os.remove(trace)
+    theirs: dict[str, list[float]] = defaultdict(list)
+    order: list[str] = []
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"].get("op_name", "")
+            if "Conv" in op or "Gemm" in op:
+                node = e["name"][: -len("_kernel_time")]
+                if node not in theirs:
+                    order.append(node)
+                theirs[node].append(e["dur"] / 1e6)
+    kernels = [name for name, _ in ours[0]]
+    ours_ms = [float(np.median([run[i][1] for run in ours])) * 1e3 for i in range(len(kernels))]
+    layers_per_call = [1 + any(layer.pair and layer.kernel == k for layer in model.manifest.layers)
+                       for k in kernels]
+    print(f"{'ours ms':>8} {'ort ms':>8} {'ratio':>6}  kernel")
+    node = 0
+    for kernel, ms, n in zip(kernels, ours_ms, layers_per_call):
+        ort_ms = sum(float(np.median(theirs[order[node + i]])) * 1e3 for i in range(n)
+                     if node + i < len(order))
+        node += n
+        print(f"{ms:8.3f} {ort_ms:8.3f} {ort_ms / ms:6.2f}  {kernel[len('convgen_'):]}")
+    print(f"total: ours {sum(ours_ms):.3f} ms, onnxruntime's Conv/Gemm nodes "
+          f"{sum(float(np.median(v)) for v in theirs.values()) * 1e3:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
