@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from convgen.compiler.compute import pack_prim_func
 from convgen.compiler.schedule import separable
@@ -51,20 +53,15 @@ def _packed(spec: ConvSpec, packing: object, weight: np.ndarray) -> object:
     return out
 
 
-@pytest.mark.parametrize("knob_target", list(KNOB_TARGETS))
-@pytest.mark.parametrize("mode", ["corr", "conv"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_pair_matches_the_two_layers_apart(case, mode, knob_target):
+def _check_pair(dw: ConvSpec, pw: ConvSpec, target: object, seed: int) -> np.ndarray:
+    """The fused kernel's output, asserted against the two layers apart (oracle)."""
     import tvm
 
-    dw, pw = _pair(*case, mode=mode)
-    target = KNOB_TARGETS[knob_target]
-    assert separable.declines(dw, pw, target) is None
     knobs = separable.knobs(dw, pw, target, None, None)
     func, dw_packing, pw_packing = separable.prim_func(dw, pw, target, knobs)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                       target=HOST.tvm_target())
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal(dw.data_shape).astype(np.float32)
     w1 = rng.standard_normal(dw.weight_shape).astype(np.float32)  # asymmetric taps
     b1 = rng.standard_normal(dw.out_channels).astype(np.float32)
@@ -79,9 +76,47 @@ def test_pair_matches_the_two_layers_apart(case, mode, knob_target):
     want = reference_conv(pw, reference_conv(dw, x, w1, b1), w2, b2, *res)
     got = out.numpy()
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
-    if mode == "conv":  # the depthwise taps were flipped: corr's result differs
-        dw_corr, pw_corr = _pair(*case, mode="corr")
-        plain = reference_conv(pw_corr, reference_conv(dw_corr, x, w1, b1), w2, b2, *res)
+    return got
+
+
+@st.composite
+def pairs(draw: st.DrawFn) -> tuple[ConvSpec, ConvSpec]:
+    """Random pairs `deploy` would fuse: channels in whole half vectors of 256-bit
+    registers, strides, dilations, odd rows, batch, any epilogue."""
+    n, h, w = draw(st.integers(1, 2)), draw(st.integers(3, 12)), draw(st.integers(3, 12))
+    c, k = 8 * draw(st.integers(1, 6)), 8 * draw(st.integers(1, 6))
+    stride, dilation = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
+    dw = make_spec(mode=draw(st.sampled_from(["corr", "conv"])), input=f"{n}x{h}x{w}x{c}",
+                   kernel=f"{c}x3x3x1", groups=c, stride=stride, dilation=dilation,
+                   padding=dilation, layout="NHWC", bias=True,
+                   activation=draw(st.sampled_from(["none", "relu", "relu6", "silu"])))
+    oh, ow = dw.out_size
+    pw = make_spec(mode=dw.mode, input=f"{n}x{oh}x{ow}x{c}", kernel=f"{k}x1x1x{c}",
+                   layout="NHWC", bias=True, residual=draw(st.booleans()))
+    return dw, pw
+
+
+@settings(max_examples=12, deadline=None)
+@given(pair=pairs(), seed=st.integers(0, 2**16))
+def test_random_pairs_match_the_two_layers_apart(pair, seed):
+    dw, pw = pair
+    if dw.out_size[-1] == 1:  # a one-pixel row: declined (checked below)
+        assert separable.declines(dw, pw, HOST) is not None
+        return
+    assert separable.declines(dw, pw, HOST) is None
+    _check_pair(dw, pw, HOST, seed)
+
+
+@pytest.mark.parametrize("knob_target", list(KNOB_TARGETS))
+@pytest.mark.parametrize("mode", ["corr", "conv"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_pair_matches_the_two_layers_apart(case, mode, knob_target):
+    dw, pw = _pair(*case, mode=mode)
+    target = KNOB_TARGETS[knob_target]
+    assert separable.declines(dw, pw, target) is None
+    got = _check_pair(dw, pw, target, seed=7)
+    if mode == "conv":  # the depthwise taps were flipped: corr's result (same inputs) differs
+        plain = _check_pair(*_pair(*case, mode="corr"), target, seed=7)
         assert np.abs(got - plain).max() > 1e-3
 
 
