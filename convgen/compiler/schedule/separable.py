@@ -108,13 +108,14 @@ def schedule(func: PrimFunc, depthwise: ConvSpec, pointwise: ConvSpec, target: T
              knobs: SeparableKnobs) -> Schedule:
     """The pointwise stage as `cpu_kvec` (rows in parallel), the depthwise row computed
     under each row, before the pointwise tiles that read it."""
-    sch = kvec_schedule(func, pointwise, target, KvecKnobs(knobs.lanes, knobs.nkv, knobs.pw,
-                                                   k_inner=True))
+    rows_parallel = KvecKnobs(knobs.lanes, knobs.nkv, knobs.pw, k_inner=True)
+    sch = kvec_schedule(func, pointwise, target, rows_parallel)
     if has_block(sch, "dw_pad"):
         sch.compute_inline(sch.get_sblock("dw_pad"))  # read in the loads (`_kvec_pad_at`)
     dw = sch.get_sblock("dw_conv")
     mid = sch.get_sblock("dw_out") if has_block(sch, "dw_out") else dw
     # the parallel loop over output rows, of the pointwise block that reads the row
+    # (TVM's buffer compaction then allocates the depthwise row in it: per thread)
     row = sch.get_loops(sch.get_consumers(mid)[0])[0]
     if mid is not dw:
         sch.compute_at(mid, row)
