@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import convgen
 from convgen.cli import main
-from convgen.compiler.deploy import DeployOptions, deploy_artifact
+from convgen.compiler.deploy import IN_PLACE_SUFFIX, DeployOptions, deploy_artifact
 from convgen.onnx_export import IR_VERSION, OPSET, flip_conv_weights
 from convgen.runtime.verify import MODEL_TOLERANCE, model_inputs, ort_session
 
@@ -128,8 +128,23 @@ def batchnorm_block() -> tuple[onnx.ModelProto, int]:
     return n.model((1, 8, 6, 6), y, (1, 8, 6, 6)), 2
 
 
+def shared_residuals() -> tuple[onnx.ModelProto, int]:
+    """Residual Adds whose tensor is read again later (c3's), is read last (c4's), is
+    the convolution's own input (c5's: conv(x) + x), or is the model's input (c6's:
+    channels-last reads a transposed copy of it)."""
+    n = Net(5)
+    a = n.op("Relu", [n.conv("x", "c1", 8, 8, (3, 3), pads=[1, 1, 1, 1])], "a")
+    b = n.op("Relu", [n.conv(a, "c2", 8, 8, (1, 1))], "b")
+    y1 = n.op("Add", [n.conv(b, "c3", 8, 8, (3, 3), pads=[1, 1, 1, 1]), a], "y1")
+    y2 = n.op("Relu", [n.op("Add", [n.conv(y1, "c4", 8, 8, (1, 1)), a], "add4")], "y2")
+    y3 = n.op("Add", [n.conv(y2, "c5", 8, 8, (3, 3), pads=[1, 1, 1, 1]), y2], "y3")
+    y4 = n.op("Add", [n.conv(y3, "c6", 8, 8, (1, 1)), "x"], "y4")
+    return n.model((1, 8, 6, 6), y4, (1, 8, 6, 6)), 6
+
+
 MODELS = {"residual_block": residual_block, "depthwise_block": depthwise_block,
-          "conv_1d_3d_grouped": conv_1d_3d_grouped, "batchnorm_block": batchnorm_block}
+          "conv_1d_3d_grouped": conv_1d_3d_grouped, "batchnorm_block": batchnorm_block,
+          "shared_residuals": shared_residuals}
 
 
 def _deploy(tmp_path: Path, name: str, mode: str, layout: str, cpu_target
@@ -190,6 +205,33 @@ def test_epilogues_are_folded_into_the_kernels(cpu_target, tmp_path):
     layers = {layer.node: layer for layer in convgen.load(out).manifest.layers}
     assert layers["c2"].spec.activation == "silu" and layers["c2"].spec.groups == 3
     assert [layers[c].spec.ndim for c in ("c1", "c2", "c3")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("layout", ["channels-last", "channels-first"])
+def test_residual_overwritten_only_where_nothing_reads_it_later(layout, cpu_target, tmp_path):
+    """A kernel writes its output over its residual only where that tensor dies with
+    the call (`shared_residuals`), never over the caller's array; the outputs are
+    checked against onnxruntime by test_deployed_model_matches_onnxruntime. ResNet's
+    blocks: in place, as their block input is read last by the Add."""
+    out, model, _ = _deploy(tmp_path, "shared_residuals", "corr", layout, cpu_target)
+    m = convgen.load(out)
+    layers = {layer.node: layer for layer in m.manifest.layers}
+    assert all(layers[c].spec.residual for c in ("c3", "c4", "c5", "c6"))
+    # channels-last: c6 reads the transposed copy of x, which dies with it
+    want = ["c4", "c6"] if layout == "channels-last" else ["c4"]
+    assert [c for c in layers if layers[c].in_place] == want
+    assert layers["c4"].kernel.endswith(IN_PLACE_SUFFIX)
+    x = np.random.default_rng(3).standard_normal(m.inputs[0].shape).astype(np.float32)
+    given = x.copy()
+    for _ in range(2):  # the second call reuses the first's memory
+        got = m(x)
+        assert np.array_equal(x, given)
+        want_y = ort_session(model.SerializeToString()).run(None, {"x": x})[0]
+        assert np.abs(got - want_y).max() <= MODEL_TOLERANCE * np.abs(want_y).max()
+    out, _, _ = _deploy(tmp_path, "residual_block", "corr", layout, cpu_target)
+    layers = {layer.node: layer for layer in convgen.load(out).manifest.layers}
+    # c2's residual is its own input; c4's, the shortcut c5, is read by the Add alone
+    assert not layers["c2"].in_place and layers["c4"].in_place
 
 
 def test_depthwise_separable_pairs_run_as_one_kernel(cpu_target, tmp_path):

@@ -8,7 +8,9 @@ The PrimFunc has these blocks, which every schedule template relies on:
           the cast to the output dtype, and the crop of a widened row (absent for
           float32 without any of them, when "conv" writes the output)
 
-Arguments, in order: data, weight[, bias][, residual], out (destination passing).
+Arguments, in order: data, weight[, bias][, residual], out (destination passing);
+`writing_into_residual` gives a scheduled kernel the form that writes its output
+over the residual argument instead (`deploy`, where the residual has no later reader).
 A depthwise-separable pair (`separable_tensors`, for `deploy`) is two such stages
 in one PrimFunc, the first stage's blocks, weight and bias prefixed `dw_`.
 
@@ -45,6 +47,8 @@ from convgen.spec import ConvSpec
 
 if TYPE_CHECKING:
     from tvm.tirx import PrimFunc
+
+RESIDUAL = "residual"  # the residual argument's name (the pointwise stage's in a pair)
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ def _conv_stage(spec: ConvSpec, data: Any, variant: Variant,
     weight = (te.placeholder(spec.weight_shape, dt, name=f"{prefix}weight") if packing is None
               else te.placeholder(packing.packed_shape(spec), dt, name=f"{prefix}{PACKED_WEIGHT}"))
     bias = te.placeholder(spec.bias_shape, dt, name=f"{prefix}bias") if spec.bias else None
-    residual = (te.placeholder(spec.out_shape, dt, name=f"{prefix}residual") if spec.residual
+    residual = (te.placeholder(spec.out_shape, dt, name=prefix + RESIDUAL) if spec.residual
                 else None)
     inputs = [t for t in (weight, bias, residual) if t is not None]
 
@@ -285,6 +289,21 @@ def separable_prim_func(depthwise: ConvSpec, pointwise: ConvSpec, target: Target
 
     tensors = separable_tensors(depthwise, pointwise, depthwise_packing, pointwise_packing)
     return _entry(te.create_prim_func(tensors), pointwise, target, RUN_PACKED_ENTRY)
+
+
+def writing_into_residual(func: PrimFunc) -> PrimFunc:
+    """A kernel (scheduled or not) with `out` dropped from its arguments and declared
+    a view of the residual's memory: the same code, its output written over the
+    residual (Relax's call_tir_inplace). Sound for every schedule: "out" is the
+    element-wise epilogue, so each output element is computed from the residual
+    element at its own index alone, read in the same statement that writes it."""
+    from tvm import tirx
+
+    *rest, residual, out = func.params
+    if residual.name != RESIDUAL or out.name != "out":
+        raise ValueError(f"not a kernel with a residual: {[p.name for p in func.params]}")
+    body = tirx.SeqStmt([tirx.DeclBuffer(out, data=residual.data), func.body])
+    return tirx.PrimFunc([*rest, residual], body, func.ret_type, func.attrs)
 
 
 def reads_packed_weight(func: PrimFunc) -> bool:

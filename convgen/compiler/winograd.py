@@ -157,7 +157,7 @@ def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[A
     F(m x m, 3 x 3)."""
     from tvm import te, tirx
 
-    from convgen.compiler.compute import epilogue
+    from convgen.compiler.compute import RESIDUAL, epilogue
 
     a_mat, b_mat, _ = matrices(m)
     alpha = m + 2
@@ -175,7 +175,7 @@ def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[A
         weight = te.placeholder(spec.weight_shape, "float32", name="weight")
         u = weight_transform(spec, weight, m, lanes)
     bias = te.placeholder(spec.bias_shape, "float32", name="bias") if spec.bias else None
-    residual = (te.placeholder(spec.out_shape, "float32", name="residual") if spec.residual
+    residual = (te.placeholder(spec.out_shape, "float32", name=RESIDUAL) if spec.residual
                 else None)
 
     def src(n: Any, y: Any, x: Any, c: Any) -> Any:

@@ -418,18 +418,25 @@ class ModelLayer:
     # the other node of a depthwise-separable pair that runs as one kernel (a depthwise
     # layer computed row by row inside the 1 x 1 layer that reads it), else ""
     pair: str = ""
+    # the kernel writes its output over its residual input, which nothing reads later
+    in_place: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = {"node": self.node, "fused": list(self.fused), "kernel": self.kernel,
              "layout": self.spec.layout, "spec": self.spec.to_dict(),
              "schedule": self.schedule.to_dict(), "algorithm": self.algorithm}
-        return {**d, "pair": self.pair} if self.pair else d
+        if self.pair:
+            d["pair"] = self.pair
+        if self.in_place:
+            d["in_place"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelLayer:
         return cls(str(d["node"]), tuple(d.get("fused", ())), str(d["kernel"]),
                    ConvSpec.from_dict(d["spec"]), ScheduleChoice.from_dict(d["schedule"]),
-                   str(d.get("algorithm", "direct")), str(d.get("pair", "")))
+                   str(d.get("algorithm", "direct")), str(d.get("pair", "")),
+                   bool(d.get("in_place", False)))
 
 
 @dataclass(frozen=True)
