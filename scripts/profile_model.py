@@ -3,13 +3,14 @@ its nodes, in one process.
 
     python scripts/profile_model.py DIR [--rounds 8]
 
-Our side: the Relax VM's instrument around every kernel call (it adds about 15 us to
+Our side: the Relax VM's instrument around every function call (it adds about 15 us to
 each call, which weighs on layers of tens of microseconds: compare whole builds with
 `scripts/ab_models.py`). onnxruntime's side: its profiler's kernel times
 (`enable_profiling`, spinning on: off, every node pays a thread-pool wake-up), on the
 same ONNX model with all optimizations. The two alternate in blocks of 10 runs;
 medians. Kernels are matched to onnxruntime's Conv/Gemm nodes in graph order; a
-depthwise-separable pair (`ModelLayer.pair`) is matched to both of its nodes."""
+depthwise-separable pair (`ModelLayer.pair`) is matched to both of its nodes. The
+other functions (pooling, transposes, ...) are summed by name after the table."""
 
 from __future__ import annotations
 
@@ -48,11 +49,12 @@ def main() -> None:
     started: dict[str, float] = {}
 
     def instrument(func: Any, name: str, before: bool, ret: Any, *rest: Any) -> int:
-        if name.startswith("convgen_"):
-            if before:
-                started[name] = time.perf_counter()
-            else:
-                calls.append((name, time.perf_counter() - started[name]))
+        if name.startswith("vm.builtin."):  # the VM's own bookkeeping
+            return 0
+        if before:
+            started[name] = time.perf_counter()
+        else:
+            calls.append((name, time.perf_counter() - started[name]))
         return 0
 
     for _ in range(5):
@@ -83,8 +85,10 @@ def main() -> None:
                 if node not in theirs:
                     order.append(node)
                 theirs[node].append(e["dur"] / 1e6)
-    kernels = [name for name, _ in ours[0]]
-    ours_ms = [float(np.median([run[i][1] for run in ours])) * 1e3 for i in range(len(kernels))]
+    names = [name for name, _ in ours[0]]
+    medians = [float(np.median([run[i][1] for run in ours])) * 1e3 for i in range(len(names))]
+    kernels = [name for name in names if name.startswith("convgen_")]
+    ours_ms = [ms for name, ms in zip(names, medians) if name.startswith("convgen_")]
     layers_per_call = [1 + any(layer.pair and layer.kernel == k for layer in model.manifest.layers)
                        for k in kernels]
     print(f"{'ours ms':>8} {'ort ms':>8} {'ratio':>6}  kernel")
@@ -96,6 +100,13 @@ def main() -> None:
         print(f"{ms:8.3f} {ort_ms:8.3f} {ort_ms / ms:6.2f}  {kernel[len('convgen_'):]}")
     print(f"total: ours {sum(ours_ms):.3f} ms, onnxruntime's Conv/Gemm nodes "
           f"{sum(float(np.median(v)) for v in theirs.values()) * 1e3:.3f} ms")
+    others: dict[str, float] = defaultdict(float)
+    for name, ms in zip(names, medians):
+        if not name.startswith("convgen_"):
+            others[name] += ms
+    print(f"our other functions: {sum(others.values()):.3f} ms in {len(others)}; the largest:")
+    for name, ms in sorted(others.items(), key=lambda item: -item[1])[:6]:
+        print(f"{ms:8.3f}  {name}")
 
 
 if __name__ == "__main__":
