@@ -440,13 +440,15 @@ class _ConvFuser:
         less, since the output's cache lines are the residual's, already read, rather
         than lines the write must fetch first (ResNet-50's C64 56x56 K256 1 x 1: 0.87 ms
         against 0.97, C256 14x14 K1024: 0.56 against 0.64, Zen 4, benchmarks/NOTES.md).
-        Allowed where the residual is a tensor the model computes (not one of its
-        inputs, not a view of another tensor), which nothing reads after the call, nor
-        the call itself but for the Add folded into its epilogue (a conv(x) + x)."""
+        Allowed where the residual is a tensor of its own (`_computed`), which nothing
+        reads after the call, nor the call itself but for the Add folded into its
+        epilogue (not a conv(x) + x), nor any view of it later."""
         # where each binding reads its operands once chains are kernel calls: a chain's
         # bindings at the end of the call that computes it
         at = dict(self.order)
+        ends = set()
         for call in calls.values():
+            ends.add(chains[call[-1]].end_var)
             for i in call:
                 for var in (chains[i].var, *chains[i].taken):
                     at[var] = self.order[chains[call[-1]].end_var]
@@ -457,18 +459,20 @@ class _ConvFuser:
                     continue
                 if user is None or at[user] >= at[last.end_var]:
                     return False
-                if _op(self.bindings[user]) in VIEW_OPS and not dies(user, last):
-                    return False
+                if not self._computed(user, ends) and not dies(user, last):
+                    return False  # (a view of the residual, read after the call)
             return True
 
-        in_place = set()
-        for j in calls:
-            r = chains[j].residual
-            op = _op(self.bindings.get(r))
-            if (not chains[j].dense and op is not None and op not in VIEW_OPS
-                    and dies(r, chains[j])):
-                in_place.add(j)
-        return in_place
+        return {j for j in calls if not chains[j].dense and chains[j].residual is not None
+                and self._computed(chains[j].residual, ends) and dies(chains[j].residual,
+                                                                      chains[j])}
+
+    def _computed(self, var: Any, ends: set[Any]) -> bool:
+        """Whether `var` is a tensor of its own memory: a kernel's output, or an operator
+        that computes values (`COMPUTING_OPS`). Relax runs operators that only move
+        data (reshape, squeeze, a transpose of unit axes, ...) as views of their
+        operand's memory where it can, and the model's inputs are the caller's arrays."""
+        return var in ends or _op(self.bindings.get(var)) in COMPUTING_OPS
 
     def _separable_pairs(self, chains: list[_Chain], specs: list[ConvSpec]) -> dict[int, int]:
         """Depthwise chains whose output only a 1 x 1 chain reads, where the two run as
@@ -715,8 +719,13 @@ class _ConvFuser:
         return packed
 
 
-# operators whose result Relax may run as a view of their operand's memory
-VIEW_OPS = frozenset({"relax.reshape", "relax.flatten", "relax.squeeze", "relax.expand_dims"})
+# operators whose result is computed, never a view of an operand's memory
+COMPUTING_OPS = frozenset({
+    *CONV_OPS, DENSE_OP, "relax.add", "relax.subtract", "relax.multiply", "relax.divide",
+    "relax.maximum", "relax.minimum", "relax.clip", "relax.sigmoid", "relax.tanh",
+    "relax.nn.relu", "relax.nn.silu", "relax.nn.max_pool1d", "relax.nn.max_pool2d",
+    "relax.nn.max_pool3d", "relax.nn.avg_pool1d", "relax.nn.avg_pool2d",
+    "relax.nn.avg_pool3d", "relax.nn.adaptive_avg_pool2d"})
 IN_PLACE_SUFFIX = "_in_place"  # a kernel's form that writes over its residual
 
 AFFINE_OPS = {"relax.add": "Add", "relax.subtract": "Sub", "relax.multiply": "Mul",
