@@ -87,6 +87,26 @@ def test_bound_kernel(tmp_path, cpu_target):
     assert_close(out, want, "float32")
 
 
+def test_out_may_be_one_of_the_inputs(tmp_path, cpu_target):
+    """k(x, w, r, out=x), as numpy's ufuncs allow: the result is what it would be
+    into a fresh array (the kernel writes elsewhere and it is copied), not a
+    convolution of values it has already overwritten."""
+    spec = make_spec(mode="conv", input="1x8x6x6", kernel="8x8x3x3", padding=1,
+                     residual=True, activation="relu")
+    art = build_artifact(spec, cpu_target, tmp_path, verify=False)
+    k = convgen.load(art.manifest_path)
+    x, w, r = random_case(spec, 4).values()
+    want = reference_conv(spec, x, w, r)
+    for unbound in (True, False):
+        for over in ("data", "residual"):
+            data, residual = x.copy(), r.copy()
+            out = data if over == "data" else residual
+            got = (k(data, w, residual, out=out) if unbound
+                   else k.bind(w)(data, residual, out=out))
+            assert got is out
+            assert_close(out, want, "float32")
+
+
 def test_bound_kernel_takes_the_residual_per_call(tmp_path, cpu_target):
     """With a fused residual the bound kernel takes (data, residual): the weights are
     constant, the shortcut is not."""

@@ -183,6 +183,12 @@ class Kernel:
             check_tensor(self.outputs[0], out)
             usable = not isinstance(out, np.ndarray) or _is_usable(out, self.alignment)
             result = out if usable else aligned_empty(out.shape, out.dtype, self.alignment)
+        if out is not None and any(type(a) is np.ndarray and np.may_share_memory(a, result)
+                                   for a in args):
+            # `out` over an input (k(x, w, out=x)): the kernel would read inputs it has
+            # already overwritten, so it writes elsewhere and the result is copied
+            # (numpy's ufuncs buffer overlapping calls the same way)
+            result = aligned_empty(result.shape, result.dtype, self.alignment)
         func(*args, result)
         if out is not None and result is not out:
             np.copyto(out, result)
@@ -227,6 +233,9 @@ class Kernel:
         out_info = self.outputs[0]
         if out is not None:
             check_tensor(out_info, out)
+            if not isinstance(out, np.ndarray) and any(out is a for a in arrays):
+                raise ArgumentError("out: on the GPU the output must not be one of the "
+                                    "inputs (the kernel would read what it overwrote)")
         args = [
             a if not isinstance(a, np.ndarray) else cuda_driver.DeviceArray.from_numpy(a)
             for a in arrays
