@@ -233,6 +233,32 @@ def test_residual_overwritten_only_where_nothing_reads_it_later(layout, cpu_targ
     assert not layers["c2"].in_place and layers["c4"].in_place
 
 
+@pytest.mark.parametrize("layout", ["channels-last", "channels-first"])
+def test_an_output_written_over_a_residual_stays_the_callers(layout, cpu_target, tmp_path):
+    """The model's output is a kernel's written over its residual (a tensor whose
+    memory Relax could plan for reuse): a second call leaves the first's result alone."""
+    n = Net(7)
+    a = n.op("Relu", [n.conv("x", "c1", 8, 8, (3, 3), pads=[1, 1, 1, 1])], "a")
+    b = n.op("Relu", [n.conv(a, "c2", 8, 8, (1, 1))], "b")
+    model = n.model((1, 8, 6, 6), n.op("Add", [n.conv(b, "c3", 8, 8, (1, 1)), a], "y"),
+                    (1, 8, 6, 6))
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    deploy_artifact(src, cpu_target, tmp_path / "out", DeployOptions(layout=layout))
+    m = convgen.load(tmp_path / "out")
+    assert [layer.node for layer in m.manifest.layers if layer.in_place] == ["c3"]
+    rng = np.random.default_rng(0)
+    x1, x2 = (rng.standard_normal((1, 8, 6, 6)).astype(np.float32) for _ in range(2))
+    y1 = m(x1)
+    kept = y1.copy()
+    y2 = m(x2)
+    assert np.array_equal(y1, kept) and not np.shares_memory(y1, y2)
+    session = ort_session(model.SerializeToString())
+    for x, y in ((x1, y1), (x2, y2)):
+        want = session.run(None, {"x": x})[0]
+        assert np.abs(y - want).max() <= MODEL_TOLERANCE * np.abs(want).max()
+
+
 def test_depthwise_separable_pairs_run_as_one_kernel(cpu_target, tmp_path):
     """The depthwise layer d1 and the 1 x 1 projection p1 that alone reads it: one
     kernel (`cpu_separable`) in channels-last, named in both layers; d2, read by the
