@@ -386,7 +386,7 @@ class _ConvFuser:
                     return super().visit_call_(call)
                 indices = ends[call]
                 first, last = chains[indices[0]], chains[indices[-1]]
-                gvar = fuser.kernels[tuple(specs[i] for i in indices)].gvar
+                kernel = fuser.kernels[tuple(specs[i] for i in indices)]
 
                 def fed(e: Any, shape: tuple[int, ...]) -> Any:  # a dense layer's operands
                     e = self.visit_expr(e)  # are viewed as the convolution's (free)
@@ -401,13 +401,12 @@ class _ConvFuser:
                     if chain.residual is not None:
                         args.append(fed(chain.residual, specs[i].out_shape))
                 if indices[-1] in in_place:  # the residual is the last argument
-                    kernel = fuser.kernels[tuple(specs[i] for i in indices)]
                     return relax.call_tir_inplace(kernel.in_place_gvar, args, len(args) - 1,
                                                   last.end.ty)
                 if not last.dense:
-                    return relax.call_tir(gvar, args, last.end.ty)
-                out = self.builder_.emit(relax.call_tir(
-                    gvar, args, relax.TensorType(specs[indices[-1]].out_shape, last.conv.ty.dtype)))
+                    return relax.call_tir(kernel.gvar, args, last.end.ty)
+                out_ty = relax.TensorType(specs[indices[-1]].out_shape, last.conv.ty.dtype)
+                out = self.builder_.emit(relax.call_tir(kernel.gvar, args, out_ty))
                 return relax.op.reshape(out, _shape(last.end))
 
         rewriter = Rewriter(mod)
@@ -663,7 +662,7 @@ class _ConvFuser:
                 knobs = separable.knobs(dw, pw, self.target, self._kvec_record(dw),
                                         self._kvec_record(pw))
                 func, dw_packing, pw_packing = separable.prim_func(dw, pw, self.target, knobs)
-                name = f"convgen_{dw.name()}_then_{pw.name()}"
+                name = f"{self._kernel_name(dw)}_then_{pw.name()}"
                 choice = ScheduleChoice("heuristic", separable.TEMPLATE, dataclasses.asdict(knobs))
                 weights = ((dw, dw_packing), (pw, pw_packing))
                 algorithm = dw_packing.algorithm
