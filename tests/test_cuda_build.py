@@ -10,7 +10,7 @@ import pytest
 from convgen.compiler.build import build_artifact, compile_kernel
 from convgen.compiler.targets import resolve_target
 from convgen.errors import UnsupportedError
-from convgen.spec import make_spec
+from convgen.spec import ConvSpec, make_spec
 
 pytestmark = pytest.mark.cuda
 
@@ -73,6 +73,7 @@ def test_host_only_code_is_refused(monkeypatch):
         return new_schedule(conv_prim_func(spec, target)), ScheduleChoice("heuristic", "none")
 
     monkeypatch.setattr(convgen.compiler.build, "schedule_for", unscheduled)
+    monkeypatch.setattr(convgen.compiler.build, "packed_schedule", lambda *_: None)
     spec = make_spec(mode="conv", input="1x2x6x6", kernel="2x2x3x3")
     with pytest.raises(UnsupportedError, match="no GPU kernel"):
         compile_kernel(spec, resolve_target("cuda"))
@@ -87,9 +88,13 @@ def test_cuda_tuning_round_trip_without_a_gpu(tmp_path):
 
     target = resolve_target("cuda")
     spec = make_spec(mode="conv", input="1x16x14x14", kernel="32x16x3x3", padding=1)
-    n = emit_cuda_candidates([spec], target, tmp_path / "cands")
+    corr = make_spec(mode="corr", input="1x16x14x14", kernel="32x16x3x3", padding=1)
+    # both modes run the same code on packed weights: one spec to tune, kept under corr
+    n = emit_cuda_candidates([spec, corr], target, tmp_path / "cands")
     index = json.loads((tmp_path / "cands" / INDEX).read_text())
-    cands = index["specs"][0]["candidates"]
+    [entry] = index["specs"]
+    assert ConvSpec.from_dict(entry["spec"]) == corr
+    cands = entry["candidates"]
     assert n == len(cands) >= 2 and cands[-1]["template"] == "cuda_direct"
     for c in cands:  # each candidate is a deferred artifact with its own schedule
         m = json.loads((tmp_path / "cands" / c["manifest"]).read_text())
@@ -99,7 +104,7 @@ def test_cuda_tuning_round_trip_without_a_gpu(tmp_path):
             for c, t in zip(cands, timings)]
     rows[0]["median_ms"], rows[0]["error"] = None, "wrong result"
     (tmp_path / "cands" / RESULTS).write_text(json.dumps(
-        {"device": "fake", "specs": {spec.name(): {"spec": spec.to_dict(), "candidates": rows}}}))
+        {"device": "fake", "specs": {corr.name(): {"spec": corr.to_dict(), "candidates": rows}}}))
     assert len(ingest_cuda_results(tmp_path / "cands", tmp_path / "lib")) == 1
     record = find_record(spec, target, tmp_path / "lib")
     assert record is not None and record.measured["median_ms"] == 0.2
@@ -122,3 +127,69 @@ def test_measure_compiles_candidates_into_loadable_kernels(tmp_path):
     assert _compile_all(tmp_path, index, jobs=2) == {}
     for cand in index["specs"][0]["candidates"]:
         assert Kernel(tmp_path / cand["manifest"]).func is not None
+
+
+PACKED_CASES = [
+    # implicit GEMM reads its bound weights output channels innermost (K=6: no vector)
+    dict(mode="conv", input="2x5x9x7", kernel="6x5x3x2", padding=(1, 0, 2, 1), stride=(2, 1),
+         dilation=(1, 2), bias=True),
+    dict(mode="conv", input="1x6x6x8", kernel="16x3x3x8", padding=1, layout="NHWC",
+         residual=True, activation="relu"),
+    # storage order, flipped: depthwise and the direct fallback (grouped)
+    dict(mode="conv", input="1x8x7x7", kernel="8x1x3x3", padding=1, groups=8),
+    dict(mode="conv", input="1x6x5x5", kernel="6x2x3x3", padding=1, groups=3),
+]
+
+
+@pytest.mark.parametrize("flags", PACKED_CASES, ids=lambda f: make_spec(**f).name())
+def test_cuda_packed_entries_compute_the_operator(flags):
+    """A CUDA kernel's bound form: `convgen_pack` lays the weights out as its template
+    reads them, the flip of `conv` applied, and `convgen_run_packed` computes
+    cross-correlation on them. The same algorithm (the packing and run-packed
+    PrimFuncs before the GPU schedule, which only reorders their loops) is compiled
+    for the CPU here and checked against the oracle, so the layout and the flip are
+    proven without a GPU."""
+    import tvm
+    from helpers import assert_close, random_case
+
+    from convgen.compiler.build import lower
+    from convgen.compiler.compute import conv_prim_func, pack_tensors
+    from convgen.compiler.schedule.common import Variant
+    from convgen.reference import reference_conv
+
+    spec = make_spec(**flags)
+    cuda, cpu = resolve_target("cuda"), resolve_target("llvm")
+    mod, choice, packing = lower(spec, cuda)
+    assert packing is not None, choice.describe()
+    assert {"convgen_pack", "convgen_run_packed", "convgen_main"} <= {
+        gv.name_hint for gv in mod.get_global_vars()}
+    if choice.name == "cuda_igemm_f32":
+        assert packing.lanes == spec.out_channels  # the B operand stored [K, N]
+    pack = tvm.compile(tvm.IRModule({"main": tvm.te.create_prim_func(
+        pack_tensors(spec, packing))}), target=cpu.tvm_target())
+    run = tvm.compile(tvm.IRModule({"main": conv_prim_func(spec, cpu, Variant(
+        packing=packing))}), target=cpu.tvm_target())
+    inputs = random_case(spec, seed=3)
+    packed = tvm.runtime.empty(packing.packed_shape(spec), spec.dtype)
+    pack["main"](tvm.runtime.tensor(inputs["weight"]), packed)
+    out = tvm.runtime.empty(spec.out_shape, spec.dtype)
+    args = [tvm.runtime.tensor(v) for k, v in inputs.items() if k != "weight"]
+    run["main"](args[0], packed, *args[1:], out)
+    assert_close(out.numpy(), reference_conv(spec, *inputs.values()), spec.dtype)
+
+
+def test_cuda_artifact_declares_its_packed_weights(tmp_path):
+    """The manifest names the packed entries (`bind` calls them on the GPU), and a
+    kernel's record is shared by both modes, as they run the same code."""
+    from convgen.compiler.records import record_spec
+
+    target = resolve_target("cuda")
+    spec = make_spec(mode="conv", input="1x8x6x6", kernel="16x8x3x3", padding=1)
+    m = build_artifact(spec, target, tmp_path, verify=False).manifest
+    assert m.packed_weights is not None
+    assert m.packed_weights.packed.shape == (1, 8, 3, 3, 16)
+    assert record_spec(spec, target).mode == "corr"
+    import tvm_ffi
+
+    module = tvm_ffi.load_module(str(m.path_of("module", tmp_path).resolve()))
+    assert module["convgen_pack"] is not None and module["convgen_run_packed"] is not None

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from tvm.tirx import PrimFunc
 
 RESIDUAL = "residual"  # the residual argument's name (the pointwise stage's in a pair)
+PACK_THREADS = 256  # threads per block of the GPU packing entry
 
 
 @dataclass(frozen=True)
@@ -336,8 +337,10 @@ def pack_tensors(spec: ConvSpec, packing: WeightPacking) -> list[Any]:
 
 
 def pack_prim_func(spec: ConvSpec, target: TargetInfo, packing: WeightPacking) -> PrimFunc:
-    """`PACK_ENTRY`(weight, packed), scheduled for the CPU: it runs once per set of
-    weights, so the outermost axis in parallel and the lanes vectorized."""
+    """`PACK_ENTRY`(weight, packed). It runs once per set of weights, so its schedule
+    only has to be reasonable: on the CPU the outermost axis in parallel and the
+    lanes vectorized; on the GPU one thread per packed element, consecutive threads
+    writing consecutive elements."""
     import tvm
     from tvm import s_tir, te
 
@@ -352,6 +355,13 @@ def pack_prim_func(spec: ConvSpec, target: TargetInfo, packing: WeightPacking) -
     sch.work_on(PACK_ENTRY)
     block = sch.get_sblock("wino_u" if packing.winograd_tile else "pack")
     loops = sch.get_loops(block)
+    if target.is_cuda:
+        if packing.winograd_tile:
+            raise ValueError("Winograd's packed weights are a CPU form")
+        bx, tx = sch.split(sch.fuse(*loops), [None, PACK_THREADS])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+        return sch.mod[PACK_ENTRY]
     sch.parallel(loops[0])
     if packing.lanes > 1 and not packing.winograd_tile:
         sch.vectorize(loops[-1])

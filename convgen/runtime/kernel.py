@@ -135,12 +135,13 @@ class Kernel:
         """The kernel with constant weights (and bias): a callable of the data (and the
         residual, where the spec adds one): `bound(data[, residual])`.
 
-        Where the module has packed entries (CPU artifacts) the weights are packed once
-        here, into the layout the schedule reads with `conv`'s flip applied, and every
-        call runs on them; elsewhere the bound kernel keeps its own copy of the weights
-        (on the GPU for CUDA artifacts) and calls the plain entry. numpy arrays are
-        copied, so later changes to them do not reach a bound kernel (bind again);
-        device tensors (DLPack) are held as given."""
+        Where the module has packed entries (every artifact but a MetaSchedule trace's)
+        the weights are packed once here, on the kernel's device, into the layout the
+        schedule reads with `conv`'s flip applied, and every call runs on them;
+        elsewhere the bound kernel keeps its own copy of the weights (on the GPU for
+        CUDA artifacts) and calls the plain entry. numpy arrays are copied, so later
+        changes to them do not reach a bound kernel (bind again); device tensors
+        (DLPack) are held as given (but packed: a copy)."""
         consts = (weight,) if bias is None else (weight, bias)
         if (bias is None) == self.spec.bias:
             want = "weight and bias" if self.spec.bias else "weight only (no bias)"
@@ -148,15 +149,20 @@ class Kernel:
         infos = self.inputs[1 : 1 + len(consts)]
         for info, a in zip(infos, consts):
             check_tensor(info, a)
+        packed = self.manifest.packed_weights
         if self.device != "cpu":
             from convgen.runtime import cuda_driver
 
             held = tuple(a if not isinstance(a, np.ndarray)
                          else cuda_driver.DeviceArray.from_numpy(np.ascontiguousarray(a))
                          for a in consts)
-            return BoundKernel(self, self.func, held)
+            if packed is None:
+                return BoundKernel(self, self.func, held)
+            p = cuda_driver.DeviceArray(packed.packed.shape, packed.packed.dtype)
+            self.entry(packed.pack_entry)(held[0], p)
+            cuda_driver.synchronize()  # before the uploaded weight may be freed
+            return BoundKernel(self, self.entry(packed.run_entry), (p, *held[1:]))
         copies = tuple(_owned_copy(a, info.dtype) for a, info in zip(consts, infos))
-        packed = self.manifest.packed_weights
         if packed is None:
             return BoundKernel(self, self.func, copies)
         p = aligned_empty(packed.packed.shape, packed.packed.dtype, CACHE_LINE)

@@ -246,7 +246,7 @@ class Manifest:
     created: str = field(default_factory=lambda: datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds"))
     entry: str = ENTRY
-    packed_weights: PackedWeights | None = None  # None: no packed entries (CUDA, old builds)
+    packed_weights: PackedWeights | None = None  # None: no packed entries (traces, old builds)
     # "direct" or "winograd_f<m>"; verification's tolerance depends on it
     algorithm: str = "direct"
 

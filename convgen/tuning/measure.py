@@ -7,9 +7,10 @@ machine: one deferred artifact per (spec, candidate) and an index,
 `candidates.json`. This compiles every candidate with nvcc in parallel, then,
 one spec at a time in its own process (a candidate that faults the GPU context
 takes down only its own spec's measurements), checks each candidate against
-the numpy oracle (a fast wrong kernel must never win), times it with CUDA
-events (median of `repeats` samples) beside cuDNN when PyTorch is there, and
-writes `results.json`, which `convgen tune --target cuda --ingest DIR` turns
+the numpy oracle (a fast wrong kernel must never win), times what a bound
+kernel runs (the run-packed entry on weights packed once) with CUDA events
+(median of `repeats` samples) beside cuDNN when PyTorch is there, and writes
+`results.json`, which `convgen tune --target cuda --ingest DIR` turns
 into records.
 """
 
@@ -32,7 +33,7 @@ from convgen.runtime.cores import available_cores
 from convgen.runtime.kernel import Kernel
 from convgen.runtime.nvcc import compile_artifact
 from convgen.runtime.timing import gflops, time_cuda
-from convgen.runtime.verify import compare, random_inputs
+from convgen.runtime.verify import compare, random_inputs, split_constants
 from convgen.spec import ConvSpec
 
 INDEX = "candidates.json"
@@ -77,7 +78,9 @@ def measure_spec(root: Path, spec_entry: dict[str, Any], build_errors: dict[str,
     spec = ConvSpec.from_dict(spec_entry["spec"])
     inputs = random_inputs(spec, seed=0)
     want = reference_conv(spec, *inputs.values())
-    dev_in = [cuda_driver.DeviceArray.from_numpy(a) for a in inputs.values()]
+    constants, per_call = (
+        [cuda_driver.DeviceArray.from_numpy(a) for a in arrays]
+        for arrays in split_constants(spec, inputs))
     out = cuda_driver.DeviceArray(spec.out_shape, spec.dtype)
     rows = []
     for cand in spec_entry["candidates"]:
@@ -85,13 +88,15 @@ def measure_spec(root: Path, spec_entry: dict[str, Any], build_errors: dict[str,
                "error": build_errors.get(cand["manifest"], "")}
         if not row["error"]:
             try:
-                func = Kernel(root / cand["manifest"]).func
+                # what a deployment runs: the weights packed once (`bind`), the data per call
+                bound = Kernel(root / cand["manifest"]).bind(*constants)
+                args = (per_call[0], *bound.constants, *per_call[1:], out)
                 out.fill_zero()
-                func(*dev_in, out)
+                bound.func(*args)
                 if not compare("oracle", out.numpy(), want, spec.dtype).passed:
                     row["error"] = "wrong result"
                 else:
-                    t = time_cuda(lambda f=func, a=dev_in, o=out: f(*a, o), repeats, 3, 5.0)
+                    t = time_cuda(lambda f=bound.func, a=args: f(*a), repeats, 3, 5.0)
                     row["median_ms"] = t.median * 1e3
             except Exception as err:  # a candidate that fails to load or run
                 row["error"] = str(err).strip().splitlines()[-1][:300]

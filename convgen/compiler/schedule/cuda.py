@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from convgen.compiler.compute import WeightPacking, reads_packed_weight
 from convgen.compiler.schedule.common import (
     Family,
     Template,
@@ -300,6 +301,15 @@ class _SharedStage:
         return blk
 
 
+def _igemm_packing(spec: ConvSpec, target: TargetInfo, knobs: IgemmKnobs) -> WeightPacking:
+    """Bound weights packed with the output channels innermost (the weight's other axes
+    in storage order): the GEMM's B operand stored [K, N], as the shared-memory tile
+    holds it. Consecutive threads then load consecutive output channels of one
+    reduction index, in vectors, where storage order (OIHW) puts R*S words between
+    two channels of one tap: one 32-byte sector per thread instead of per eight."""
+    return WeightPacking(lanes=spec.out_channels)
+
+
 def _igemm_f32(
     func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: IgemmKnobs
 ) -> Schedule | None:
@@ -345,11 +355,14 @@ def _igemm_f32(
 
     cl, v = spec.channels_last, knobs.vec
     a_vec = v if cl and C % v == 0 else 1
-    b_vec = a_vec if split else (v if K % v == 0 else 1)
     stage = _SharedStage(conv, ko, 3 if split else 2, ty_n, tx_n, split, pipeline)
     # channels-first inputs are contiguous along the pixels: fetch with m innermost
     a_sh = stage.fetch(sch, 0, k_inner=cl, vec=a_vec)
-    b_sh = stage.fetch(sch, 1, k_inner=True, vec=b_vec)
+    if reads_packed_weight(func):  # packed output channels innermost (`_igemm_packing`)
+        b_sh = stage.fetch(sch, 1, k_inner=False, vec=v if N % v == 0 else 1)
+    else:
+        b_vec = a_vec if split else (v if K % v == 0 else 1)
+        b_sh = stage.fetch(sch, 1, k_inner=True, vec=b_vec)
     _inline_producers(sch, a_sh)
     _inline_producers(sch, b_sh)
 
@@ -782,7 +795,7 @@ TEMPLATES: tuple[Template[Any], ...] = (
     Template("cuda_depthwise", DepthwiseKnobs, _depthwise_knobs, _depthwise_grid, _depthwise,
              max_candidates=GRID_CAP),
     Template("cuda_igemm_f32", IgemmKnobs, _igemm_f32_knobs, _igemm_f32_grid, _igemm_f32,
-             max_candidates=GRID_CAP),
+             packing=_igemm_packing, max_candidates=GRID_CAP),
     Template("cuda_dlight_gemm", DlightKnobs, _dlight_knobs, _dlight_grid, _dlight_gemm),
 )
-FAMILY = Family("cuda", TEMPLATES, FALLBACK_NAME, fallback)
+FAMILY = Family("cuda", TEMPLATES, FALLBACK_NAME, fallback, packs_weights=True)
