@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -193,3 +194,71 @@ def test_cuda_artifact_declares_its_packed_weights(tmp_path):
 
     module = tvm_ffi.load_module(str(m.path_of("module", tmp_path).resolve()))
     assert module["convgen_pack"] is not None and module["convgen_run_packed"] is not None
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_split_k_sums_its_slices_through_the_workspace(layout):
+    """Split-K as cuda_igemm_f32 applies it (`_split_k`: the reduction cut into slices
+    whose partial sums go to a buffer that becomes the entry's workspace argument,
+    then summed with the epilogue), without the GPU-only steps (thread binding,
+    shared-memory stages), compiled for the CPU and checked against the oracle."""
+    import numpy as np
+    import tvm
+    from helpers import assert_close, random_case
+
+    from convgen.compiler.compute import conv_prim_func, workspace_as_argument
+    from convgen.compiler.schedule import cuda
+    from convgen.compiler.schedule.common import new_schedule
+    from convgen.reference import reference_conv
+
+    shapes = {"NCHW": ("1x24x5x5", "20x24x3x3"), "NHWC": ("1x5x5x24", "20x3x3x24")}
+    spec = make_spec(mode="conv", input=shapes[layout][0], kernel=shapes[layout][1],
+                     padding=1, layout=layout, bias=True, residual=True, activation="relu")
+    cpu = resolve_target("llvm")
+    sch = new_schedule(conv_prim_func(spec, cpu))
+    conv = cuda._normalize_gemm(sch, spec, split_taps=True)
+    m, n, _ = spec.gemm_shape
+    cuda._pad_to(sch, conv, (m, n, 9, 24), (32, 32, 1, 8))  # M 25 -> 32, C 24 = 3 x 8
+    _, _, _, c = sch.get_loops(conv)
+    co, _ = sch.split(c, [None, 8])
+    sch.fuse(sch.get_loops(conv)[2], co)  # 27 steps
+    _, _, buffer, *_ = cuda._split_k(sch, conv, 3, m_inner=layout == "NCHW")
+    func = workspace_as_argument(sch.mod["convgen_main"], buffer)
+    ws = func.params[-1]
+    want_shape = (3, 32, 32)  # slices x (N x M channels-first, M x N channels-last), padded
+    assert tuple(int(x) for x in ws.shape) == want_shape
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=cpu.tvm_target())
+    inputs = random_case(spec, seed=4)
+    out = tvm.runtime.empty(spec.out_shape, spec.dtype)
+    workspace = tvm.runtime.tensor(np.full(want_shape, np.nan, np.float32))  # never read
+    lib["main"](*(tvm.runtime.tensor(v) for v in inputs.values()), out, workspace)
+    assert_close(out.numpy(), reference_conv(spec, *inputs.values()), spec.dtype)
+
+
+SPLIT_K_CASES = [  # (template, spec): outputs too small to fill the GPU's 132 SMs
+    ("cuda_igemm_f32", dict(input="1x512x7x7", kernel="512x512x3x3", padding=1)),
+    ("cuda_igemm_f16_tc", dict(input="1x4x4x64", kernel="64x3x3x64", padding=1,
+                               layout="NHWC", dtype="float16", bias=True)),
+]
+
+
+@pytest.mark.parametrize(("template", "flags"), SPLIT_K_CASES, ids=lambda x: str(x)[:16])
+def test_small_outputs_split_the_reduction_and_declare_a_workspace(template, flags, tmp_path):
+    """C512 7x7 at batch 1: 49 x 512 outputs are 32 tiles for 132 SMs, so the heuristic
+    splits the reduction (a batch of 8 at 56x56 is not split); the artifact declares
+    the workspace its entries take after `out`, which `convgen.load` allocates."""
+    from convgen.compiler.schedule import family
+    from convgen.runtime.manifest import Manifest
+
+    target = resolve_target("cuda")
+    spec = make_spec(mode="conv", **flags)
+    knobs = family(target).template(template).heuristic(spec, target)
+    assert knobs is not None and knobs.split_k > 1
+    big = make_spec(mode="corr", input="8x64x56x56", kernel="64x64x3x3", padding=1)
+    assert family(target).template("cuda_igemm_f32").heuristic(big, target).split_k == 1
+    art = build_artifact(spec, target, tmp_path, template=template,
+                         knobs=dataclasses.asdict(knobs), verify=False)
+    ws = art.manifest.workspace
+    assert ws is not None and ws.shape[0] == knobs.split_k and ws.dtype == "float32"
+    assert Manifest.read(art.manifest_path).workspace == ws  # the manifest round trip
+    assert art.manifest.path_of("module", tmp_path).is_file()  # nvcc compiled both kernels

@@ -37,6 +37,7 @@ from convgen.runtime.manifest import (
     PACKED_WEIGHT,
     RUN_PACKED_ENTRY,
     SUFFIX,
+    WORKSPACE,
     ArtifactFile,
     Manifest,
     ModelManifest,
@@ -61,6 +62,7 @@ class Compiled:
     packing: WeightPacking | None  # the run-packed entry's weight layout (None: no entry)
     lib: Any  # tvm Executable (CPU) or the CUDA-host source module
     tir: str  # the scheduled TIR, as TVMScript
+    workspace: TensorInfo | None  # the entries' scratch argument after `out`, if any
     cuda_source: str | None = None  # host + device CUDA C++ (CUDA targets)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -114,12 +116,29 @@ def compile_kernel(
             f"{str(err).splitlines()[-1] if str(err) else type(err).__name__}"
         ) from err
     t2 = time.perf_counter()
-    compiled = Compiled(spec, target, choice, packing, lib, mod.script(), seconds={
-        "schedule": t1 - t0, "tvm_compile": t2 - t1,
-    })
+    compiled = Compiled(spec, target, choice, packing, lib, mod.script(), _workspace(mod, spec),
+                        seconds={"schedule": t1 - t0, "tvm_compile": t2 - t1})
     if target.is_cuda:
         compiled.cuda_source = _cuda_source(lib, spec)
     return compiled
+
+
+def _workspace(mod: Any, spec: ConvSpec) -> TensorInfo | None:
+    """The scratch argument the entries take after `out` (`compute.workspace_as_argument`):
+    the same in the plain and the run-packed entry, which share their knobs."""
+    found = set()
+    after_out = len(spec.input_shapes()) + 1
+    for gv in mod.get_global_vars():
+        if gv.name_hint != PACK_ENTRY:
+            found.add(tuple((tuple(int(x) for x in p.shape), str(p.dtype))
+                            for p in mod[gv].params[after_out:]))
+    if len(found) != 1:
+        raise UnsupportedError(f"the entries disagree on their workspace: {sorted(found)}")
+    [extra] = found
+    if not extra:
+        return None
+    [(shape, dtype)] = extra
+    return TensorInfo(WORKSPACE, shape, dtype)
 
 
 def _cuda_source(lib: Any, spec: ConvSpec) -> str:
@@ -198,6 +217,7 @@ def manifest_for(compiled: Compiled, target_name: str, directory: Path, files: d
         packed_weights=None if compiled.packing is None else PackedWeights(
             TensorInfo(PACKED_WEIGHT, compiled.packing.packed_shape(spec), spec.dtype),
             compiled.packing.lanes),
+        workspace=compiled.workspace,
     )
 
 

@@ -307,6 +307,26 @@ def writing_into_residual(func: PrimFunc) -> PrimFunc:
     return tirx.PrimFunc([*rest, residual], body, func.ret_type, func.attrs)
 
 
+def workspace_as_argument(func: PrimFunc, buffer: str) -> PrimFunc:
+    """A scheduled kernel with its intermediate buffer `buffer` (global memory) made its
+    last argument (the manifest's `WORKSPACE`), which the caller allocates (`Manifest.workspace`): a
+    CUDA artifact's host code cannot allocate device memory itself. The kernel reads
+    only what it wrote into it in the same call, so its contents between calls do not
+    matter and one allocation serves every call of a kernel."""
+    from tvm import s_tir, tirx
+
+    realize = func.body
+    root = realize.block
+    found = [b for b in root.alloc_buffers if b.name == buffer]
+    if len(found) != 1:
+        raise ValueError(f"no intermediate buffer {buffer!r} in {func.attrs['global_symbol']}")
+    kept = [b for b in root.alloc_buffers if b.name != buffer]
+    block = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, root.body,
+                         root.init, kept, root.match_buffers, root.annotations)
+    body = s_tir.SBlockRealize(realize.iter_values, realize.predicate, block)
+    return tirx.PrimFunc([*func.params, found[0]], body, func.ret_type, func.attrs)
+
+
 def reads_packed_weight(func: PrimFunc) -> bool:
     """Whether a conv PrimFunc is the packed variant (its schedule must not repack)."""
     return any(param.name == PACKED_WEIGHT for param in func.params)

@@ -133,9 +133,9 @@ def _prepare(
 
         xs = [cuda_driver.DeviceArray.from_numpy(a) for a in per_call]
         out = cuda_driver.DeviceArray(spec.out_shape, spec.dtype)
-        func, held = bound.func, bound.constants
-        result.times[CALL] = time_cuda(lambda: func(xs[0], *held, *xs[1:], out), repeats,
-                                       warmup, min_sample_ms)
+        func, held, scratch = bound.func, bound.constants, kernel.scratch
+        result.times[CALL] = time_cuda(lambda: func(xs[0], *held, *xs[1:], out, *scratch),
+                                       repeats, warmup, min_sample_ms)
         result.notes.append(f"GPU: {cuda_driver.device_name()}")
         if "torch" in peers:
             result.times.update(cudnn_timings(spec, inputs, repeats, warmup, min_sample_ms))
@@ -189,8 +189,8 @@ def _raw_entry(bound: BoundKernel, per_call: list[np.ndarray]) -> Callable[[], A
     spec = bound.kernel.spec
     x, *rest = (host_usable(a, a.dtype, 64) for a in per_call)
     out = aligned_empty(spec.out_shape, spec.dtype, 64)
-    func, constants = bound.func, bound.constants
-    return lambda: func(x, *constants, *rest, out)
+    func, constants, scratch = bound.func, bound.constants, bound.kernel.scratch
+    return lambda: func(x, *constants, *rest, out, *scratch)
 
 
 def _onnxruntime_call(spec: ConvSpec, inputs: dict[str, np.ndarray]) -> Callable[[], Any]:

@@ -84,14 +84,15 @@ class Kernel:
         self._outputs_lock = threading.Lock()
         self._in_specs = [(t.shape, np.dtype(t.dtype)) for t in self.inputs]
         self._out_spec = (self.outputs[0].shape, np.dtype(self.outputs[0].dtype))
+        self._scratch: tuple[Any, ...] | None = None
 
     def __repr__(self) -> str:
         return f"<convgen.Kernel {self.name} on {self.device}>"
 
     @property
     def func(self) -> Any:
-        """The raw tvm-ffi function: f(data, weight[, bias][, residual], out) on device
-        tensors."""
+        """The raw tvm-ffi function: f(data, weight[, bias][, residual], out, *scratch)
+        on device tensors."""
         if self._func is None:
             import tvm_ffi
 
@@ -108,6 +109,24 @@ class Kernel:
             except Exception as err:  # tvm-ffi raises its own error types
                 raise ToolchainError(f"cannot load {self.module_path}: {err}") from None
         return self._func
+
+    @property
+    def scratch(self) -> tuple[Any, ...]:
+        """What the entries take after `out`: the manifest's workspace, allocated on the
+        kernel's device at the first call and reused by every call (the kernel does not
+        keep anything in it between calls; calls on one CUDA stream run in order), or
+        nothing."""
+        if self._scratch is None:
+            ws = self.manifest.workspace
+            if ws is None:
+                self._scratch = ()
+            elif self.device == "cpu":
+                self._scratch = (aligned_empty(ws.shape, ws.dtype, CACHE_LINE),)
+            else:
+                from convgen.runtime import cuda_driver
+
+                self._scratch = (cuda_driver.DeviceArray(ws.shape, ws.dtype),)
+        return self._scratch
 
     def check_inputs(self, arrays: tuple[Any, ...]) -> None:
         if len(arrays) != len(self.inputs):
@@ -195,7 +214,7 @@ class Kernel:
             # already overwritten, so it writes elsewhere and the result is copied
             # (numpy's ufuncs buffer overlapping calls the same way)
             result = aligned_empty(result.shape, result.dtype, self.alignment)
-        func(*args, result)
+        func(*args, result, *self.scratch)
         if out is not None and result is not out:
             np.copyto(out, result)
             return out
@@ -249,7 +268,7 @@ class Kernel:
         dev_out = out if out is not None and not isinstance(out, np.ndarray) else (
             cuda_driver.DeviceArray(out_info.shape, out_info.dtype)
         )
-        func(*args, dev_out)
+        func(*args, dev_out, *self.scratch)
         if out is None:
             return dev_out.numpy()
         if isinstance(out, np.ndarray):

@@ -22,16 +22,19 @@ from convgen.errors import ArtifactError
 from convgen.spec import ConvSpec
 
 FORMAT = "convgen-artifact"
-FORMAT_VERSION = 2  # 1: files by name only; 2: with size and SHA-256
+# 1: files by name only; 2: with size and SHA-256; 3: entries may take a workspace
+FORMAT_VERSION = 3
 SUFFIX = ".json"
 ENTRY = "convgen_main"
 PACK_ENTRY = "convgen_pack"  # (weight, packed): the weights in the run entry's layout
 RUN_PACKED_ENTRY = "convgen_run_packed"  # (data, packed[, bias][, residual], out)
 PACKED_WEIGHT = "packed_weight"  # the run-packed entry's weight argument
-CALLING_CONVENTION = "destination passing: entry(data, weight[, bias][, residual], out)"
+WORKSPACE = "workspace"  # the entries' last argument where the kernel needs scratch memory
+CALLING_CONVENTION = (
+    "destination passing: entry(data, weight[, bias][, residual], out[, workspace])")
 PACKED_CALLING_CONVENTION = (
     "pack_entry(weight, packed) once per set of weights, then "
-    "run_entry(data, packed[, bias][, residual], out)")
+    "run_entry(data, packed[, bias][, residual], out[, workspace])")
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,10 @@ class Manifest:
     packed_weights: PackedWeights | None = None  # None: no packed entries (traces, old builds)
     # "direct" or "winograd_f<m>"; verification's tolerance depends on it
     algorithm: str = "direct"
+    # scratch memory on the kernel's device that the caller passes after `out` to
+    # the entry and the run-packed entry (CUDA split-K's partial sums); its contents
+    # need not survive between calls, so one allocation serves every call
+    workspace: TensorInfo | None = None
 
     @property
     def inputs(self) -> list[TensorInfo]:
@@ -287,6 +294,7 @@ class Manifest:
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "packed_weights": self.packed_weights.to_dict() if self.packed_weights else None,
+            "workspace": self.workspace.to_dict() if self.workspace else None,
             "files": {role: f.to_dict() for role, f in self.files.items()},
             "module_compiled": self.module_compiled,
             "arg_alignment": self.arg_alignment,
@@ -318,6 +326,7 @@ class Manifest:
                 packed_weights=PackedWeights.from_dict(d["packed_weights"])
                 if d.get("packed_weights") else None,
                 algorithm=str(d.get("algorithm", "direct")),
+                workspace=TensorInfo.from_dict(d["workspace"]) if d.get("workspace") else None,
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"artifact: {where} is malformed ({err!r})") from None

@@ -89,8 +89,9 @@ def measure_spec(root: Path, spec_entry: dict[str, Any], build_errors: dict[str,
         if not row["error"]:
             try:
                 # what a deployment runs: the weights packed once (`bind`), the data per call
-                bound = Kernel(root / cand["manifest"]).bind(*constants)
-                args = (per_call[0], *bound.constants, *per_call[1:], out)
+                kernel = Kernel(root / cand["manifest"])
+                bound = kernel.bind(*constants)
+                args = (per_call[0], *bound.constants, *per_call[1:], out, *kernel.scratch)
                 out.fill_zero()
                 bound.func(*args)
                 if not compare("oracle", out.numpy(), want, spec.dtype).passed:

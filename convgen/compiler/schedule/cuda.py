@@ -30,13 +30,19 @@ in a register; correct for every spec.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from convgen.compiler.compute import WeightPacking, reads_packed_weight
+from convgen.compiler.compute import (
+    ENTRY,
+    WeightPacking,
+    reads_packed_weight,
+    workspace_as_argument,
+)
 from convgen.compiler.schedule.common import (
     Family,
     Template,
@@ -54,6 +60,7 @@ if TYPE_CHECKING:
 
 FALLBACK_NAME = "cuda_direct"
 FALLBACK_THREADS = 128
+SUM_THREADS = 256  # threads per block of split-K's summing kernel
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,7 +172,8 @@ class IgemmKnobs:
     prefetch (tile k+1 is loaded into registers while tile k is multiplied, then
     stored to shared memory); split_taps: reduce over (taps, channel tiles of bk)
     instead of one fused K = C*R*S axis (cheaper per-element index arithmetic,
-    channels padded to bk)."""
+    channels padded to bk); split_k: blocks along the reduction (`_split_k`), for
+    layers whose output tiles alone leave SMs idle."""
 
     bm: int = 64
     bn: int = 64
@@ -175,6 +183,7 @@ class IgemmKnobs:
     vec: int = 4
     stages: int = 2
     split_taps: bool = True
+    split_k: int = 1
 
 
 def _igemm_threads(k: IgemmKnobs) -> int:
@@ -182,7 +191,7 @@ def _igemm_threads(k: IgemmKnobs) -> int:
 
 
 def _igemm_valid(k: IgemmKnobs, target: TargetInfo) -> bool:
-    if min(k.bm, k.bn, k.bk, k.tm, k.tn, k.vec) < 1 or k.stages not in (1, 2):
+    if min(k.bm, k.bn, k.bk, k.tm, k.tn, k.vec, k.split_k) < 1 or k.stages not in (1, 2):
         return False
     if k.bm % k.tm or k.bn % k.tn or k.bk % k.vec or k.tm > 8 or k.tn > 8:
         return False
@@ -231,7 +240,32 @@ def _igemm_f32_knobs(spec: ConvSpec, target: TargetInfo) -> IgemmKnobs | None:
         IgemmKnobs(bm, bn, 8, tm, tn, 1, 2, _use_split_taps(spec, 8)),
         IgemmKnobs(64, 64, 16, 4, 4, 4, 2, False),
     )
-    return first_valid(preferred, lambda k: _igemm_valid(k, target))
+    knobs = first_valid(preferred, lambda k: _igemm_valid(k, target))
+    if knobs is None:
+        return None
+    return dataclasses.replace(knobs, split_k=_igemm_split_k(spec, target, knobs))
+
+
+MIN_SLICE_STEPS = 8  # split-K keeps this many shared-memory steps per slice, at least
+
+
+def _igemm_split_k(spec: ConvSpec, target: TargetInfo, knobs: IgemmKnobs) -> int:
+    return _split_k_parts(spec, target, knobs.bm, knobs.bn, _reduction_steps(spec, knobs))
+
+
+def _split_k_parts(spec: ConvSpec, target: TargetInfo, bm: int, bn: int, steps: int) -> int:
+    """Split-K slices for a bm x bn block tile whose reduction takes `steps` shared-memory
+    steps: 1 where the output tiles fill at least half the SMs, else about enough
+    slices for one block per SM, a divisor of the steps, each slice at least
+    MIN_SLICE_STEPS long (the partial sums' round trip through L2 is then small
+    beside the slice's own loads)."""
+    m, n, _ = spec.gemm_shape
+    blocks = -(-m // bm) * -(-n // bn)
+    if 2 * blocks > target.sm_count:
+        return 1
+    want = min(16, -(-target.sm_count // blocks))
+    fits = [p for p in range(1, want + 1) if steps % p == 0 and steps // p >= MIN_SLICE_STEPS]
+    return max(fits, default=1)
 
 
 def _igemm_f32_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[IgemmKnobs]:
@@ -259,6 +293,9 @@ def _igemm_f32_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[IgemmKnobs]:
             k = IgemmKnobs(bm, bn, bk, tm, tn, 1, stages, split)
         if _igemm_valid(k, target):
             yield k
+            parts = _igemm_split_k(spec, target, k)
+            if parts > 1:  # an under-filled GPU: the same tile with split-K too
+                yield dataclasses.replace(k, split_k=parts)
 
 
 @dataclass(frozen=True)
@@ -301,6 +338,52 @@ class _SharedStage:
         return blk
 
 
+def _reduction_steps(spec: ConvSpec, knobs: IgemmKnobs) -> int:
+    """The shared-memory steps of cuda_igemm_f32's reduction (bk deep each)."""
+    if knobs.split_taps:
+        return math.prod(spec.kernel_size) * -(-spec.channels_per_group // knobs.bk)
+    return -(-spec.gemm_shape[2] // knobs.bk)
+
+
+def _split_k(sch: Schedule, conv: Any, parts: int, m_inner: bool) -> tuple[Any, ...]:
+    """Split-K: the reduction (`conv`'s third loop, after m and n) cut into `parts`
+    slices, each reduced by its own blocks (blockIdx.z, bound by the caller) into a
+    float32 partial sum, then summed with the epilogue by a second kernel
+    (`_sum_partials`). For layers whose output has too few tiles to fill the SMs:
+    C512 7x7 at batch 1 is 49 x 512 outputs, 16 blocks of 32 x 64 for 132 SMs. The
+    partial sums are a buffer of the kernel, [parts, M, N] (M and N padded to the
+    tile) or with `m_inner` [parts, N, M]: contiguous along the axis the partial
+    blocks write along (their threadIdx.x) and the summing kernel reads along. It
+    becomes the entry's `workspace` argument (`compute.workspace_as_argument`): a
+    precompiled artifact cannot allocate device memory itself. Returns the partial
+    block (to schedule as `conv` would have been), the summing block, the partial
+    sums' buffer name and the partial block's loops (the slice, then `conv`'s)."""
+    ks, _ = sch.split(sch.get_loops(conv)[2], [parts, None])
+    m, n = sch.get_loops(conv)[:2]
+    sch.reorder(ks, m, n)
+    partial = sch.rfactor(ks, 0)
+    if m_inner:
+        sch.transform_layout(partial, ("write", 0), lambda s, i, j: (s, j, i))
+    buffer = sch.get(partial).writes[0].source.name
+    return (partial, conv, buffer, *sch.get_loops(partial))
+
+
+def _sum_partials(sch: Schedule, total: Any, m_inner: bool) -> None:
+    """The split-K sum (`_split_k`): one thread per output element adds its `parts`
+    partial sums in order (deterministic, no atomics) and applies the epilogue;
+    consecutive threads along m (`m_inner`) or n, the partial sums' contiguous axis."""
+    ks, m, n = sch.get_loops(total)
+    outer, inner = (n, m) if m_inner else (m, n)
+    sch.reorder(outer, inner, ks)
+    bx, tx = sch.split(sch.fuse(outer, inner), [None, SUM_THREADS])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    acc = sch.cache_write(total, 0, "local")
+    sch.reverse_compute_at(acc, tx, preserve_unit_loops=True)
+    _inline_consumer_chain(sch, acc)
+    sch.decompose_reduction(total, ks)
+
+
 def _igemm_packing(spec: ConvSpec, target: TargetInfo, knobs: IgemmKnobs) -> WeightPacking:
     """Bound weights packed with the output channels innermost (the weight's other axes
     in storage order): the GEMM's B operand stored [K, N], as the shared-memory tile
@@ -317,44 +400,53 @@ def _igemm_f32(
         return None
     split = bool(knobs.split_taps)
     M, N, K = spec.gemm_shape
-    C = spec.channels_per_group
-    n_ko = (math.prod(spec.kernel_size) * -(-C // knobs.bk)) if split else -(-K // knobs.bk)
-    pipeline = knobs.stages > 1 and n_ko >= 2  # a one-step reduction has nothing to overlap
+    n_ko = _reduction_steps(spec, knobs)
+    if n_ko % knobs.split_k:
+        return None
+    # a one-step reduction has nothing to overlap
+    pipeline = knobs.stages > 1 and n_ko // knobs.split_k >= 2
     sch = new_schedule(func)
     conv = _normalize_gemm(sch, spec, split)
     if split:
         T = math.prod(spec.kernel_size)
-        _pad_to(sch, conv, (M, N, T, C), (knobs.bm, knobs.bn, 1, knobs.bk))
+        _pad_to(sch, conv, (M, N, T, spec.channels_per_group), (knobs.bm, knobs.bn, 1, knobs.bk))
         m, n, t, c = sch.get_loops(conv)
         co, ki = sch.split(c, [None, knobs.bk])
-        red_outer = [t, co]
+        ko = sch.fuse(t, co)
     else:
         _pad_to(sch, conv, (M, N, K), (knobs.bm, knobs.bn, knobs.bk))
         m, n, k = sch.get_loops(conv)
         ko, ki = sch.split(k, [None, knobs.bk])
-        red_outer = [ko]
+    m_fast = not spec.channels_last
+    total = None
+    if knobs.split_k > 1:
+        conv, total, partials, ks, m, n, ko, ki = _split_k(sch, conv, knobs.split_k,
+                                                           m_inner=m_fast)
     m_threads, n_threads = knobs.bm // knobs.tm, knobs.bn // knobs.tn
     bm_, mt, mi = sch.split(m, [None, m_threads, knobs.tm])
     bn_, nt, ni = sch.split(n, [None, n_threads, knobs.tn])
     # threadIdx.x runs along the output's contiguous axis: pixels (channels-first)
     # or channels (channels-last)
-    m_fast = not spec.channels_last
     ty, tx = (nt, mt) if m_fast else (mt, nt)
     ty_n, tx_n = (n_threads, m_threads) if m_fast else (m_threads, n_threads)
-    sch.reorder(bm_, bn_, ty, tx, *red_outer, ki, mi, ni)
-    ko = sch.fuse(*red_outer) if len(red_outer) > 1 else red_outer[0]
+    sch.reorder(bm_, bn_, ty, tx, ko, ki, mi, ni)
     sch.bind(bm_, "blockIdx.x")
     sch.bind(bn_, "blockIdx.y")
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
 
-    # register accumulator, written back (with the fused bias/cast epilogue) per thread
+    # register accumulator, written back per thread: with the fused bias/cast epilogue,
+    # or with split-K as the block's partial sums
     acc = sch.cache_write(conv, 0, "local")
     sch.reverse_compute_at(acc, tx, preserve_unit_loops=True)
-    _inline_consumer_chain(sch, acc)
+    if total is None:
+        _inline_consumer_chain(sch, acc)
+    else:
+        sch.bind(ks, "blockIdx.z")
+        _sum_partials(sch, total, m_inner=m_fast)
 
     cl, v = spec.channels_last, knobs.vec
-    a_vec = v if cl and C % v == 0 else 1
+    a_vec = v if cl and spec.channels_per_group % v == 0 else 1
     stage = _SharedStage(conv, ko, 3 if split else 2, ty_n, tx_n, split, pipeline)
     # channels-first inputs are contiguous along the pixels: fetch with m innermost
     a_sh = stage.fetch(sch, 0, k_inner=cl, vec=a_vec)
@@ -384,6 +476,8 @@ def _igemm_f32(
         sch.annotate(ko, "software_pipeline_stage", [0, 0, 0, 0, 1])
         sch.annotate(ko, "software_pipeline_order", [0, 3, 1, 4, 2])
     sch.decompose_reduction(conv, ko)
+    if total is not None:
+        return new_schedule(workspace_as_argument(sch.mod[ENTRY], partials))
     return sch
 
 
@@ -397,8 +491,9 @@ class TensorCoreKnobs:
     """wmma m16n16k16 tiles: the block has wm x wn warps, each warp computes fm x fn
     16x16 accumulator fragments (block tile 16*fm*wm x 16*fn*wn), kf: 16-deep K
     fragments per shared-memory stage (bk = 16*kf); vec: float16 elements per global
-    load where the operand is contiguous along K (8 = 16 bytes); stages as for
-    cuda_igemm_f32 (2: register-staged prefetch of the next K tile)."""
+    load where the operand is contiguous along K (8 = 16 bytes); stages and split_k
+    as for cuda_igemm_f32 (2: register-staged prefetch of the next K tile; slices of
+    the reduction for layers whose output tiles leave SMs idle)."""
 
     wm: int = 2
     wn: int = 2
@@ -407,6 +502,7 @@ class TensorCoreKnobs:
     kf: int = 2
     vec: int = 8
     stages: int = 2
+    split_k: int = 1
 
 
 def _tc_tiles(k: TensorCoreKnobs) -> tuple[int, int, int]:
@@ -414,7 +510,7 @@ def _tc_tiles(k: TensorCoreKnobs) -> tuple[int, int, int]:
 
 
 def _tc_valid(k: TensorCoreKnobs, target: TargetInfo) -> bool:
-    if min(k.wm, k.wn, k.fm, k.fn, k.kf, k.vec) < 1 or k.stages not in (1, 2):
+    if min(k.wm, k.wn, k.fm, k.fn, k.kf, k.vec, k.split_k) < 1 or k.stages not in (1, 2):
         return False
     warps = k.wm * k.wn
     if warps > 8 or k.fm * k.fn > 16:
@@ -459,7 +555,15 @@ def _tc_knobs(spec: ConvSpec, target: TargetInfo) -> TensorCoreKnobs | None:
         TensorCoreKnobs(wm, wn, fm, fn, kf, 1, 2),
         TensorCoreKnobs(2, 2, 2, 2, 2, 1, 2),
     )
-    return first_valid(preferred, lambda k: _tc_valid(k, target))
+    knobs = first_valid(preferred, lambda k: _tc_valid(k, target))
+    if knobs is None:
+        return None
+    return dataclasses.replace(knobs, split_k=_tc_split_k(spec, target, knobs))
+
+
+def _tc_split_k(spec: ConvSpec, target: TargetInfo, knobs: TensorCoreKnobs) -> int:
+    bm, bn, bk = _tc_tiles(knobs)
+    return _split_k_parts(spec, target, bm, bn, -(-spec.gemm_shape[2] // bk))
 
 
 def _tc_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[TensorCoreKnobs]:
@@ -487,6 +591,9 @@ def _tc_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[TensorCoreKnobs]:
             k = TensorCoreKnobs(wm, wn, fm, fn, kf, vec, stages)
             if _tc_valid(k, target):
                 yield k
+                parts = _tc_split_k(spec, target, k)
+                if parts > 1:  # an under-filled GPU: the same tile with split-K too
+                    yield dataclasses.replace(k, split_k=parts)
                 break
 
 
@@ -554,12 +661,20 @@ def _igemm_f16_tc(
         return None
     M, N, K = spec.gemm_shape
     bm, bn, bk = _tc_tiles(knobs)
-    pipeline = knobs.stages > 1 and -(-K // bk) >= 2
+    steps = -(-K // bk)
+    if steps % knobs.split_k:
+        return None
+    pipeline = knobs.stages > 1 and steps // knobs.split_k >= 2
     warps = knobs.wm * knobs.wn
     sch = new_schedule(func)
     conv = _normalize_gemm(sch, spec, split_taps=False)
     _pad_to(sch, conv, (M, N, K), (bm, bn, bk))
-    m, n, k = sch.get_loops(conv)
+    total = None
+    if knobs.split_k > 1:
+        # the partial sums [slice, M, N] as the fragments are stored: n contiguous
+        conv, total, partials, ks, *_ = _split_k(sch, conv, knobs.split_k, m_inner=False)
+        sch.bind(ks, "blockIdx.z")
+    m, n, k = sch.get_loops(conv)[-3:]
     m, mi = sch.split(m, [None, 16])
     n, ni = sch.split(n, [None, 16])
     k, kii = sch.split(k, [None, 16])
@@ -599,7 +714,8 @@ def _igemm_f16_tc(
 
     if not _tensorize_wmma(sch, a_frag, b_frag, init_inner, store, inner):
         return None
-    _inline_consumer_chain(sch, acc_sh)
+    if total is None:
+        _inline_consumer_chain(sch, acc_sh)  # the epilogue in the write-back
     fused = sch.fuse(*sch.get_loops(acc_sh)[-2:])
     _, f1, f2 = sch.split(fused, [None, 32, 4])
     sch.bind(f1, "threadIdx.x")
@@ -607,6 +723,9 @@ def _igemm_f16_tc(
     if pipeline:
         sch.annotate(k0, "software_pipeline_stage", [0, 0, 0, 0, 1])
         sch.annotate(k0, "software_pipeline_order", [0, 3, 1, 4, 2])
+    if total is not None:
+        _sum_partials(sch, total, m_inner=False)
+        return new_schedule(workspace_as_argument(sch.mod[ENTRY], partials))
     return sch
 
 
