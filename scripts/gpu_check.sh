@@ -26,9 +26,13 @@ cuda = resolve_target("cuda")
 for row in CASE_TABLE:
     for mode in ("conv", "corr"):
         build_artifact(make_spec(mode=mode, **row), cuda, out / "cases", defer_nvcc=True)
+from test_gpu import SPLIT_K  # device tensors in and out, split-K's workspace
+for flags in SPLIT_K:
+    build_artifact(make_spec(**flags), cuda, out / "cases", defer_nvcc=True)
 layers = [  # C, HxW, K, kernel, stride, pad, groups (ResNet-50, batch 1)
     (64, 56, 64, 3, 1, 1, 1), (256, 56, 64, 1, 1, 0, 1), (128, 28, 128, 3, 1, 1, 1),
     (3, 224, 64, 7, 2, 3, 1), (256, 28, 256, 3, 1, 1, 256),
+    (256, 14, 256, 3, 1, 1, 1), (512, 7, 512, 3, 1, 1, 1),  # small outputs (split-K)
 ]
 for c, hw, k, r, s, p, g in layers:
     for mode, dtype in (("conv", "float32"), ("corr", "float32"), ("conv", "float16")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import subprocess
@@ -322,3 +323,47 @@ def test_tvm_ffi_tensors_in_and_out(artifact):
     out = tvm_ffi.from_dlpack(out_np)
     assert k(*(tvm_ffi.from_dlpack(a) for a in aligned), out=out) is out
     assert_close(out_np, reference_conv(SPEC, *inputs.values()), "float32")
+
+
+class _HostExport:
+    """Host memory exported through `cuda_driver.export_dlpack` as a kDLCPU tensor: the
+    DeviceArray's DLPack path, checked without a GPU."""
+
+    def __init__(self) -> None:
+        self.a = np.arange(6, dtype=np.float32)
+        self.shape_c = (ctypes.c_int64 * 1)(6)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)
+
+    def __dlpack__(self, **_kwargs: object) -> object:
+        from convgen.runtime import cuda_driver
+
+        return cuda_driver.export_dlpack(self, self.a.ctypes.data, (1, 0), self.shape_c, 1,
+                                         self.a.dtype)
+
+
+def test_a_dlpack_export_keeps_its_memory_alive_until_the_consumer_is_done():
+    """`torch.from_dlpack(k(x_dev))` must stay valid after the kernel's result is dropped
+    (its memory would otherwise go back to the cache for the next call), and an export
+    must not leak once its consumer is done, nor when nobody consumed it."""
+    import gc
+
+    owner = _HostExport()
+    alive = weakref.ref(owner)
+    view = np.from_dlpack(owner)
+    del owner
+    gc.collect()
+    assert alive() is not None and view.tolist() == list(range(6))
+    del view
+    gc.collect()
+    assert alive() is None
+    owner = _HostExport()
+    alive = weakref.ref(owner)
+    capsule = owner.__dlpack__()
+    del owner
+    gc.collect()
+    assert alive() is not None
+    del capsule
+    gc.collect()
+    assert alive() is None

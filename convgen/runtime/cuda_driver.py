@@ -52,11 +52,56 @@ class _DLManagedTensor(ctypes.Structure):
     ]
 
 
-# The buffer object owns the memory; the consumer's deleter call has nothing to free.
-_NOOP_DELETER = _DELETER(lambda _ptr: None)
+# DLPack exports (`export_dlpack`) alive until their consumer calls the deleter: the
+# managed struct and the object that owns the memory, by the struct's address.
+_exported: dict[int, tuple[_DLManagedTensor, Any]] = {}
+
+
+def _release(address: int | None) -> None:
+    _exported.pop(address or 0, None)
+
+
+_DELETER_FN = _DELETER(_release)
+_CAPSULE_DESTRUCTOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 _capsule_new = ctypes.pythonapi.PyCapsule_New
 _capsule_new.restype = ctypes.py_object
-_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, _CAPSULE_DESTRUCTOR]
+_capsule_is_valid = ctypes.pythonapi.PyCapsule_IsValid
+_capsule_is_valid.restype = ctypes.c_int
+_capsule_is_valid.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+
+
+def _destroy_capsule(capsule: int) -> None:
+    """A capsule nobody consumed (still named "dltensor") releases its export; a
+    consumer renames it "used_dltensor" and calls the deleter itself when done."""
+    if _capsule_is_valid(capsule, b"dltensor"):
+        _release(_capsule_pointer(capsule, b"dltensor"))
+
+
+_CAPSULE_DESTRUCTOR_FN = _CAPSULE_DESTRUCTOR(_destroy_capsule)
+
+
+def export_dlpack(owner: Any, ptr: int, device: tuple[int, int], shape_c: Any, ndim: int,
+                  dtype: np.dtype) -> Any:
+    """A DLPack capsule (dense, C order) of the memory at `ptr`, which `owner` keeps
+    alive: the export holds `owner` until the consumer (PyTorch, tvm-ffi, numpy) calls
+    the deleter, so a tensor made from it stays valid after the caller drops `owner`."""
+    managed = _DLManagedTensor()
+    t = managed.dl_tensor
+    t.data = ptr
+    t.device = _DLDevice(*device)
+    t.ndim = ndim
+    t.dtype = _DLDataType(_DTYPE_CODES[dtype.kind], dtype.itemsize * 8, 1)
+    t.shape = shape_c
+    t.strides = None
+    t.byte_offset = 0
+    managed.deleter = _DELETER_FN
+    address = ctypes.addressof(managed)
+    _exported[address] = (managed, owner)
+    return _capsule_new(address, b"dltensor", _CAPSULE_DESTRUCTOR_FN)
 
 _lib: Any = None
 
@@ -114,19 +159,40 @@ def device_name() -> str:
     return buf.value.decode()
 
 
+# Device memory of dropped arrays, by size, for the next array of that size: cuMemAlloc
+# and cuMemFree take tens of microseconds (cuMemFree also waits for the device), as
+# long as a small kernel runs, and a kernel called on device tensors returns a new
+# array per call. (PyTorch's caching allocator does the same.)
+_free_blocks: dict[int, list[int]] = {}
+
+
+def _allocate(nbytes: int) -> int:
+    blocks = _free_blocks.get(nbytes)
+    if blocks:
+        return blocks.pop()
+    lib = _driver()
+    ptr = ctypes.c_uint64()
+    _check(lib, lib.cuMemAlloc_v2(ctypes.byref(ptr), nbytes), "cuMemAlloc")
+    return ptr.value
+
+
+def empty_cache() -> None:
+    """Give the cached memory of dropped arrays back to the driver."""
+    for blocks in _free_blocks.values():
+        while blocks:
+            _lib.cuMemFree_v2(blocks.pop())
+
+
 class DeviceArray:
-    """A dense array in GPU memory that tvm-ffi takes through DLPack."""
+    """A dense array in GPU memory; tvm-ffi, PyTorch (`torch.from_dlpack`) and other
+    DLPack consumers take it without a copy."""
 
     def __init__(self, shape: tuple[int, ...], dtype: str | np.dtype) -> None:
-        lib = _driver()
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.nbytes = max(1, int(np.prod(self.shape)) * self.dtype.itemsize)
-        ptr = ctypes.c_uint64()
-        _check(lib, lib.cuMemAlloc_v2(ctypes.byref(ptr), self.nbytes), "cuMemAlloc")
-        self.ptr = ptr.value
+        self.ptr = _allocate(self.nbytes)
         self._shape_c = (ctypes.c_int64 * len(self.shape))(*self.shape)
-        self._managed: list[_DLManagedTensor] = []
 
     @classmethod
     def from_numpy(cls, a: np.ndarray) -> DeviceArray:
@@ -154,22 +220,14 @@ class DeviceArray:
         return (_KDLCUDA, 0)
 
     def __dlpack__(self, stream: Any = None, **_kwargs: Any) -> Any:
-        managed = _DLManagedTensor()
-        t = managed.dl_tensor
-        t.data = self.ptr
-        t.device = _DLDevice(_KDLCUDA, 0)
-        t.ndim = len(self.shape)
-        t.dtype = _DLDataType(_DTYPE_CODES[self.dtype.kind], self.dtype.itemsize * 8, 1)
-        t.shape = self._shape_c
-        t.strides = None
-        t.byte_offset = 0
-        managed.deleter = _NOOP_DELETER
-        self._managed.append(managed)  # alive as long as this array
-        return _capsule_new(ctypes.addressof(managed), b"dltensor", None)
+        # every kernel runs on the default stream, as PyTorch's current stream is unless
+        # the caller changed it: nothing to synchronize for a consumer's `stream`
+        return export_dlpack(self, self.ptr, self.__dlpack_device__(), self._shape_c,
+                             len(self.shape), self.dtype)
 
     def __del__(self) -> None:
-        if getattr(self, "ptr", None) and _lib is not None:
-            _lib.cuMemFree_v2(self.ptr)
+        if getattr(self, "ptr", None):
+            _free_blocks.setdefault(self.nbytes, []).append(self.ptr)
             self.ptr = 0
 
 

@@ -57,8 +57,9 @@ def load_tvm_runtime() -> None:
 class Kernel:
     """A loaded artifact: call it on numpy arrays (or DLPack tensors on its device).
 
-    `kernel(data, weight[, bias][, residual])` returns a numpy array; pass `out=` to
-    write into an existing array or device tensor instead. For constant weights,
+    `kernel(data, weight[, bias][, residual])` returns a numpy array (a CUDA kernel
+    called on device tensors alone returns a device array); pass `out=` to write
+    into an existing array or device tensor instead. For constant weights,
     `kernel.bind(weight[, bias])` packs them once and returns a callable of the
     data (and the residual, where the kernel adds one). Loading checks every
     file of the artifact against the sizes and hashes in its manifest.
@@ -140,7 +141,7 @@ class Kernel:
     def __call__(self, *arrays: Any, out: Any = None) -> Any:
         if self.device != "cpu":
             self.check_inputs(arrays)
-            return self._call_cuda(self.func, arrays, out)
+            return self._call_cuda(self.func, arrays, out, arrays)
         # The common case first, at the cost of a few attribute reads: numpy arrays of
         # the right shape and dtype that the kernel can read in place.
         args = arrays
@@ -251,8 +252,12 @@ class Kernel:
             self._outputs = [*self._outputs[-1:], a]
             return a
 
-    def _call_cuda(self, func: Any, arrays: tuple[Any, ...], out: Any) -> Any:
-        """func(*arrays, out) on the GPU: numpy inputs copied there, the result back."""
+    def _call_cuda(self, func: Any, arrays: tuple[Any, ...], out: Any,
+                   per_call: tuple[Any, ...]) -> Any:
+        """func(*arrays, out) on the GPU: numpy inputs copied there. The result comes back
+        as numpy where any of the call's own inputs (`per_call`) was numpy; where all
+        were device tensors it stays on the device, a `cuda_driver.DeviceArray` (DLPack:
+        `torch.from_dlpack(y)`), as PyTorch's functions return device tensors."""
         from convgen.runtime import cuda_driver
 
         out_info = self.outputs[0]
@@ -270,7 +275,8 @@ class Kernel:
         )
         func(*args, dev_out, *self.scratch)
         if out is None:
-            return dev_out.numpy()
+            on_host = any(isinstance(a, np.ndarray) for a in per_call)
+            return dev_out.numpy() if on_host else dev_out
         if isinstance(out, np.ndarray):
             np.copyto(out, dev_out.numpy())
         return out
@@ -302,7 +308,7 @@ class BoundKernel:
         if k.device != "cpu":
             for info, a in zip((k.inputs[0], *self._rest), (data, *rest)):
                 check_tensor(info, a)
-            return k._call_cuda(self.func, (data, *self.constants, *rest), out)
+            return k._call_cuda(self.func, (data, *self.constants, *rest), out, (data, *rest))
         if not (type(data) is np.ndarray and (data.shape, data.dtype) == self._data_spec
                 and _is_usable(data, k.alignment)):
             check_tensor(k.inputs[0], data)
