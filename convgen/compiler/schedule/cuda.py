@@ -15,7 +15,8 @@ Templates, tried in order (each returns None where it does not apply):
     vectors), TM x TN register tile per thread, optional register-staged
     prefetch (software pipelining: tile k+1 is loaded into registers while tile
     k is multiplied), optional split of K into (taps, channel tiles), tails
-    padded by pad_einsum (guarded loads, guarded stores).
+    padded by pad_einsum (guarded loads, guarded stores). Bound weights are
+    packed [K, N] (`_igemm_packing`), so weight tiles load along N in vectors.
   * `cuda_depthwise` (groups == C, any channel multiplier): direct kernel, each
     thread owns vc channels x vw consecutive outputs along the innermost spatial
     axis with the float32 sums in registers; per tap row the input window and
@@ -23,6 +24,11 @@ Templates, tried in order (each returns None where it does not apply):
 
   * `cuda_dlight_gemm` (groups == 1): TVM dlight's GPU Matmul rule, which sees
     the conv block as a GEMM by itself; kept as a tuning candidate.
+
+Both implicit GEMMs can split the reduction across blocks (`split_k`, `_split_k`)
+where the output tiles leave SMs idle, the partial sums in a workspace the
+caller passes. Every template runs bound weights packed (`convgen_pack`), the
+flip of `conv` applied there, so both modes run the same kernel.
 
 The fallback (`cuda_direct`): one thread per output element, the float32 sum
 in a register; correct for every spec.
