@@ -444,7 +444,9 @@ def deploy(model: str, target: str, out_dir: str, mode: str, layout: str, separa
     a convgen kernel, with its bias, BatchNorm, residual Add and ReLU/ReLU6/SiLU/HardSwish
     fused (a depthwise layer and the 1x1 after it: one kernel), weights packed at build
     time, tuned records used; the other operators scheduled; one module that
-    `convgen.load(DIR)` runs without the TVM compiler."""
+    `convgen.load(DIR)` runs without the TVM compiler (a CUDA model: with TVM's CUDA
+    runtime library and a GPU; built and compiled with nvcc here, verified where a GPU
+    is present)."""
     from convgen.compiler.deploy import DeployOptions, deploy_artifact, layer_summary
     from convgen.compiler.targets import resolve_target
 

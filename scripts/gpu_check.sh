@@ -9,9 +9,12 @@
 #   CONVGEN_PREBUILT=DIR/cases python3 -m pytest -q tests/test_gpu.py
 #   python3 -m convgen.cli compile DIR/bench && python3 -m convgen.cli verify DIR/bench
 #   python3 -m convgen.cli bench DIR/bench
+#   export CONVGEN_TVM_RUNTIME=DIR/lib/libtvm_runtime.so   # CUDA models: TVM's runtime
+#   for m in DIR/models/*/; do python3 -m convgen.cli verify "$m"; done
+# (TVM's CUDA runtime links libcudart.so.13: the GPU machine needs CUDA 13's runtime.)
 set -euo pipefail
 out=${1:?usage: gpu_check.sh DIR}
-mkdir -p "$out/cases" "$out/bench" "$out/whl"
+mkdir -p "$out/cases" "$out/bench" "$out/whl" "$out/models" "$out/lib"
 python - "$out" <<'PY'
 import sys
 from pathlib import Path
@@ -39,7 +42,20 @@ for c, hw, k, r, s, p, g in layers:
         spec = make_spec(mode=mode, input=f"1x{c}x{hw}x{hw}", kernel=f"{k}x{c // g}x{r}x{r}",
                          stride=s, padding=p, groups=g, dtype=dtype)
         build_artifact(spec, cuda, out / "bench", defer_nvcc=True)
+# small CUDA models (deploy --target cuda), from the deploy tests' graphs
+sys.path.insert(0, "tests")
+import onnx
+from test_deploy import MODELS
+from convgen.compiler.deploy import DeployOptions, deploy_artifact
+for name in ("residual_block", "depthwise_block", "conv_1d_3d_grouped"):
+    model, _ = MODELS[name]()
+    onnx.save(model, out / f"{name}.onnx")
+    deploy_artifact(out / f"{name}.onnx", cuda, out / "models" / name,
+                    DeployOptions(mode="conv"), verify=False)
+    (out / f"{name}.onnx").unlink()
 PY
+tvm_lib=$(python -c "import tvm, os; print(os.path.join(os.path.dirname(tvm.__file__), 'lib'))")
+cp "$tvm_lib/libtvm_runtime.so" "$tvm_lib/libtvm_runtime_cuda.so" "$out/lib/"
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
   -d "$out/whl" "apache-tvm-ffi==0.1.14.post1"

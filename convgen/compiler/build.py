@@ -116,14 +116,14 @@ def compile_kernel(
             f"{str(err).splitlines()[-1] if str(err) else type(err).__name__}"
         ) from err
     t2 = time.perf_counter()
-    compiled = Compiled(spec, target, choice, packing, lib, mod.script(), _workspace(mod, spec),
+    compiled = Compiled(spec, target, choice, packing, lib, mod.script(), workspace_of(mod, spec),
                         seconds={"schedule": t1 - t0, "tvm_compile": t2 - t1})
     if target.is_cuda:
         compiled.cuda_source = _cuda_source(lib, spec)
     return compiled
 
 
-def _workspace(mod: Any, spec: ConvSpec) -> TensorInfo | None:
+def workspace_of(mod: Any, spec: ConvSpec) -> TensorInfo | None:
     """The scratch argument the entries take after `out` (`compute.workspace_as_argument`):
     the same in the plain and the run-packed entry, which share their knobs."""
     found = set()

@@ -384,7 +384,13 @@ def pack_prim_func(spec: ConvSpec, target: TargetInfo, packing: WeightPacking) -
         return sch.mod[PACK_ENTRY]
     sch.parallel(loops[0])
     if packing.lanes > 1 and not packing.winograd_tile:
-        sch.vectorize(loops[-1])
+        # by the vector (a CUDA kernel's layout, packed here for a deployed model, may
+        # put all its output channels innermost: a loop of 1280 LLVM would unroll whole)
+        width = target.fp32_lanes
+        if packing.lanes <= width:
+            sch.vectorize(loops[-1])
+        elif packing.lanes % width == 0:
+            sch.vectorize(sch.split(loops[-1], [None, width])[1])
     return sch.mod[PACK_ENTRY]
 
 

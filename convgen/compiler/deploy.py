@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from convgen.compiler.build import lower
+from convgen.compiler.build import lower, workspace_of
 from convgen.compiler.compute import WeightPacking, pack_prim_func, writing_into_residual
 from convgen.compiler.records import find_record
 from convgen.compiler.schedule import separable
-from convgen.compiler.targets import TargetInfo
+from convgen.compiler.targets import TargetInfo, resolve_target
 from convgen.errors import ConvgenError, SpecError, UnsupportedError
 from convgen.runtime.manifest import (
     PACK_ENTRY,
@@ -135,11 +135,8 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
     import tvm
     from tvm import relax
 
-    from convgen.compiler.schedule.model_ops import schedule_model_ops
+    from convgen.compiler.schedule.model_ops import schedule_model_ops, schedule_model_ops_gpu
 
-    if target.is_cuda:
-        raise UnsupportedError("target: deploy builds CPU (llvm) models for now; CUDA "
-                               "models are not supported yet")
     inputs, outputs = model_io(model)
     t0 = time.perf_counter()
     mod = _relax_module(model, name, options)
@@ -154,14 +151,14 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
-            schedule_model_ops(),
+            schedule_model_ops_gpu() if target.is_cuda else schedule_model_ops(),
         ])(mod)
     kernels = {layer.kernel for layer in layers}
     other_ops = sorted(gv.name_hint for gv, f in mod.functions.items()
                        if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint not in kernels)
     t3 = time.perf_counter()
     try:
-        lib = tvm.compile(mod, target=target.tvm_target())
+        lib = tvm.compile(mod, target=target.tvm_target(model=True))
     except Exception as err:
         raise UnsupportedError(f"model: TVM could not compile {name}: "
                                f"{str(err).strip().splitlines()[-1]}") from None
@@ -277,6 +274,7 @@ class _Kernel:
     weights: tuple[tuple[ConvSpec, WeightPacking], ...]  # each weight argument's layer
     choice: ScheduleChoice  # and the layout it is packed in, in argument order
     algorithm: str
+    workspace: TensorInfo | None = None  # scratch it takes after `out` (CUDA split-K)
     in_place_gvar: Any = None  # its form writing over the residual, where a call uses it
     gvar: Any = None  # its GlobalVar, once added to the model's module
 
@@ -376,7 +374,7 @@ class _ConvFuser:
                                    key=lambda layers: [s.name() for s in layers]))
         packed = self._pack(chains, specs, layers_of)
         ends = {chains[j].end: call for j, call in calls.items()}
-        in_place = self._in_place_calls(chains, calls)
+        in_place = self._in_place_calls(chains, specs, calls)
         fuser = self
 
         @relax.expr_functor.mutator
@@ -403,11 +401,17 @@ class _ConvFuser:
                 if indices[-1] in in_place:  # the residual is the last argument
                     return relax.call_tir_inplace(kernel.in_place_gvar, args, len(args) - 1,
                                                   last.end.ty)
+                out_ty = (last.end.ty if not last.dense else
+                          relax.TensorType(specs[indices[-1]].out_shape, last.conv.ty.dtype))
+                if kernel.workspace is not None:  # a second output, which Relax allocates
+                    ws = relax.TensorType(kernel.workspace.shape, kernel.workspace.dtype)
+                    both = self.builder_.emit(relax.call_tir(kernel.gvar, args, [out_ty, ws]))
+                    out = relax.TupleGetItem(both, 0)
+                else:
+                    out = relax.call_tir(kernel.gvar, args, out_ty)
                 if not last.dense:
-                    return relax.call_tir(kernel.gvar, args, last.end.ty)
-                out_ty = relax.TensorType(specs[indices[-1]].out_shape, last.conv.ty.dtype)
-                out = self.builder_.emit(relax.call_tir(kernel.gvar, args, out_ty))
-                return relax.op.reshape(out, _shape(last.end))
+                    return out
+                return relax.op.reshape(self.builder_.emit(out), _shape(last.end))
 
         rewriter = Rewriter(mod)
         for kernel in self.kernels.values():
@@ -432,8 +436,8 @@ class _ConvFuser:
                                      suffix != "" and spec.residual))
         return out, layers
 
-    def _in_place_calls(self, chains: list[_Chain], calls: dict[int, tuple[int, ...]]
-                        ) -> set[int]:
+    def _in_place_calls(self, chains: list[_Chain], specs: list[ConvSpec],
+                        calls: dict[int, tuple[int, ...]]) -> set[int]:
         """The kernel calls (by their last chain) that write their output over their
         residual (`compute.writing_into_residual`): it then costs one pass over memory
         less, since the output's cache lines are the residual's, already read, rather
@@ -462,7 +466,13 @@ class _ConvFuser:
                     return False  # (a view of the residual, read after the call)
             return True
 
-        return {j for j in calls if not chains[j].dense and chains[j].residual is not None
+        def has_workspace(call: tuple[int, ...]) -> bool:  # (its last argument: not `out`)
+            kernel = self.kernels.get(tuple(specs[i] for i in call))
+            return kernel is not None and kernel.workspace is not None
+
+        return {j for j, call in calls.items()
+                if not chains[j].dense and chains[j].residual is not None
+                and not has_workspace(call)
                 and self._computed(chains[j].residual, ends) and dies(chains[j].residual,
                                                                       chains[j])}
 
@@ -675,9 +685,11 @@ class _ConvFuser:
                                            f"{self.target.key()}")
                 func, name = mod[RUN_PACKED_ENTRY], self._kernel_name(spec)
                 weights, algorithm = ((spec, packing),), packing.algorithm
+                workspace = workspace_of(mod, spec)
             func = (func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
                     .with_attr("tirx.is_scheduled", True))
-            self.kernels[layers] = _Kernel(name, func, weights, choice, algorithm)
+            self.kernels[layers] = _Kernel(name, func, weights, choice, algorithm,
+                                           workspace if len(layers) == 1 else None)
 
     def _kvec_record(self, spec: ConvSpec) -> dict[str, Any] | None:
         """The knobs of this layer's record, where it is a `cpu_kvec` one."""
@@ -700,9 +712,12 @@ class _ConvFuser:
             layouts[i] = kernel.weights[call.index(i)]
         # each (spec, packing) under its own name: one module holds them all
         names = {key: f"{PACK_ENTRY}_{n}" for n, key in enumerate(dict.fromkeys(layouts.values()))}
-        funcs = {name: pack_prim_func(spec, self.target, packing).with_attr("global_symbol", name)
+        # run here, on this machine's CPU, whatever the model's target: the packed layout
+        # is the same wherever it is computed
+        host = resolve_target("llvm") if self.target.is_cuda else self.target
+        funcs = {name: pack_prim_func(spec, host, packing).with_attr("global_symbol", name)
                  for (spec, packing), name in names.items()}
-        lib = tvm.compile(tvm.IRModule(funcs), target=self.target.tvm_target())
+        lib = tvm.compile(tvm.IRModule(funcs), target=host.tvm_target())
         packed = []
         for i, (chain, spec) in enumerate(zip(chains, specs)):
             w = _const(chain.conv.args[1])

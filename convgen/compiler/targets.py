@@ -66,14 +66,16 @@ class TargetInfo:
             return f"cuda-{self.arch}"
         return f"llvm-{self.arch}-{self.vector_isa()}"
 
-    def tvm_target(self) -> Any:
+    def tvm_target(self, model: bool = False) -> Any:
+        """The TVM target. CUDA kernels: the host wrappers are emitted as CUDA C++
+        ("cuda_host") and nvcc compiles host and device code into one .so. CUDA models
+        (`model`): the Relax VM and the host side of every kernel are LLVM code for
+        this machine's CPU, the device code is compiled by nvcc through TVM."""
         import tvm
 
         d = self.config_dict
         if self.is_cuda:
-            # Precompiled artifacts: the host wrappers are emitted as CUDA C++
-            # ("cuda_host") and nvcc compiles host and device code into one .so.
-            d.setdefault("host", {"kind": "cuda_host"})
+            d.setdefault("host", {"kind": "llvm"} if model else {"kind": "cuda_host"})
         return tvm.target.Target(d)
 
     def vector_isa(self) -> str:

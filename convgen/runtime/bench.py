@@ -167,16 +167,26 @@ def bench_model(model: Model, *, repeats: int = 30, warmup: int = 5,
     """A deployed model against onnxruntime on the model as given (all optimizations,
     weights as initializers, its thread pool spinning as by default; for `conv` mode
     with its Conv weights flipped), in one process, alternating rounds (each starting
-    once the other's threads are idle); convgen through `model(x)` on numpy arrays."""
+    once the other's threads are idle); convgen through `model(x)` on numpy arrays. A
+    CUDA model: `model(x)` on device tensors, alone."""
     from convgen.runtime.verify import model_inputs, reference_session
 
     m = model.manifest
     inputs = model_inputs(model, seed=0)
-    session = reference_session(model, spinning=True)  # onnxruntime's default
     kernel_calls = len(m.layers) - sum(bool(layer.pair) for layer in m.layers) // 2
     result = BenchResult(m.name, f"{m.name}: {len(m.layers)} convgen layers, {m.mode}, "
-                         f"{m.layout}", "cpu", available_cores(), m.flops,
+                         f"{m.layout}", model.device, available_cores(), m.flops,
                          schedule=f"{kernel_calls} convgen kernel calls", algorithm="model")
+    if model.device == "cuda":
+        # on device tensors (no copies in the timing), CUDA events; onnxruntime here
+        # runs on the CPU, which is no peer for a GPU model
+        from convgen.runtime import cuda_driver
+
+        on_gpu = [cuda_driver.DeviceArray.from_numpy(a) for a in inputs.values()]
+        result.times[CALL] = time_cuda(lambda: model(*on_gpu), repeats, warmup, min_sample_ms)
+        result.notes.append(f"GPU: {cuda_driver.device_name()}; no GPU peer for models yet")
+        return result
+    session = reference_session(model, spinning=True)  # onnxruntime's default
     calls: dict[str, Callable[[], Any]] = {
         CALL: lambda: model(**inputs),
         "onnxruntime": lambda: session.run(None, inputs),

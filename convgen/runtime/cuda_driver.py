@@ -231,6 +231,35 @@ class DeviceArray:
             self.ptr = 0
 
 
+_capsule_set_name = ctypes.pythonapi.PyCapsule_SetName
+_capsule_set_name.restype = ctypes.c_int
+_capsule_set_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capsule_pointer_of = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer_of.restype = ctypes.c_void_p
+_capsule_pointer_of.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_NUMPY_KINDS = {code: kind for kind, code in _DTYPE_CODES.items()}
+
+
+def to_numpy(tensor: Any) -> np.ndarray:
+    """A copy on the host of a dense GPU tensor that exports DLPack (a deployed CUDA
+    model's outputs, tvm-ffi tensors), read through the driver."""
+    capsule = tensor.__dlpack__()
+    managed = _DLManagedTensor.from_address(_capsule_pointer_of(capsule, b"dltensor"))
+    t = managed.dl_tensor
+    shape = tuple(t.shape[i] for i in range(t.ndim))
+    if t.strides and any(t.strides[i] != int(np.prod(shape[i + 1:])) for i in range(t.ndim)):
+        raise ToolchainError("to_numpy: only dense C-order tensors")
+    dtype = np.dtype(f"{_NUMPY_KINDS[t.dtype.code]}{t.dtype.bits // 8}")
+    host = np.empty(shape, dtype)
+    lib = _driver()
+    _check(lib, lib.cuMemcpyDtoH_v2(host.ctypes.data, (t.data or 0) + t.byte_offset,
+                                    host.nbytes), "cuMemcpyDtoH")
+    _capsule_set_name(capsule, b"used_dltensor")  # consumed: its deleter is ours to call
+    if managed.deleter:
+        managed.deleter(ctypes.addressof(managed))
+    return host
+
+
 def synchronize() -> None:
     lib = _driver()
     _check(lib, lib.cuCtxSynchronize(), "cuCtxSynchronize")

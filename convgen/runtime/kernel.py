@@ -25,13 +25,15 @@ from convgen.runtime.cores import use_all_cores
 from convgen.runtime.manifest import Manifest, TensorInfo, find_manifest
 
 CACHE_LINE = 64
-_tvm_runtime_loaded = False
+_tvm_runtime: Path | None = None  # TVM's runtime library, once loaded
+_tvm_runtime_cuda = False
 
 
 def load_tvm_runtime() -> None:
-    """Make TVM's runtime library (thread pool) visible to CPU artifacts, once."""
-    global _tvm_runtime_loaded
-    if _tvm_runtime_loaded:
+    """Make TVM's runtime library (thread pool, Relax VM) visible to CPU artifacts and
+    deployed models, once."""
+    global _tvm_runtime
+    if _tvm_runtime is not None:
         return
     import tvm_ffi  # noqa: F401  (loads libtvm_ffi.so, which the runtime links to)
 
@@ -46,12 +48,30 @@ def load_tvm_runtime() -> None:
     for path in candidates:
         if path.is_file():
             ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-            _tvm_runtime_loaded = True
+            _tvm_runtime = path
             return
     raise ToolchainError(
         "CPU artifacts need TVM's runtime library (libtvm_runtime.so): install apache-tvm "
         "or point CONVGEN_TVM_RUNTIME at the file"
     )
+
+
+def load_tvm_runtime_cuda() -> None:
+    """TVM's CUDA runtime (libtvm_runtime_cuda.so, beside libtvm_runtime.so): what a
+    deployed CUDA model's module needs to load its GPU code and to allocate device
+    memory. It links the NVIDIA driver and the CUDA runtime (libcudart)."""
+    global _tvm_runtime_cuda
+    if _tvm_runtime_cuda:
+        return
+    load_tvm_runtime()
+    assert _tvm_runtime is not None
+    path = _tvm_runtime.with_name("libtvm_runtime_cuda.so")
+    try:
+        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    except OSError as err:
+        raise ToolchainError(f"CUDA models need TVM's CUDA runtime ({path.name}), the NVIDIA "
+                             f"driver and libcudart: {err}") from None
+    _tvm_runtime_cuda = True
 
 
 class Kernel:

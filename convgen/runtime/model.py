@@ -3,7 +3,9 @@
 A deployed model is a Relax VM executable in one shared library. Like single
 kernels it needs tvm-ffi and TVM's runtime library (the VM, the thread pool),
 never the TVM compiler: the library is opened with `tvm_ffi.load_module`, its
-`vm_load_executable` gives the VM, and `vm_initialization` readies it on the CPU.
+`vm_load_executable` gives the VM, and `vm_initialization` readies it on the CPU
+(a CUDA model: on the GPU, with the CPU for shape computations, which needs TVM's
+CUDA runtime library too).
 """
 
 from __future__ import annotations
@@ -15,18 +17,22 @@ from typing import Any
 import numpy as np
 
 from convgen.errors import ArgumentError, ToolchainError
-from convgen.runtime.kernel import check_tensor, load_tvm_runtime
+from convgen.runtime.kernel import check_tensor, load_tvm_runtime, load_tvm_runtime_cuda
 from convgen.runtime.manifest import ModelManifest, TensorInfo
 
-# the VM's device and allocator codes (DLPack's kDLCPU; TVM's pooled allocator)
+# the VM's device and allocator codes (DLPack's kDLCPU and kDLCUDA; TVM's pooled
+# allocator)
 KDL_CPU = 1
+KDL_CUDA = 2
 POOLED_ALLOCATOR = 2
 
 
 class Model:
     """A deployed model: `model(x)`, `model(*inputs)` or `model(**{name: array})`
     returns the output as a numpy array (a tuple of them where the model has several).
-    Loading checks every file against the manifest's sizes and hashes."""
+    A CUDA model copies numpy inputs to the GPU and its outputs back; given device
+    tensors alone (DLPack) it returns device tensors. Loading checks every file
+    against the manifest's sizes and hashes."""
 
     def __init__(self, manifest_path: Path, manifest: ModelManifest | None = None) -> None:
         self.manifest_path = manifest_path
@@ -37,6 +43,7 @@ class Model:
         self.inputs: list[TensorInfo] = self.manifest.inputs
         self.outputs: list[TensorInfo] = self.manifest.outputs
         self.module_path = self.manifest.path_of("module", self.directory)
+        self.device = self.manifest.target.device
         self._main: Any = None
         self._vm: Any = None
 
@@ -50,10 +57,17 @@ class Model:
             import tvm_ffi
 
             load_tvm_runtime()
+            devices = [KDL_CPU, 0, POOLED_ALLOCATOR]
+            if self.device == "cuda":
+                from convgen.runtime import cuda_driver
+
+                cuda_driver.device_name()  # no GPU: one clear error before the loader's
+                load_tvm_runtime_cuda()
+                devices = [KDL_CUDA, 0, POOLED_ALLOCATOR, *devices]
             try:
                 lib = tvm_ffi.load_module(str(self.module_path.resolve()))
                 vm = lib["vm_load_executable"]()
-                vm["vm_initialization"](KDL_CPU, 0, POOLED_ALLOCATOR)
+                vm["vm_initialization"](*devices)
                 self._main, self._vm = vm[self.manifest.entry], (lib, vm)
             except Exception as err:  # tvm-ffi raises its own error types
                 raise ToolchainError(f"cannot load {self.module_path}: {err}") from None
@@ -77,10 +91,21 @@ class Model:
         return out
 
     def __call__(self, *args: Any, **named: Any) -> Any:
-        result = self.main(*self.arguments(args, named))
-        if len(self.outputs) == 1:
-            return np.from_dlpack(result)
-        return tuple(np.from_dlpack(r) for r in result)
+        given = self.arguments(args, named)
+        if self.device != "cuda":
+            result = self.main(*given)
+            if len(self.outputs) == 1:
+                return np.from_dlpack(result)
+            return tuple(np.from_dlpack(r) for r in result)
+        from convgen.runtime import cuda_driver
+
+        result = self.main(*(a if not isinstance(a, np.ndarray)
+                             else cuda_driver.DeviceArray.from_numpy(a) for a in given))
+        outputs = [result] if len(self.outputs) == 1 else list(result)
+        if not any(isinstance(a, np.ndarray) for a in given):
+            return outputs[0] if len(outputs) == 1 else tuple(outputs)
+        host = [cuda_driver.to_numpy(r) for r in outputs]
+        return host[0] if len(host) == 1 else tuple(host)
 
 
 def load_model(path: str | os.PathLike[str]) -> Model:

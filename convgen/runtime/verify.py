@@ -310,6 +310,11 @@ def verify_model(model: Model, seed: int = 0) -> VerifyReport:
     """The deployed model against onnxruntime on the original model, every output within
     MODEL_TOLERANCE of the largest magnitude; in `conv` mode also that it differs from
     the model run as cross-correlation (the flip happened)."""
+    if model.device == "cuda":
+        from convgen.runtime import cuda_driver
+
+        if not cuda_driver.gpu_present():
+            return not_run("no GPU present")
     inputs = model_inputs(model, seed)
     want = reference_session(model).run(None, inputs)
     got = model(**inputs)

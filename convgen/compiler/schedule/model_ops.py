@@ -38,6 +38,16 @@ def schedule_model_ops() -> Any:
     return dlight.ApplyDefaultSchedule(_rule())
 
 
+def schedule_model_ops_gpu() -> Any:
+    """The pass for CUDA models: TVM's own GPU rules (dlight), which bind every
+    operator's loops to threads; the generic fallback takes what the others do not."""
+    from tvm.s_tir import dlight
+
+    gpu = dlight.gpu
+    return dlight.ApplyDefaultSchedule(gpu.Matmul(), gpu.GEMV(), gpu.Reduction(),
+                                       gpu.GeneralReduction(), gpu.Fallback())
+
+
 def _rule() -> Any:
     from tvm import s_tir, tirx
     from tvm.s_tir import dlight
