@@ -61,17 +61,21 @@ def _release(address: int | None) -> None:
     _exported.pop(address or 0, None)
 
 
+def _python_api(name: str, restype: Any, *argtypes: Any) -> Any:
+    """A function of Python's C API with a prototype of its own (the attributes of
+    `ctypes.pythonapi` are shared objects: setting one's argtypes sets everyone's)."""
+    return ctypes.PYFUNCTYPE(restype, *argtypes)((name, ctypes.pythonapi))
+
+
 _DELETER_FN = _DELETER(_release)
 _CAPSULE_DESTRUCTOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-_capsule_new = ctypes.pythonapi.PyCapsule_New
-_capsule_new.restype = ctypes.py_object
-_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, _CAPSULE_DESTRUCTOR]
-_capsule_is_valid = ctypes.pythonapi.PyCapsule_IsValid
-_capsule_is_valid.restype = ctypes.c_int
-_capsule_is_valid.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-_capsule_pointer.restype = ctypes.c_void_p
-_capsule_pointer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_capsule_new = _python_api("PyCapsule_New", ctypes.py_object, ctypes.c_void_p,
+                           ctypes.c_char_p, _CAPSULE_DESTRUCTOR)
+# by address: in the destructor, the capsule is being freed
+_capsule_is_valid = _python_api("PyCapsule_IsValid", ctypes.c_int, ctypes.c_void_p,
+                                ctypes.c_char_p)
+_capsule_pointer = _python_api("PyCapsule_GetPointer", ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_char_p)
 
 
 def _destroy_capsule(capsule: int) -> None:
@@ -231,12 +235,10 @@ class DeviceArray:
             self.ptr = 0
 
 
-_capsule_set_name = ctypes.pythonapi.PyCapsule_SetName
-_capsule_set_name.restype = ctypes.c_int
-_capsule_set_name.argtypes = [ctypes.py_object, ctypes.c_char_p]
-_capsule_pointer_of = ctypes.pythonapi.PyCapsule_GetPointer
-_capsule_pointer_of.restype = ctypes.c_void_p
-_capsule_pointer_of.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capsule_set_name = _python_api("PyCapsule_SetName", ctypes.c_int, ctypes.py_object,
+                                ctypes.c_char_p)
+_capsule_pointer_of = _python_api("PyCapsule_GetPointer", ctypes.c_void_p, ctypes.py_object,
+                                  ctypes.c_char_p)
 _NUMPY_KINDS = {code: kind for kind, code in _DTYPE_CODES.items()}
 
 
