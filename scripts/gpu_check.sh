@@ -9,9 +9,9 @@
 #   CONVGEN_PREBUILT=DIR/cases python3 -m pytest -q tests/test_gpu.py
 #   python3 -m convgen.cli compile DIR/bench && python3 -m convgen.cli verify DIR/bench
 #   python3 -m convgen.cli bench DIR/bench
-#   export CONVGEN_TVM_RUNTIME=DIR/lib/libtvm_runtime.so   # CUDA models: TVM's runtime
+#   export CONVGEN_TVM_RUNTIME=DIR/lib/libtvm_runtime.so   # CUDA models: TVM's runtime,
+#   export LD_LIBRARY_PATH=DIR/lib:$LD_LIBRARY_PATH        # its CUDA part and libcudart
 #   for m in DIR/models/*/; do python3 -m convgen.cli verify "$m"; done
-# (TVM's CUDA runtime links libcudart.so.13: the GPU machine needs CUDA 13's runtime.)
 set -euo pipefail
 out=${1:?usage: gpu_check.sh DIR}
 mkdir -p "$out/cases" "$out/bench" "$out/whl" "$out/models" "$out/lib"
@@ -56,6 +56,9 @@ for name in ("residual_block", "depthwise_block", "conv_1d_3d_grouped"):
 PY
 tvm_lib=$(python -c "import tvm, os; print(os.path.join(os.path.dirname(tvm.__file__), 'lib'))")
 cp "$tvm_lib/libtvm_runtime.so" "$tvm_lib/libtvm_runtime_cuda.so" "$out/lib/"
+# the CUDA runtime TVM's CUDA part was linked against (13.x: driver 580 or newer)
+cudart=$(ldd "$tvm_lib/libtvm_runtime_cuda.so" | awk '/libcudart/ {print $3}')
+cp -L "$cudart" "$out/lib/"
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
   -d "$out/whl" "apache-tvm-ffi==0.1.14.post1"
