@@ -309,10 +309,10 @@ def writing_into_residual(func: PrimFunc) -> PrimFunc:
 
 def workspace_as_argument(func: PrimFunc, buffer: str) -> PrimFunc:
     """A scheduled kernel with its intermediate buffer `buffer` (global memory) made its
-    last argument (the manifest's `WORKSPACE`), which the caller allocates (`Manifest.workspace`): a
-    CUDA artifact's host code cannot allocate device memory itself. The kernel reads
-    only what it wrote into it in the same call, so its contents between calls do not
-    matter and one allocation serves every call of a kernel."""
+    last argument, after `out`: the workspace the manifest declares and the caller
+    allocates, since a CUDA artifact's host code cannot allocate device memory. The
+    kernel reads only what it wrote into it in the same call, so its contents between
+    calls do not matter and one allocation serves every call of a kernel."""
     from tvm import s_tir, tirx
 
     realize = func.body

@@ -19,10 +19,11 @@ The pipeline (TVM Relax):
      never packs at all. A matmul by constant weights (ONNX Gemm, MatMul: the
      classifier) runs the same way, as the 1 x 1 convolution it is.
   4. The other operators: legalized to TIR, fused (FuseOps/FuseTIR), and given
-     a generic CPU schedule (`schedule/model_ops.py`); Relax's default CPU
-     pipeline would leave them unscheduled.
+     a generic CPU schedule (`schedule/model_ops.py`; TVM's GPU rules for CUDA
+     models); Relax's default CPU pipeline would leave them unscheduled.
   5. `tvm.compile` to a Relax VM executable, exported as one shared library that
-     needs TVM's runtime library, not its compiler (`runtime/model.py`).
+     needs TVM's runtime library (and its CUDA part, for CUDA models), not its
+     compiler (`runtime/model.py`).
 
 ONNX's Conv is cross-correlation; `mode="conv"` compiles every convolution as a
 true convolution of the model's weights (weights trained where convolution
@@ -445,7 +446,8 @@ class _ConvFuser:
         against 0.97, C256 14x14 K1024: 0.56 against 0.64, Zen 4, benchmarks/NOTES.md).
         Allowed where the residual is a tensor of its own (`_computed`), which nothing
         reads after the call, nor the call itself but for the Add folded into its
-        epilogue (not a conv(x) + x), nor any view of it later."""
+        epilogue (not a conv(x) + x), nor any view of it later; and where the kernel
+        takes no workspace (CUDA split-K: its last argument is then not `out`)."""
         # where each binding reads its operands once chains are kernel calls: a chain's
         # bindings at the end of the call that computes it
         at = dict(self.order)
@@ -675,7 +677,7 @@ class _ConvFuser:
                 name = f"{self._kernel_name(dw)}_then_{pw.name()}"
                 choice = ScheduleChoice("heuristic", separable.TEMPLATE, dataclasses.asdict(knobs))
                 weights = ((dw, dw_packing), (pw, pw_packing))
-                algorithm = dw_packing.algorithm
+                algorithm, workspace = dw_packing.algorithm, None
             else:
                 (spec,) = layers
                 mod, choice, packing = lower(spec, self.target, library=self.options.library,
@@ -688,8 +690,7 @@ class _ConvFuser:
                 workspace = workspace_of(mod, spec)
             func = (func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
                     .with_attr("tirx.is_scheduled", True))
-            self.kernels[layers] = _Kernel(name, func, weights, choice, algorithm,
-                                           workspace if len(layers) == 1 else None)
+            self.kernels[layers] = _Kernel(name, func, weights, choice, algorithm, workspace)
 
     def _kvec_record(self, spec: ConvSpec) -> dict[str, Any] | None:
         """The knobs of this layer's record, where it is a `cpu_kvec` one."""
