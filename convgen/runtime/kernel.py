@@ -51,8 +51,8 @@ def load_tvm_runtime() -> None:
             _tvm_runtime = path
             return
     raise ToolchainError(
-        "CPU artifacts need TVM's runtime library (libtvm_runtime.so): install apache-tvm "
-        "or point CONVGEN_TVM_RUNTIME at the file"
+        "CPU artifacts and deployed models need TVM's runtime library (libtvm_runtime.so): "
+        "install apache-tvm or point CONVGEN_TVM_RUNTIME at the file"
     )
 
 
