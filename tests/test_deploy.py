@@ -417,3 +417,22 @@ def test_cuda_models_compile_and_verify_where_a_gpu_is(name, tmp_path):
         assert manifest.verification.reason == "no GPU present"
         with pytest.raises(ToolchainError):  # one clear error, not the loader's
             m(x)
+
+
+@pytest.mark.cuda
+def test_cuda_zoo_model_compiles(tmp_path):
+    """MobileNetV2 (32 x 32) for CUDA: depthwise layers on cuda_depthwise, and small
+    outputs split along the reduction, the classifier's Gemm among them (a workspace
+    on a reshaped dense call)."""
+    from convgen import zoo
+    from convgen.compiler.targets import resolve_target
+
+    src = tmp_path / "mobilenet_v2.onnx"
+    onnx.save(zoo.build("mobilenet_v2", size=32), src)
+    path, manifest = deploy_artifact(src, resolve_target("cuda"), tmp_path / "dep",
+                                     DeployOptions(), verify=False)
+    assert path.is_file() and manifest.target.kind == "cuda"
+    names = {layer.schedule.name for layer in manifest.layers}
+    assert {"cuda_depthwise", "cuda_igemm_f32"} <= names
+    classifier = manifest.layers[-1]
+    assert classifier.node.startswith("gemm") and classifier.schedule.knobs["split_k"] > 1
