@@ -307,8 +307,11 @@ def tune(target: str, trials: int | None, minutes: float | None, method: str, wo
 
     tinfo = resolve_target(target)
     lib = Path(library) if library else None
-    if tinfo.is_cuda:
-        _tune_cuda(tinfo, trials, lib, emit_candidates, ingest, as_json, spec_flags)
+    if ingest:  # (the specs are in the folder)
+        from convgen.tuning.cuda_offline import ingest_cuda_results
+
+        written = ingest_cuda_results(Path(ingest), lib)
+        emit(as_json, [str(p) for p in written], [f"record {p}" for p in written])
         return
     if model:
         from convgen.compiler.deploy import DeployOptions, model_specs, read_model
@@ -317,6 +320,9 @@ def tune(target: str, trials: int | None, minutes: float | None, method: str, wo
                                                              DeployOptions())))
     else:
         specs = collect_specs(**spec_flags)
+    if tinfo.is_cuda:
+        _tune_cuda(tinfo, trials, lib, emit_candidates, as_json, specs)
+        return
     options = TuneOptions(trials=trials, minutes=minutes, workers=workers, method=method,
                           algorithm=algorithm, library=Path(library) if library else None,
                           work_dir=Path(work_dir) if work_dir else None)
@@ -354,16 +360,10 @@ def tune(target: str, trials: int | None, minutes: float | None, method: str, wo
 
 
 def _tune_cuda(tinfo: Any, trials: int | None, library: Path | None,
-               emit_candidates: str | None, ingest: str | None, as_json: bool,
-               spec_flags: dict[str, Any]) -> None:
+               emit_candidates: str | None, as_json: bool, specs: list[Any]) -> None:
     from convgen.runtime import cuda_driver
     from convgen.tuning.cuda_offline import emit_cuda_candidates, ingest_cuda_results
 
-    if ingest:
-        written = ingest_cuda_results(Path(ingest), library)
-        emit(as_json, [str(p) for p in written], [f"record {p}" for p in written])
-        return
-    specs = collect_specs(**spec_flags)
     if emit_candidates:
         n = emit_cuda_candidates(specs, tinfo, Path(emit_candidates), trials)
         emit(as_json, {"candidates": n, "dir": emit_candidates},

@@ -361,6 +361,29 @@ def test_tune_model_targets_what_deploy_builds(cpu_target, tmp_path):
     assert model_specs(model, cpu_target, DeployOptions()) == deployed
 
 
+@pytest.mark.cuda
+def test_tune_model_emits_cuda_candidates_for_what_deploy_builds(tmp_path):
+    """`convgen tune --target cuda --model M --emit-candidates DIR`: candidates for the
+    specs a CUDA deploy builds (one per record: corr, no epilogue)."""
+    from convgen.compiler.deploy import model_specs
+    from convgen.compiler.records import record_spec
+    from convgen.compiler.targets import resolve_target
+    from convgen.spec import ConvSpec
+    from convgen.tuning.measure import INDEX
+
+    model, _ = residual_block()
+    src = tmp_path / "block.onnx"
+    onnx.save(model, src)
+    cands = tmp_path / "cands"
+    result = CliRunner().invoke(main, ["tune", "--target", "cuda", "--model", str(src),
+                                       "--emit-candidates", str(cands), "--trials", "1"])
+    assert result.exit_code == 0, result.output
+    cuda = resolve_target("cuda")
+    want = {record_spec(s, cuda) for _, s in model_specs(model, cuda, DeployOptions())}
+    index = json.loads((cands / INDEX).read_text())
+    assert {ConvSpec.from_dict(e["spec"]) for e in index["specs"]} == want
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2"])
 def test_zoo_models_deploy_and_verify(name, cpu_target, tmp_path):
     """torchvision's ResNet-18/50 and MobileNetV2 (`convgen.zoo`, at 32 x 32 to keep
