@@ -74,7 +74,7 @@ def test_device_tensors_in_device_array_out(flags, tmp_path):
 
     spec = make_spec(**flags)
     kernel = _kernel(spec, tmp_path)
-    assert kernel.manifest.packed_weights is not None
+    assert kernel.manifest.packed_weights is not None and kernel.manifest.workspace is not None
     inputs = random_case(spec, seed=7)
     want = reference_conv(spec, *inputs.values())
     constants, per_call = split_constants(spec, inputs)
