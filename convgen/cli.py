@@ -365,9 +365,13 @@ def _tune_cuda(tinfo: Any, trials: int | None, library: Path | None,
     from convgen.tuning.cuda_offline import emit_cuda_candidates, ingest_cuda_results
 
     if emit_candidates:
+        from convgen.compiler.records import record_spec
+
         n = emit_cuda_candidates(specs, tinfo, Path(emit_candidates), trials)
+        records = len(dict.fromkeys(record_spec(s, tinfo) for s in specs))
         emit(as_json, {"candidates": n, "dir": emit_candidates},
-             [f"{n} candidates for {len(specs)} kernels in {emit_candidates}",
+             [f"{n} candidates for {records} records ({len(specs)} kernels) in "
+              f"{emit_candidates}",
               f"next, on the GPU machine: convgen measure {emit_candidates}",
               f"then here: convgen tune --target cuda:{tinfo.arch} "
               f"--ingest {emit_candidates}"])
