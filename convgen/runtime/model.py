@@ -92,20 +92,19 @@ class Model:
 
     def __call__(self, *args: Any, **named: Any) -> Any:
         given = self.arguments(args, named)
-        if self.device != "cuda":
-            result = self.main(*given)
-            if len(self.outputs) == 1:
-                return np.from_dlpack(result)
-            return tuple(np.from_dlpack(r) for r in result)
-        from convgen.runtime import cuda_driver
+        to_host: Any = np.from_dlpack
+        if self.device == "cuda":
+            from convgen.runtime import cuda_driver
 
-        result = self.main(*(a if not isinstance(a, np.ndarray)
-                             else cuda_driver.DeviceArray.from_numpy(a) for a in given))
-        outputs = [result] if len(self.outputs) == 1 else list(result)
-        if not any(isinstance(a, np.ndarray) for a in given):
-            return outputs[0] if len(outputs) == 1 else tuple(outputs)
-        host = [cuda_driver.to_numpy(r) for r in outputs]
-        return host[0] if len(host) == 1 else tuple(host)
+            # device tensors alone stay on the device; numpy goes there and comes back
+            to_host = cuda_driver.to_numpy if any(
+                isinstance(a, np.ndarray) for a in given) else (lambda r: r)
+            given = [cuda_driver.DeviceArray.from_numpy(a) if isinstance(a, np.ndarray)
+                     else a for a in given]
+        result = self.main(*given)
+        if len(self.outputs) == 1:
+            return to_host(result)
+        return tuple(to_host(r) for r in result)
 
 
 def load_model(path: str | os.PathLike[str]) -> Model:

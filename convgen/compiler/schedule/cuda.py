@@ -567,9 +567,14 @@ def _tc_knobs(spec: ConvSpec, target: TargetInfo) -> TensorCoreKnobs | None:
     return dataclasses.replace(knobs, split_k=_tc_split_k(spec, target, knobs))
 
 
+def _tc_steps(spec: ConvSpec, knobs: TensorCoreKnobs) -> int:
+    """The shared-memory steps of cuda_igemm_f16_tc's reduction (bk deep each)."""
+    return -(-spec.gemm_shape[2] // _tc_tiles(knobs)[2])
+
+
 def _tc_split_k(spec: ConvSpec, target: TargetInfo, knobs: TensorCoreKnobs) -> int:
-    bm, bn, bk = _tc_tiles(knobs)
-    return _split_k_parts(spec, target, bm, bn, -(-spec.gemm_shape[2] // bk))
+    bm, bn, _ = _tc_tiles(knobs)
+    return _split_k_parts(spec, target, bm, bn, _tc_steps(spec, knobs))
 
 
 def _tc_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[TensorCoreKnobs]:
@@ -667,7 +672,7 @@ def _igemm_f16_tc(
         return None
     M, N, K = spec.gemm_shape
     bm, bn, bk = _tc_tiles(knobs)
-    steps = -(-K // bk)
+    steps = _tc_steps(spec, knobs)
     if steps % knobs.split_k:
         return None
     pipeline = knobs.stages > 1 and steps // knobs.split_k >= 2
