@@ -37,10 +37,12 @@ SPECS = [
 ]
 
 
+@pytest.mark.parametrize("rows", [0, 1], ids=["staged", "fused"])
 @pytest.mark.parametrize("tile", [2, 4, 6])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name())
-def test_every_tile_verifies(spec: ConvSpec, tile: int, cpu_target, tmp_path):
-    knobs = {"tile": tile, "lanes": 8, "nkv": 1, "pt": 2}
+def test_every_tile_verifies(spec: ConvSpec, tile: int, rows: int, cpu_target, tmp_path):
+    # fused: one tile row per task, whose 5, 3 or 2 tiles only pt=1 divides
+    knobs = {"tile": tile, "lanes": 8, "nkv": 1, "pt": 1 if rows else 2, "rows": rows}
     art = build_artifact(spec, cpu_target, tmp_path, verify=True, template="cpu_winograd",
                          knobs=knobs)
     m = art.manifest

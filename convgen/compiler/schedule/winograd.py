@@ -11,12 +11,25 @@ Per stage, the register and memory model:
     nkv vectors of `lanes` output channels accumulated in registers across all
     input channels (cpu_kvec's register tile: one broadcast of V and nkv loads of
     U per step), U packed [alpha^2, K/lanes, C, lanes] so the loads are
-    contiguous; one plane's U block (C x K) stays in L1/L2 while the tiles stream.
-  * output transform ("wino_at", "wino_y"): per tile and vector of output
+    contiguous.
+  * output transform ("wino_at", then the rows): per tile and vector of output
     channels, columns then rows in registers, unrolled like the input transform.
-  * "out": the crop of whole tiles to the output (+ the fused epilogue), in the output's layout.
+  * "out": the crop of whole tiles to the output (+ the fused epilogue), in the
+    output's layout.
 
-The planes and tiles are the parallel axes: alpha^2 x tiles/pt tasks.
+The stages are arranged one of two ways (the `rows` knob):
+
+  * fused (rows > 0): the parallel tasks are runs of `rows` tile rows, and each
+    task pads its input rows, transforms them, multiplies its tiles on every plane
+    and writes its outputs through the inverse transform, with the crop and
+    epilogue, before the next: its V and M blocks (alpha^2 x tiles x C or K) stay
+    in L2 between the stages, and one parallel region does the whole layer. Every
+    task reads all of U, so this suits U of a few times L2 or less (the early,
+    wide layers, whose V and M are the large arrays: 1.8 MB each at 56x56 C64).
+  * staged (rows = 0): each stage over the whole layer before the next, each in
+    parallel (planes x tile blocks for the GEMM), V and M whole arrays in memory
+    between them; each plane's U block (C x K) is read once per tile block. This
+    suits the deep layers, whose U is many MB and whose tiles are few.
 """
 
 from __future__ import annotations
@@ -49,12 +62,14 @@ NAME = "cpu_winograd"
 @dataclass(frozen=True)
 class WinogradKnobs:
     """F(tile x tile, 3x3); the GEMM's register tile: pt tiles x nkv vectors of
-    `lanes` output channels."""
+    `lanes` output channels; rows: tile rows per task of the fused arrangement, 0
+    for the staged one (the module docstring)."""
 
     tile: int
     lanes: int
     nkv: int
     pt: int
+    rows: int = 0
 
 
 def _lanes(spec: ConvSpec, target: TargetInfo) -> int:
@@ -70,8 +85,8 @@ def _applies(spec: ConvSpec, target: TargetInfo) -> bool:
 
 
 def _knobs(spec: ConvSpec, target: TargetInfo, tile: int) -> WinogradKnobs:
-    """The register tile cpu_kvec's way: per step pt broadcasts and nkv loads feed
-    pt x nkv FMAs, so the squarest tile within the accumulator budget (the tile
+    """Staged: the register tile cpu_kvec's way: per step pt broadcasts and nkv loads
+    feed pt x nkv FMAs, so the squarest tile within the accumulator budget (the tile
     count often has few divisors: 7 x 7 tiles of a 28x28 output)."""
     lanes = _lanes(spec, target)
     budget = accumulator_budget(target)
@@ -86,8 +101,50 @@ def _knobs(spec: ConvSpec, target: TargetInfo, tile: int) -> WinogradKnobs:
     return best
 
 
+def _fused_knobs(spec: ConvSpec, target: TargetInfo, tile: int) -> WinogradKnobs:
+    """Fused, one tile row per task: one channel vector by the longest run of the
+    row's tiles within the accumulator budget. A task's V block is only a row of
+    tiles, reread from L1 by every channel vector; one vector of U per step then
+    feeds pt FMAs. On 56x56 C64 (Zen 4) 1 x 14 ran 0.33-0.40 ms, 2 x 7 0.37-0.43;
+    on 28x28 C128 1 x 7 0.40, 2 x 7 0.45 (benchmarks/NOTES.md)."""
+    per_row = winograd.tile_grid(spec, tile)[1]
+    return WinogradKnobs(tile, _lanes(spec, target), 1,
+                         divisor_at_most(per_row, accumulator_budget(target)), rows=1)
+
+
 def _fmas_per_load(k: WinogradKnobs) -> float:
     return k.nkv * k.pt / (k.nkv + k.pt)
+
+
+def _task_tiles(spec: ConvSpec, knobs: WinogradKnobs) -> int:
+    """Tiles per parallel task of the GEMM's tile loop: a fused task's rows of tiles,
+    or (staged) all of the layer's."""
+    if knobs.rows:
+        return knobs.rows * winograd.tile_grid(spec, knobs.tile)[1]
+    return winograd.tiles(spec, knobs.tile)
+
+
+def _fuses(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
+    """Whether the fused arrangement pays: every task rereads U, so U within 4x L2
+    (then it comes from L2 or L3 at the pace of pt FMAs per vector loaded), a tile
+    row's V and M blocks within half of L2, and a task per core at least. Measured
+    on Zen 4 (2 cores, 1 MB L2 each), bound kernels, warm / after 64 MB of other
+    traffic: 56x56 C64 F(4x4) (U 0.6 MB) 0.33 / 0.54 ms fused against 0.45 / 0.79
+    staged; 28x28 C128 (U 2.4 MB) 0.40 / 0.71 against 0.57 / 0.79; batch 8 56x56
+    4.1 / 4.1 against 8.0 / 8.4; but 14x14 C256 (U 9.4 MB, 4 tile rows) 0.65-0.73 /
+    1.2-1.7 against 0.65 / 1.03."""
+    alpha, lanes = tile + 2, _lanes(spec, target)
+    u_bytes = alpha * alpha * spec.in_channels * spec.out_channels * 4
+    row_tiles = winograd.tile_grid(spec, tile)[1]
+    row_bytes = alpha * alpha * row_tiles * (spec.in_channels + spec.out_channels) * 4
+    return (u_bytes <= 4 * target.l2_bytes and row_bytes <= target.l2_bytes // 2
+            and tile_rows(spec, tile) >= target.num_cores and lanes > 0)
+
+
+def tile_rows(spec: ConvSpec, m: int) -> int:
+    """Rows of tiles over the batch: the fused arrangement's parallel axis (a task's
+    rows are in one image)."""
+    return spec.batch * winograd.tile_grid(spec, m)[0]
 
 
 # Each plane's U block (C x K) is read once per call and used by every tile: below
@@ -105,6 +162,8 @@ def _heuristic(spec: ConvSpec, target: TargetInfo) -> WinogradKnobs | None:
         return None
     for tile in (4, 2):
         if winograd.tiles(spec, tile) >= MIN_TILES:
+            if _fuses(spec, target, tile):
+                return _fused_knobs(spec, target, tile)
             return _knobs(spec, target, tile)
     return None
 
@@ -116,10 +175,15 @@ def _grid(spec: ConvSpec, target: TargetInfo) -> Iterator[WinogradKnobs]:
     budget = accumulator_budget(target) + 4
     for tile in winograd.TILES:
         yield _knobs(spec, target, tile)  # valid however small the layer
-        for nkv in divisors(spec.out_channels // lanes):
-            for pt in divisors(winograd.tiles(spec, tile)):
-                if nkv <= 8 and pt <= 16 and 6 <= nkv * pt <= budget:
-                    yield WinogradKnobs(tile, lanes, nkv, pt)
+        per_row = winograd.tile_grid(spec, tile)[1]
+        rows_per_image = winograd.tile_grid(spec, tile)[0]
+        arrangements = [0] + [r for r in (1, 2) if rows_per_image % r == 0]
+        for rows in arrangements:
+            task = rows * per_row if rows else winograd.tiles(spec, tile)
+            for nkv in divisors(spec.out_channels // lanes):
+                for pt in divisors(task):
+                    if nkv <= 8 and pt <= 16 and 6 <= nkv * pt <= budget:
+                        yield WinogradKnobs(tile, lanes, nkv, pt, rows)
 
 
 def _packing(spec: ConvSpec, target: TargetInfo, knobs: WinogradKnobs) -> WeightPacking:
@@ -171,7 +235,8 @@ def _vector_split(sch: Schedule, loop: Any, cap: int) -> tuple[Any, Any]:
 def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
            knobs: WinogradKnobs) -> Schedule | None:
     if not _applies(spec, target) or spec.out_channels % (knobs.lanes * knobs.nkv) \
-            or winograd.tiles(spec, knobs.tile) % knobs.pt:
+            or winograd.tile_grid(spec, knobs.tile)[0] % max(1, knobs.rows) \
+            or _task_tiles(spec, knobs) % knobs.pt:
         return None
     vec = target.fp32_lanes
     sch = new_schedule(func)
@@ -190,6 +255,9 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
         for loop in (e, r, s):
             sch.unroll(loop)
         sch.vectorize(lane)
+    if knobs.rows:
+        _fused(sch, spec, knobs, vec)
+        return sch
     # padded input, channels-last
     pad = sch.get_sblock("pad")
     n, y, _, c = sch.get_loops(pad)
@@ -200,12 +268,30 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     _transform(sch, "wino_v", "wino_bt", tile_axis=2, vec=vec)
     # batched GEMM: pt tiles x nkv channel vectors per plane, over all input channels
     gemm = sch.get_sblock("bgemm")
+    _gemm(sch, gemm, sch.get_loops(gemm), knobs, parallel=True)
+    # output transform: per tile and channel vector, columns then rows in registers
+    _transform(sch, "wino_y", "wino_at", tile_axis=0, vec=vec)
+    # the crop into the output's layout (+ bias)
+    out = sch.get_sblock("out")
+    loops = sch.get_loops(out)
+    sch.parallel(sch.fuse(*loops[:2]))
+    _, inner = _vector_split(sch, loops[-1], vec)
+    sch.vectorize(inner)
+    return sch
+
+
+def _gemm(sch: Schedule, gemm: Any, loops: list[Any], knobs: WinogradKnobs,
+          parallel: bool) -> None:
+    """The batched GEMM's register tile over its loops (eps, nu, t, k, rc): pt tiles x
+    nkv channel vectors accumulated across every input channel, written back once;
+    `parallel`: the planes and tile blocks are the parallel tasks."""
+    eps, nu, t, k, rc = loops
     wb = sch.cache_write(gemm, 0, "local")
-    eps, nu, t, k, rc = sch.get_loops(gemm)
     to, ti = sch.split(t, [None, knobs.pt])
     ko, kvo, kvi = sch.split(k, [None, knobs.nkv, knobs.lanes])
     sch.reorder(eps, nu, to, ko, rc, ti, kvo, kvi)
-    sch.parallel(sch.fuse(eps, nu, to))
+    if parallel:
+        sch.parallel(sch.fuse(eps, nu, to))
     sch.unroll(ti)
     sch.unroll(kvo)
     sch.vectorize(kvi)
@@ -216,15 +302,53 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     sch.vectorize(inner)
     init = sch.decompose_reduction(gemm, rc)
     sch.vectorize(sch.get_loops(init)[-1])
-    # output transform: per tile and channel vector, columns then rows in registers
-    _transform(sch, "wino_y", "wino_at", tile_axis=0, vec=vec)
-    # the crop into the output's layout (+ bias)
+
+
+def _fused(sch: Schedule, spec: ConvSpec, knobs: WinogradKnobs, vec: int) -> None:
+    """The fused arrangement: the output's loops, split into tiles, are the nest; each
+    task's stages are computed at its loop. Producers are placed where their
+    consumer's loop reads them (compute_at), so each region is a task's own tiles
+    (or its input rows, halo included) and the buffers shrink to them."""
+    m = knobs.tile
+    # the rows of the output transform, computed as the crop writes each output
+    sch.compute_inline(sch.get_sblock("wino_y"))
     out = sch.get_sblock("out")
     loops = sch.get_loops(out)
-    sch.parallel(sch.fuse(*loops[:2]))
-    _, inner = _vector_split(sch, loops[-1], vec)
-    sch.vectorize(inner)
-    return sch
+    n, yy, xx, k = loops if spec.channels_last else (loops[0], *loops[2:], loops[1])
+    th, i = sch.split(yy, [None, m])  # tail tiles: predicated
+    tw, j = sch.split(xx, [None, m])
+    ko, ki = _vector_split(sch, k, vec)
+    tho, thi = sch.split(th, [None, knobs.rows])
+    sch.reorder(n, tho, thi, tw, ko, i, j, ki)
+    task = sch.fuse(n, tho)
+    sch.parallel(task)
+    sch.unroll(i)
+    sch.unroll(j)
+    sch.vectorize(ki)
+    at = sch.get_sblock("wino_at")  # the columns, per tile and channel vector
+    sch.compute_at(at, ko)
+    _unroll_and_vectorize(sch, loops_below(sch, at, ko), int(sch.get(ki).extent))
+    sch.set_scope(at, 0, "local")
+    gemm = sch.get_sblock("bgemm")
+    sch.compute_at(gemm, task)
+    _gemm(sch, gemm, loops_below(sch, gemm, task), knobs, parallel=False)
+    v = sch.get_sblock("wino_v")
+    sch.compute_at(v, task)
+    eps, nu, t, c = loops_below(sch, v, task)
+    co, ci = _vector_split(sch, c, vec)
+    sch.reorder(t, co, eps, nu, ci)
+    sch.unroll(eps)
+    sch.unroll(nu)
+    sch.vectorize(ci)
+    bt = sch.get_sblock("wino_bt")
+    sch.compute_at(bt, co)
+    _unroll_and_vectorize(sch, loops_below(sch, bt, co), int(sch.get(ci).extent))
+    sch.set_scope(bt, 0, "local")
+    # the task's padded input rows (with the 2-row halo the next task pads again)
+    pad = sch.get_sblock("pad")
+    sch.compute_at(pad, task)
+    _, ci = _vector_split(sch, loops_below(sch, pad, task)[-1], vec)
+    sch.vectorize(ci)
 
 
 TEMPLATE = Template(NAME, WinogradKnobs, _heuristic, _grid, _apply, packing=_packing,
