@@ -26,9 +26,13 @@ import math
 from typing import Any
 
 # element-wise nests with fewer outputs run on one core (see above); reductions below
-# this much work (outputs x reduction extent) too
+# this much work (outputs x reduction extent) too. A layout transpose stores its
+# vectors lane by lane (scattered), several times the time per element of a
+# contiguous nest: the model's input transpose (150 K elements) took 0.07-0.12 ms
+# on one core, so transposes go parallel from an eighth of the outputs.
 PARALLEL_MIN_OUTPUTS = 1 << 20
 PARALLEL_MIN_WORK = 1 << 19
+PARALLEL_MIN_SCATTERED = PARALLEL_MIN_OUTPUTS // 8
 
 
 def schedule_model_ops() -> Any:
@@ -75,8 +79,10 @@ def _rule() -> Any:
                     continue
                 outputs = math.prod(extents[:spatial])
                 if block.is_injective():
+                    innermost = sch.get(loops[-1])
                     loops, extents = _contiguous_innermost(sch, block.block_rv, loops,
                                                            extents, widest)
+                    scattered = not sch.get(loops[-1]).same_as(innermost)
                     lanes = next((n for n in (widest, 16, 8, 4)
                                   if n <= widest and extents[-1] % n == 0), None)
                     if lanes and outputs >= 4 * lanes:
@@ -88,7 +94,8 @@ def _rule() -> Any:
                         loops.append(last)
                         sch.vectorize(inner)
                     outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-                    if outputs >= PARALLEL_MIN_OUTPUTS:
+                    if outputs >= (PARALLEL_MIN_SCATTERED if scattered
+                                   else PARALLEL_MIN_OUTPUTS):
                         sch.parallel(outer)
                 else:
                     sch = _reduction(sch, block.block_rv, extents, spatial, widest)
