@@ -93,7 +93,13 @@ def test_random_3x3_specs_through_winograd(spec: ConvSpec, seed: int, cpu_target
 
 def test_algorithm_choice(cpu_target):
     dense = make_spec(mode="conv", input="1x64x28x28", kernel="64x64x3x3", padding=1)
-    assert schedule_for(dense, cpu_target, use_records=False)[1].name == "cpu_winograd"
+    choice = schedule_for(dense, cpu_target, use_records=False)[1]
+    assert choice.name == "cpu_winograd"
+    # fused where U (36 x 64 x 64 floats) is a few times L2 or less; staged where it is
+    # many MB (36 x 512 x 512 floats) and the tiles few
+    assert choice.knobs["rows"] == 1
+    deep = make_spec(mode="conv", input="1x512x14x14", kernel="512x512x3x3", padding=1)
+    assert schedule_for(deep, cpu_target, use_records=False)[1].knobs["rows"] == 0
     assert schedule_for(dense, cpu_target, use_records=False,
                         algorithm="direct")[1].name != "cpu_winograd"
     strided = dataclasses.replace(dense, stride=(2, 2))
