@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from convgen.cli import main
 from convgen.compiler.build import build_artifact
 from convgen.compiler.schedule import schedule_for
+from convgen.compiler.targets import resolve_target
 from convgen.errors import UnsupportedError
 from convgen.reference import reference_conv
 from convgen.runtime.kernel import load
@@ -100,6 +101,10 @@ def test_algorithm_choice(cpu_target):
     assert choice.knobs["rows"] == 1
     deep = make_spec(mode="conv", input="1x512x14x14", kernel="512x512x3x3", padding=1)
     assert schedule_for(deep, cpu_target, use_records=False)[1].knobs["rows"] == 0
+    # with 16 registers, 7 x 7 tiles: a run of tiles per U load, not 8 vectors x 1 tile
+    avx2 = resolve_target("llvm:znver3")
+    mid = make_spec(mode="corr", input="1x128x28x28", kernel="128x128x3x3", padding=1)
+    assert schedule_for(mid, avx2, use_records=False)[1].knobs["pt"] > 1
     assert schedule_for(dense, cpu_target, use_records=False,
                         algorithm="direct")[1].name != "cpu_winograd"
     strided = dataclasses.replace(dense, stride=(2, 2))
