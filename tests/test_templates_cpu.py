@@ -72,6 +72,28 @@ def test_wvec_widened_rows_are_cropped(flags, knobs, mode, tmp_path):
     test_template_is_correct(spec, "cpu_wvec", knobs, tmp_path)
 
 
+@pytest.mark.parametrize("mode", ["conv", "corr"])
+def test_kvec_widened_rows_are_cropped(mode, tmp_path):
+    """A 7-wide channels-last row computed 8 wide in 2 x 4 tiles: the eighth output
+    does not exist, and the crop in the write-back must drop it before the epilogue
+    (bias, residual, activation) writes anything."""
+    spec = make_spec(mode=mode, input="1x9x7x16", kernel="16x3x3x16", padding=[1, 1, 1, 1],
+                     stride=[1, 1], layout="NHWC", bias=True, residual=True,
+                     activation="relu")
+    test_template_is_correct(spec, "cpu_kvec",
+                             cpu.KvecKnobs(lanes=8, nkv=2, pw=4, wide=1), tmp_path)
+
+
+def test_kvec_widens_rows_only_where_no_tile_keeps_the_fma_pipes_busy():
+    """16 registers: a 7-wide row divides only into 1 x 7 tiles (7 chains), so it is
+    computed 8 wide; 32 registers keep 2 x 7 (14 chains) unwidened."""
+    spec = make_spec(mode="corr", input="1x7x7x2048", kernel="512x1x1x2048", layout="NHWC")
+    avx2 = cpu.kvec_heuristic(spec, resolve_target("llvm:znver3"))
+    avx512 = cpu.kvec_heuristic(spec, resolve_target("llvm:znver4"))
+    assert (avx2.wide, avx2.nkv * avx2.pw) == (1, 8)
+    assert avx512.wide == 0 and avx512.nkv * avx512.pw >= cpu.FMA_CHAINS
+
+
 def test_kvec_channel_blocks_inside_rows_where_weights_are_small():
     """Depthwise weights stay in cache: the channel blocks run inside each row; with
     too few rows to share among the cores, they do not; nor for weights that do not

@@ -64,6 +64,8 @@ if TYPE_CHECKING:
     from tvm.tirx import PrimFunc
 
 FALLBACK_NAME = "cpu_generic"
+# independent accumulators that keep the FMA pipes busy: 4 cycles of latency x 2 pipes
+FMA_CHAINS = 8
 
 
 @dataclass
@@ -167,12 +169,15 @@ def _finish_pad(sch: Schedule, pad: Any, par: Any, pad_at: PadAt) -> None:
 class KvecKnobs:
     """Register tile: pw output pixels x nkv vectors of `lanes` output channels.
     k_inner: the channel blocks loop inside each output row (rows in parallel)
-    rather than outside all of them (blocks in parallel)."""
+    rather than outside all of them (blocks in parallel). wide: the row computed
+    this many outputs wider and cropped in the write-back (channels-last), so a
+    row no good pixel tile divides takes one (7 wide as 8: 2 x 4 tiles)."""
 
     lanes: int
     nkv: int
     pw: int
     k_inner: bool = False
+    wide: int = 0
 
 
 def _channel_ext(spec: ConvSpec) -> int:
@@ -182,7 +187,9 @@ def _channel_ext(spec: ConvSpec) -> int:
     return kg if kg > 1 else spec.groups
 
 
-def kvec_heuristic(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
+def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> KvecKnobs | None:
+    """The tile below (`widen`: also on the row widened to a multiple of 4 or 8 pixels,
+    where that loses at most one output in eight)."""
     lanes, vec = kvec_lanes(spec, target), target.fp32_lanes
     if not lanes or (lanes < vec and not spec.channels_last):
         # half vectors pay only for NHWC; NCHW then does better along the row (cpu_wvec)
@@ -206,8 +213,11 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
         pw = divisor_at_most(w, budget // 2)
         return KvecKnobs(lanes, 1, pw if pw >= 3 else divisor_at_most(w, budget), k_inner)
 
-    def fmas_per_load(k: KvecKnobs) -> float:
-        return k.nkv * k.pw / (k.nkv + k.pw)
+    w = spec.out_size[-1]
+
+    def useful_fmas_per_load(k: KvecKnobs) -> float:
+        # the widened outputs are FMAs thrown away
+        return k.nkv * k.pw / (k.nkv + k.pw) * w / (w + k.wide)
 
     best = None
     shapes = [2 * vec // lanes, 4 * vec // lanes, vec // lanes]
@@ -215,12 +225,34 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo) -> KvecKnobs | None:
         # 8 vectors of channels by 2 pixels: what tuning chose on Zen 4 for 14-wide
         # rows, which 4 pixels do not divide (1.6 FMAs per load against 2 x 7's 1.56)
         shapes.append(8 * vec // lanes)
-    for nkv in shapes:
-        nkv = divisor_at_most(_channel_ext(spec) // lanes, nkv)
-        tile = KvecKnobs(lanes, nkv, divisor_at_most(spec.out_size[-1], max(1, budget // nkv)))
-        if best is None or fmas_per_load(tile) > fmas_per_load(best):
-            best = tile
+    # A row no tile of FMA_CHAINS accumulators divides is widened where that helps:
+    # with 16 registers a 7-wide row (ResNet-50's last stage) takes only 1 x 7 (7
+    # chains, 0.875 FMAs per load) or single pixels, and widened to 8 it takes 2 x 4
+    # (1.33). Inside ResNet-50 (AVX2 code, on Zen 4) its 7x7 1x1 layers ran 0.87-0.92
+    # ms against 1.00-1.10, the stride-2 C512 3x3 1.78-1.80 against 2.06-2.28. With
+    # 32 registers 2 x 7 keeps 14 chains and won: 0.56-0.70 ms against 0.69-0.78
+    # widened to 4 x 4. The pad copy widening needs is small beside a dense layer.
+    widths = [0, *_kvec_widenings(spec)] if widen else [0]
+    for extra in widths:
+        if best is not None and best.nkv * best.pw >= FMA_CHAINS:
+            break
+        for nkv in shapes:
+            nkv = divisor_at_most(_channel_ext(spec) // lanes, nkv)
+            pw = divisor_at_most(w + extra, max(1, budget // nkv))
+            tile = KvecKnobs(lanes, nkv, pw, wide=extra)
+            if best is None or useful_fmas_per_load(tile) > useful_fmas_per_load(best):
+                best = tile
+    assert best is not None
     return dataclasses.replace(best, k_inner=k_inner)
+
+
+def _kvec_widenings(spec: ConvSpec) -> list[int]:
+    """Outputs a channels-last dense row may be widened by: to a multiple of 4 or 8,
+    losing at most one output in eight (as `cpu_wvec` widens rows to whole vectors)."""
+    if not spec.channels_last or is_depthwise_like(spec):
+        return []
+    w = spec.out_size[-1]
+    return sorted({e for e in (-w % 4, -w % 8) if e and 7 * e <= w})
 
 
 def _output_rows(spec: ConvSpec) -> int:
@@ -264,14 +296,18 @@ def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
         return
     budget = accumulator_budget(target) + 4  # the tuner may try slightly larger tiles
     inner = [False, True] if _k_inner_fits(spec, target) else [False]
-    for nkv in divisors(_channel_ext(spec) // default.lanes):
-        for pw in divisors(spec.out_size[-1]):
-            if nkv <= 8 and pw <= 16 and nkv * pw <= budget:
-                for k_inner in inner:
-                    yield KvecKnobs(default.lanes, nkv, pw, k_inner)
+    for extra in [0, *_kvec_widenings(spec)]:
+        for nkv in divisors(_channel_ext(spec) // default.lanes):
+            for pw in divisors(spec.out_size[-1] + extra):
+                if nkv <= 8 and pw <= 16 and nkv * pw <= budget and (not extra or pw > 1):
+                    for k_inner in inner:
+                        yield KvecKnobs(default.lanes, nkv, pw, k_inner, extra)
 
 
-def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> Schedule:
+def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
+                  knobs: KvecKnobs) -> Schedule | None:
+    if knobs.wide and knobs.wide not in _kvec_widenings(spec):
+        return None
     sch = new_schedule(func)
     pad_at = _kvec_pad_at(spec, target, knobs)
     conv, pad = _prepare(sch, spec, pad_at)
@@ -283,11 +319,16 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: Kve
         wc = sch.cache_read(conv, 1, "global")
         sch.transform_layout(wc, ("write", 0), lambda k, *rest: (k // lanes, *rest, k % lanes))
         sch.parallel(sch.get_loops(wc)[0])
-    wb = sch.cache_write(conv, 0, "local")
+    if knobs.wide:
+        # the crop of the widened row (+ the epilogue) is the write-back, as in cpu_wvec
+        sch.set_scope(conv, 0, "local")
+        wb = sch.get_sblock("out")
+    else:
+        wb = sch.cache_write(conv, 0, "local")
     if not spec.channels_last:
         # keep the accumulator channel-innermost; the NCHW scatter happens in the write-back
         sch.transform_layout(conv, ("write", 0), lambda n, k, *s: (n, *s, k))
-    if has_block(sch, "out"):
+    if has_block(sch, "out") and not knobs.wide:
         sch.reverse_compute_inline(sch.get_sblock("out"))  # bias/cast in the write-back
     loops = _conv_loops(sch, conv, spec)
     g = spec.groups
@@ -576,7 +617,7 @@ TEMPLATES: tuple[Template[Any], ...] = (
     Template("cpu_cvec", CvecKnobs, _cvec_knobs, _cvec_grid, _cvec),
     Template("cpu_wvec", WvecKnobs, _wvec_knobs, _wvec_grid, _wvec, _wvec_variant),
     Template("cpu_kvec", KvecKnobs, kvec_heuristic, _kvec_grid, kvec_schedule,
-             packing=_kvec_packing),
+             lambda spec, knobs: Variant(row_extra=knobs.wide), packing=_kvec_packing),
 )
 
 

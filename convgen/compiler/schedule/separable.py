@@ -94,9 +94,10 @@ def knobs(depthwise: ConvSpec, pointwise: ConvSpec, target: TargetInfo,
     heuristic). Only the order changes: rows outermost, as the fusion needs."""
 
     def tile(spec: ConvSpec, recorded: dict[str, Any] | None) -> KvecKnobs:
-        if recorded is not None:
+        # the pair computes its rows as they are: no widened tile
+        if recorded is not None and not recorded.get("wide"):
             return KvecKnobs(**recorded)
-        chosen = kvec_heuristic(spec, target)
+        chosen = kvec_heuristic(spec, target, widen=False)
         assert chosen is not None  # `declines` checked the lanes
         return chosen
 
