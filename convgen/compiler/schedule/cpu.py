@@ -28,7 +28,9 @@ also tries a template's grid where its heuristic declines):
     weights stay in L1 while the rows stream past) or, where every row can reread
     all the weights from cache (depthwise, small 1x1), inside each row, so the
     activations are read and written once in storage order. Depthwise reads its
-    zero padding in the loads rather than copying padded planes.
+    zero padding in the loads rather than copying padded planes. A channels-last
+    row that no tile of FMA_CHAINS accumulators divides (7 wide, 16 registers) is
+    computed wider and cropped in the write-back (`wide`).
 Before these, the family tries `cpu_winograd` (`schedule/winograd.py`), another
 algorithm for dense 3x3 stride-1 layers with enough channels and tiles.
 Every template unrolls small kernel windows, which turns the flipped tap of
