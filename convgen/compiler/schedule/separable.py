@@ -111,6 +111,7 @@ def schedule(func: PrimFunc, depthwise: ConvSpec, pointwise: ConvSpec, target: T
     under each row, before the pointwise tiles that read it."""
     rows_parallel = KvecKnobs(knobs.lanes, knobs.nkv, knobs.pw, k_inner=True)
     sch = kvec_schedule(func, pointwise, target, rows_parallel)
+    assert sch is not None  # (declines only widened rows)
     if has_block(sch, "dw_pad"):
         sch.compute_inline(sch.get_sblock("dw_pad"))  # read in the loads (`_kvec_pad_at`)
     dw = sch.get_sblock("dw_conv")

@@ -140,18 +140,13 @@ def _fuses(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
     staged; 28x28 C128 (U 2.4 MB) 0.40 / 0.71 against 0.57 / 0.79; batch 8 56x56
     4.1 / 4.1 against 8.0 / 8.4; but 14x14 C256 (U 9.4 MB, 4 tile rows) 0.65-0.73 /
     1.2-1.7 against 0.65 / 1.03."""
-    alpha, lanes = tile + 2, _lanes(spec, target)
+    alpha = tile + 2
     u_bytes = alpha * alpha * spec.in_channels * spec.out_channels * 4
     row_tiles = winograd.tile_grid(spec, tile)[1]
     row_bytes = alpha * alpha * row_tiles * (spec.in_channels + spec.out_channels) * 4
+    tasks = spec.batch * winograd.tile_grid(spec, tile)[0]  # a task's rows: one image's
     return (u_bytes <= 4 * target.l2_bytes and row_bytes <= target.l2_bytes // 2
-            and tile_rows(spec, tile) >= target.num_cores and lanes > 0)
-
-
-def tile_rows(spec: ConvSpec, m: int) -> int:
-    """Rows of tiles over the batch: the fused arrangement's parallel axis (a task's
-    rows are in one image)."""
-    return spec.batch * winograd.tile_grid(spec, m)[0]
+            and tasks >= target.num_cores)
 
 
 # Each plane's U block (C x K) is read once per call and used by every tile: below
