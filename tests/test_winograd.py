@@ -9,7 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from convgen.cli import main
@@ -77,11 +77,21 @@ def winograd_specs(draw: st.DrawFn) -> ConvSpec:
 
 
 @settings(max_examples=10, deadline=None)
-@given(spec=winograd_specs(), seed=st.integers(0, 2**16))
-def test_random_3x3_specs_through_winograd(spec: ConvSpec, seed: int, cpu_target,
-                                           tmp_path_factory):
+@given(spec=winograd_specs(), seed=st.integers(0, 2**16),
+       fused_tile=st.sampled_from([None, 2, 4, 6]))
+def test_random_3x3_specs_through_winograd(spec: ConvSpec, seed: int, fused_tile: int | None,
+                                           cpu_target, tmp_path_factory):
+    """Through the chooser (on these small channel counts: the staged arrangement), or
+    forced into the fused one, one tile row per task, with a drawn tile."""
     out = tmp_path_factory.mktemp("wino")  # a fresh directory: a module path is loaded once
-    art = build_artifact(spec, cpu_target, out, verify=False, algorithm="winograd")
+    if fused_tile is None:
+        art = build_artifact(spec, cpu_target, out, verify=False, algorithm="winograd")
+    else:
+        # (one tile per row, or one input channel: the fused nest declines, `_fusable`)
+        assume(spec.in_channels > 1 and spec.out_size[-1] > fused_tile)
+        knobs = {"tile": fused_tile, "lanes": 8, "nkv": 1, "pt": 1, "rows": 1}
+        art = build_artifact(spec, cpu_target, out, verify=False, template="cpu_winograd",
+                             knobs=knobs)
     algorithm = art.manifest.algorithm
     assert algorithm.startswith("winograd_f")
     inputs = random_inputs(spec, seed)

@@ -131,6 +131,13 @@ def _task_tiles(spec: ConvSpec, knobs: WinogradKnobs) -> int:
     return winograd.tiles(spec, knobs.tile)
 
 
+def _fusable(spec: ConvSpec, tile: int, rows: int) -> bool:
+    """Where the fused arrangement's loop nest exists: compute_at makes no loop for an
+    extent of one, so a task of a single tile, or a single input channel, leaves the
+    GEMM without the loops it tiles."""
+    return rows * winograd.tile_grid(spec, tile)[1] > 1 and spec.in_channels > 1
+
+
 def _fuses(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
     """Whether the fused arrangement pays: every task rereads U, so U within 4x L2
     (then it comes from L2 or L3 at the pace of pt FMAs per vector loaded), a tile
@@ -146,7 +153,7 @@ def _fuses(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
     row_bytes = alpha * alpha * row_tiles * (spec.in_channels + spec.out_channels) * 4
     tasks = spec.batch * winograd.tile_grid(spec, tile)[0]  # a task's rows: one image's
     return (u_bytes <= 4 * target.l2_bytes and row_bytes <= target.l2_bytes // 2
-            and tasks >= target.num_cores)
+            and tasks >= target.num_cores and _fusable(spec, tile, 1))
 
 
 # Each plane's U block (C x K) is read once per call and used by every tile: below
@@ -179,7 +186,8 @@ def _grid(spec: ConvSpec, target: TargetInfo) -> Iterator[WinogradKnobs]:
         yield _knobs(spec, target, tile)  # valid however small the layer
         per_row = winograd.tile_grid(spec, tile)[1]
         rows_per_image = winograd.tile_grid(spec, tile)[0]
-        arrangements = [0] + [r for r in (1, 2) if rows_per_image % r == 0]
+        arrangements = [0] + [r for r in (1, 2)
+                              if rows_per_image % r == 0 and _fusable(spec, tile, r)]
         for rows in arrangements:
             task = rows * per_row if rows else winograd.tiles(spec, tile)
             for nkv in divisors(spec.out_channels // lanes):
@@ -238,7 +246,8 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
            knobs: WinogradKnobs) -> Schedule | None:
     if not _applies(spec, target) or spec.out_channels % (knobs.lanes * knobs.nkv) \
             or winograd.tile_grid(spec, knobs.tile)[0] % max(1, knobs.rows) \
-            or _task_tiles(spec, knobs) % knobs.pt:
+            or _task_tiles(spec, knobs) % knobs.pt \
+            or (knobs.rows and not _fusable(spec, knobs.tile, knobs.rows)):
         return None
     vec = target.fp32_lanes
     sch = new_schedule(func)
