@@ -104,15 +104,16 @@ def test_random_3x3_specs_through_winograd(spec: ConvSpec, seed: int, fused_tile
 
 def test_algorithm_choice(cpu_target):
     dense = make_spec(mode="conv", input="1x64x28x28", kernel="64x64x3x3", padding=1)
-    choice = schedule_for(dense, cpu_target, use_records=False)[1]
-    assert choice.name == "cpu_winograd"
-    # fused where U (36 x 64 x 64 floats) is a few times L2 or less; staged where it is
-    # many MB (36 x 512 x 512 floats) and the tiles few
-    assert choice.knobs["rows"] == 1
+    assert schedule_for(dense, cpu_target, use_records=False)[1].name == "cpu_winograd"
+    # on 2 cores (a fused task per tile row needs a row per core), fused where U
+    # (36 x 64 x 64 floats) is a few times L2 or less; staged where it is many MB
+    # (36 x 512 x 512 floats) and the tiles few
+    zen4, avx2 = (resolve_target(f'{{"kind": "llvm", "mcpu": "{cpu}", "num-cores": 2}}')
+                  for cpu in ("znver4", "znver3"))
+    assert schedule_for(dense, zen4, use_records=False)[1].knobs["rows"] == 1
     deep = make_spec(mode="conv", input="1x512x14x14", kernel="512x512x3x3", padding=1)
-    assert schedule_for(deep, cpu_target, use_records=False)[1].knobs["rows"] == 0
+    assert schedule_for(deep, zen4, use_records=False)[1].knobs["rows"] == 0
     # with 16 registers, 7 x 7 tiles: a run of tiles per U load, not 8 vectors x 1 tile
-    avx2 = resolve_target("llvm:znver3")
     mid = make_spec(mode="corr", input="1x128x28x28", kernel="128x128x3x3", padding=1)
     assert schedule_for(mid, avx2, use_records=False)[1].knobs["pt"] > 1
     assert schedule_for(dense, cpu_target, use_records=False,
