@@ -253,8 +253,8 @@ def _kvec_widenings(spec: ConvSpec) -> list[int]:
     losing at most one output in eight (as `cpu_wvec` widens rows to whole vectors)."""
     if not spec.channels_last or is_depthwise_like(spec):
         return []
-    w = spec.out_size[-1]
-    return sorted({e for e in (-w % 4, -w % 8) if e and 7 * e <= w})
+    return sorted({e for e in (row_extra(spec, 4), row_extra(spec, 8))
+                   if e and _wastes_little(spec, e)})
 
 
 def _output_rows(spec: ConvSpec) -> int:
@@ -417,6 +417,11 @@ def _row_choices(spec: ConvSpec) -> list[int]:
     return [r for r in divisors(spec.out_size[-2]) if r <= 8] if spec.ndim >= 2 else [1]
 
 
+def _wastes_little(spec: ConvSpec, extra: int) -> bool:
+    """A row widened by `extra` outputs loses at most one output in eight."""
+    return 7 * extra <= spec.out_size[-1]
+
+
 def row_extra(spec: ConvSpec, lanes: int) -> int:
     """Outputs the row is widened by so that tiles of `lanes` cover it."""
     return -spec.out_size[-1] % lanes
@@ -426,7 +431,7 @@ def _row_vector_choices(spec: ConvSpec, target: TargetInfo) -> list[int]:
     """Tile widths along the row: its divisors, and whole vectors where the row is
     widened to fit them, wasting at most one lane in eight."""
     w, vec = spec.out_size[-1], target.fp32_lanes
-    widened = [v for v in (vec, 2 * vec, 4 * vec) if 7 * row_extra(spec, v) <= w]
+    widened = [v for v in (vec, 2 * vec, 4 * vec) if _wastes_little(spec, row_extra(spec, v))]
     return sorted(set(divisors(w)) | set(widened))
 
 

@@ -123,19 +123,19 @@ def _fmas_per_load(k: WinogradKnobs) -> float:
     return k.nkv * k.pt / (k.nkv + k.pt)
 
 
-def _task_tiles(spec: ConvSpec, knobs: WinogradKnobs) -> int:
-    """Tiles per parallel task of the GEMM's tile loop: a fused task's rows of tiles,
-    or (staged) all of the layer's."""
-    if knobs.rows:
-        return knobs.rows * winograd.tile_grid(spec, knobs.tile)[1]
-    return winograd.tiles(spec, knobs.tile)
+def _task_tiles(spec: ConvSpec, tile: int, rows: int) -> int:
+    """Tiles per parallel task of the GEMM's tile loop: a fused task's `rows` rows of
+    tiles, or (staged, rows = 0) all of the layer's."""
+    if rows:
+        return rows * winograd.tile_grid(spec, tile)[1]
+    return winograd.tiles(spec, tile)
 
 
 def _fusable(spec: ConvSpec, tile: int, rows: int) -> bool:
     """Where the fused arrangement's loop nest exists: compute_at makes no loop for an
     extent of one, so a task of a single tile, or a single input channel, leaves the
     GEMM without the loops it tiles."""
-    return rows * winograd.tile_grid(spec, tile)[1] > 1 and spec.in_channels > 1
+    return _task_tiles(spec, tile, rows) > 1 and spec.in_channels > 1
 
 
 def _fuses(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
@@ -184,14 +184,12 @@ def _grid(spec: ConvSpec, target: TargetInfo) -> Iterator[WinogradKnobs]:
     budget = accumulator_budget(target) + 4
     for tile in winograd.TILES:
         yield _knobs(spec, target, tile)  # valid however small the layer
-        per_row = winograd.tile_grid(spec, tile)[1]
         rows_per_image = winograd.tile_grid(spec, tile)[0]
         arrangements = [0] + [r for r in (1, 2)
                               if rows_per_image % r == 0 and _fusable(spec, tile, r)]
         for rows in arrangements:
-            task = rows * per_row if rows else winograd.tiles(spec, tile)
             for nkv in divisors(spec.out_channels // lanes):
-                for pt in divisors(task):
+                for pt in divisors(_task_tiles(spec, tile, rows)):
                     if nkv <= 8 and pt <= 16 and 6 <= nkv * pt <= budget:
                         yield WinogradKnobs(tile, lanes, nkv, pt, rows)
 
@@ -246,7 +244,7 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
            knobs: WinogradKnobs) -> Schedule | None:
     if not _applies(spec, target) or spec.out_channels % (knobs.lanes * knobs.nkv) \
             or winograd.tile_grid(spec, knobs.tile)[0] % max(1, knobs.rows) \
-            or _task_tiles(spec, knobs) % knobs.pt \
+            or _task_tiles(spec, knobs.tile, knobs.rows) % knobs.pt \
             or (knobs.rows and not _fusable(spec, knobs.tile, knobs.rows)):
         return None
     vec = target.fp32_lanes
