@@ -143,9 +143,59 @@ def shared_residuals() -> tuple[onnx.ModelProto, int]:
     return n.model((1, 8, 6, 6), y4, (1, 8, 6, 6)), 6
 
 
+def channel_shuffle() -> tuple[onnx.ModelProto, int]:
+    """ShuffleNet's unit as torch exports it: `x.chunk(2, dim=1)` as Slices whose
+    bounds are computed from the tensor's own shape (Shape, Gather, Add, Div, Mul),
+    one half through a branch, the halves concatenated and shuffled by `view(n, 2,
+    c // 2, h, w)` (its shape computed too), a transpose and a reshape back. `deploy`
+    folds the shape arithmetic into constants before import."""
+    n = Net(6)
+    shape = n.op("Shape", ["x"], "shape")
+    c = n.op("Gather", [shape, n.init_shape("channel_axis", [1])], "c", axis=0)
+    half = n.op("Div", [n.op("Add", [c, n.init_shape("one", [1])], "c_plus_1"),
+                        n.init_shape("two", [2])], "half")
+    axis = n.init_shape("axis", [1])
+    first = n.op("Slice", ["x", n.init_shape("zero", [0]), half, axis], "first")
+    second = n.op("Slice", ["x", half, n.op("Mul", [half, "two"], "end"), axis], "second")
+    b = n.op("Relu", [n.conv(second, "c1", 4, 4, (3, 3), pads=[1, 1, 1, 1])], "b")
+    cat = n.op("Concat", [first, n.conv(b, "c2", 4, 4, (1, 1))], "cat", axis=1)
+    cat_shape = n.op("Shape", [cat], "cat_shape")
+    dims = [n.op("Gather", [cat_shape, n.init_shape(f"i{i}", [i])], f"d{i}", axis=0)
+            for i in range(4)]
+    split = n.op("Concat", [dims[0], n.init_shape("groups", [2]), half, dims[2], dims[3]],
+                 "split_shape", axis=0)
+    moved = n.op("Transpose", [n.op("Reshape", [cat, split], "split")], "moved",
+                 perm=[0, 2, 1, 3, 4])
+    shuffled = n.op("Reshape", [moved, n.init_shape("back", [1, 8, 6, 6])], "shuffled")
+    y = n.conv(shuffled, "c3", 8, 8, (1, 1))
+    return n.model((1, 8, 6, 6), y, (1, 8, 6, 6)), 3
+
+
+def squeeze_excite() -> tuple[onnx.ModelProto, int]:
+    """EfficientNet's block: a Conv with SiLU, the squeeze-excitation gate (global
+    pooling, two 1x1 Convs, Sigmoid, Mul); then GELU (Erf), Tanh, Exp and Softmax,
+    which `deploy` legalizes as vector arithmetic (`deploy._vector_math`)."""
+    n = Net(7)
+    a = n.conv("x", "c1", 8, 16, (3, 3), pads=[1, 1, 1, 1])
+    a = n.op("Mul", [a, n.op("Sigmoid", [a], "a_sig")], "silu")
+    s = n.op("Relu", [n.conv(n.op("GlobalAveragePool", [a], "gap"), "s1", 16, 4, (1, 1))],
+             "s_relu")
+    gate = n.op("Sigmoid", [n.conv(s, "s2", 4, 16, (1, 1))], "gate")
+    b = n.conv(n.op("Mul", [a, gate], "excited"), "c2", 16, 8, (1, 1))
+    erf = n.op("Erf", [n.op("Mul", [b, n.init("inv_sqrt2", np.array(0.5 ** 0.5))], "scaled")],
+               "erf")
+    gelu = n.op("Mul", [n.op("Mul", [b, n.init("half", np.array(0.5))], "half_b"),
+                        n.op("Add", [erf, n.init("one", np.array(1.0))], "erf1")], "gelu")
+    t = n.op("Add", [n.op("Tanh", [gelu], "tanh"),
+                     n.op("Exp", [n.op("Mul", [b, n.init("tenth", np.array(0.1))], "b10")],
+                          "exp")], "sum")
+    return n.model((1, 8, 6, 6), n.op("Softmax", [t], "y", axis=1), (1, 8, 6, 6)), 4
+
+
 MODELS = {"residual_block": residual_block, "depthwise_block": depthwise_block,
           "conv_1d_3d_grouped": conv_1d_3d_grouped, "batchnorm_block": batchnorm_block,
-          "shared_residuals": shared_residuals}
+          "shared_residuals": shared_residuals, "channel_shuffle": channel_shuffle,
+          "squeeze_excite": squeeze_excite}
 
 
 def _deploy(tmp_path: Path, name: str, mode: str, layout: str, cpu_target
@@ -257,6 +307,21 @@ def test_an_output_written_over_a_residual_stays_the_callers(layout, cpu_target,
     for x, y in ((x1, y1), (x2, y2)):
         want = session.run(None, {"x": x})[0]
         assert np.abs(y - want).max() <= MODEL_TOLERANCE * np.abs(want).max()
+
+
+def test_transcendental_functions_are_vector_arithmetic(cpu_target, tmp_path):
+    """Sigmoid, Exp, Erf, Tanh and Softmax, in the kernels' SiLU epilogue and as other
+    operators, call no libm function: LLVM would call it once per vector lane."""
+    import shutil
+
+    if shutil.which("nm") is None:
+        pytest.skip("needs binutils' nm to list the module's undefined symbols")
+    out, _, _ = _deploy(tmp_path, "squeeze_excite", "corr", "channels-last", cpu_target)
+    so = next(out.glob("*.so"))
+    listed = subprocess.run(["nm", "-D", "--undefined-only", str(so)], capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    names = {line.split()[-1].split("@")[0] for line in listed if line.strip()}
+    assert not names & {"expf", "exp", "erff", "erf", "tanhf", "tanh"}, names
 
 
 def test_depthwise_separable_pairs_run_as_one_kernel(cpu_target, tmp_path):

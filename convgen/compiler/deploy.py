@@ -44,6 +44,7 @@ import numpy as np
 
 from convgen.compiler.build import lower, workspace_of
 from convgen.compiler.compute import WeightPacking, pack_prim_func, writing_into_residual
+from convgen.compiler.onnx_shapes import fold_shape_arithmetic
 from convgen.compiler.records import find_record
 from convgen.compiler.schedule import separable
 from convgen.compiler.targets import TargetInfo, resolve_target
@@ -146,7 +147,7 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
     t2 = time.perf_counter()
     with target.tvm_target():
         mod = tvm.transform.Sequential([
-            relax.transform.LegalizeOps(),
+            relax.transform.LegalizeOps(None if target.is_cuda else _vector_math()),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
@@ -219,6 +220,40 @@ def _clip_as_relax_op() -> Iterator[None]:
         frontend._get_convert_map = original
 
 
+def _vector_math() -> dict[str, Any]:
+    """Legalizations of the transcendental operators on float32 as vector arithmetic
+    (`compute.exp`, `compute.sigmoid`; TVM's fast_erf, fast_tanh and fast_softmax,
+    within 4e-7 of the exact functions): TVM's own call expf, erff or tanhf for every
+    lane on the CPU. EfficientNet-B0's SiLU and squeeze-excitation gates, left so,
+    took 9 of its 22 ms (Zen 4, benchmarks/NOTES.md). Other dtypes: TVM's own."""
+    from tvm import te, topi
+
+    from convgen.compiler.compute import exp, sigmoid
+
+    def on_float32(make: Any) -> Any:
+        def legalize(bb: Any, call: Any) -> Any:
+            if call.args[0].ty.dtype != "float32":
+                return call.op.get_attr("FLegalize")(bb, call)
+            return make(bb, call)
+        return legalize
+
+    def elementwise(fn: Any) -> Any:
+        def compute(x: Any) -> Any:
+            return te.compute(x.shape, lambda *i: fn(x(*i)), name=fn.__name__)
+
+        compute.__name__ = fn.__name__  # (the legalized function's name)
+        return on_float32(lambda bb, call: bb.call_te(compute, call.args[0]))
+
+    return {
+        "relax.exp": elementwise(exp),
+        "relax.sigmoid": elementwise(sigmoid),
+        "relax.erf": on_float32(lambda bb, call: bb.call_te(topi.fast_erf, call.args[0])),
+        "relax.tanh": on_float32(lambda bb, call: bb.call_te(topi.fast_tanh, call.args[0])),
+        "relax.nn.softmax": on_float32(lambda bb, call: bb.call_te(
+            topi.nn.fast_softmax, call.args[0], call.attrs.axis)),
+    }
+
+
 def _relax_module(model: onnx.ModelProto, name: str, options: DeployOptions) -> IRModule:
     """The model in Relax, its initializers constants, in the activations' layout
     `options` asks for (converted at the edges), constants folded."""
@@ -227,16 +262,20 @@ def _relax_module(model: onnx.ModelProto, name: str, options: DeployOptions) -> 
 
     try:
         with _clip_as_relax_op():
-            mod = from_onnx(model, keep_params_in_input=False)
+            mod = from_onnx(fold_shape_arithmetic(model), keep_params_in_input=False)
     except Exception as err:  # the frontend's errors name the operator
         raise UnsupportedError(f"model: TVM cannot import {name}: "
                                f"{str(err).strip().splitlines()[-1]}") from None
-    mod = relax.transform.DecomposeOpsForInference()(mod)
-    if options.layout == "channels-last":
-        desired = {op: [CHANNELS_LAST[nd], WEIGHT_LAYOUTS[CHANNELS_LAST[nd]]]
-                   for op, nd in CONV_OPS.items()}
-        mod = relax.transform.ConvertLayout(desired)(mod)
-    mod = relax.transform.FoldConstant()(mod)  # bias reshapes, weight transposes
+    try:
+        mod = relax.transform.DecomposeOpsForInference()(mod)
+        if options.layout == "channels-last":
+            desired = {op: [CHANNELS_LAST[nd], WEIGHT_LAYOUTS[CHANNELS_LAST[nd]]]
+                       for op, nd in CONV_OPS.items()}
+            mod = relax.transform.ConvertLayout(desired)(mod)
+        mod = relax.transform.FoldConstant()(mod)  # bias reshapes, weight transposes
+    except Exception as err:  # (a construct Relax's passes do not handle)
+        raise UnsupportedError(f"model: TVM cannot compile {name}: "
+                               f"{str(err).strip().splitlines()[-1]}") from None
     # (a decomposed BatchNorm returns a tuple whose first item is read: read directly)
     return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
 
