@@ -43,6 +43,8 @@ CASE_TABLE: list[dict[str, Any]] = [
          dtype="float16", bias=True),  # channels-last with whole vectors of input channels
     dict(input="1x5x6x32", kernel="8x3x3x16", padding=1, groups=2, layout="NHWC",
          bias=True),  # 16 input channels per group: whole 512-bit vectors too
+    dict(input="1x6x7x12", kernel="10x3x3x12", padding=1, stride=2, layout="NHWC",
+         bias=True),  # 10 output channels: the last vector runs past K (channel_pad)
 ]
 
 

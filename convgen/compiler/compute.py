@@ -56,11 +56,13 @@ PACK_THREADS = 256  # threads per block of the GPU packing entry
 class WeightPacking:
     """The layout `convgen_pack` writes and `convgen_run_packed` reads.
 
-    lanes > 1: output channels blocked innermost, [K/lanes, <the weight's other
-    axes in storage order>, lanes], so a vector of `lanes` output channels is one
-    contiguous load (what cpu_kvec otherwise repacks inside every call). lanes 1:
-    storage order. Either way `conv`'s flip is applied while packing, so the packed
-    run computes cross-correlation: both modes run the same code.
+    lanes > 1: output channels blocked innermost, [ceil(K/lanes), <the weight's
+    other axes in storage order>, lanes], so a vector of `lanes` output channels is
+    one contiguous load (what cpu_kvec otherwise repacks inside every call); where
+    lanes do not divide K, the last block's extra channels are zeros
+    (`Variant.channel_extra`). lanes 1: storage order. Either way `conv`'s flip is
+    applied while packing, so the packed run computes cross-correlation: both modes
+    run the same code.
     """
 
     lanes: int = 1
@@ -81,7 +83,7 @@ class WeightPacking:
         k, *rest = spec.weight_shape
         if self.lanes == 1:
             return spec.weight_shape
-        return (k // self.lanes, *rest, self.lanes)
+        return (-(-k // self.lanes), *rest, self.lanes)
 
     def packed_index(self, spec: ConvSpec, k: Any, rest: tuple[Any, ...]) -> tuple[Any, ...]:
         """Where weight[k, *rest] (flip already applied) lives in the packed tensor."""
@@ -107,12 +109,16 @@ class Variant:
         padded with zeros to match, `ConvSpec.widened`) and crop in "out", so a
         7-wide row fills one 8-lane vector: full-width loads instead of 7-lane
         ones that LLVM assembles piecewise.
+    channel_extra: compute this many output channels more, on zero weights, and
+        crop in "out" (ungrouped layers), so vectors of output channels cover K
+        where they do not divide it (ShuffleNet's 58 and 116 channels).
     packing: read the weight packed (the `convgen_run_packed` entry), flip included.
     (The measurements are in benchmarks/NOTES.md.)
     """
 
     flip_weight: bool = False
     row_extra: int = 0
+    channel_extra: int = 0
     packing: WeightPacking | None = None
 
 
@@ -181,6 +187,20 @@ def _conv_stage(spec: ConvSpec, data: Any, variant: Variant,
     else:
         padded = data
 
+    extra = variant.channel_extra
+    if extra and spec.groups != 1:
+        raise ValueError(f"{spec.name()}: extra output channels need an ungrouped layer")
+    if extra and packing is None:  # (packed weights hold the zeros already)
+        k_all = spec.out_channels
+
+        def zero_padded(k: Any, *rest: Any) -> Any:
+            return tirx.if_then_else(k < k_all, weight[(k, *rest)], tirx.const(0, dt))
+
+        weight_read = te.compute((k_all + extra, *spec.weight_shape[1:]), zero_padded,
+                                 name=f"{prefix}weight_pad")
+    else:
+        weight_read = weight
+
     cg, kg = spec.channels_per_group, spec.out_channels_per_group
     rc = te.reduce_axis((0, cg), name="rc")
     rs = [te.reduce_axis((0, r), name=f"r{i}") for i, r in enumerate(spec.kernel_size)]
@@ -198,14 +218,16 @@ def _conv_stage(spec: ConvSpec, data: Any, variant: Variant,
         )
         a = padded[join(n, c, taps)]
         rest = (*w_taps, rc) if cl else (rc, *w_taps)
-        w = weight[(k, *rest) if packing is None else packing.packed_index(spec, k, rest)]
+        w = weight_read[(k, *rest) if packing is None else packing.packed_index(spec, k, rest)]
         if dt != acc:
             a, w = a.astype(acc), w.astype(acc)
         return te.sum(a * w, axis=[rc, *rs])
 
-    conv = te.compute(wide.out_shape, conv_body, name=f"{prefix}conv")
-    if dt == acc and not variant.row_extra and not spec.has_epilogue:  # (bias included)
-        return inputs, conv
+    n_out, _, sp_out = split(wide.out_shape)
+    conv = te.compute(join(n_out, spec.out_channels + extra, sp_out), conv_body,
+                      name=f"{prefix}conv")
+    if dt == acc and not variant.row_extra and not extra and not spec.has_epilogue:
+        return inputs, conv  # (bias included in has_epilogue)
 
     def out_body(*idx: Any) -> Any:
         _, k, _ = split(idx)
@@ -371,7 +393,7 @@ def reads_packed_weight(func: PrimFunc) -> bool:
 
 def pack_tensors(spec: ConvSpec, packing: WeightPacking) -> list[Any]:
     """[weight, packed]: the weights in `packing`'s layout, flipped for `conv`."""
-    from tvm import te
+    from tvm import te, tirx
 
     weight = te.placeholder(spec.weight_shape, spec.dtype, name="weight")
     axes = spec.weight_window_axes
@@ -387,7 +409,11 @@ def pack_tensors(spec: ConvSpec, packing: WeightPacking) -> list[Any]:
         if packing.lanes == 1:
             return weight[source(idx)]
         kb, *rest, lane = idx
-        return weight[source((kb * packing.lanes + lane, *rest))]
+        k = kb * packing.lanes + lane
+        value = weight[source((k, *rest))]
+        if spec.out_channels % packing.lanes:  # the last block's extra channels: zeros
+            return tirx.if_then_else(k < spec.out_channels, value, tirx.const(0, spec.dtype))
+        return value
 
     packed = te.compute(packing.packed_shape(spec), body, name="pack")
     return [weight, packed]

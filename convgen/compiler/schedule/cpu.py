@@ -122,8 +122,10 @@ def is_depthwise_like(spec: ConvSpec) -> bool:
 
 def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     """Channel-vector width: a whole vector if the channel axis allows, else half of
-    one; 0 if neither divides it. Depthwise: the vector spans groups, contiguous
-    only in NHWC."""
+    one. Depthwise: the vector spans groups, contiguous only in NHWC. An ungrouped
+    channels-last layer whose output channels neither divides takes vectors anyway,
+    the last one partly past K (`channel_pad`): a whole vector where that adds an
+    eighth of the channels or less, else half of one. 0: none of these."""
     kg, g, vec = spec.out_channels_per_group, spec.groups, target.fp32_lanes
     if is_depthwise_like(spec) and not spec.channels_last:
         return 0
@@ -131,7 +133,22 @@ def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     for lanes in (vec, vec // 2):
         if ext % lanes == 0 and (kg % lanes == 0 or kg == 1):
             return lanes
+    if g == 1 and spec.channels_last:
+        return vec if 8 * channel_pad(spec, vec) <= kg + channel_pad(spec, vec) else vec // 2
     return 0
+
+
+def channel_pad(spec: ConvSpec, lanes: int) -> int:
+    """Output channels an ungrouped layer computes past K, on zero weights, so that
+    vectors of `lanes` cover K (`Variant.channel_extra`; cropped in the write-back).
+    The alternative is cpu_generic's scalar code: ShuffleNet's C116 14x14 1x1 K116 ran
+    0.35 ms there, onnxruntime 0.05 (Zen 4, benchmarks/NOTES.md)."""
+    return -spec.out_channels % lanes if spec.groups == 1 else 0
+
+
+def _channel_vectors(spec: ConvSpec, lanes: int) -> int:
+    """Vectors of `lanes` the register tiles block the channel extent into."""
+    return -(-_channel_ext(spec) // lanes)
 
 
 PadAt = Literal["front", "tile", "load"]
@@ -239,7 +256,7 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         if best is not None and best.nkv * best.pw >= FMA_CHAINS:
             break
         for nkv in shapes:
-            nkv = divisor_at_most(_channel_ext(spec) // lanes, nkv)
+            nkv = divisor_at_most(_channel_vectors(spec, lanes), nkv)
             pw = divisor_at_most(w + extra, max(1, budget // nkv))
             tile = KvecKnobs(lanes, nkv, pw, wide=extra)
             if best is None or useful_fmas_per_load(tile) > useful_fmas_per_load(best):
@@ -299,7 +316,7 @@ def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
     budget = accumulator_budget(target) + 4  # the tuner may try slightly larger tiles
     inner = [False, True] if _k_inner_fits(spec, target) else [False]
     for extra in [0, *_kvec_widenings(spec)]:
-        for nkv in divisors(_channel_ext(spec) // default.lanes):
+        for nkv in divisors(_channel_vectors(spec, default.lanes)):
             for pw in divisors(spec.out_size[-1] + extra):
                 if nkv <= 8 and pw <= 16 and nkv * pw <= budget and (not extra or pw > 1):
                     for k_inner in inner:
@@ -310,6 +327,7 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
                   knobs: KvecKnobs) -> Schedule | None:
     if knobs.wide and knobs.wide not in _kvec_widenings(spec):
         return None
+    cropped = knobs.wide or channel_pad(spec, knobs.lanes)
     sch = new_schedule(func)
     pad_at = _kvec_pad_at(spec, target, knobs)
     conv, pad = _prepare(sch, spec, pad_at)
@@ -321,8 +339,11 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
         wc = sch.cache_read(conv, 1, "global")
         sch.transform_layout(wc, ("write", 0), lambda k, *rest: (k // lanes, *rest, k % lanes))
         sch.parallel(sch.get_loops(wc)[0])
-    if knobs.wide:
-        # the crop of the widened row (+ the epilogue) is the write-back, as in cpu_wvec
+        if has_block(sch, "weight_pad"):  # the zero channels, made in the same repack
+            sch.compute_inline(sch.get_sblock("weight_pad"))
+    if cropped:
+        # the crop of the widened row or channels (+ the epilogue) is the write-back,
+        # as in cpu_wvec
         sch.set_scope(conv, 0, "local")
         wb = sch.get_sblock("out")
     else:
@@ -330,7 +351,7 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     if not spec.channels_last:
         # keep the accumulator channel-innermost; the NCHW scatter happens in the write-back
         sch.transform_layout(conv, ("write", 0), lambda n, k, *s: (n, *s, k))
-    if has_block(sch, "out") and not knobs.wide:
+    if has_block(sch, "out") and not cropped:
         sch.reverse_compute_inline(sch.get_sblock("out"))  # bias/cast in the write-back
     loops = _conv_loops(sch, conv, spec)
     g = spec.groups
@@ -381,7 +402,7 @@ def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:
     of 8 with the blocks inside the rows: 0.36 against 0.39)."""
     if is_depthwise_like(spec):
         return "load"
-    blocks = spec.out_channels // (knobs.nkv * knobs.lanes)
+    blocks = _channel_vectors(spec, knobs.lanes) // knobs.nkv
     if spec.channels_per_group < target.fp32_lanes and not knobs.k_inner and blocks > 1:
         return "tile"
     return "front"
@@ -561,9 +582,11 @@ def _cvec_knobs(spec: ConvSpec, target: TargetInfo) -> CvecKnobs | None:
     # packed once (`bind`, deployed models), cpu_kvec reads them blocked by its
     # vector at no cost per call and needs no cross-lane sums: on ResNet-50's NHWC
     # 1x1 layers it ran 1.0-1.56x cvec's speed (benchmarks/NOTES.md). So the
-    # heuristic takes cvec only where kvec does not apply.
+    # heuristic takes cvec only where kvec does not apply, or only on output channels
+    # past K (`channel_pad`), which cvec does not compute.
     if (not _cvec_applies(spec, target) or spec.gemm_shape[2] < 1024
-            or kvec_heuristic(spec, target) is not None):
+            or (kvec_heuristic(spec, target) is not None
+                and not channel_pad(spec, kvec_lanes(spec, target)))):
         return None
     best, vec = None, target.fp32_lanes
     for kb in (2, 1, 4):  # the largest tile within the accumulator budget, 2 channels first
@@ -624,7 +647,9 @@ TEMPLATES: tuple[Template[Any], ...] = (
     Template("cpu_cvec", CvecKnobs, _cvec_knobs, _cvec_grid, _cvec),
     Template("cpu_wvec", WvecKnobs, _wvec_knobs, _wvec_grid, _wvec, _wvec_variant),
     Template("cpu_kvec", KvecKnobs, kvec_heuristic, _kvec_grid, kvec_schedule,
-             lambda spec, knobs: Variant(row_extra=knobs.wide), packing=_kvec_packing),
+             lambda spec, knobs: Variant(row_extra=knobs.wide,
+                                         channel_extra=channel_pad(spec, knobs.lanes)),
+             packing=_kvec_packing),
 )
 
 

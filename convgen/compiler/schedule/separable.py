@@ -29,6 +29,7 @@ from convgen.compiler.compute import ENTRY, WeightPacking, separable_prim_func
 from convgen.compiler.schedule.common import has_block, loops_below
 from convgen.compiler.schedule.cpu import (
     KvecKnobs,
+    channel_pad,
     is_depthwise_like,
     kvec_heuristic,
     kvec_lanes,
@@ -77,7 +78,8 @@ def declines(depthwise: ConvSpec, pointwise: ConvSpec, target: TargetInfo) -> st
     if (pointwise.kernel_size != (1, 1) or pointwise.stride != (1, 1) or any(pointwise.pads)
             or pointwise.groups != 1 or pointwise.data_shape != depthwise.out_shape):
         return "the second layer is not a dense 1 x 1, stride 1, on the first one's output"
-    if not kvec_lanes(depthwise, target) or not kvec_lanes(pointwise, target):
+    lanes = kvec_lanes(pointwise, target)
+    if not kvec_lanes(depthwise, target) or not lanes or channel_pad(pointwise, lanes):
         return "channels not a multiple of half a vector"
     if pointwise.weight_bytes > 2 * target.l2_bytes:
         # every row rereads all the 1 x 1 weights; measured up to 1.2 MB (C960 -> 320,
