@@ -192,10 +192,31 @@ def squeeze_excite() -> tuple[onnx.ModelProto, int]:
     return n.model((1, 8, 6, 6), n.op("Softmax", [t], "y", axis=1), (1, 8, 6, 6)), 4
 
 
+def token_mlp() -> tuple[onnx.ModelProto, int]:
+    """ConvNeXt's block: a Conv, then Linear layers on the channels-last pixels (MatMul
+    on [1, 36, 8] tokens and on [1, 6, 6, 16]) with a bias, GELU and a per-channel
+    layer scale, and the residual: each MatMul runs as a 1 x 1 convolution."""
+    n = Net(8)
+    a = n.conv("x", "c1", 8, 8, (3, 3), pads=[1, 1, 1, 1], group=8)
+    tokens = n.op("Reshape", [n.op("Transpose", [a], "nhwc", perm=[0, 2, 3, 1]),
+                              n.init_shape("tokens_shape", [1, 36, 8])], "tokens")
+    h = n.op("Add", [n.op("MatMul", [tokens, n.init("w1", n.rng.standard_normal((8, 16)))],
+                          "m1"), n.init("b1", n.rng.standard_normal(16) * 0.1)], "h")
+    erf = n.op("Erf", [n.op("Mul", [h, n.init("inv_sqrt2", np.array(0.5 ** 0.5))], "hs")],
+               "erf")
+    g = n.op("Mul", [n.op("Mul", [h, n.init("half", np.array(0.5))], "h2"),
+                     n.op("Add", [erf, n.init("one", np.array(1.0))], "erf1")], "gelu")
+    pixels = n.op("Reshape", [g, n.init_shape("pixels_shape", [1, 6, 6, 16])], "pixels")
+    m2 = n.op("MatMul", [pixels, n.init("w2", n.rng.standard_normal((16, 8)) * 0.25)], "m2")
+    scaled = n.op("Mul", [m2, n.init("gamma", n.rng.uniform(0.5, 1.5, 8))], "scaled")
+    back = n.op("Transpose", [scaled], "nchw", perm=[0, 3, 1, 2])
+    return n.model((1, 8, 6, 6), n.op("Add", [back, "x"], "y"), (1, 8, 6, 6)), 1
+
+
 MODELS = {"residual_block": residual_block, "depthwise_block": depthwise_block,
           "conv_1d_3d_grouped": conv_1d_3d_grouped, "batchnorm_block": batchnorm_block,
           "shared_residuals": shared_residuals, "channel_shuffle": channel_shuffle,
-          "squeeze_excite": squeeze_excite}
+          "squeeze_excite": squeeze_excite, "token_mlp": token_mlp}
 
 
 def _deploy(tmp_path: Path, name: str, mode: str, layout: str, cpu_target
@@ -218,9 +239,12 @@ def test_deployed_model_matches_onnxruntime(name, mode, layout, cpu_target, tmp_
     manifest = m.manifest
     assert manifest.verification.passed, manifest.verification.lines()
     # every Conv is a convgen kernel, in the mode and layout chosen, none is left to
-    # TVM, and a Gemm runs as the 1 x 1 convolution it is
-    convs_run = [layer for layer in manifest.layers if layer.node != "y"]
+    # TVM, and every Gemm and MatMul runs as the 1 x 1 convolution it is
+    conv_nodes = {node.name for node in model.graph.node if node.op_type == "Conv"}
+    convs_run = [layer for layer in manifest.layers if layer.node in conv_nodes]
     assert len(convs_run) == convs
+    dense = [node for node in model.graph.node if node.op_type in ("Gemm", "MatMul")]
+    assert len(manifest.layers) == convs + len(dense)
     assert all(layer.spec.mode == mode for layer in convs_run)
     assert all(layer.spec.channels_last == (layout == "channels-last") for layer in convs_run)
     assert not [op for op in manifest.other_ops if "conv" in op or "matmul" in op]

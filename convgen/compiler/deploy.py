@@ -33,6 +33,7 @@ flips, as DSP code and the seed documents' porting mistake have it).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -340,9 +341,20 @@ class _Chain:
 
     @property
     def dense(self) -> bool:
-        """A matmul x[M, K] @ W[K, N] (ONNX Gemm, MatMul): it runs as the 1 x 1
-        convolution it is, channels-last, [1, 1, M, K] by [N, 1, 1, K]."""
+        """A matmul x[..., K] @ W[K, N] (ONNX Gemm, MatMul; a Linear layer on tokens or
+        on channels-last pixels): it runs as the 1 x 1 convolution it is,
+        channels-last, x viewed as [1, H, W, K] (`_dense_input`) by [N, 1, 1, K]."""
         return _op(self.conv) == DENSE_OP
+
+
+def _dense_input(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """A matmul's x[..., K] as the channels-last image its 1 x 1 convolution reads:
+    the last two leading axes as rows and columns (x[M, K]: one row of M), the rest
+    folded into the rows, so the kernel's rows run in parallel ([1, 56, 56, 96] stays
+    56 rows of 56 pixels)."""
+    *lead, k = shape
+    cols = lead[-1]
+    return (1, math.prod(lead[:-1]), cols, k)
 
 
 def _const(e: Any) -> np.ndarray | None:
@@ -577,9 +589,9 @@ class _ConvFuser:
         if str(conv.ty.dtype) != "float32" or _const(conv.args[1]) is None:
             return None
         if chain.dense:
-            if len(_shape(conv.args[0])) != 2 or len(_shape(conv.args[1])) != 2:
+            if len(_shape(conv.args[0])) < 2 or len(_shape(conv.args[1])) != 2:
                 return None
-            channel_axis = 1
+            channel_axis = len(_shape(conv)) - 1
         else:
             nd, a = CONV_OPS[_op(conv) or ""], conv.attrs
             layout = str(a.data_layout)
@@ -686,9 +698,9 @@ class _ConvFuser:
         epilogue = {"bias": chain.bias is not None, "residual": chain.residual is not None,
                     "activation": chain.activation}
         if chain.dense:  # no Conv node: no flip to apply (nor would a 1 x 1 show one)
-            (m, k), n = _shape(conv.args[0]), _shape(conv)[1]
-            return make_spec(mode="corr", input=(1, 1, m, k), kernel=(n, 1, 1, k),
-                             layout="NHWC", **epilogue)
+            x, n = _dense_input(_shape(conv.args[0])), _shape(conv)[-1]
+            return make_spec(mode="corr", input=x, kernel=(n, 1, 1, x[-1]), layout="NHWC",
+                             **epilogue)
         layout = str(a.data_layout)
         return make_spec(
             mode=self.options.mode,
