@@ -45,6 +45,8 @@ CASE_TABLE: list[dict[str, Any]] = [
          bias=True),  # 16 input channels per group: whole 512-bit vectors too
     dict(input="1x6x7x12", kernel="10x3x3x12", padding=1, stride=2, layout="NHWC",
          bias=True),  # 10 output channels: the last vector runs past K (channel_pad)
+    dict(input="1x7x8x20", kernel="20x3x3x1", padding="0,1,2,1", groups=20, layout="NHWC",
+         bias=True),  # depthwise on 20 channels: zero input channels past C too
 ]
 
 

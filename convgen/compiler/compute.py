@@ -110,8 +110,9 @@ class Variant:
         7-wide row fills one 8-lane vector: full-width loads instead of 7-lane
         ones that LLVM assembles piecewise.
     channel_extra: compute this many output channels more, on zero weights, and
-        crop in "out" (ungrouped layers), so vectors of output channels cover K
-        where they do not divide it (ShuffleNet's 58 and 116 channels).
+        crop in "out" (ungrouped layers; depthwise ones on as many zero input
+        channels, in "pad"), so vectors of output channels cover K where they do not
+        divide it (ShuffleNet's 58 and 116 channels).
     packing: read the weight packed (the `convgen_run_packed` entry), flip included.
     (The measurements are in benchmarks/NOTES.md.)
     """
@@ -172,24 +173,28 @@ def _conv_stage(spec: ConvSpec, data: Any, variant: Variant,
     def join(n: Any, c: Any, sp: tuple[Any, ...]) -> tuple[Any, ...]:
         return (n, *sp, c) if cl else (n, c, *sp)
 
-    if any(wide.pads):
+    extra = variant.channel_extra
+    depthwise = spec.channels_per_group == 1 and spec.out_channels_per_group == 1
+    if extra and spec.groups != 1 and not depthwise:
+        raise ValueError(f"{spec.name()}: extra output channels need an ungrouped or a "
+                         "depthwise layer")
+    in_extra = extra if depthwise else 0  # (a depthwise layer's extra channels read input)
+    if any(wide.pads) or in_extra:
         pb = spec.pads_begin
 
         def pad_body(*idx: Any) -> Any:
             n, c, sp = split(idx)
             inside = [tirx.all(x >= b, x < b + size) for x, b, size in zip(sp, pb, spec.in_size)]
+            if in_extra:
+                inside.append(c < spec.in_channels)
             src = data[join(n, c, tuple(x - b for x, b in zip(sp, pb)))]
             return tirx.if_then_else(tirx.all(*inside), src, tirx.const(0, dt))
 
-        padded = te.compute(
-            join(spec.batch, spec.in_channels, wide.padded_size), pad_body, name=f"{prefix}pad"
-        )
+        padded = te.compute(join(spec.batch, spec.in_channels + in_extra, wide.padded_size),
+                            pad_body, name=f"{prefix}pad")
     else:
         padded = data
 
-    extra = variant.channel_extra
-    if extra and spec.groups != 1:
-        raise ValueError(f"{spec.name()}: extra output channels need an ungrouped layer")
     if extra and packing is None:  # (packed weights hold the zeros already)
         k_all = spec.out_channels
 

@@ -133,17 +133,21 @@ def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     for lanes in (vec, vec // 2):
         if ext % lanes == 0 and (kg % lanes == 0 or kg == 1):
             return lanes
-    if g == 1 and spec.channels_last:
-        return vec if 8 * channel_pad(spec, vec) <= kg + channel_pad(spec, vec) else vec // 2
+    if (g == 1 or is_depthwise_like(spec)) and spec.channels_last:
+        k, pad = spec.out_channels, channel_pad(spec, vec)
+        return vec if 8 * pad <= k + pad else vec // 2
     return 0
 
 
 def channel_pad(spec: ConvSpec, lanes: int) -> int:
-    """Output channels an ungrouped layer computes past K, on zero weights, so that
-    vectors of `lanes` cover K (`Variant.channel_extra`; cropped in the write-back).
-    The alternative is cpu_generic's scalar code: ShuffleNet's C116 14x14 1x1 K116 ran
-    0.35 ms there, onnxruntime 0.05 (Zen 4, benchmarks/NOTES.md)."""
-    return -spec.out_channels % lanes if spec.groups == 1 else 0
+    """Output channels an ungrouped or depthwise layer computes past K, on zero weights
+    (a depthwise one on as many zero input channels), so that vectors of `lanes`
+    cover K (`Variant.channel_extra`; cropped in the write-back). The alternative is
+    cpu_generic's scalar code: ShuffleNet's C116 14x14 1x1 K116 ran 0.35 ms there,
+    onnxruntime 0.05 (Zen 4, benchmarks/NOTES.md)."""
+    if spec.groups == 1 or is_depthwise_like(spec):
+        return -spec.out_channels % lanes
+    return 0
 
 
 def _channel_vectors(spec: ConvSpec, lanes: int) -> int:
@@ -401,7 +405,9 @@ def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:
     otherwise up front (the 3-channel stem, one block: 1.13 against 1.19; 16 groups
     of 8 with the blocks inside the rows: 0.36 against 0.39)."""
     if is_depthwise_like(spec):
-        return "load"
+        # (zero input channels past C: a padded copy, as loads past C would leave the
+        # tensor at its last pixel)
+        return "front" if channel_pad(spec, knobs.lanes) else "load"
     blocks = _channel_vectors(spec, knobs.lanes) // knobs.nkv
     if spec.channels_per_group < target.fp32_lanes and not knobs.k_inner and blocks > 1:
         return "tile"
