@@ -47,6 +47,8 @@ CASE_TABLE: list[dict[str, Any]] = [
          bias=True),  # 10 output channels: the last vector runs past K (channel_pad)
     dict(input="1x7x8x20", kernel="20x3x3x1", padding="0,1,2,1", groups=20, layout="NHWC",
          bias=True),  # depthwise on 20 channels: zero input channels past C too
+    dict(input="1x6x9x16", kernel="16x3x3x4", padding=1, stride="1,2", groups=4,
+         layout="NHWC"),  # 4 output channels per group: vectors of 4 (GROUP_LANES)
 ]
 
 

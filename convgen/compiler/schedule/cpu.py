@@ -136,7 +136,17 @@ def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     if (g == 1 or is_depthwise_like(spec)) and spec.channels_last:
         k, pad = spec.out_channels, channel_pad(spec, vec)
         return vec if 8 * pad <= k + pad else vec // 2
+    if spec.channels_last and kg % GROUP_LANES == 0:
+        return GROUP_LANES
     return 0
+
+
+# Grouped channels-last layers with fewer output channels per group than half a
+# vector (ResNeXt-50's first stage: 32 groups of 4) take vectors of 4 channels, one
+# group's: a quarter of a 512-bit FMA's work, but the input channels stay contiguous
+# in the lane; cpu_generic's scalar code ran that layer 4.5 ms in the model,
+# onnxruntime 0.9 (Zen 4, benchmarks/NOTES.md).
+GROUP_LANES = 4
 
 
 def channel_pad(spec: ConvSpec, lanes: int) -> int:
