@@ -125,7 +125,9 @@ def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     one. Depthwise: the vector spans groups, contiguous only in NHWC. An ungrouped
     channels-last layer whose output channels neither divides takes vectors anyway,
     the last one partly past K (`channel_pad`): a whole vector where that adds an
-    eighth of the channels or less, else half of one. 0: none of these."""
+    eighth of the channels or less, else half of one. A grouped channels-last layer
+    with a multiple of 4 output channels per group but not of half a vector:
+    vectors of 4 (`GROUP_LANES`). 0: none of these."""
     kg, g, vec = spec.out_channels_per_group, spec.groups, target.fp32_lanes
     if is_depthwise_like(spec) and not spec.channels_last:
         return 0
@@ -141,10 +143,11 @@ def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     return 0
 
 
-# Grouped channels-last layers with fewer output channels per group than half a
-# vector (ResNeXt-50's first stage: 32 groups of 4) take vectors of 4 channels, one
-# group's: a quarter of a 512-bit FMA's work, but the input channels stay contiguous
-# in the lane; cpu_generic's scalar code ran that layer 4.5 ms in the model,
+# Grouped channels-last layers whose output channels per group half a vector does not
+# divide (ResNeXt-50's first stage: 32 groups of 4) take vectors of 4 channels within
+# one group: a quarter of a 512-bit FMA's work, but each lane's input channels stay
+# contiguous. Vectors spanning groups gather their inputs (4.72 ms for that layer,
+# alone); cpu_generic's scalar code ran it 4.5 ms in the model, 4-lane vectors 0.76,
 # onnxruntime 0.9 (Zen 4, benchmarks/NOTES.md).
 GROUP_LANES = 4
 
