@@ -52,12 +52,13 @@ def test_elementwise_add_relu_is_vectorized():
 def test_exp_and_sigmoid_in_vector_arithmetic():
     """`compute.exp` and `compute.sigmoid` (the SiLU epilogue, and `deploy`'s sigmoid
     and exp): within 2e-7 relative of float64 numpy over every input, saturating
-    past float32's range, and no call of expf left for LLVM to make per lane."""
+    past float32's range, NaN kept, and no call of expf left for LLVM to make per
+    lane."""
     from convgen.compiler.compute import exp, sigmoid
 
     rng = np.random.default_rng(2)
-    a = np.concatenate([np.linspace(-120, 120, 4096), rng.standard_normal(4091) * 8,
-                        [0.0, -87.3, 88.3, 1e-30, -1e-30]]).astype(np.float32)
+    a = np.concatenate([np.linspace(-120, 120, 4096), rng.standard_normal(4090) * 8,
+                        [0.0, -87.3, 88.3, 1e-30, -1e-30, np.nan]]).astype(np.float32)
     x = te.placeholder(a.shape, name="x")
     def applied(fn):  # (te.compute takes no default arguments)
         return te.compute(a.shape, lambda i: fn(x[i]), name=fn.__name__)
@@ -67,6 +68,8 @@ def test_exp_and_sigmoid_in_vector_arithmetic():
         want = ref(a.astype(np.float64))
         inside = (a > -87.3) & (a < 88.3)  # exp saturates beyond (float32's normal range)
         np.testing.assert_allclose(got[inside], want[inside], rtol=2e-7, atol=0)
-        assert np.all(np.isfinite(got)) and np.all(got >= 0)
+        number = ~np.isnan(a)
+        assert np.isnan(got[~number]).all()  # NaN propagates, as in libm
+        assert np.all(np.isfinite(got[number])) and np.all(got[number] >= 0)
         assert "T.vectorized" in script and ".exp(" not in script and "sigmoid(" not in script
     assert got[a == -120][0] < 1e-37 and got[a == 120][0] == 1.0  # (sigmoid's ends)

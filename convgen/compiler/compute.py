@@ -293,14 +293,16 @@ def exp(x: Any) -> Any:
     def c(v: float) -> Any:
         return tirx.const(v, "float32")
 
-    x = tirx.min(tirx.max(x, c(_EXP_RANGE[0])), c(_EXP_RANGE[1]))
-    n = tirx.floor(x * c(1.4426950408889634) + c(0.5))
-    r = x - n * c(_LN2_HI) - n * c(_LN2_LO)
+    clamped = tirx.min(tirx.max(x, c(_EXP_RANGE[0])), c(_EXP_RANGE[1]))
+    n = tirx.floor(clamped * c(1.4426950408889634) + c(0.5))
+    r = clamped - n * c(_LN2_HI) - n * c(_LN2_LO)
     p = c(_EXP_POLY[0])
     for coef in _EXP_POLY[1:]:
         p = p * r + c(coef)
     two_n = tirx.reinterpret("float32", (n.astype("int32") + 127) << 23)
-    return (p * r * r + r + c(1.0)) * two_n
+    # NaN in, NaN out, as expf (the clamp would make it a number); a select, which
+    # vectorizes (if_then_else with a per-lane condition is scalarized)
+    return tirx.Select(tirx.isnan(x), x, (p * r * r + r + c(1.0)) * two_n)
 
 
 def sigmoid(x: Any) -> Any:
