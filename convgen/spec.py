@@ -84,6 +84,12 @@ class ConvSpec:
         return self.out_channels // self.groups
 
     @property
+    def depthwise_like(self) -> bool:
+        """One input and one output channel per group: each output channel reads only
+        its own input channel (a depthwise layer, or a single-channel one)."""
+        return self.channels_per_group == 1 and self.out_channels_per_group == 1
+
+    @property
     def pads_begin(self) -> tuple[int, ...]:
         return self.pads[: self.ndim]
 

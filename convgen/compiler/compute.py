@@ -174,11 +174,11 @@ def _conv_stage(spec: ConvSpec, data: Any, variant: Variant,
         return (n, *sp, c) if cl else (n, c, *sp)
 
     extra = variant.channel_extra
-    depthwise = spec.channels_per_group == 1 and spec.out_channels_per_group == 1
-    if extra and spec.groups != 1 and not depthwise:
+    if extra and spec.groups != 1 and not spec.depthwise_like:
         raise ValueError(f"{spec.name()}: extra output channels need an ungrouped or a "
                          "depthwise layer")
-    in_extra = extra if depthwise else 0  # (a depthwise layer's extra channels read input)
+    # (a depthwise layer's extra output channels read as many extra input channels)
+    in_extra = extra if spec.depthwise_like else 0
     if any(wide.pads) or in_extra:
         pb = spec.pads_begin
 

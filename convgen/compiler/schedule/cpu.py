@@ -117,7 +117,7 @@ def unroll_window(sch: Schedule, window: list[Any], spec: ConvSpec) -> None:
 
 
 def is_depthwise_like(spec: ConvSpec) -> bool:
-    return spec.channels_per_group == 1 and spec.out_channels_per_group == 1
+    return spec.depthwise_like
 
 
 def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
