@@ -225,8 +225,9 @@ def _vector_math() -> dict[str, Any]:
     """Legalizations of the transcendental operators on float32 as vector arithmetic
     (`compute.exp`, `compute.sigmoid`; TVM's fast_erf, fast_tanh and fast_softmax,
     within 4e-7 of the exact functions): TVM's own call expf, erff or tanhf for every
-    lane on the CPU. EfficientNet-B0's SiLU and squeeze-excitation gates, left so,
-    took 9 of its 22 ms (Zen 4, benchmarks/NOTES.md). Other dtypes: TVM's own."""
+    lane on the CPU. EfficientNet-B0's squeeze-excitation gates and unfused SiLUs,
+    left so, took 9.0 ms inside the model, its kernels 21.9 (Zen 4,
+    benchmarks/NOTES.md). Other dtypes: TVM's own."""
     from tvm import te, topi
 
     from convgen.compiler.compute import exp, sigmoid

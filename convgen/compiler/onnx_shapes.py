@@ -24,6 +24,8 @@ def fold_shape_arithmetic(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with its integer shape arithmetic replaced by initializers (the model
     itself where there is none). A folded constant can make a later tensor's shape
     known (a Slice's bounds), so shape inference runs again until nothing folds."""
+    if not any(node.op_type == "Shape" for node in model.graph.node):
+        return model  # (nothing computed from its own shapes: imported as exported)
     while True:
         folded = _fold_once(model)
         if folded is model:

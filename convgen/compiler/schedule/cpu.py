@@ -116,10 +116,6 @@ def unroll_window(sch: Schedule, window: list[Any], spec: ConvSpec) -> None:
         sch.unroll(r)
 
 
-def is_depthwise_like(spec: ConvSpec) -> bool:
-    return spec.depthwise_like
-
-
 def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     """Channel-vector width: a whole vector if the channel axis allows, else half of
     one. Depthwise: the vector spans groups, contiguous only in NHWC. An ungrouped
@@ -129,15 +125,15 @@ def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     with a multiple of 4 output channels per group but not of half a vector:
     vectors of 4 (`GROUP_LANES`). 0: none of these."""
     kg, g, vec = spec.out_channels_per_group, spec.groups, target.fp32_lanes
-    if is_depthwise_like(spec) and not spec.channels_last:
+    if spec.depthwise_like and not spec.channels_last:
         return 0
     ext = kg if kg > 1 or spec.channels_per_group > 1 else g
     for lanes in (vec, vec // 2):
         if ext % lanes == 0 and (kg % lanes == 0 or kg == 1):
             return lanes
-    if (g == 1 or is_depthwise_like(spec)) and spec.channels_last:
-        k, pad = spec.out_channels, channel_pad(spec, vec)
-        return vec if 8 * pad <= k + pad else vec // 2
+    if (g == 1 or spec.depthwise_like) and spec.channels_last:
+        return vec if _at_most_an_eighth(channel_pad(spec, vec), spec.out_channels) \
+            else vec // 2
     if spec.channels_last and kg % GROUP_LANES == 0:
         return GROUP_LANES
     return 0
@@ -158,7 +154,7 @@ def channel_pad(spec: ConvSpec, lanes: int) -> int:
     cover K (`Variant.channel_extra`; cropped in the write-back). The alternative is
     cpu_generic's scalar code: ShuffleNet's C116 14x14 1x1 K116 ran 0.35 ms there,
     onnxruntime 0.05 (Zen 4, benchmarks/NOTES.md)."""
-    if spec.groups == 1 or is_depthwise_like(spec):
+    if spec.groups == 1 or spec.depthwise_like:
         return -spec.out_channels % lanes
     return 0
 
@@ -236,7 +232,7 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
     # broadcast; 16 registers hold 8.
     budget = accumulator_budget(target) + (2 if target.vector_registers >= 32 else 0)
     k_inner = _kvec_k_inner(spec, target)
-    if is_depthwise_like(spec) and spec.stride[-1] == 1:
+    if spec.depthwise_like and spec.stride[-1] == 1:
         # Depthwise: every input vector feeds a single channel vector, so more channel
         # vectors share no loads; along a stride-1 row the pixels' taps overlap, and
         # the unrolled tile reuses each loaded input vector for several of them. One
@@ -285,7 +281,7 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
 def _kvec_widenings(spec: ConvSpec) -> list[int]:
     """Outputs a channels-last dense row may be widened by: to a multiple of 4 or 8,
     losing at most one output in eight (as `cpu_wvec` widens rows to whole vectors)."""
-    if not spec.channels_last or is_depthwise_like(spec):
+    if not spec.channels_last or spec.depthwise_like:
         return []
     return sorted({e for e in (row_extra(spec, 4), row_extra(spec, 8))
                    if e and _wastes_little(spec, e)})
@@ -309,7 +305,7 @@ def _kvec_k_inner(spec: ConvSpec, target: TargetInfo) -> bool:
     then what the threads share, so there must be at least two per core (depthwise
     C960 7x7, 7 rows on 2 cores: 62 GFLOP/s against 30 with the blocks outside)."""
     return _k_inner_fits(spec, target) and (
-        is_depthwise_like(spec) or spec.weight_bytes <= target.l2_bytes // 16)
+        spec.depthwise_like or spec.weight_bytes <= target.l2_bytes // 16)
 
 
 def _k_inner_fits(spec: ConvSpec, target: TargetInfo) -> bool:
@@ -417,7 +413,7 @@ def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:
     a strided slice of every pixel (16 groups of 8: 0.50 ms against 0.55 up front);
     otherwise up front (the 3-channel stem, one block: 1.13 against 1.19; 16 groups
     of 8 with the blocks inside the rows: 0.36 against 0.39)."""
-    if is_depthwise_like(spec):
+    if spec.depthwise_like:
         # (zero input channels past C: a padded copy, as loads past C would leave the
         # tensor at its last pixel)
         return "front" if channel_pad(spec, knobs.lanes) else "load"
@@ -457,9 +453,15 @@ def _row_choices(spec: ConvSpec) -> list[int]:
     return [r for r in divisors(spec.out_size[-2]) if r <= 8] if spec.ndim >= 2 else [1]
 
 
+def _at_most_an_eighth(extra: int, kept: int) -> bool:
+    """Whether `extra` outputs computed beside `kept` useful ones, to fill whole tiles
+    or vectors, are at most one in eight of all."""
+    return 7 * extra <= kept
+
+
 def _wastes_little(spec: ConvSpec, extra: int) -> bool:
     """A row widened by `extra` outputs loses at most one output in eight."""
-    return 7 * extra <= spec.out_size[-1]
+    return _at_most_an_eighth(extra, spec.out_size[-1])
 
 
 def row_extra(spec: ConvSpec, lanes: int) -> int:
@@ -486,7 +488,7 @@ def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     if not _wvec_applies(spec):
         return None
     ext, vec = _channel_ext(spec), target.fp32_lanes
-    if is_depthwise_like(spec):
+    if spec.depthwise_like:
         # Depthwise: each input vector feeds one channel's taps, so go wide along the
         # row (up to 4 vectors) and keep a few channels, within 8 accumulators.
         lanes = divisor_at_most(spec.out_size[-1], 4 * vec)

@@ -30,7 +30,6 @@ from convgen.compiler.schedule.common import has_block, loops_below
 from convgen.compiler.schedule.cpu import (
     KvecKnobs,
     channel_pad,
-    is_depthwise_like,
     kvec_heuristic,
     kvec_lanes,
     kvec_schedule,
@@ -71,7 +70,7 @@ def declines(depthwise: ConvSpec, pointwise: ConvSpec, target: TargetInfo) -> st
         return "float32 only"
     if not (depthwise.channels_last and pointwise.channels_last and depthwise.ndim == 2):
         return "2-D channels-last layers only"
-    if not is_depthwise_like(depthwise) or depthwise.residual:
+    if not depthwise.depthwise_like or depthwise.residual:
         return "the first layer is not depthwise, or adds a residual"
     if depthwise.out_size[-1] == 1 or 1 in depthwise.kernel_size:
         return "rows of one pixel, or a window one tap wide"
