@@ -268,10 +268,13 @@ ZEN3 = '{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}'  # AVX2: 16
 
 
 @pytest.mark.parametrize(("flags", "template"), [
-    # channels-last, long reduction: output channels blocked in the packed weights;
-    # where they are no multiple of the vector, vectors of input channels
+    # channels-last, long reduction: output channels blocked in the packed weights,
+    # the last vector partly past K where it must; where groups forbid that (output
+    # channels per group no multiple of 4), vectors of input channels
     (dict(input="1x7x7x512", kernel="512x3x3x512", padding=1, layout="NHWC"), "cpu_kvec"),
-    (dict(input="1x7x7x256", kernel="6x3x3x256", padding=1, layout="NHWC"), "cpu_cvec"),
+    (dict(input="1x7x7x256", kernel="6x3x3x256", padding=1, layout="NHWC"), "cpu_kvec"),
+    (dict(input="1x7x7x256", kernel="6x3x3x128", padding=1, groups=2, layout="NHWC"),
+     "cpu_cvec"),
     # channels-first, rows of whole vectors: the GEMM-shaped row tile (a 56-wide row
     # is 7 vectors of 8 but no whole number of 16: there, vectors of output channels)
     (dict(input="1x64x56x56", kernel="256x64x1x1"), {"avx2": "cpu_wvec", "avx512": "cpu_kvec"}),
@@ -304,6 +307,24 @@ def test_heuristic_picks_the_template_and_fits_the_registers(flags, template, ta
     budget = cpu.accumulator_budget(tinfo)
     assert budget == (14 if target == ZEN4 else 8)
     assert budget // 2 <= tile <= budget + 2  # big enough to hide the FMA latency, no spill
+
+
+@pytest.mark.parametrize(("flags", "zen4", "zen3"), [
+    # a dense layer pads its last vector (1000 -> 1008) rather than halve every one
+    (dict(input="1x13x13x512", kernel="1000x1x1x512"), 16, 8),
+    # ... but not by more than an eighth of K (24 -> 32)
+    (dict(input="1x56x56x16", kernel="24x1x1x16"), 8, 8),
+    # a depthwise layer pads only where half a vector does not divide its channels
+    (dict(input="1x56x56x72", kernel="72x3x3x1", padding=1, groups=72), 8, 8),
+    (dict(input="1x14x14x116", kernel="116x3x3x1", padding=1, groups=116), 16, 4),
+])
+def test_channel_vector_width(flags, zen4, zen3):
+    from convgen.compiler.schedule import cpu
+    from convgen.compiler.targets import resolve_target
+
+    spec = make_spec(mode="corr", layout="NHWC", **flags)
+    assert cpu.kvec_lanes(spec, resolve_target(ZEN4)) == zen4
+    assert cpu.kvec_lanes(spec, resolve_target(ZEN3)) == zen3
 
 
 def test_tuning_tries_a_grid_where_the_heuristic_declines(cpu_target):

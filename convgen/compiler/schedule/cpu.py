@@ -119,21 +119,30 @@ def unroll_window(sch: Schedule, window: list[Any], spec: ConvSpec) -> None:
 def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     """Channel-vector width: a whole vector if the channel axis allows, else half of
     one. Depthwise: the vector spans groups, contiguous only in NHWC. An ungrouped
-    channels-last layer whose output channels neither divides takes vectors anyway,
-    the last one partly past K (`channel_pad`): a whole vector where that adds an
-    eighth of the channels or less, else half of one. A grouped channels-last layer
-    with a multiple of 4 output channels per group but not of half a vector:
-    vectors of 4 (`GROUP_LANES`). 0: none of these."""
+    channels-last layer takes whole vectors, the last one partly past K
+    (`channel_pad`), where that adds an eighth of the channels or less, even where
+    half a vector divides K: half vectors need twice the loads and broadcasts per
+    FMA (SqueezeNet's C512 13x13 1x1 K1000: 0.86 ms against 1.21, Zen 4). Else half
+    a vector, padded if it must be. A depthwise layer pads only where half a vector
+    does not divide: its pad stage then copies the input with the extra channels,
+    which cost more than the half vectors (MobileNetV3's C72-C232: 0.007-0.055 ms
+    against 0.011-0.068 warm). A grouped channels-last layer with a multiple of 4
+    output channels per group but not of half a vector: vectors of 4
+    (`GROUP_LANES`). 0: none of these."""
     kg, g, vec = spec.out_channels_per_group, spec.groups, target.fp32_lanes
     if spec.depthwise_like and not spec.channels_last:
         return 0
     ext = kg if kg > 1 or spec.channels_per_group > 1 else g
-    for lanes in (vec, vec // 2):
-        if ext % lanes == 0 and (kg % lanes == 0 or kg == 1):
-            return lanes
-    if (g == 1 or spec.depthwise_like) and spec.channels_last:
-        return vec if _at_most_an_eighth(channel_pad(spec, vec), spec.out_channels) \
-            else vec // 2
+    padded = (g == 1 or spec.depthwise_like) and spec.channels_last
+    fits = _at_most_an_eighth(channel_pad(spec, vec), spec.out_channels)
+    if ext % vec == 0 and (kg % vec == 0 or kg == 1):
+        return vec
+    if padded and g == 1 and fits:
+        return vec
+    if ext % (vec // 2) == 0 and (kg % (vec // 2) == 0 or kg == 1):
+        return vec // 2
+    if padded:
+        return vec if fits else vec // 2
     if spec.channels_last and kg % GROUP_LANES == 0:
         return GROUP_LANES
     return 0
@@ -602,12 +611,12 @@ def _cvec_knobs(spec: ConvSpec, target: TargetInfo) -> CvecKnobs | None:
     # a weight repack; but each tile ends in cross-lane sums. Since weights are
     # packed once (`bind`, deployed models), cpu_kvec reads them blocked by its
     # vector at no cost per call and needs no cross-lane sums: on ResNet-50's NHWC
-    # 1x1 layers it ran 1.0-1.56x cvec's speed (benchmarks/NOTES.md). So the
-    # heuristic takes cvec only where kvec does not apply, or only on output channels
-    # past K (`channel_pad`), which cvec does not compute.
+    # 1x1 layers it ran 1.0-1.56x cvec's speed, and with its last vector partly past
+    # K (`channel_pad`) 1.0-1.9x on C1024 1x1 layers of 10-1000 output channels
+    # (benchmarks/NOTES.md). So the heuristic takes cvec only where kvec does not
+    # apply; tuning still searches it.
     if (not _cvec_applies(spec, target) or spec.gemm_shape[2] < 1024
-            or (kvec_heuristic(spec, target) is not None
-                and not channel_pad(spec, kvec_lanes(spec, target)))):
+            or kvec_heuristic(spec, target) is not None):
         return None
     best, vec = None, target.fp32_lanes
     for kb in (2, 1, 4):  # the largest tile within the accumulator budget, 2 channels first
