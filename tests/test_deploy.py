@@ -213,10 +213,37 @@ def token_mlp() -> tuple[onnx.ModelProto, int]:
     return n.model((1, 8, 6, 6), n.op("Add", [back, "x"], "y"), (1, 8, 6, 6)), 1
 
 
+def dense_block() -> tuple[onnx.ModelProto, int]:
+    """DenseNet's block: each layer reads the concatenation of every earlier layer's
+    output through BatchNorm and ReLU (which no kernel takes: the ReLU comes before
+    the convolution), then a 1x1 and a 3x3 Conv; a transition layer reads the last
+    concatenation. Channels of 12, 8 and 4 put the inputs' boundaries at multiples
+    of 4 (vectors per input) and of none wider."""
+    n = Net(9)
+
+    def bn(x: str, out: str, c: int) -> str:
+        params = [n.init(f"{out}_{p}", v) for p, v in (
+            ("g", n.rng.uniform(0.5, 1.5, c)), ("b", n.rng.standard_normal(c) * 0.1),
+            ("m", n.rng.standard_normal(c) * 0.1), ("v", n.rng.uniform(0.5, 2.0, c)))]
+        return n.op("Relu", [n.op("BatchNormalization", [x, *params], out)], f"{out}_relu")
+
+    features, channels = [n.conv("x", "stem", 8, 12, (3, 3), pads=[1, 1, 1, 1])], 12
+    for i, grow in enumerate((8, 4)):
+        cat = n.op("Concat", features, f"cat{i}", axis=1) if i else features[0]
+        a = n.conv(bn(cat, f"bn{i}a", channels), f"c{i}a", channels, 16, (1, 1), bias=False)
+        features.append(n.conv(bn(a, f"bn{i}b", 16), f"c{i}b", 16, grow, (3, 3), bias=False,
+                               pads=[1, 1, 1, 1]))
+        channels += grow
+    cat = n.op("Concat", features, "cat", axis=1)
+    y = n.conv(bn(cat, "bn_t", channels), "y", channels, 8, (1, 1))
+    return n.model((1, 8, 6, 6), y, (1, 8, 6, 6)), 6
+
+
 MODELS = {"residual_block": residual_block, "depthwise_block": depthwise_block,
           "conv_1d_3d_grouped": conv_1d_3d_grouped, "batchnorm_block": batchnorm_block,
           "shared_residuals": shared_residuals, "channel_shuffle": channel_shuffle,
-          "squeeze_excite": squeeze_excite, "token_mlp": token_mlp}
+          "squeeze_excite": squeeze_excite, "token_mlp": token_mlp,
+          "dense_block": dense_block}
 
 
 def _deploy(tmp_path: Path, name: str, mode: str, layout: str, cpu_target
@@ -251,6 +278,8 @@ def test_deployed_model_matches_onnxruntime(name, mode, layout, cpu_target, tmp_
     if name == "residual_block":
         [gemm] = [layer for layer in manifest.layers if layer.node == "y"]
         assert gemm.spec.kernel_size == (1, 1) and gemm.spec.bias
+    if name == "dense_block":  # the BatchNorms the kernels do not take: scale and shift
+        assert not [op for op in manifest.other_ops if "divide" in op or "subtract" in op]
     # independently of verify_model, on other inputs: onnxruntime on the model (with
     # the Conv weights flipped for conv) by hand
     x = np.random.default_rng(9).standard_normal(m.inputs[0].shape).astype(np.float32)

@@ -49,6 +49,32 @@ def test_elementwise_add_relu_is_vectorized():
     assert "T.vectorized" in script
 
 
+@pytest.mark.parametrize(("channels", "pieces"), [
+    ((128, 32, 32, 32), 4),  # DenseNet's: a vector loop per input
+    ((20, 12, 8), 3),  # boundaries of 4: vectors of 4
+    ((3, 5), 1),  # no vector fits between the boundaries: as before (selects per lane)
+])
+def test_concatenation_is_vectorized_per_input(channels, pieces):
+    """A concatenation on the channels-last axis, then a per-channel scale and shift and
+    ReLU (DenseNet's BatchNorm before each convolution), fused as `deploy` fuses them:
+    correct, and each input copied by its own vector loop, in which every select is
+    decided."""
+    from tvm import topi
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal((1, 5, 7, c), dtype=np.float32) for c in channels]
+    scale, shift = (rng.standard_normal(sum(channels), dtype=np.float32) for _ in range(2))
+    xs = [te.placeholder(a.shape, name=f"x{i}") for i, a in enumerate(arrays)]
+    s, b = te.placeholder(scale.shape, name="s"), te.placeholder(shift.shape, name="b")
+    cat = topi.concatenate(xs, axis=3)
+    y = te.compute(cat.shape, lambda n, h, w, c: te.max(cat[n, h, w, c] * s[c] + b[c], 0.0))
+    got, script = _run([*xs, s, b, y], [*arrays, scale, shift])
+    want = np.maximum(np.concatenate(arrays, axis=3).astype(np.float64) * scale + shift, 0)
+    # (LLVM contracts x * s + b into an FMA: one rounding, float32's ulp of the terms)
+    np.testing.assert_allclose(got, want, rtol=0, atol=4e-7 * np.abs(want).max())
+    assert script.count("T.vectorized") == pieces
+
+
 def test_exp_and_sigmoid_in_vector_arithmetic():
     """`compute.exp` and `compute.sigmoid` (the SiLU epilogue, and `deploy`'s sigmoid
     and exp): within 2e-7 relative of float64 numpy over every input, saturating

@@ -145,6 +145,7 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
     mod = _relax_module(model, name, options)
     t1 = time.perf_counter()
     mod, layers = _ConvFuser.run(mod, target, options, _node_names(model))
+    mod = _batch_norms_as_scale_and_shift(mod)
     t2 = time.perf_counter()
     with target.tvm_target():
         mod = tvm.transform.Sequential([
@@ -356,6 +357,36 @@ def _dense_input(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     *lead, k = shape
     cols = lead[-1]
     return (1, math.prod(lead[:-1]), cols, k)
+
+
+def _batch_norms_as_scale_and_shift(mod: IRModule) -> IRModule:
+    """The BatchNorms no convolution took, as DecomposeOpsForInference leaves them,
+    ((x - mean) / std) * gamma + beta on constants, rewritten x * scale + shift: one
+    FMA per element instead of a division among four operations. DenseNet has one
+    before each convolution, after a concatenation and followed by ReLU, which keep
+    it out of the kernels (a 28 x 28 x 224 one, fused with its concatenation and
+    ReLU: 0.020 -> 0.018 ms, Zen 4).
+    onnxruntime computes its BatchNormalization the same way."""
+    from tvm import relax
+    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+
+    x, mean, std, gamma, beta = wildcard(), is_const(), is_const(), is_const(), is_const()
+    pattern = is_op("relax.add")(is_op("relax.multiply")(is_op("relax.divide")(
+        is_op("relax.subtract")(x, mean), std), gamma), beta)
+
+    def rewrite(call: Any, found: dict[Any, Any]) -> Any:
+        m, s, g, b = (_const(found[c]) for c in (mean, std, gamma, beta))
+        if any(str(c.dtype) != "float32" for c in (m, s, g, b)):
+            return call
+        scale = g.astype(np.float64) / s
+        shift = b - m.astype(np.float64) * scale
+        return relax.op.add(relax.op.multiply(found[x], relax.const(scale.astype(np.float32))),
+                            relax.const(shift.astype(np.float32)))
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pattern, rewrite, func)
+    return mod
 
 
 def _const(e: Any) -> np.ndarray | None:

@@ -83,9 +83,14 @@ def _rule() -> Any:
                     loops, extents = _contiguous_innermost(sch, block.block_rv, loops,
                                                            extents, widest)
                     scattered = not sch.get(loops[-1]).same_as(innermost)
-                    lanes = next((n for n in (widest, 16, 8, 4)
-                                  if n <= widest and extents[-1] % n == 0), None)
-                    if lanes and outputs >= 4 * lanes:
+                    cuts = [] if scattered else _cuts(sch, block, extents[-1])
+                    lanes, piece_lanes = (next((n for n in (widest, 16, 8, 4)
+                                                if n <= widest and e % n == 0), None)
+                                          for e in (extents[-1], math.gcd(extents[-1], *cuts)))
+                    if cuts and piece_lanes:
+                        _partition(sch, loops[-1], cuts, piece_lanes)
+                        loops = loops[:-1]
+                    elif lanes and outputs >= 4 * lanes:
                         # the vector within the innermost loop, so every lane's index
                         # is the first one's plus its lane (the fused index would
                         # hide that behind divisions: gathers)
@@ -93,15 +98,53 @@ def _rule() -> Any:
                         last, inner = sch.split(last, factors=[None, lanes])
                         loops.append(last)
                         sch.vectorize(inner)
-                    outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-                    if outputs >= (PARALLEL_MIN_SCATTERED if scattered
-                                   else PARALLEL_MIN_OUTPUTS):
-                        sch.parallel(outer)
+                    if loops and outputs >= (PARALLEL_MIN_SCATTERED if scattered
+                                             else PARALLEL_MIN_OUTPUTS):
+                        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+                    elif len(loops) > 1:
+                        sch.fuse(*loops)
                 else:
                     sch = _reduction(sch, block.block_rv, extents, spatial, widest)
             return sch
 
     return OtherOpsCPU()
+
+
+def _cuts(sch: Any, block: Any, extent: int) -> list[int]:
+    """Where the innermost axis passes from one input to the next: a concatenation
+    reads input i at `c - k_i` for c in [k_i, k_i + its extent), selecting by c
+    (`if_then_else(192 <= c, d[c - 192], ...)`); a pad along that axis reads its
+    input up to the input's extent. A vector across such a boundary holds lanes of
+    two inputs, so TVM evaluates its selects lane by lane, scalar."""
+    from tvm import tirx
+
+    axis = block.iters[-1].var
+    found: set[int] = set()
+    for access in sch.get(block.block_rv).reads:
+        start, k = access.region[-1].min, None
+        if start.same_as(axis):
+            k = 0
+        elif isinstance(start, tirx.Add | tirx.Sub) and start.a.same_as(axis) \
+                and isinstance(start.b, tirx.IntImm):
+            k = start.b.value if isinstance(start, tirx.Sub) else -start.b.value
+        size = access.source.shape[-1]
+        if k is not None and isinstance(size, tirx.IntImm):
+            found |= {k, k + size.value}
+    return sorted(c for c in found if 0 < c < extent)
+
+
+def _partition(sch: Any, loop: Any, cuts: list[int], lanes: int) -> None:
+    """The innermost loop in vectors of `lanes`, the vectors partitioned at `cuts` (all
+    multiples of `lanes`): one vectorized loop per piece, in which every select is
+    decided, so each piece reads one input in whole vectors. A concatenation of
+    DenseNet's (7 inputs, then BatchNorm and ReLU, 28 x 28 x 224): 0.134 -> 0.020 ms
+    (Zen 4)."""
+    outer, _ = sch.split(loop, factors=[None, lanes])
+    pieces = sch.loop_partition(outer, factors=[
+        (b - a) // lanes for a, b in zip([0, *cuts[:-1]], cuts)] + [None])
+    for piece in pieces:
+        (copy,) = sch.get_child_blocks(piece)
+        sch.vectorize(sch.get_loops(copy)[-1])
 
 
 def _contiguous_innermost(sch: Any, block: Any, loops: list[Any], extents: list[int],
