@@ -49,6 +49,8 @@ CASE_TABLE: list[dict[str, Any]] = [
          bias=True),  # depthwise on 20 channels: zero input channels past C too
     dict(input="1x6x9x16", kernel="16x3x3x4", padding=1, stride="1,2", groups=4,
          layout="NHWC"),  # 4 output channels per group: vectors of 4 (GROUP_LANES)
+    dict(input="1x5x17x8", kernel="32x1x7x8", padding="0,3", layout="NHWC",
+         bias=True),  # a prime row, widened from 17 to 18 for tiles of 2, 3 or 6 pixels
 ]
 
 

@@ -327,6 +327,24 @@ def test_channel_vector_width(flags, zen4, zen3):
     assert cpu.kvec_lanes(spec, resolve_target(ZEN3)) == zen3
 
 
+@pytest.mark.parametrize("flags", [
+    dict(input="1x17x17x192", kernel="192x1x7x192", padding=(0, 3)),  # Inception-v3's
+    dict(input="1x35x35x288", kernel="384x3x3x288", stride=2),  # 17 outputs a row
+])
+@pytest.mark.parametrize("target", [ZEN4, ZEN3], ids=["avx512", "avx2"])
+def test_a_prime_row_is_widened_rather_than_tiled_by_single_pixels(flags, target):
+    """17 pixels: no tile but 1 divides the row, and a tile of one pixel loads a weight
+    vector per FMA. Widened to 18 (one output in eighteen thrown away), tiles of
+    several pixels fit."""
+    from convgen.compiler.schedule import cpu
+    from convgen.compiler.targets import resolve_target
+
+    tinfo = resolve_target(target)
+    knobs = cpu.kvec_heuristic(make_spec(mode="corr", layout="NHWC", **flags), tinfo)
+    assert knobs is not None and knobs.pw > 1 and knobs.wide == 1 and 18 % knobs.pw == 0
+    assert knobs.nkv * knobs.pw <= cpu.accumulator_budget(tinfo) + 2
+
+
 def test_tuning_tries_a_grid_where_the_heuristic_declines(cpu_target):
     """NCHW C256 14x14: cpu_wvec's heuristic leaves 14-wide rows to cpu_kvec, but its
     grid is measured there (and tied cpu_kvec in the shipped records' tuning)."""

@@ -273,9 +273,13 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
     # ms against 1.00-1.10, the stride-2 C512 3x3 1.78-1.80 against 2.06-2.28. With
     # 32 registers 2 x 7 keeps 14 chains and won: 0.56-0.70 ms against 0.69-0.78
     # widened to 4 x 4. The pad copy widening needs is small beside a dense layer.
+    # A tile of single pixels loads each weight vector for one FMA: beside a long
+    # reduction (C288 3x3 stride 2, 1.3 MB per block of 8 vectors) those loads come
+    # from L2 and the layer ran 6.96 ms at 8 x 1 against 2.96 at 2 x 6 on its row
+    # widened from 17 to 18 (Zen 4). So it never ends the search, however many chains.
     widths = [0, *_kvec_widenings(spec)] if widen else [0]
     for extra in widths:
-        if best is not None and best.nkv * best.pw >= FMA_CHAINS:
+        if best is not None and best.nkv * best.pw >= FMA_CHAINS and best.pw > 1:
             break
         for nkv in shapes:
             nkv = divisor_at_most(_channel_vectors(spec, lanes), nkv)
@@ -288,11 +292,14 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
 
 
 def _kvec_widenings(spec: ConvSpec) -> list[int]:
-    """Outputs a channels-last dense row may be widened by: to a multiple of 4 or 8,
-    losing at most one output in eight (as `cpu_wvec` widens rows to whole vectors)."""
+    """Outputs a channels-last dense row may be widened by: to a multiple of any tile
+    width up to 16, losing at most one output in eight (as `cpu_wvec` widens rows to
+    whole vectors). A prime row has no tile but single pixels otherwise: Inception-v3's
+    17-wide 1x7 layers ran 8 channel vectors by 1 pixel, one broadcast per 8 FMAs,
+    where 18 takes 4 by 3 (benchmarks/NOTES.md)."""
     if not spec.channels_last or spec.depthwise_like:
         return []
-    return sorted({e for e in (row_extra(spec, 4), row_extra(spec, 8))
+    return sorted({e for e in (row_extra(spec, p) for p in range(2, 17))
                    if e and _wastes_little(spec, e)})
 
 
