@@ -261,10 +261,14 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         return k.nkv * k.pw / (k.nkv + k.pw) * w / (w + k.wide)
 
     best = None
+    # (8 vectors by 2 pixels scores 1.6 FMAs per load on a 14-wide row, 2 x 7 1.56,
+    # but its weight loads come from L2 beside a long reduction and are reused by 2
+    # pixels only: ConvNeXt's C1536 14x14 1x1 K384 1.52 ms against 1.08, and never
+    # faster on the 14x14 1x1 layers measured, Zen 4, benchmarks/NOTES.md)
     shapes = [2 * vec // lanes, 4 * vec // lanes, vec // lanes]
-    if target.vector_registers >= 32:
-        # 8 vectors of channels by 2 pixels: what tuning chose on Zen 4 for 14-wide
-        # rows, which 4 pixels do not divide (1.6 FMAs per load against 2 x 7's 1.56)
+    if target.vector_registers >= 32 and w == 1:
+        # a single pixel (a classifier, a squeeze-excitation gate) reuses no weight
+        # vector however the tile is shaped: up to 8 channel vectors, as many chains
         shapes.append(8 * vec // lanes)
     # A row no tile of FMA_CHAINS accumulators divides is widened where that helps:
     # with 16 registers a 7-wide row (ResNet-50's last stage) takes only 1 x 7 (7
