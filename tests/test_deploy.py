@@ -174,7 +174,9 @@ def channel_shuffle() -> tuple[onnx.ModelProto, int]:
 def squeeze_excite() -> tuple[onnx.ModelProto, int]:
     """EfficientNet's block: a Conv with SiLU, the squeeze-excitation gate (global
     pooling, two 1x1 Convs, Sigmoid, Mul); then GELU (Erf), Tanh, Exp and Softmax,
-    which `deploy` legalizes as vector arithmetic (`deploy._vector_math`)."""
+    which `deploy` legalizes as vector arithmetic (`deploy._vector_math`), and
+    MobileNetV3's HardSigmoid, imported as element-wise ops the layout flows
+    through."""
     n = Net(7)
     a = n.conv("x", "c1", 8, 16, (3, 3), pads=[1, 1, 1, 1])
     a = n.op("Mul", [a, n.op("Sigmoid", [a], "a_sig")], "silu")
@@ -189,6 +191,7 @@ def squeeze_excite() -> tuple[onnx.ModelProto, int]:
     t = n.op("Add", [n.op("Tanh", [gelu], "tanh"),
                      n.op("Exp", [n.op("Mul", [b, n.init("tenth", np.array(0.1))], "b10")],
                           "exp")], "sum")
+    t = n.op("Mul", [t, n.op("HardSigmoid", [b], "hsig", alpha=1 / 6, beta=0.5)], "gated")
     return n.model((1, 8, 6, 6), n.op("Softmax", [t], "y", axis=1), (1, 8, 6, 6)), 4
 
 
@@ -278,6 +281,8 @@ def test_deployed_model_matches_onnxruntime(name, mode, layout, cpu_target, tmp_
     if name == "residual_block":
         [gemm] = [layer for layer in manifest.layers if layer.node == "y"]
         assert gemm.spec.kernel_size == (1, 1) and gemm.spec.bias
+    if name == "squeeze_excite":  # HardSigmoid's clip is no TE function of its own
+        assert not [op for op in manifest.other_ops if "clip" in op]
     if name == "dense_block":  # the BatchNorms the kernels do not take: scale and shift
         assert not [op for op in manifest.other_ops if "divide" in op or "subtract" in op]
     # independently of verify_model, on other inputs: onnxruntime on the model (with

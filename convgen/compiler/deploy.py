@@ -173,8 +173,8 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
 
 @contextmanager
 def _clip_as_relax_op() -> Iterator[None]:
-    """While importing: ONNX Clip with constant bounds (ReLU6), and the clip inside
-    HardSwish, as Relax's element-wise `minimum(maximum(x, lo), hi)`. The frontend
+    """While importing: ONNX Clip with constant bounds (ReLU6), and the clips inside
+    HardSwish and HardSigmoid, as Relax's element-wise `minimum(maximum(x, lo), hi)`. The frontend
     lowers every Clip to two anonymous
     TE functions (to honour NaN bounds, which constant bounds are not), which
     ConvertLayout cannot carry a layout through (nor its `clip` operator) and
@@ -210,10 +210,29 @@ def _clip_as_relax_op() -> Iterator[None]:
                 bb.emit(relax.op.maximum(bb.emit(relax.op.add(x, c(3.0))), c(0.0))), c(6.0)))
             return bb.emit(relax.op.multiply(x, bb.emit(relax.op.divide(clipped, c(6.0)))))
 
+    class HardSigmoid(frontend.HardSigmoid):  # type: ignore[misc,name-defined]
+        """min(max(alpha * x + beta, 0), 1) (MobileNetV3's squeeze-excitation gates):
+        through Relax's `clip`, which ConvertLayout has no rule for, each gate was
+        wrapped in transposes to channels-first and back."""
+
+        @classmethod
+        def _impl_v1(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+            x = inputs[0]
+
+            def c(v: float) -> Any:
+                return relax.const(v, x.ty.dtype)
+
+            affine = bb.emit(relax.op.add(
+                bb.emit(relax.op.multiply(x, c(float(attr.get("alpha", 0.2))))),
+                c(float(attr.get("beta", 0.5)))))
+            return bb.emit(relax.op.minimum(bb.emit(relax.op.maximum(affine, c(0.0))),
+                                            c(1.0)))
+
     original = frontend._get_convert_map
 
     def convert_map() -> dict[str, Any]:
-        return {**original(), "Clip": Clip, "HardSwish": HardSwish}
+        return {**original(), "Clip": Clip, "HardSwish": HardSwish,
+                "HardSigmoid": HardSigmoid}
 
     frontend._get_convert_map = convert_map
     try:
