@@ -75,6 +75,30 @@ def test_concatenation_is_vectorized_per_input(channels, pieces):
     assert script.count("T.vectorized") == pieces
 
 
+@pytest.mark.parametrize("channels", [384, 20])
+def test_reduction_along_the_contiguous_axis_is_vectorized(channels):
+    """LayerNorm over a channels-last pixel's channels: the mean and the variance are
+    sums along the innermost, contiguous axis, each kept as a vector of partial sums
+    (16 lanes for 384 channels, 4 for 20), then normalised and scaled."""
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((1, 5, 7, channels), dtype=np.float32) * 3 + 1
+    gamma = rng.standard_normal(channels, dtype=np.float32)
+    x, g = te.placeholder(a.shape, name="x"), te.placeholder(gamma.shape, name="g")
+    c = te.reduce_axis((0, channels), name="c")
+    total = te.compute(a.shape[:3], lambda n, h, w: te.sum(x[n, h, w, c], axis=c), name="s")
+    mean = te.compute(a.shape[:3], lambda n, h, w: total[n, h, w] / channels, name="mean")
+    d = te.reduce_axis((0, channels), name="d")
+    var = te.compute(a.shape[:3], lambda n, h, w: te.sum(
+        (x[n, h, w, d] - mean[n, h, w]) * (x[n, h, w, d] - mean[n, h, w]), axis=d), name="v")
+    y = te.compute(a.shape, lambda n, h, w, k: (x[n, h, w, k] - mean[n, h, w]) * tvm.tirx.rsqrt(
+        var[n, h, w] / channels + 1e-6) * g[k], name="y")
+    got, script = _run([x, g, y], [a, gamma])
+    a64 = a.astype(np.float64)
+    want = (a64 - a64.mean(-1, keepdims=True)) / np.sqrt(a64.var(-1, keepdims=True) + 1e-6) * gamma
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    assert script.count("_rf") >= 4 and "T.vectorized" in script  # both sums, in vectors
+
+
 def test_exp_and_sigmoid_in_vector_arithmetic():
     """`compute.exp` and `compute.sigmoid` (the SiLU epilogue, and `deploy`'s sigmoid
     and exp): within 2e-7 relative of float64 numpy over every input, saturating

@@ -178,6 +178,9 @@ def _reduction(sch: Any, block: Any, extents: list[int], spatial: int, widest: i
     refuses a step, the reduction stays as it was (on a copy of the schedule)."""
     from tvm.s_tir import ScheduleError
 
+    row_lanes = _row_lanes(sch, block, extents, spatial, widest)
+    if row_lanes:
+        return _vector_partial_sums(sch, block, extents, spatial, row_lanes)
     lanes = next((n for n in (widest, 8, 4) if extents[spatial - 1] % n == 0), None)
     trial = sch.copy()
     try:
@@ -193,6 +196,44 @@ def _reduction(sch: Any, block: Any, extents: list[int], spatial: int, widest: i
         if lanes is not None:  # last: vectorize and parallel need the block whole
             init = trial.decompose_reduction(block, r_loops[0])
             trial.vectorize(trial.get_loops(init)[-1])
+    except ScheduleError:
+        return sch
+    return trial
+
+
+def _row_lanes(sch: Any, block: Any, extents: list[int], spatial: int, widest: int
+               ) -> int | None:
+    """Where the reduction runs along the innermost axis of its input, contiguous
+    (LayerNorm's mean and variance over the channels of a channels-last pixel, a
+    softmax's sum), so that no spatial loop is: the vector width its extent takes."""
+    stmt = sch.get(block)
+    axis = stmt.iter_vars[-1].var
+    if len(extents) == spatial or not any(
+            access.region[-1].min.same_as(axis) for access in stmt.reads):
+        return None
+    return next((n for n in (widest, 8, 4) if extents[-1] % n == 0 and extents[-1] >= 2 * n),
+                None)
+
+
+def _vector_partial_sums(sch: Any, block: Any, extents: list[int], spatial: int,
+                         lanes: int) -> Any:
+    """The innermost reduction in vectors (`rfactor`): lane l sums the elements l, l +
+    lanes, ... into a vector of partial sums, read in storage order, then the lanes
+    are summed. A scalar running sum waits on its adder's latency at every element:
+    ConvNeXt's LayerNorm over 384 channels at 14 x 14, 0.134 -> 0.015 ms (Zen 4).
+    Where TVM refuses a step, the reduction stays as it was."""
+    from tvm.s_tir import ScheduleError
+
+    trial = sch.copy()
+    try:
+        _, inner = trial.split(trial.get_loops(block)[-1], factors=[None, lanes])
+        partial = trial.rfactor(inner, factor_axis=spatial)
+        loops = trial.get_loops(partial)
+        trial.vectorize(loops[-1])
+        if math.prod(extents) >= PARALLEL_MIN_WORK and math.prod(extents[:spatial]) >= 2:
+            trial.parallel(trial.fuse(*loops[:spatial]) if spatial > 1 else loops[0])
+        init = trial.decompose_reduction(partial, trial.get_loops(partial)[spatial])
+        trial.vectorize(trial.get_loops(init)[-1])
     except ScheduleError:
         return sch
     return trial
