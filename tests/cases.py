@@ -51,6 +51,7 @@ CASE_TABLE: list[dict[str, Any]] = [
          layout="NHWC"),  # 4 output channels per group: vectors of 4 (GROUP_LANES)
     dict(input="1x5x17x8", kernel="32x1x7x8", padding="0,3", layout="NHWC",
          bias=True),  # a prime row, widened from 17 to 18 for tiles of 2, 3 or 6 pixels
+    dict(input="1x1x1", kernel="1x1x1", layout="NWC"),  # one output element (hypothesis)
 ]
 
 

@@ -103,7 +103,10 @@ def write_back_at(sch: Schedule, wb: Any, at: Any) -> None:
     innermost vectorized: with every index constant LLVM keeps the whole tile in
     registers (a rolled write-back leaves it on the stack, stored and reloaded)."""
     sch.reverse_compute_at(wb, at)
-    *outer, inner = loops_below(sch, wb, at)
+    loops = loops_below(sch, wb, at)
+    if not loops:  # a tile of one output element (K = 1, one pixel): nothing to unroll
+        return
+    *outer, inner = loops
     for lp in outer:
         sch.unroll(lp)
     _vectorize_inner(sch, inner)
