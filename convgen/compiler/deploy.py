@@ -183,6 +183,12 @@ def _clip_as_relax_op() -> Iterator[None]:
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
+    def clamp(bb: Any, x: Any, lo: Any, hi: Any) -> Any:
+        return bb.emit(relax.op.minimum(bb.emit(relax.op.maximum(x, lo)), hi))
+
+    def like(x: Any, v: float) -> Any:  # a scalar constant of x's dtype
+        return relax.const(v, x.ty.dtype)
+
     class Clip(frontend.Clip):  # type: ignore[misc,name-defined]
         @classmethod
         def _impl_v13(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
@@ -191,7 +197,7 @@ def _clip_as_relax_op() -> Iterator[None]:
                     and isinstance(inputs[0].ty, relax.TensorType)):
                 dtype = inputs[0].ty.dtype
                 lo, hi = (relax.const(b.reshape(()), dtype) for b in bounds)  # type: ignore[union-attr]
-                return bb.emit(relax.op.minimum(bb.emit(relax.op.maximum(inputs[0], lo)), hi))
+                return clamp(bb, inputs[0], lo, hi)
             return super()._impl_v13(bb, inputs, attr, params)
 
         _impl_v11 = _impl_v13
@@ -202,13 +208,9 @@ def _clip_as_relax_op() -> Iterator[None]:
         @classmethod
         def _impl_v14(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
             x = inputs[0]
-
-            def c(v: float) -> Any:
-                return relax.const(v, x.ty.dtype)
-
-            clipped = bb.emit(relax.op.minimum(
-                bb.emit(relax.op.maximum(bb.emit(relax.op.add(x, c(3.0))), c(0.0))), c(6.0)))
-            return bb.emit(relax.op.multiply(x, bb.emit(relax.op.divide(clipped, c(6.0)))))
+            clipped = clamp(bb, bb.emit(relax.op.add(x, like(x, 3.0))), like(x, 0.0),
+                            like(x, 6.0))
+            return bb.emit(relax.op.multiply(x, bb.emit(relax.op.divide(clipped, like(x, 6.0)))))
 
     class HardSigmoid(frontend.HardSigmoid):  # type: ignore[misc,name-defined]
         """min(max(alpha * x + beta, 0), 1) (MobileNetV3's squeeze-excitation gates):
@@ -218,15 +220,10 @@ def _clip_as_relax_op() -> Iterator[None]:
         @classmethod
         def _impl_v1(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
             x = inputs[0]
-
-            def c(v: float) -> Any:
-                return relax.const(v, x.ty.dtype)
-
             affine = bb.emit(relax.op.add(
-                bb.emit(relax.op.multiply(x, c(float(attr.get("alpha", 0.2))))),
-                c(float(attr.get("beta", 0.5)))))
-            return bb.emit(relax.op.minimum(bb.emit(relax.op.maximum(affine, c(0.0))),
-                                            c(1.0)))
+                bb.emit(relax.op.multiply(x, like(x, float(attr.get("alpha", 0.2))))),
+                like(x, float(attr.get("beta", 0.5)))))
+            return clamp(bb, affine, like(x, 0.0), like(x, 1.0))
 
     original = frontend._get_convert_map
 
