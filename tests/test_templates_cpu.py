@@ -11,7 +11,7 @@ import pytest
 from cases import case_specs
 
 from convgen.compiler.build import build_artifact
-from convgen.compiler.schedule import cpu
+from convgen.compiler.schedule import cpu, winograd
 from convgen.compiler.targets import resolve_target
 from convgen.spec import ConvSpec, make_spec
 
@@ -113,3 +113,40 @@ def test_kvec_channel_blocks_inside_rows_where_weights_are_small():
     assert at_l2.weight_bytes == TARGET.l2_bytes
     assert any(knobs.k_inner for knobs in cpu._kvec_grid(at_l2, TARGET))
     assert not any(knobs.k_inner for knobs in cpu._kvec_grid(past_l2, TARGET))
+
+
+def _run_packed_ir(spec: ConvSpec, template: str, knobs: object) -> str:
+    """The LLVM IR of a template's run-packed entry (what a bound kernel calls)."""
+    import tvm
+
+    from convgen.compiler.build import lower
+    from convgen.compiler.compute import RUN_PACKED_ENTRY
+
+    mod, _, _ = lower(spec, TARGET, template, dataclasses.asdict(knobs))
+    lib = tvm.compile(tvm.IRModule({"main": mod[RUN_PACKED_ENTRY]}),
+                      target=TARGET.tvm_target())
+    return lib.mod.inspect_source("ll")
+
+
+@pytest.mark.parametrize(("template", "knobs", "prefetched"), [
+    ("cpu_kvec", cpu.KvecKnobs(lanes=16, nkv=2, pw=4), True),  # 8 x 64 B accumulators
+    ("cpu_kvec", cpu.KvecKnobs(lanes=16, nkv=2, pw=8), False),  # 16: 1 KB
+    ("cpu_winograd", winograd.WinogradKnobs(tile=2, lanes=16, nkv=1, pt=8), True),
+    ("cpu_winograd", winograd.WinogradKnobs(tile=2, lanes=16, nkv=2, pt=8), False),
+])
+def test_register_tiles_prefetch_their_weights_where_the_accumulators_stay_in_registers(
+        template, knobs, prefetched):
+    """A tile whose accumulators fit a stack array prefetches its weights in the
+    reduction loop; a larger one (a workspace allocation, which LLVM cannot tell
+    apart from the weights' memory) must not, or every accumulator is stored at
+    every step."""
+    window = "3x3" if template == "cpu_winograd" else "1x1"
+    spec = make_spec(mode="corr", input="1x8x8x64", kernel=f"64x{window}x64",
+                     padding=1 if window == "3x3" else 0, layout="NHWC", bias=True,
+                     activation="relu")
+    ir = _run_packed_ir(spec, template, knobs)
+    assert ("@llvm.prefetch" in ir) == prefetched
+    if template == "cpu_kvec":
+        # a 1x1 layer's only buffer is the accumulator tile: a stack array, or 1 KB
+        # of workspace
+        assert ("load ptr, ptr @__TVMBackendAllocWorkspace" in ir) != prefetched

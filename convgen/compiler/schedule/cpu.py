@@ -58,6 +58,7 @@ from convgen.compiler.schedule.common import (
     loops_below,
     new_schedule,
 )
+from convgen.compiler.schedule.prefetch import accumulator_scope, prefetch_weights
 from convgen.compiler.targets import TargetInfo
 from convgen.spec import ConvSpec
 
@@ -366,8 +367,8 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     cropped = knobs.wide or channel_pad(spec, knobs.lanes)
     sch = new_schedule(func)
     pad_at = _kvec_pad_at(spec, target, knobs)
-    conv, pad = _prepare(sch, spec, pad_at)
     lanes, nkv, pw = knobs.lanes, knobs.nkv, knobs.pw
+    conv, pad = _prepare(sch, spec, pad_at)
     # Weights in [K/lanes, reduction dims, lanes] (`_kvec_packing`): one contiguous
     # vector load per (k-vector, c, r) instead of a lanes-way gather. Packed once by
     # `convgen_pack` for the run-packed entry; the plain entry repacks on every call.
@@ -377,13 +378,16 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
         sch.parallel(sch.get_loops(wc)[0])
         if has_block(sch, "weight_pad"):  # the zero channels, made in the same repack
             sch.compute_inline(sch.get_sblock("weight_pad"))
+    # the accumulators: pw x nkv vectors of float32 (`prefetch.accumulator_scope`)
+    tile_bytes = pw * nkv * lanes * 4
+    acc_scope = accumulator_scope(tile_bytes)
     if cropped:
         # the crop of the widened row or channels (+ the epilogue) is the write-back,
         # as in cpu_wvec
-        sch.set_scope(conv, 0, "local")
+        sch.set_scope(conv, 0, acc_scope)
         wb = sch.get_sblock("out")
     else:
-        wb = sch.cache_write(conv, 0, "local")
+        wb = sch.cache_write(conv, 0, acc_scope)
     if not spec.channels_last:
         # keep the accumulator channel-innermost; the NCHW scatter happens in the write-back
         sch.transform_layout(conv, ("write", 0), lambda n, k, *s: (n, *s, k))
@@ -418,7 +422,7 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     init = sch.decompose_reduction(conv, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
     _finish_pad(sch, pad, par, pad_at)  # (in the tile only with the blocks outside rows)
-    return sch
+    return prefetch_weights(sch, conv, tile_bytes)
 
 
 def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:

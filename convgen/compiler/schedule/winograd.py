@@ -49,6 +49,7 @@ from convgen.compiler.schedule.common import (
     loops_below,
     new_schedule,
 )
+from convgen.compiler.schedule.prefetch import accumulator_scope, prefetch_weights
 from convgen.compiler.targets import TargetInfo
 from convgen.spec import ConvSpec
 
@@ -265,8 +266,8 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
             sch.unroll(loop)
         sch.vectorize(lane)
     if knobs.rows:
-        _fused(sch, spec, knobs, vec)
-        return sch
+        gemm = _fused(sch, spec, knobs, vec)
+        return prefetch_weights(sch, gemm, _tile_bytes(knobs))
     # padded input, channels-last
     pad = sch.get_sblock("pad")
     n, y, _, c = sch.get_loops(pad)
@@ -286,7 +287,12 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     sch.parallel(sch.fuse(*loops[:2]))
     _, inner = _vector_split(sch, loops[-1], vec)
     sch.vectorize(inner)
-    return sch
+    return prefetch_weights(sch, gemm, _tile_bytes(knobs))
+
+
+def _tile_bytes(knobs: WinogradKnobs) -> int:
+    """The GEMM's accumulators: pt tiles x nkv vectors of float32."""
+    return knobs.pt * knobs.nkv * knobs.lanes * 4
 
 
 def _gemm(sch: Schedule, gemm: Any, loops: list[Any], knobs: WinogradKnobs,
@@ -295,7 +301,7 @@ def _gemm(sch: Schedule, gemm: Any, loops: list[Any], knobs: WinogradKnobs,
     nkv channel vectors accumulated across every input channel, written back once;
     `parallel`: the planes and tile blocks are the parallel tasks."""
     eps, nu, t, k, rc = loops
-    wb = sch.cache_write(gemm, 0, "local")
+    wb = sch.cache_write(gemm, 0, accumulator_scope(_tile_bytes(knobs)))
     to, ti = sch.split(t, [None, knobs.pt])
     ko, kvo, kvi = sch.split(k, [None, knobs.nkv, knobs.lanes])
     sch.reorder(eps, nu, to, ko, rc, ti, kvo, kvi)
@@ -313,11 +319,12 @@ def _gemm(sch: Schedule, gemm: Any, loops: list[Any], knobs: WinogradKnobs,
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _fused(sch: Schedule, spec: ConvSpec, knobs: WinogradKnobs, vec: int) -> None:
+def _fused(sch: Schedule, spec: ConvSpec, knobs: WinogradKnobs, vec: int) -> Any:
     """The fused arrangement: the output's loops, split into tiles, are the nest; each
     task's stages are computed at its loop. Producers are placed where their
     consumer's loop reads them (compute_at), so each region is a task's own tiles
-    (or its input rows, halo included) and the buffers shrink to them."""
+    (or its input rows, halo included) and the buffers shrink to them. Returns the
+    GEMM's block."""
     m = knobs.tile
     # the rows of the output transform, computed as the crop writes each output
     sch.compute_inline(sch.get_sblock("wino_y"))
@@ -358,6 +365,7 @@ def _fused(sch: Schedule, spec: ConvSpec, knobs: WinogradKnobs, vec: int) -> Non
     sch.compute_at(pad, task)
     _, ci = _vector_split(sch, loops_below(sch, pad, task)[-1], vec)
     sch.vectorize(ci)
+    return gemm
 
 
 TEMPLATE = Template(NAME, WinogradKnobs, _heuristic, _grid, _apply, packing=_packing,
