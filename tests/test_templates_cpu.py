@@ -150,3 +150,25 @@ def test_register_tiles_prefetch_their_weights_where_the_accumulators_stay_in_re
         # a 1x1 layer's only buffer is the accumulator tile: a stack array, or 1 KB
         # of workspace
         assert ("load ptr, ptr @__TVMBackendAllocWorkspace" in ir) != prefetched
+
+
+@pytest.mark.parametrize("mode", ["conv", "corr"])
+def test_kvec_pads_each_row_where_a_strided_window_copies_it_at_most_twice(mode, tmp_path):
+    """With the channel blocks inside the rows, a dense stride-2 3x3 layer pads the
+    input rows each output row reads, in its own task (2 copies of each row), rather
+    than the whole input up front; stride 1 (3 copies) and the 3-channel stem keep
+    the pass up front. Padded per row, the kernel must still be right, in both modes
+    and with asymmetric padding."""
+    strided = make_spec(mode=mode, input="1x13x12x32", kernel="32x3x3x32",
+                        padding=[1, 0, 1, 1], stride=2, layout="NHWC", bias=True)
+    knobs = cpu.KvecKnobs(lanes=16, nkv=1, pw=6, k_inner=True)
+    assert cpu._kvec_pad_at(strided, TARGET, knobs) == "tile"
+    unit = make_spec(mode=mode, input="1x12x12x32", kernel="32x3x3x32", padding=1,
+                     layout="NHWC")
+    stem = make_spec(mode=mode, input="1x32x32x3", kernel="64x7x7x3", padding=3, stride=2,
+                     layout="NHWC")
+    assert cpu._kvec_pad_at(unit, TARGET, knobs) == "front"
+    assert cpu._kvec_pad_at(stem, TARGET, knobs) == "front"
+    assert cpu._kvec_pad_at(strided, TARGET, dataclasses.replace(knobs, k_inner=False)) \
+        == "front"
+    test_template_is_correct(strided, "cpu_kvec", knobs, tmp_path)

@@ -436,10 +436,12 @@ def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:
     reduction (16 groups of 8: 1.25 ms against 0.99 padded in the tile; dense C128
     56x56 stride 2: 1.60 against 1.13 padded up front). Padded in the tile, each
     channel block copies its own channels of the rows it reads, once per output row:
-    worth it only where the blocks run outside the rows and each would otherwise read
-    a strided slice of every pixel (16 groups of 8: 0.50 ms against 0.55 up front);
-    otherwise up front (the 3-channel stem, one block: 1.13 against 1.19; 16 groups
-    of 8 with the blocks inside the rows: 0.36 against 0.39)."""
+    worth it where the blocks run outside the rows and each would otherwise read a
+    strided slice of every pixel (16 groups of 8: 0.50 ms against 0.55 up front), and
+    for a dense layer with the blocks inside the rows whose rows are copied at most
+    twice (`_input_row_copies`); otherwise up front (the 3-channel stem, one block:
+    1.13 against 1.19; 16 groups of 8 with the blocks inside the rows: 0.36 against
+    0.39)."""
     if spec.depthwise_like:
         # (zero input channels past C: a padded copy, as loads past C would leave the
         # tensor at its last pixel)
@@ -447,7 +449,26 @@ def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:
     blocks = _channel_vectors(spec, knobs.lanes) // knobs.nkv
     if spec.channels_per_group < target.fp32_lanes and not knobs.k_inner and blocks > 1:
         return "tile"
+    if knobs.k_inner and spec.groups == 1 and spec.in_channels >= target.fp32_lanes \
+            and _input_row_copies(spec) <= 2:
+        return "tile"
     return "front"
+
+
+def _input_row_copies(spec: ConvSpec) -> int:
+    """How many output rows' padded windows hold each input row (at least once):
+    the copies padding in the tile makes when each output row pads its own.
+
+    Padded up front, a dense layer's whole input is copied in a pass of its own
+    before any FMA, and in a model that pass reads the input from L3 or memory
+    with nothing to overlap it; padded per output row (blocks inside the rows) the
+    copy of a few rows interleaves with the FMAs that read them, from L2. At stride
+    2 a 3x3 window's rows are copied twice: ResNet-50's C128 56x56 3x3 stride 2
+    (1 x 14), after 64 MB of other traffic, 1.31-1.33 -> 1.22-1.25 ms, as fast warm;
+    at stride 1 (3 copies) 2% faster cold and 1-3% slower warm, and the 3-channel
+    7x7 stem (4 copies of 3-channel rows) 1.34 -> 1.40 (Zen 4, benchmarks/NOTES.md)."""
+    return math.prod(-(-extent // stride) for extent, stride in
+                     zip(spec.dilated_kernel_size[:-1], spec.stride[:-1], strict=True))
 
 
 def _kvec_packing(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> WeightPacking:
