@@ -58,7 +58,11 @@ from convgen.compiler.schedule.common import (
     loops_below,
     new_schedule,
 )
-from convgen.compiler.schedule.prefetch import accumulator_scope, prefetch_weights
+from convgen.compiler.schedule.prefetch import (
+    STACK_ARRAY_BYTES,
+    accumulator_scope,
+    prefetch_weights,
+)
 from convgen.compiler.targets import TargetInfo
 from convgen.spec import ConvSpec
 
@@ -244,6 +248,13 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
     # two channel vectors). 32 registers hold 16 accumulators, the weight vectors and a
     # broadcast; 16 registers hold 8.
     budget = accumulator_budget(target) + (2 if target.vector_registers >= 32 else 0)
+    if spec.weight_bytes > target.l2_bytes:
+        # Weights that stream from memory in a model: a tile under the stack limit
+        # keeps its accumulators in a stack array and prefetches the weights
+        # (`prefetch.py`); 16 vectors of 16 lanes are 1 KB, a workspace allocation.
+        # C512 28x28 1x1 K1024 (2 MB), 2 x 7 against 4 x 4: 4.33 / 4.56 ms warm,
+        # 4.61 / 4.88 after 64 MB of other traffic (Zen 4, benchmarks/NOTES.md).
+        budget = min(budget, (STACK_ARRAY_BYTES - 1) // (lanes * 4))
     k_inner = _kvec_k_inner(spec, target)
     if spec.depthwise_like and spec.stride[-1] == 1:
         # Depthwise: every input vector feeds a single channel vector, so more channel
