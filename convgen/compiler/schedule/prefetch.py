@@ -9,9 +9,11 @@ hardware prefetchers run too short a distance ahead of it. One prefetch per
 vector and step, `AHEAD_BYTES` ahead in the same stream, keeps the stream in L1
 before the loads reach it; past the end of one vector's run the address walks on
 into the next run in storage order, which is what the tile reads next. Measured
-on Zen 4 with the weights and activations flushed from cache before each call:
-ResNet-50's C512 7x7 1x1 K2048 0.669 -> 0.610 ms, its C256 14x14 Winograd
-GEMM (1 x 8 tile) 0.921 -> 0.807 ms (benchmarks/NOTES.md).
+on Zen 4 (benchmarks/NOTES.md), ms, after 64 MB of other traffic / warm: ResNet-50's
+C512 7x7 Winograd layer (1 x 8 GEMM tile) 1.277 -> 1.167 / 1.061 -> 0.798, its
+C256 14x14 0.956 -> 0.900 / 0.697 -> 0.554. On a direct 1x1 layer (C512 7x7
+K2048, 2 x 7) the stack array was the gain, 0.680 -> 0.618 / 0.547 -> 0.509, and
+the prefetch added nothing cold and 2.5% warm.
 
 The prefetch is a call in the reduction loop, and LLVM keeps the accumulators in
 registers across such a call only if it can prove the call does not write them:
