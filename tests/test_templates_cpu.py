@@ -178,14 +178,14 @@ def test_kvec_tiles_of_streaming_weights_fit_a_stack_array():
     """Weights larger than L2 come from memory in a model: the heuristic's tile then
     stays under the stack limit, so it prefetches them (`prefetch.py`), still with
     enough chains for the FMA pipes; weights that stay in cache keep 4 x 4."""
-    from convgen.compiler.schedule.prefetch import STACK_ARRAY_BYTES
+    from convgen.compiler.schedule.prefetch import accumulator_scope
 
     avx512 = resolve_target("llvm:znver4")
     streaming = make_spec(mode="corr", input="1x28x28x512", kernel="1024x1x1x512",
                           layout="NHWC")
     assert streaming.weight_bytes > avx512.l2_bytes
     tile = cpu.kvec_heuristic(streaming, avx512)
-    assert tile.nkv * tile.pw * tile.lanes * 4 < STACK_ARRAY_BYTES
+    assert accumulator_scope(tile.nkv * tile.pw * tile.lanes * 4) == "global"
     assert tile.nkv * tile.pw >= cpu.FMA_CHAINS
     cached = make_spec(mode="corr", input="1x28x28x256", kernel="256x1x1x256", layout="NHWC")
     assert (cpu.kvec_heuristic(cached, avx512).nkv, cpu.kvec_heuristic(cached, avx512).pw) \

@@ -59,9 +59,10 @@ from convgen.compiler.schedule.common import (
     new_schedule,
 )
 from convgen.compiler.schedule.prefetch import (
-    STACK_ARRAY_BYTES,
+    accumulator_bytes,
     accumulator_scope,
     prefetch_weights,
+    stack_vectors,
 )
 from convgen.compiler.targets import TargetInfo
 from convgen.spec import ConvSpec
@@ -254,7 +255,7 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         # (`prefetch.py`); 16 vectors of 16 lanes are 1 KB, a workspace allocation.
         # C512 28x28 1x1 K1024 (2 MB), 2 x 7 against 4 x 4: 4.33 / 4.56 ms warm,
         # 4.61 / 4.88 after 64 MB of other traffic (Zen 4, benchmarks/NOTES.md).
-        budget = min(budget, (STACK_ARRAY_BYTES - 1) // (lanes * 4))
+        budget = min(budget, stack_vectors(lanes))
     k_inner = _kvec_k_inner(spec, target)
     if spec.depthwise_like and spec.stride[-1] == 1:
         # Depthwise: every input vector feeds a single channel vector, so more channel
@@ -378,8 +379,8 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     cropped = knobs.wide or channel_pad(spec, knobs.lanes)
     sch = new_schedule(func)
     pad_at = _kvec_pad_at(spec, target, knobs)
-    lanes, nkv, pw = knobs.lanes, knobs.nkv, knobs.pw
     conv, pad = _prepare(sch, spec, pad_at)
+    lanes, nkv, pw = knobs.lanes, knobs.nkv, knobs.pw
     # Weights in [K/lanes, reduction dims, lanes] (`_kvec_packing`): one contiguous
     # vector load per (k-vector, c, r) instead of a lanes-way gather. Packed once by
     # `convgen_pack` for the run-packed entry; the plain entry repacks on every call.
@@ -389,8 +390,8 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
         sch.parallel(sch.get_loops(wc)[0])
         if has_block(sch, "weight_pad"):  # the zero channels, made in the same repack
             sch.compute_inline(sch.get_sblock("weight_pad"))
-    # the accumulators: pw x nkv vectors of float32 (`prefetch.accumulator_scope`)
-    tile_bytes = pw * nkv * lanes * 4
+    # the accumulators: pw x nkv vectors (`prefetch.accumulator_scope`)
+    tile_bytes = accumulator_bytes(pw * nkv, lanes)
     acc_scope = accumulator_scope(tile_bytes)
     if cropped:
         # the crop of the widened row or channels (+ the epilogue) is the write-back,

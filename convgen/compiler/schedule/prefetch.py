@@ -41,12 +41,24 @@ if TYPE_CHECKING:
 # TVM lowers a "global" buffer smaller than this (its kMaxStackAlloca) inside a
 # kernel to a stack array; anything else to a workspace allocation.
 STACK_ARRAY_BYTES = 1024
+# Register tiles accumulate in float32, whatever the data type.
+ACCUMULATOR_BYTES = 4
 # How far ahead of the loads the prefetch runs: about one memory latency (100 ns)
 # of a tile's reduction steps (a step of 14 FMAs is 4-5 ns; 64 steps of one
-# 64-byte vector are 4 KB). 2-8 KB measured alike.
+# 64-byte vector are 4 KB). 4-16 KB measured alike, 2 KB 3% slower.
 AHEAD_BYTES = 4096
 # At most this many prefetches per reduction step (one per weight vector it loads).
 MAX_STREAMS = 8
+
+
+def accumulator_bytes(vectors: int, lanes: int) -> int:
+    """A register tile's accumulators: `vectors` vectors of `lanes` lanes."""
+    return vectors * lanes * ACCUMULATOR_BYTES
+
+
+def stack_vectors(lanes: int) -> int:
+    """The most accumulator vectors of `lanes` lanes a stack array holds."""
+    return (STACK_ARRAY_BYTES - 1) // accumulator_bytes(1, lanes)
 
 
 def accumulator_scope(tile_bytes: int) -> str:

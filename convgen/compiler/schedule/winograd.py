@@ -49,7 +49,11 @@ from convgen.compiler.schedule.common import (
     loops_below,
     new_schedule,
 )
-from convgen.compiler.schedule.prefetch import accumulator_scope, prefetch_weights
+from convgen.compiler.schedule.prefetch import (
+    accumulator_bytes,
+    accumulator_scope,
+    prefetch_weights,
+)
 from convgen.compiler.targets import TargetInfo
 from convgen.spec import ConvSpec
 
@@ -291,8 +295,8 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
 
 
 def _tile_bytes(knobs: WinogradKnobs) -> int:
-    """The GEMM's accumulators: pt tiles x nkv vectors of float32."""
-    return knobs.pt * knobs.nkv * knobs.lanes * 4
+    """The GEMM's accumulators: pt tiles x nkv vectors."""
+    return accumulator_bytes(knobs.pt * knobs.nkv, knobs.lanes)
 
 
 def _gemm(sch: Schedule, gemm: Any, loops: list[Any], knobs: WinogradKnobs,
