@@ -445,6 +445,8 @@ def pack_prim_func(spec: ConvSpec, target: TargetInfo, packing: WeightPacking) -
     sch = s_tir.Schedule(tvm.IRModule({PACK_ENTRY: func}))
     sch.work_on(PACK_ENTRY)
     block = sch.get_sblock("wino_u" if packing.winograd_tile else "pack")
+    if packing.winograd_tile:  # U's rows: recomputed per value of U, from 3 taps each
+        sch.compute_inline(sch.get_sblock("wino_gg"))
     loops = sch.get_loops(block)
     if target.is_cuda:
         if packing.winograd_tile:

@@ -22,8 +22,8 @@ multiplications by 0 or 1.
 Stages (block names): "pad" (the padded input, channels-last, covering whole
 tiles), "wino_bt" and "wino_v" (the input transform, rows then columns), "bgemm"
 (the batched GEMM), "wino_at" and "wino_y" (the output transform), "out" (the
-crop to the output and the fused epilogue), and "wino_u" (the weight transform, in the plain
-entry and the packing entry).
+crop to the output and the fused epilogue), and "wino_gg" and "wino_u" (the weight
+transform, rows then columns, in the plain entry and the packing entry).
 """
 
 from __future__ import annotations
@@ -108,30 +108,28 @@ def packed_shape(spec: ConvSpec, m: int, lanes: int) -> tuple[int, ...]:
 
 
 def weight_transform(spec: ConvSpec, weight: Any, m: int, lanes: int) -> Any:
-    """U = G g G^T in `packed_shape`'s layout, with `conv`'s flip applied to g."""
+    """U = G g G^T in `packed_shape`'s layout, with `conv`'s flip applied to g. Two
+    stages like the other transforms, rows ("wino_gg": alpha x 3 per output and input
+    channel) then columns ("wino_u", its alpha^2 values indexed e = eps * alpha + nu),
+    each written out over G's non-zero coefficients."""
     from tvm import te
 
     alpha = m + 2
     _, _, g_mat = matrices(m)
-    r = te.reduce_axis((0, 3), name="wr")
-    s = te.reduce_axis((0, 3), name="ws")
 
-    def tap(k: Any, c: Any, r: Any, s: Any) -> Any:
+    def tap(k: Any, c: Any, r: int, s: Any) -> Any:
         if spec.mode == "conv":
             r, s = spec.flipped_taps((r, s))
         return weight[(k, r, s, c) if spec.channels_last else (k, c, r, s)]
 
-    def g_at(row: Any, col: Any) -> Any:
-        return _by_index(row, [_by_index(col, [_const(g_mat[i, j]) for j in range(3)])
-                               for i in range(alpha)])
-
-    return te.compute(
-        packed_shape(spec, m, lanes),
-        lambda e, kb, c, lane: te.sum(
-            g_at(e // alpha, r) * tap(kb * lanes + lane, c, r, s) * g_at(e % alpha, s),
-            axis=[r, s]),
-        name="wino_u",
-    )
+    _, blocks, cin, _ = shape = packed_shape(spec, m, lanes)
+    # gg[eps, s, kb, c, lane] = sum_r G[eps, r] g[r, s]
+    gg = _transform((alpha, 3, blocks, cin, lanes), g_mat.T, 0,
+                    lambda i, r: tap(i[2] * lanes + i[4], i[3], r, i[1]), "wino_gg")
+    # U[eps * alpha + nu, kb, c, lane] = sum_s gg[eps, s] G[nu, s]
+    return te.compute(shape, lambda e, kb, c, lane: _by_index(e, [
+        _combine(g_mat[nu], [gg[eps, s, kb, c, lane] for s in range(3)])
+        for eps in range(alpha) for nu in range(alpha)]), name="wino_u")
 
 
 def _transform(shape: tuple[int, ...], mat: np.ndarray, axis: int,

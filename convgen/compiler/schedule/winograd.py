@@ -255,20 +255,8 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     vec = target.fp32_lanes
     sch = new_schedule(func)
     if has_block(sch, "wino_u"):
-        # The plain entry transforms the weights on every call: each (channel vector,
-        # input channel) reads its 3x3 taps once and makes all alpha^2 outputs from
-        # them in registers (the planes outermost would read the weights alpha^2 times).
-        u = sch.get_sblock("wino_u")
-        if spec.channels_last:  # OHWI: one pass to [K, C, 3, 3], so each tap block is contiguous
-            wc = sch.cache_read(u, 0, "global")
-            sch.transform_layout(wc, ("write", 0), lambda k, r, s, c: (k, c, r, s))
-            sch.parallel(sch.get_loops(wc)[0])
-        e, kb, c, lane, r, s = sch.get_loops(u)
-        sch.reorder(kb, c, e, r, s, lane)
-        sch.parallel(kb)
-        for loop in (e, r, s):
-            sch.unroll(loop)
-        sch.vectorize(lane)
+        # the plain entry transforms the weights on every call
+        _transform_weights(sch, sch.get_sblock("wino_u"))
     if knobs.rows:
         gemm = _fused(sch, spec, knobs, vec)
         return prefetch_weights(sch, gemm, _tile_bytes(knobs))
@@ -321,6 +309,29 @@ def _gemm(sch: Schedule, gemm: Any, loops: list[Any], knobs: WinogradKnobs,
     sch.vectorize(inner)
     init = sch.decompose_reduction(gemm, rc)
     sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _transform_weights(sch: Schedule, u: Any) -> None:
+    """U's two stages, the channel vectors in parallel: per vector of output channels
+    and input channel, its 9 taps loaded once (a gather across the vector's output
+    channels, which are not adjacent in the weight's layout), the alpha x 3 rows in
+    registers, then all alpha^2 values of U from them. U written out as a reduction
+    over the taps instead (one product of three terms per tap and value) kept its
+    partial sums in memory: ResNet-50's C256 14x14 layer took 3.0 ms per call, now
+    0.8-2.0 (Zen 4, benchmarks/NOTES.md); a pass blocking the weights first, so that
+    the taps are contiguous loads, gained nothing."""
+    e, kb, c, lane = sch.get_loops(u)
+    sch.reorder(kb, c, e, lane)
+    sch.parallel(kb)
+    sch.unroll(e)
+    sch.vectorize(lane)
+    gg = sch.get_sblock("wino_gg")
+    sch.compute_at(gg, c)
+    *rows, gg_lane = loops_below(sch, gg, c)
+    for loop in rows:
+        sch.unroll(loop)
+    sch.vectorize(gg_lane)
+    sch.set_scope(gg, 0, "local")
 
 
 def _fused(sch: Schedule, spec: ConvSpec, knobs: WinogradKnobs, vec: int) -> Any:
