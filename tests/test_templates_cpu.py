@@ -152,6 +152,80 @@ def test_register_tiles_prefetch_their_weights_where_the_accumulators_stay_in_re
         assert ("load ptr, ptr @__TVMBackendAllocWorkspace" in ir) != prefetched
 
 
+def _prefetched_lines(func, iterations: range) -> set[int]:
+    """The lines (lane vectors) of the packed weight that these iterations of the
+    parallel loop prefetch, over all their serial steps."""
+    import itertools
+
+    import tvm_ffi
+    from tvm import tirx
+    from tvm.ir.expr import TensorLoad
+    from tvm.sym.analyzer import Analyzer
+
+    stack, calls = [], []
+
+    def on_for(node, visitor):
+        stack.append(node)
+        visitor.default_visit(node)
+        stack.pop()
+
+    def on_call(node, visitor):
+        if "prefetch" in str(node):
+            loads = []
+            tvm_ffi.structural_walk(node, (TensorLoad, loads.append))
+            calls.append((loads[0], list(stack)))
+        visitor.default_visit(node)
+
+    tvm_ffi.structural_visit(func.body, [(tirx.For, on_for), (tirx.Evaluate, on_call)])
+    lines, analyzer = set(), Analyzer()
+    for load, loops in calls:
+        weight = load.source
+        par = next(lp for lp in loops if lp.kind == tirx.ForKind.PARALLEL)
+        serial = [lp for lp in loops[loops.index(par) + 1:] if lp.kind == tirx.ForKind.SERIAL]
+        shape = [int(d) for d in weight.shape]
+        for values in itertools.product(*(range(int(lp.extent)) for lp in serial)):
+            for p in iterations:
+                # (each loop's min plus an offset: a constant of the loop variable's type)
+                at = {par.loop_var: par.min + p,
+                      **{lp.loop_var: lp.min + v for lp, v in zip(serial, values)}}
+                idx = [int(analyzer.simplify(tvm_ffi.structural_map(
+                    i, (tirx.Var, lambda v, at=at: next(
+                        (x for k, x in at.items() if k.same_as(v)), v))))) for i in load.indices]
+                flat = 0
+                for dim, i in zip(shape, idx):
+                    flat = flat * dim + i
+                lines.add(flat // shape[-1])
+    return lines
+
+
+@pytest.mark.parametrize(("template", "knobs", "run", "run_lines"), [
+    # a channel block (2 vectors x 64 input channels) per 8 output rows
+    ("cpu_kvec", cpu.KvecKnobs(lanes=16, nkv=2, pw=4, k_inner=False), 8, 2 * 64),
+    # a plane of U (4 vectors x 64 input channels) per 2 blocks of 8 of the 16 tiles
+    ("cpu_winograd", winograd.WinogradKnobs(tile=2, lanes=16, nkv=1, pt=8), 2, 4 * 64),
+])
+def test_runs_reading_the_same_weights_prefetch_the_next_runs(template, knobs, run,
+                                                              run_lines):
+    """Consecutive parallel iterations that read the same weights (a channel block's
+    rows with the blocks outside the rows; a Winograd plane's tile blocks) together
+    prefetch every line of the next run's weights, and nothing else: no stream
+    prefetch of their own, which the run's first iteration would wait on memory for.
+    With the blocks inside the rows every row reads all the weights, and the tile
+    prefetches ahead in its stream."""
+    from convgen.compiler.build import lower
+    from convgen.compiler.compute import RUN_PACKED_ENTRY
+
+    window = "3x3" if template == "cpu_winograd" else "1x1"
+    spec = make_spec(mode="corr", input="1x8x8x64", kernel=f"64x{window}x64",
+                     padding=1 if window == "3x3" else 0, layout="NHWC")
+    mod, _, _ = lower(spec, TARGET, template, dataclasses.asdict(knobs))
+    lines = _prefetched_lines(mod[RUN_PACKED_ENTRY], range(run))
+    assert lines == set(range(run_lines, 2 * run_lines))
+    if template == "cpu_kvec":
+        ir = _run_packed_ir(spec, template, dataclasses.replace(knobs, k_inner=True))
+        assert "@llvm.prefetch" in ir
+
+
 @pytest.mark.parametrize("mode", ["conv", "corr"])
 def test_kvec_pads_each_row_where_a_strided_window_copies_it_at_most_twice(mode, tmp_path):
     """With the channel blocks inside the rows, a dense stride-2 3x3 layer pads the

@@ -434,7 +434,10 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     init = sch.decompose_reduction(conv, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
     _finish_pad(sch, pad, par, pad_at)  # (in the tile only with the blocks outside rows)
-    return prefetch_weights(sch, conv, tile_bytes)
+    # with the blocks outside the rows, each block's rows (consecutive parallel
+    # iterations) read the same weights
+    rows = 0 if knobs.k_inner else math.prod(spec.out_size[:-1])
+    return prefetch_weights(sch, conv, tile_bytes, group=rows)
 
 
 def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:

@@ -279,7 +279,9 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     sch.parallel(sch.fuse(*loops[:2]))
     _, inner = _vector_split(sch, loops[-1], vec)
     sch.vectorize(inner)
-    return prefetch_weights(sch, gemm, _tile_bytes(knobs))
+    # each plane's tile blocks (consecutive parallel iterations) read the same U
+    return prefetch_weights(sch, gemm, _tile_bytes(knobs),
+                            group=winograd.tiles(spec, knobs.tile) // knobs.pt)
 
 
 def _tile_bytes(knobs: WinogradKnobs) -> int:
