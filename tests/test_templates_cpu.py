@@ -181,7 +181,7 @@ def _prefetched_lines(func, iterations: range) -> set[int]:
     for load, loops in calls:
         weight = load.source
         par = next(lp for lp in loops if lp.kind == tirx.ForKind.PARALLEL)
-        serial = [lp for lp in loops[loops.index(par) + 1:] if lp.kind == tirx.ForKind.SERIAL]
+        serial = loops[loops.index(par) + 1:]  # (serial or unrolled, around the call)
         shape = [int(d) for d in weight.shape]
         for values in itertools.product(*(range(int(lp.extent)) for lp in serial)):
             for p in iterations:
@@ -224,6 +224,24 @@ def test_runs_reading_the_same_weights_prefetch_the_next_runs(template, knobs, r
     if template == "cpu_kvec":
         ir = _run_packed_ir(spec, template, dataclasses.replace(knobs, k_inner=True))
         assert "@llvm.prefetch" in ir
+
+
+def test_runs_whose_weights_fill_l2_prefetch_in_their_stream():
+    """Two runs' weights beyond L2: prefetching the next block would evict the lines
+    this block's rows reread (ResNet-50's C512 14x14 3x3 stride 2, 2 x 16 channels:
+    589 KB per block), so the tile prefetches ahead in its own stream instead."""
+    from convgen.compiler.build import lower
+    from convgen.compiler.compute import RUN_PACKED_ENTRY
+
+    spec = make_spec(mode="corr", input="1x4x4x512", kernel="64x3x3x512", padding=1,
+                     layout="NHWC")
+    knobs = cpu.KvecKnobs(lanes=16, nkv=2, pw=4, k_inner=False)
+    block_bytes = 2 * 16 * 9 * 512 * 4
+    assert 2 * block_bytes > TARGET.l2_bytes
+    mod, _, _ = lower(spec, TARGET, "cpu_kvec", dataclasses.asdict(knobs))
+    lines = _prefetched_lines(mod[RUN_PACKED_ENTRY], range(1))
+    block_lines = block_bytes // 64
+    assert lines and min(lines) < block_lines  # its own block's lines, ahead of the loads
 
 
 @pytest.mark.parametrize("mode", ["conv", "corr"])

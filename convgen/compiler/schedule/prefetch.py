@@ -22,12 +22,15 @@ memory and the others reread them from L2: memory then works in bursts, at a
 pace the FMAs cannot follow (64 KB per block of 2 x 16 channels of a C512 1x1
 layer in one row's 3584 steps), and idles while the rest of the run computes. So
 such a run prefetches the next run's weights instead, its steps mapped evenly
-onto their cache lines, and the next run finds them in cache. After 64 MB of other
-traffic / warm, ms: C512 7x7 1x1 K2048 (2 x 7) 0.672 -> 0.575-0.580 / 0.508 ->
-0.527-0.536; the C512 7x7 Winograd layer 1.135 -> 1.059 / 0.805 -> 0.787 (with
-the stream prefetch as well, 1.186: too many requests in flight). Deployed,
-alternating in one process: ResNet-50 39.77 -> 37.99 ms, ResNet-18 14.30 ->
-13.37 (onnxruntime 48.42 and 20.75; Zen 4, 18 GB/s from memory on two cores).
+onto their cache lines, and the next run finds them in cache; where two runs'
+weights fit in L2, or the next run's evict the lines this run rereads (ResNet-50's
+C512 14x14 3x3 stride 2, 589 KB per block of 2 x 16 channels: 1.52 -> 2.0-2.3 ms
+after 64 MB of other traffic, whatever the prefetch's locality hint). Measured on
+Zen 4 (18 GB/s from memory on two cores), bound calls after 64 MB of other traffic
+/ warm, ms: C512 7x7 1x1 K2048 (2 x 7) 0.672 -> 0.575-0.580 / 0.508 ->
+0.527-0.536. Inside ResNet-50 (`scripts/profile_model.py`, two runs each) its
+three such layers went from 0.645-0.697 to 0.543-0.603 ms, its last stride-2 1x1
+(C1024 14x14 K2048) from 1.26-1.29 to 1.07-1.09.
 
 The prefetch is a call in the reduction loop, and LLVM keeps the accumulators in
 registers across such a call only if it can prove the call does not write them:
@@ -81,14 +84,16 @@ def accumulator_scope(tile_bytes: int) -> str:
     return "global" if tile_bytes < STACK_ARRAY_BYTES else "local"
 
 
-def prefetch_weights(sch: Schedule, update: Any, tile_bytes: int, group: int = 0) -> Schedule:
+def prefetch_weights(sch: Schedule, update: Any, tile_bytes: int, group: int = 0,
+                     cache_bytes: int = 0) -> Schedule:
     """`sch` with a prefetch of each weight vector the block `update` loads per step
     of its innermost serial reduction loop, AHEAD_BYTES ahead in its stream; or, with
     `group`, where each run of `group` consecutive iterations of the parallel loop
-    reads the same weights, prefetches of the next run's weights spread evenly over
-    this run's steps (the module docstring). Unchanged where the accumulators are not
-    a stack array (`accumulator_scope`), the block reads no packed weights, or no
-    serial loop steps through them."""
+    reads the same weights and two runs' weights fit in `cache_bytes` (L2), prefetches
+    of the next run's weights spread evenly over this run's steps (the module
+    docstring). Unchanged where the accumulators are not a stack array
+    (`accumulator_scope`), the block reads no packed weights, or no serial loop steps
+    through them."""
     if accumulator_scope(tile_bytes) != "global":
         return sch
     func = sch.mod[ENTRY]
@@ -107,7 +112,7 @@ def prefetch_weights(sch: Schedule, update: Any, tile_bytes: int, group: int = 0
     if placed is None:
         return sch
     target, inner = placed
-    calls = _next_group(weight, indices, loops, target, group) if group else []
+    calls = _next_group(weight, indices, loops, target, group, cache_bytes) if group else []
     if not calls:
         calls = _prefetches(weight, indices, inner)
     if not calls or len(calls) > MAX_STREAMS:
@@ -211,13 +216,14 @@ def _prefetches(weight: Any, indices: list[Any], inner: list[Any]) -> list[Any]:
 
 
 def _next_group(weight: Any, indices: list[Any], loops: list[Any], target: Any,
-                group: int) -> list[Any]:
+                group: int, cache_bytes: int) -> list[Any]:
     """Prefetches, per step of the serial loops from the parallel one down to `target`,
     of the weights the next `group` parallel iterations read: the run's steps mapped
     evenly onto the next run's cache lines, at most MAX_STREAMS per step (the last
     run's point past the weights' end: a prefetch never faults). Empty where the
-    weights of one run are not a contiguous block that the next run's follows, or
-    the line arithmetic would overflow the loop variables' type."""
+    weights of one run are not a contiguous block that the next run's follows, where
+    two runs' weights exceed `cache_bytes` (the next run's would evict those this run
+    rereads), or where the line arithmetic would overflow the loop variables' type."""
     import math
 
     from tvm import tirx
@@ -245,6 +251,8 @@ def _next_group(weight: Any, indices: list[Any], loops: list[Any], target: Any,
     region = analyzer.simplify(flat(start(par.min + group)) - flat(start(par.min)))
     lanes = int(weight.shape[-1])
     if not isinstance(region, tirx.IntImm) or int(region) <= 0 or int(region) % lanes:
+        return []
+    if 2 * int(region) * weight.dtype.bits // 8 > cache_bytes:
         return []
     lines = int(region) // lanes
     per_step = -(-lines // steps)
