@@ -228,15 +228,17 @@ def test_runs_reading_the_same_weights_prefetch_the_next_runs(template, knobs, r
 
 def test_runs_whose_weights_fill_l2_prefetch_in_their_stream():
     """Two runs' weights beyond L2: prefetching the next block would evict the lines
-    this block's rows reread (ResNet-50's C512 14x14 3x3 stride 2, 2 x 16 channels:
-    589 KB per block), so the tile prefetches ahead in its own stream instead."""
+    this block's rows reread (as on ResNet-50's C512 14x14 3x3 stride 2, 2 x 16
+    channels: 589 KB per block), so the tile prefetches ahead in its own stream."""
     from convgen.compiler.build import lower
     from convgen.compiler.compute import RUN_PACKED_ENTRY
 
-    spec = make_spec(mode="corr", input="1x4x4x512", kernel="64x3x3x512", padding=1,
+    per_channel = 2 * 16 * 9 * 4  # a block's bytes per input channel: 2 x 16 lanes x 3x3
+    c = (TARGET.l2_bytes // (2 * per_channel) // 16 + 1) * 16  # two blocks just past L2
+    spec = make_spec(mode="corr", input=f"1x4x4x{c}", kernel=f"64x3x3x{c}", padding=1,
                      layout="NHWC")
     knobs = cpu.KvecKnobs(lanes=16, nkv=2, pw=4, k_inner=False)
-    block_bytes = 2 * 16 * 9 * 512 * 4
+    block_bytes = per_channel * c
     assert 2 * block_bytes > TARGET.l2_bytes
     mod, _, _ = lower(spec, TARGET, "cpu_kvec", dataclasses.asdict(knobs))
     lines = _prefetched_lines(mod[RUN_PACKED_ENTRY], range(1))

@@ -47,6 +47,7 @@ which is wrapped in a new schedule (as `cuda.workspace_as_argument` does).
 from __future__ import annotations
 
 import itertools
+import math
 from typing import TYPE_CHECKING, Any
 
 from convgen.compiler.compute import ENTRY
@@ -225,8 +226,6 @@ def _next_group(weight: Any, indices: list[Any], loops: list[Any], target: Any,
     weights of one run are not a contiguous block that the next run's follows, where
     two runs' weights exceed `cache_bytes` (the next run's would evict those this run
     rereads), or where the line arithmetic would overflow the loop variables' type."""
-    import math
-
     from tvm import tirx
     from tvm.sym.analyzer import Analyzer
 
@@ -297,4 +296,3 @@ def _prepend(body: Any, target: Any, calls: list[Any]) -> Any:
                         tirx.SeqStmt([*calls, node.body]), node.thread_binding, node.annotations)
 
     return tvm_ffi.structural_map(body, (tirx.For, at_target))
-
