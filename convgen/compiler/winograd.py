@@ -144,12 +144,6 @@ def _transform(shape: tuple[int, ...], mat: np.ndarray, axis: int,
         name=name)
 
 
-def _const(v: float) -> Any:
-    from tvm import tirx
-
-    return tirx.const(float(np.float32(v)), "float32")
-
-
 def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[Any]:
     """The TE tensors [data, weight (or packed U), (bias,) (residual,) out] of
     F(m x m, 3 x 3)."""
