@@ -27,8 +27,8 @@ runs' weights fit in L2: otherwise the next run's evict the lines this run
 rereads (ResNet-50's C512 14x14 3x3 stride 2, 589 KB per block of 2 x 16
 channels: 1.52 -> 2.0-2.3 ms after 64 MB of other traffic, whatever the
 prefetch's locality hint). Measured on Zen 4 (18 GB/s from memory on two
-cores), bound calls after 64 MB of other traffic / warm, ms: C512 7x7 1x1 K2048
-(2 x 7) 0.672 -> 0.575-0.580 / 0.508 -> 0.527-0.536. Inside ResNet-50
+cores), the run-packed entry after 64 MB of other traffic / warm, ms: C512 7x7
+1x1 K2048 (2 x 7) 0.672 -> 0.575-0.580 / 0.508 -> 0.527-0.536. Inside ResNet-50
 (`scripts/profile_model.py`, two runs each) its three such layers went from
 0.645-0.697 to 0.543-0.603 ms, its last stride-2 1x1 (C1024 14x14 K2048) from
 1.26-1.29 to 1.07-1.09.

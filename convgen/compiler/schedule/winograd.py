@@ -320,7 +320,7 @@ def _transform_weights(sch: Schedule, u: Any) -> None:
     channels, which are not adjacent in the weight's layout), the alpha x 3 rows in
     registers, then all alpha^2 values of U from them. U written out as a reduction
     over the taps instead (one product of three terms per tap and value) kept its
-    partial sums in memory: the unbound call on ResNet-50's C256 14x14 layer took
+    partial sums in memory: the plain entry on ResNet-50's C256 14x14 layer took
     3.0-3.7 ms, now 0.8-2.0 (Zen 4, benchmarks/NOTES.md); a pass blocking the weights
     first, so that the taps are contiguous loads, gained nothing."""
     e, kb, c, lane = sch.get_loops(u)
