@@ -8,7 +8,9 @@ What a change to `deploy` or to the records did to a model (`deploy` against
 same build moves by up to 15% between runs of `scripts/bench_models.py`, while builds
 timed in alternating rounds of one process see the same machine. Each round calls
 every build and onnxruntime (on the first build's ONNX model, all optimizations,
-spinning on) 3 times to warm up and 4 times timed, after a 0.1 s pause; medians."""
+spinning on) 3 times to warm up and 4 times timed, after a 0.1 s pause, in an order
+rotated each round; medians. Copies of one build still differ (by up to 2 ms on
+ResNet-50): time two copies of each build where that matters."""
 
 from __future__ import annotations
 
@@ -35,8 +37,12 @@ def main() -> None:
         d: (lambda m=m: m(**inputs)) for d, m in zip(args.dirs, models)}
     calls["onnxruntime"] = lambda: session.run(None, inputs)
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(args.rounds):
-        for name, call in calls.items():
+    names = list(calls)
+    for r in range(args.rounds):
+        # no build always runs right after onnxruntime's (in a fixed order the first
+        # of two identical ResNet-50 builds ran 2-4 ms slower than the other)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            call = calls[name]
             time.sleep(0.1)  # the other's thread pool back to idle
             for _ in range(3):
                 call()

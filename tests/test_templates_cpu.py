@@ -226,24 +226,40 @@ def test_runs_reading_the_same_weights_prefetch_the_next_runs(template, knobs, r
         assert "@llvm.prefetch" in ir
 
 
+def _own_stream_prefetched(spec, knobs: cpu.KvecKnobs, block_bytes: int) -> bool:
+    """Whether the first channel block's rows prefetch its own lines (ahead of their
+    loads in its stream) rather than the next block's."""
+    from convgen.compiler.build import lower
+    from convgen.compiler.compute import RUN_PACKED_ENTRY
+
+    mod, _, _ = lower(spec, TARGET, "cpu_kvec", dataclasses.asdict(knobs))
+    lines = _prefetched_lines(mod[RUN_PACKED_ENTRY], range(1))
+    return bool(lines) and min(lines) < block_bytes // 64
+
+
 def test_runs_whose_weights_fill_l2_prefetch_in_their_stream():
     """Two runs' weights beyond L2: prefetching the next block would evict the lines
     this block's rows reread (as on ResNet-50's C512 14x14 3x3 stride 2, 2 x 16
     channels: 589 KB per block), so the tile prefetches ahead in its own stream."""
-    from convgen.compiler.build import lower
-    from convgen.compiler.compute import RUN_PACKED_ENTRY
-
-    per_channel = 2 * 16 * 9 * 4  # a block's bytes per input channel: 2 x 16 lanes x 3x3
+    per_channel = 2 * 16 * 4  # a block's bytes per input channel: 2 x 16 lanes, 1x1
     c = (TARGET.l2_bytes // (2 * per_channel) // 16 + 1) * 16  # two blocks just past L2
-    spec = make_spec(mode="corr", input=f"1x4x4x{c}", kernel=f"64x3x3x{c}", padding=1,
+    spec = make_spec(mode="corr", input=f"1x8x8x{c}", kernel=f"64x1x1x{c}", layout="NHWC")
+    assert 2 * per_channel * c > TARGET.l2_bytes
+    knobs = cpu.KvecKnobs(lanes=16, nkv=2, pw=4, k_inner=False)
+    assert _own_stream_prefetched(spec, knobs, per_channel * c)
+
+
+def test_runs_over_a_windows_taps_prefetch_in_their_stream():
+    """A 3x3 layer's rows step through the input channels once per tap (unrolled):
+    a few FMAs per step, where prefetching the next block cost more than it hid
+    (ResNet-50's C256 28x28 3x3 stride 2, 1 x 7: 1.38 against 1.20 ms after other
+    traffic), so the rows prefetch in their own stream although two blocks fit L2."""
+    spec = make_spec(mode="corr", input="1x8x8x64", kernel="64x3x3x64", padding=1,
                      layout="NHWC")
     knobs = cpu.KvecKnobs(lanes=16, nkv=2, pw=4, k_inner=False)
-    block_bytes = per_channel * c
-    assert 2 * block_bytes > TARGET.l2_bytes
-    mod, _, _ = lower(spec, TARGET, "cpu_kvec", dataclasses.asdict(knobs))
-    lines = _prefetched_lines(mod[RUN_PACKED_ENTRY], range(1))
-    block_lines = block_bytes // 64
-    assert lines and min(lines) < block_lines  # its own block's lines, ahead of the loads
+    block_bytes = 2 * 16 * 9 * 64 * 4
+    assert 2 * block_bytes <= TARGET.l2_bytes
+    assert _own_stream_prefetched(spec, knobs, block_bytes)
 
 
 @pytest.mark.parametrize("mode", ["conv", "corr"])
