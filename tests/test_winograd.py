@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from convgen.cli import main
 from convgen.compiler.build import build_artifact
 from convgen.compiler.schedule import schedule_for
+from convgen.compiler.schedule.winograd import TEMPLATE as WINOGRAD
 from convgen.compiler.targets import resolve_target
 from convgen.errors import UnsupportedError
 from convgen.reference import reference_conv
@@ -113,6 +114,11 @@ def test_algorithm_choice(cpu_target):
     assert schedule_for(dense, zen4, use_records=False)[1].knobs["rows"] == 1
     deep = make_spec(mode="conv", input="1x512x14x14", kernel="512x512x3x3", padding=1)
     assert schedule_for(deep, zen4, use_records=False)[1].knobs["rows"] == 0
+    # and tuning, which times kernels warm, is not offered the fused arrangement there
+    # either: every fused task would read all of U, from memory in a model
+    grid = list(WINOGRAD.grid(deep, zen4))
+    assert grid and not any(knobs.rows for knobs in grid)
+    assert any(knobs.rows for knobs in WINOGRAD.grid(dense, zen4))
     # with 16 registers, 7 x 7 tiles: a run of tiles per U load, not 8 vectors x 1 tile
     mid = make_spec(mode="corr", input="1x128x28x28", kernel="128x128x3x3", padding=1)
     assert schedule_for(mid, avx2, use_records=False)[1].knobs["pt"] > 1

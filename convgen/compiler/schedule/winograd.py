@@ -153,12 +153,23 @@ def _fuses(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
     4.1 / 4.1 against 8.0 / 8.4; but 14x14 C256 (U 9.4 MB, 4 tile rows) 0.65-0.73 /
     1.2-1.7 against 0.65 / 1.03."""
     alpha = tile + 2
-    u_bytes = alpha * alpha * spec.in_channels * spec.out_channels * 4
     row_tiles = winograd.tile_grid(spec, tile)[1]
     row_bytes = alpha * alpha * row_tiles * (spec.in_channels + spec.out_channels) * 4
     tasks = spec.batch * winograd.tile_grid(spec, tile)[0]  # a task's rows: one image's
-    return (u_bytes <= 4 * target.l2_bytes and row_bytes <= target.l2_bytes // 2
+    return (_u_rereadable(spec, target, tile) and row_bytes <= target.l2_bytes // 2
             and tasks >= target.num_cores and _fusable(spec, tile, 1))
+
+
+def _u_rereadable(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
+    """Whether U is small enough for every fused task to read it all: within 4x L2.
+    Beyond, the fused tasks measured fastest only warm (tuning's timing), and lost
+    wherever U came from memory: ResNet-50's C256 14x14 (9.4 MB) deployed 42.63 ms
+    fused against 40.05 staged; C512 7x7 (16.8 MB) through `k(x)` in `convgen bench`
+    1.13-1.28 ms fused against 0.84-0.89 staged (benchmarks/NOTES.md). So tuning
+    offers the fused arrangement only within this bound too."""
+    alpha = tile + 2
+    u_bytes = alpha * alpha * spec.in_channels * spec.out_channels * 4
+    return u_bytes <= 4 * target.l2_bytes
 
 
 # Each plane's U block (C x K) is read once per call and used by every tile: below
@@ -190,8 +201,8 @@ def _grid(spec: ConvSpec, target: TargetInfo) -> Iterator[WinogradKnobs]:
     for tile in winograd.TILES:
         yield _knobs(spec, target, tile)  # valid however small the layer
         rows_per_image = winograd.tile_grid(spec, tile)[0]
-        arrangements = [0] + [r for r in (1, 2)
-                              if rows_per_image % r == 0 and _fusable(spec, tile, r)]
+        arrangements = [0] + [r for r in (1, 2) if rows_per_image % r == 0
+                              and _fusable(spec, tile, r) and _u_rereadable(spec, target, tile)]
         for rows in arrangements:
             for nkv in divisors(spec.out_channels // lanes):
                 for pt in divisors(_task_tiles(spec, tile, rows)):
