@@ -4,9 +4,10 @@ Accepted: `llvm` / `cpu` (the host CPU, detected: mcpu and core count),
 `llvm:<mcpu>` (cross-compile for another x86/Arm CPU), `cuda` (sm_90),
 `cuda:sm_80` (any arch), or a JSON dict passed to `tvm.target.Target` as is.
 
-Every fact of the hardware a schedule relies on (vector width and registers,
-SM count, shared memory per block, compute capability, warp size) is a property
-of `TargetInfo`, asked of it, never written into a template as a literal.
+Every fact of the hardware a schedule relies on (vector width and registers, FMA
+and load issue rates, L2, SM count, shared memory per block, compute capability,
+warp size) is a property of `TargetInfo`, asked of it, never written into a
+template as a literal.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ SM_COUNT = {70: 80, 75: 40, 80: 108, 86: 84, 89: 58, 90: 132, 100: 148}
 L2_BYTES = {"znver4": 1 << 20, "znver5": 1 << 20, "skylake-avx512": 1 << 20,
             "cascadelake": 1 << 20, "cooperlake": 1 << 20, "icelake-server": 5 << 18,
             "sapphirerapids": 2 << 20, "emeraldrapids": 2 << 20, "graniterapids": 2 << 20}
+# FMA width a core issues per cycle, by LLVM CPU name: two 512-bit FMA units (Xeon
+# Scalable parts, Zen 5); others two 256-bit ones (Zen 2-4, Intel client), on which a
+# 512-bit FMA issues once a cycle, as two halves.
+FMA_BITS_PER_CYCLE = {"znver5": 1024, "skylake-avx512": 1024, "cascadelake": 1024,
+                      "cooperlake": 1024, "icelake-server": 1024, "sapphirerapids": 1024,
+                      "emeraldrapids": 1024, "graniterapids": 1024}
+FMA_PIPES = 2
+# Loads a core issues per cycle: 2 on every x86 core since Haswell and Zen 1 (3 on
+# Zen 3/4 and Ice Lake, of which 2 may be vectors).
+LOADS_PER_CYCLE = 2
 # Static shared memory a block may declare (larger needs dynamic allocation and an
 # opt-in attribute, which TVM's CUDA codegen does not emit).
 STATIC_SMEM_PER_BLOCK = 48 * 1024
@@ -113,6 +124,16 @@ class TargetInfo:
         """Architectural vector registers: 32 with AVX-512 (ymm16-31 through AVX-512VL)
         and on Arm, 16 on AVX2/AVX/SSE x86."""
         return 16 if self.vector_isa() in ("avx2", "avx", "sse2") else 32
+
+    def fmas_per_cycle(self, lanes: int) -> float:
+        """Vector FMAs of `lanes` float32 lanes a core issues per cycle: its FMA width
+        per cycle over the vector's, at most one per FMA pipe."""
+        return min(float(FMA_PIPES), FMA_BITS_PER_CYCLE.get(self.arch, 512) / (32 * lanes))
+
+    @property
+    def loads_per_cycle(self) -> int:
+        """Loads (vectors or broadcasts) a core issues per cycle."""
+        return LOADS_PER_CYCLE
 
     @property
     def l2_bytes(self) -> int:

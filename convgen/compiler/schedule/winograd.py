@@ -91,17 +91,23 @@ def _applies(spec: ConvSpec, target: TargetInfo) -> bool:
 
 def _knobs(spec: ConvSpec, target: TargetInfo, tile: int) -> WinogradKnobs:
     """Staged: the register tile cpu_kvec's way: per step pt broadcasts and nkv loads
-    feed pt x nkv FMAs, so the squarest tile within the accumulator budget (the tile
-    count often has few divisors: 7 x 7 tiles of a 28x28 output). But a tile of one
-    tile (pt = 1) rereads the plane's U (C x K, from L2) for every tile, so any tile
-    of several comes first: with 16 registers (budget 8) on 28x28 C128, 8 channel
-    vectors x 1 tile ran 0.82 ms, 1 x 7 0.52 (AVX2 code, on Zen 4)."""
+    feed pt x nkv FMAs, within the accumulator budget. But a tile of one tile (pt = 1)
+    rereads the plane's U (C x K, from L2) for every tile, so any tile of several
+    comes first: with 16 registers (budget 8) on 28x28 C128, 8 channel vectors x 1
+    tile ran 0.82 ms, 1 x 7 0.52 (AVX2 code, on Zen 4). Then, among the tiles whose
+    loads the core issues as fast as their FMAs need them, the fewest tile blocks:
+    each block rereads the plane's U, and the deep layers' U planes (256 KB-1 MB) come
+    from L2 or beyond. A 512-bit FMA issues once a cycle on Zen 4, so there 1 x 8 (9
+    loads per 8 FMAs) beat 2 x 4, C512 7x7 0.727 against 0.832 ms; in 8-lane AVX2
+    code, two FMAs a cycle, 1 x 8 needs 2.3 loads a cycle and lost, 1.512 against
+    1.216 (benchmarks/NOTES.md). Where no such tile exists, the most FMAs per load."""
     lanes = _lanes(spec, target)
     budget = accumulator_budget(target)
     tiles = winograd.tiles(spec, tile)
 
-    def rank(k: WinogradKnobs) -> tuple[bool, float]:
-        return k.pt > 1, _fmas_per_load(k)
+    def rank(k: WinogradKnobs) -> tuple[bool, bool, int, float]:
+        fed = target.fmas_per_cycle(k.lanes) / _fmas_per_load(k) <= target.loads_per_cycle
+        return k.pt > 1, fed, -(tiles // k.pt) if fed else 0, _fmas_per_load(k)
 
     best = None
     for nkv in (2, 4, 1, 8):
