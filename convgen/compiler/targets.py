@@ -30,15 +30,15 @@ SM_COUNT = {70: 80, 75: 40, 80: 108, 86: 84, 89: 58, 90: 132, 100: 148}
 L2_BYTES = {"znver4": 1 << 20, "znver5": 1 << 20, "skylake-avx512": 1 << 20,
             "cascadelake": 1 << 20, "cooperlake": 1 << 20, "icelake-server": 5 << 18,
             "sapphirerapids": 2 << 20, "emeraldrapids": 2 << 20, "graniterapids": 2 << 20}
-# FMA width a core issues per cycle, by LLVM CPU name: two 512-bit FMA units (Xeon
-# Scalable parts, Zen 5); others two 256-bit ones (Zen 2-4, Intel client), on which a
-# 512-bit FMA issues once a cycle, as two halves.
+# FMA width a core issues per cycle, by LLVM CPU name: two 512-bit FMA units (Zen 5,
+# the Gold and Platinum Xeon Scalable parts; some lower ones have one); others two
+# 256-bit ones (Zen 2-4, Intel client), on which a 512-bit FMA issues once a cycle, as
+# two halves.
 FMA_BITS_PER_CYCLE = {"znver5": 1024, "skylake-avx512": 1024, "cascadelake": 1024,
                       "cooperlake": 1024, "icelake-server": 1024, "sapphirerapids": 1024,
                       "emeraldrapids": 1024, "graniterapids": 1024}
 FMA_PIPES = 2
-# Loads a core issues per cycle: 2 on every x86 core since Haswell and Zen 1 (3 on
-# Zen 3/4 and Ice Lake, of which 2 may be vectors).
+# Loads a core issues per cycle: at least 2 on x86 cores since Haswell and Zen 1.
 LOADS_PER_CYCLE = 2
 # Static shared memory a block may declare (larger needs dynamic allocation and an
 # opt-in attribute, which TVM's CUDA codegen does not emit).

@@ -36,8 +36,8 @@ cores), the run-packed entry after 64 MB of other traffic / warm, ms: C512 7x7
 per step): those runs keep the stream prefetch, which ran as fast as none. The
 run-packed entry, 1 x 7 tiles, cold / warm, ms: ResNet-50's C256 28x28 3x3
 stride 2 1.377 / 1.134 with the next run's prefetch, 1.197 / 1.101 without;
-ResNet-18's C256 14x14 3x3 stride 2 K512 0.728 / 0.667 against 0.676 / 0.569;
-ResNet-18 12.69 -> 12.46 ms alternating in one process.
+ResNet-18's C256 14x14 3x3 stride 2 K512 0.728 / 0.667 against 0.676 / 0.569,
+and inside ResNet-18 (`scripts/profile_model.py`) 1.34-1.50 against 0.71-0.72.
 
 The prefetch is a call in the reduction loop, and LLVM keeps the accumulators in
 registers across such a call only if it can prove the call does not write them:
