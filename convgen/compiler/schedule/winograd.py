@@ -34,6 +34,7 @@ The stages are arranged one of two ways (the `rows` knob):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -173,8 +174,7 @@ def _u_rereadable(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
     fused against 40.05 staged; C512 7x7 (16.8 MB) through `k(x)` in `convgen bench`
     1.13-1.28 ms fused against 0.84-0.89 staged (benchmarks/NOTES.md). So tuning
     offers the fused arrangement only within this bound too."""
-    alpha = tile + 2
-    u_bytes = alpha * alpha * spec.in_channels * spec.out_channels * 4
+    u_bytes = math.prod(winograd.packed_shape(spec, tile, 1)) * 4  # float32
     return u_bytes <= 4 * target.l2_bytes
 
 
