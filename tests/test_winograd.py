@@ -40,7 +40,7 @@ SPECS = [
 
 
 @pytest.mark.parametrize("rows", [0, 1], ids=["staged", "fused"])
-@pytest.mark.parametrize("tile", [2, 4, 6])
+@pytest.mark.parametrize("tile", [2, 3, 4, 6])
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name())
 def test_every_tile_verifies(spec: ConvSpec, tile: int, rows: int, cpu_target, tmp_path):
     # fused: one tile row per task, whose 5, 3 or 2 tiles only pt=1 divides
@@ -79,7 +79,7 @@ def winograd_specs(draw: st.DrawFn) -> ConvSpec:
 
 @settings(max_examples=10, deadline=None)
 @given(spec=winograd_specs(), seed=st.integers(0, 2**16),
-       fused_tile=st.sampled_from([None, 2, 4, 6]))
+       fused_tile=st.sampled_from([None, 2, 3, 4, 6]))
 def test_random_3x3_specs_through_winograd(spec: ConvSpec, seed: int, fused_tile: int | None,
                                            cpu_target, tmp_path_factory):
     """Through the chooser (on these small channel counts: the staged arrangement), or

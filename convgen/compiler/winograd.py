@@ -36,7 +36,7 @@ import numpy as np
 
 from convgen.spec import ConvSpec
 
-TILES = (2, 4, 6)  # m: F(2x2,3x3), F(4x4,3x3), F(6x6,3x3)
+TILES = (2, 3, 4, 6)  # m: F(2x2,3x3), F(3x3,3x3), F(4x4,3x3), F(6x6,3x3)
 
 
 def declines(spec: ConvSpec) -> str | None:

@@ -57,10 +57,11 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 # Winograd F(m x m, 3x3) (float32 only) rounds in its transforms, more for larger
 # tiles. Worst error against a float64 oracle, relative to the output's magnitude,
 # over the suite's dense 3x3 layers and the case table's Winograd specs (two seeds
-# each, benchmarks/NOTES.md): F2 1.1e-6, F4 1.0e-5, F6 2.3e-5. The atol stated is
-# at least 4x that.
+# each, benchmarks/NOTES.md): F2 1.1e-6, F3 6.1e-6, F4 1.0e-5, F6 2.3e-5. The atol
+# stated is at least 4x that.
 ALGORITHM_TOLERANCES: dict[str, tuple[float, float]] = {
     "winograd_f2": (1e-4, 1e-5),
+    "winograd_f3": (1e-4, 5e-5),
     "winograd_f4": (1e-4, 5e-5),
     "winograd_f6": (1e-4, 1e-4),
 }
