@@ -13,12 +13,14 @@ def test_bench_alternates_implementations_in_rounds(monkeypatch):
     monkeypatch.setattr(timing, "_wait_until_idle", lambda: None)
     order: list[str] = []
     calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
-    times = timing.time_host_rounds(calls, repeats=6, warmup=1, min_sample_ms=0.0, rounds=3)
+    times = timing.time_host_rounds(calls, repeats=6, warmup=2, min_sample_ms=0.0, rounds=3)
     assert set(times) == {"a", "b"}
-    timed = order[4:]  # after each one's warm-up and calibration call
+    timed = order[6:]  # after each one's calibration: its warm-up calls and one timed
     blocks = [timed[i] for i in range(len(timed)) if i == 0 or timed[i] != timed[i - 1]]
     assert blocks == ["a", "b"] * 3
-    assert timed.count("a") == timed.count("b") == 3 * (1 + 2)  # an untimed call + 2 samples
+    # each block: the warm-up calls again (the other's block left the caches cold),
+    # then 2 samples
+    assert timed.count("a") == timed.count("b") == 3 * (2 + 2)
 
 
 def test_gflops_of_failed_runs_is_zero():

@@ -113,15 +113,20 @@ def time_host_rounds(calls: dict[K, Callable[[], Any]], repeats: int, warmup: in
     spell on a shared machine falls on every implementation alike, not on whichever
     one it overlapped. Per-sample interleaving is worse: the thread pools that spin
     after each call (TVM's, PyTorch's OpenMP) then steal cores from the next
-    implementation. So each block starts once the previous pool has parked, with one
-    untimed call. (The measurements are in benchmarks/NOTES.md.)"""
+    implementation. So each block starts once the previous pool has parked, and
+    measures the implementation's steady state: `warmup` untimed calls first, since
+    after the other implementation's block (or any idle spell on a shared host) the
+    first calls run on caches the other filled (MobileNetV2 deployed: 3.8-4.4 ms for
+    the first call after a 0.1 s pause, 3.1-3.5 steady). (The measurements are in
+    benchmarks/NOTES.md.)"""
     number = {name: _calibrate(fn, warmup, min_sample_ms) for name, fn in calls.items()}
     samples: dict[K, list[float]] = {name: [] for name in calls}
     per_round = max(1, math.ceil(repeats / rounds))
     for _ in range(rounds):
         for name, fn in calls.items():
             _wait_until_idle()
-            fn()
+            for _ in range(warmup):
+                fn()
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 for _ in range(number[name]):
