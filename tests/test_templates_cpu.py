@@ -155,6 +155,13 @@ def test_register_tiles_prefetch_their_weights_where_the_accumulators_stay_in_re
 def _prefetched_lines(func, iterations: range) -> set[int]:
     """The lines (lane vectors) of the packed weight that these iterations of the
     parallel loop prefetch, over all their serial steps."""
+    offsets, lanes = _prefetched_offsets(func, iterations)
+    return {flat // lanes for flat in offsets}
+
+
+def _prefetched_offsets(func, iterations: range) -> tuple[list[int], int]:
+    """Every prefetch these iterations of the parallel loop run, over all their serial
+    steps, as an offset into the packed weight (in elements); and its lanes."""
     import itertools
 
     import tvm_ffi
@@ -177,7 +184,7 @@ def _prefetched_lines(func, iterations: range) -> set[int]:
         visitor.default_visit(node)
 
     tvm_ffi.structural_visit(func.body, [(tirx.For, on_for), (tirx.Evaluate, on_call)])
-    lines, analyzer = set(), Analyzer()
+    offsets, analyzer, lanes = [], Analyzer(), 0
     for load, loops in calls:
         weight = load.source
         par = next(lp for lp in loops if lp.kind == tirx.ForKind.PARALLEL)
@@ -194,8 +201,9 @@ def _prefetched_lines(func, iterations: range) -> set[int]:
                 flat = 0
                 for dim, i in zip(shape, idx):
                     flat = flat * dim + i
-                lines.add(flat // shape[-1])
-    return lines
+                offsets.append(flat)
+                lanes = shape[-1]
+    return offsets, lanes
 
 
 @pytest.mark.parametrize(("template", "knobs", "run", "run_lines"), [
@@ -224,6 +232,27 @@ def test_runs_reading_the_same_weights_prefetch_the_next_runs(template, knobs, r
     if template == "cpu_kvec":
         ir = _run_packed_ir(spec, template, dataclasses.replace(knobs, k_inner=True))
         assert "@llvm.prefetch" in ir
+
+
+def test_runs_prefetch_each_line_of_the_next_run_once_per_block_of_steps():
+    """Where a run has many steps per line of the next run's weights, one prefetch per
+    cache line, once per block of steps, rather than one at every step: an 8-lane
+    (AVX2) tile's step is 8 FMAs, and a prefetch at each, with its address arithmetic,
+    held a 1x1 layer to 0.74 ms against 0.62 without (Zen 4, AVX2 code). Two 8-lane
+    vectors share a 64-byte line: one prefetch covers both."""
+    from convgen.compiler.build import lower
+    from convgen.compiler.compute import RUN_PACKED_ENTRY
+
+    avx2 = resolve_target("llvm:znver3")
+    spec = make_spec(mode="corr", input="1x8x8x64", kernel="64x1x1x64", layout="NHWC")
+    knobs = cpu.KvecKnobs(lanes=8, nkv=2, pw=4, k_inner=False)
+    mod, _, _ = lower(spec, avx2, "cpu_kvec", dataclasses.asdict(knobs))
+    # a run: one block of 2 x 8 channels, its 8 rows of 2 tiles by 64 input channels
+    # (1024 steps), reading 2 x 64 vectors of 32 bytes (4 KB, 64 lines)
+    offsets, lanes = _prefetched_offsets(mod[RUN_PACKED_ENTRY], range(8))
+    assert lanes == 8
+    line = avx2.cache_line_bytes // 4
+    assert sorted(flat // line for flat in offsets) == list(range(64, 128))
 
 
 def _own_stream_prefetched(spec, knobs: cpu.KvecKnobs, block_bytes: int) -> bool:

@@ -40,6 +40,8 @@ FMA_BITS_PER_CYCLE = {"znver5": 1024, "skylake-avx512": 1024, "cascadelake": 102
 FMA_PIPES = 2
 # Loads a core issues per cycle: at least 2 on x86 cores since Haswell and Zen 1.
 LOADS_PER_CYCLE = 2
+# The unit caches move and a prefetch fetches, on every x86 core.
+CACHE_LINE_BYTES = 64
 # Static shared memory a block may declare (larger needs dynamic allocation and an
 # opt-in attribute, which TVM's CUDA codegen does not emit).
 STATIC_SMEM_PER_BLOCK = 48 * 1024
@@ -134,6 +136,10 @@ class TargetInfo:
     def loads_per_cycle(self) -> int:
         """Loads (vectors or broadcasts) a core issues per cycle."""
         return LOADS_PER_CYCLE
+
+    @property
+    def cache_line_bytes(self) -> int:
+        return CACHE_LINE_BYTES
 
     @property
     def l2_bytes(self) -> int:

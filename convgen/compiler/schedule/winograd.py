@@ -299,8 +299,7 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     sch.vectorize(inner)
     # each plane's tile blocks (consecutive parallel iterations) read the same U
     return prefetch_weights(sch, gemm, _tile_bytes(knobs),
-                            group=winograd.tiles(spec, knobs.tile) // knobs.pt,
-                            cache_bytes=target.l2_bytes)
+                            group=winograd.tiles(spec, knobs.tile) // knobs.pt, cpu=target)
 
 
 def _tile_bytes(knobs: WinogradKnobs) -> int:
