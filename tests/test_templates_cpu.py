@@ -94,6 +94,21 @@ def test_kvec_widens_rows_only_where_no_tile_keeps_the_fma_pipes_busy():
     assert avx512.wide == 0 and avx512.nkv * avx512.pw >= cpu.FMA_CHAINS
 
 
+def test_kvec_keeps_four_weight_vectors_out_of_16_registers_where_rows_widen():
+    """16 registers: a 14-wide dense row takes two channel vectors by 5 pixels on the
+    row widened to 15 (10 accumulators), not four vectors by 2, whose weights LLVM
+    kept on the stack; a 56-wide row keeps 2 x 4 unwidened; a row that may not be
+    widened (a depthwise-separable pair's) keeps 4 x 2 rather than 2 x 2's 4 chains."""
+    avx2 = resolve_target("llvm:znver3")
+    spec = make_spec(mode="corr", input="1x14x14x96", kernel="576x1x1x96", layout="NHWC")
+    tile = cpu.kvec_heuristic(spec, avx2)
+    assert (tile.nkv, tile.pw, tile.wide) == (2, 5, 1)
+    assert cpu.kvec_heuristic(spec, avx2, widen=False).nkv == 4
+    wide = make_spec(mode="corr", input="1x56x56x64", kernel="256x1x1x64", layout="NHWC")
+    tile = cpu.kvec_heuristic(wide, avx2)
+    assert (tile.nkv, tile.pw, tile.wide) == (2, 4, 0)
+
+
 def test_kvec_channel_blocks_inside_rows_where_weights_are_small():
     """Depthwise weights stay in cache: the channel blocks run inside each row; with
     too few rows to share among the cores, they do not; nor for weights that do not

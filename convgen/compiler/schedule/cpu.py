@@ -282,10 +282,23 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
     # pixels only: ConvNeXt's C1536 14x14 1x1 K384 1.52 ms against 1.08, and never
     # faster on the 14x14 1x1 layers measured, Zen 4, benchmarks/NOTES.md)
     shapes = [2 * vec // lanes, 4 * vec // lanes, vec // lanes]
+    dense_budget = budget
     if target.vector_registers >= 32 and w == 1:
         # a single pixel (a classifier, a squeeze-excitation gate) reuses no weight
         # vector however the tile is shaped: up to 8 channel vectors, as many chains
         shapes.append(8 * vec // lanes)
+    if target.vector_registers < 32 and widen and not spec.depthwise_like:
+        # 16 registers: four weight vectors beside 8 accumulators and the broadcasts
+        # leave LLVM too few, and it keeps a short reduction's weights on the stack
+        # across the row's tiles (C96 14x14 1x1 K576, AVX2 code on Zen 4: 4 x 2 0.178
+        # ms); two vectors by 5 pixels, 10 accumulators in 13 registers, on the row
+        # widened to 15 ran 0.141 (benchmarks/NOTES.md). So where the row may be
+        # widened, two vectors or one, and two vectors may take 5 pixels; rows of
+        # 4-pixel tiles (56, 28) keep 2 x 4, which beat 2 x 5 widened (56x56 C64
+        # K256: 0.516 against 0.610). (Unwidened, a 14-wide row has only 2 x 2
+        # beside 4 x 2: 4 chains.)
+        shapes.remove(4 * vec // lanes)
+        dense_budget = budget + 2
     # A row no tile of FMA_CHAINS accumulators divides is widened where that helps:
     # with 16 registers a 7-wide row (ResNet-50's last stage) takes only 1 x 7 (7
     # chains, 0.875 FMAs per load) or single pixels, and widened to 8 it takes 2 x 4
@@ -303,7 +316,7 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
             break
         for nkv in shapes:
             nkv = divisor_at_most(_channel_vectors(spec, lanes), nkv)
-            pw = divisor_at_most(w + extra, max(1, budget // nkv))
+            pw = divisor_at_most(w + extra, max(1, dense_budget // nkv))
             tile = KvecKnobs(lanes, nkv, pw, wide=extra)
             if best is None or useful_fmas_per_load(tile) > useful_fmas_per_load(best):
                 best = tile
