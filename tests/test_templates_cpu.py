@@ -94,16 +94,18 @@ def test_kvec_widens_rows_only_where_no_tile_keeps_the_fma_pipes_busy():
     assert avx512.wide == 0 and avx512.nkv * avx512.pw >= cpu.FMA_CHAINS
 
 
-def test_kvec_keeps_four_weight_vectors_out_of_16_registers_where_rows_widen():
-    """16 registers: a 14-wide dense row takes two channel vectors by 5 pixels on the
-    row widened to 15 (10 accumulators), not four vectors by 2, whose weights LLVM
-    kept on the stack; a 56-wide row keeps 2 x 4 unwidened; a row that may not be
-    widened (a depthwise-separable pair's) keeps 4 x 2 rather than 2 x 2's 4 chains."""
+def test_kvec_on_16_registers_ranks_fma_chains_before_loads():
+    """16 registers: no four weight vectors (LLVM kept their weights on the stack),
+    and tiles of more FMA chains first. A 14-wide dense row takes two channel vectors
+    by 5 pixels on the row widened to 15 (10 accumulators); a row that may not be
+    widened (a depthwise-separable pair's) one vector by 7 (7 chains), not 2 x 2 (4
+    chains, fewer loads); a 56-wide row keeps 2 x 4 unwidened."""
     avx2 = resolve_target("llvm:znver3")
     spec = make_spec(mode="corr", input="1x14x14x96", kernel="576x1x1x96", layout="NHWC")
     tile = cpu.kvec_heuristic(spec, avx2)
     assert (tile.nkv, tile.pw, tile.wide) == (2, 5, 1)
-    assert cpu.kvec_heuristic(spec, avx2, widen=False).nkv == 4
+    tile = cpu.kvec_heuristic(spec, avx2, widen=False)
+    assert (tile.nkv, tile.pw, tile.wide) == (1, 7, 0)
     wide = make_spec(mode="corr", input="1x56x56x64", kernel="256x1x1x64", layout="NHWC")
     tile = cpu.kvec_heuristic(wide, avx2)
     assert (tile.nkv, tile.pw, tile.wide) == (2, 4, 0)

@@ -287,18 +287,26 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         # a single pixel (a classifier, a squeeze-excitation gate) reuses no weight
         # vector however the tile is shaped: up to 8 channel vectors, as many chains
         shapes.append(8 * vec // lanes)
-    if target.vector_registers < 32 and widen and not spec.depthwise_like:
+    few_registers = target.vector_registers < 32 and not spec.depthwise_like
+    if few_registers:
         # 16 registers: four weight vectors beside 8 accumulators and the broadcasts
         # leave LLVM too few, and it keeps a short reduction's weights on the stack
-        # across the row's tiles (C96 14x14 1x1 K576, AVX2 code on Zen 4: 4 x 2 0.178
-        # ms); two vectors by 5 pixels, 10 accumulators in 13 registers, on the row
-        # widened to 15 ran 0.141 (benchmarks/NOTES.md). So where the row may be
-        # widened, two vectors or one, and two vectors may take 5 pixels; rows of
-        # 4-pixel tiles (56, 28) keep 2 x 4, which beat 2 x 5 widened (56x56 C64
-        # K256: 0.516 against 0.610). (Unwidened, a 14-wide row has only 2 x 2
-        # beside 4 x 2: 4 chains.)
+        # across the row's tiles; and a tile of fewer than FMA_CHAINS accumulators
+        # leaves the FMA pipes idle whatever it saves in loads. So two channel
+        # vectors or one, two may take 5 pixels (10 accumulators in 13 registers),
+        # and more chains (up to FMA_CHAINS) rank before fewer loads. AVX2 code on
+        # Zen 4 (benchmarks/NOTES.md), C96 14x14 1x1 K576: 4 x 2 0.178 ms, 2 x 5 on
+        # the row widened to 15 0.141; a depthwise-separable pair's 14-wide 1x1 stage
+        # (its rows do not widen), C384 -> K96: 4 x 2 0.185, 2 x 2 0.161, 1 x 7 0.126.
+        # Rows of 4-pixel tiles (56, 28) keep 2 x 4, which beat 2 x 5 widened (56x56
+        # C64 K256: 0.516 against 0.610).
         shapes.remove(4 * vec // lanes)
         dense_budget = budget + 2
+
+    def rank(k: KvecKnobs) -> tuple[int, float]:
+        chains = min(k.nkv * k.pw, FMA_CHAINS) if few_registers else 0
+        return chains, useful_fmas_per_load(k)
+
     # A row no tile of FMA_CHAINS accumulators divides is widened where that helps:
     # with 16 registers a 7-wide row (ResNet-50's last stage) takes only 1 x 7 (7
     # chains, 0.875 FMAs per load) or single pixels, and widened to 8 it takes 2 x 4
@@ -312,13 +320,17 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
     # widened from 17 to 18 (Zen 4). So it never ends the search, however many chains.
     widths = [0, *_kvec_widenings(spec)] if widen else [0]
     for extra in widths:
-        if best is not None and best.nkv * best.pw >= FMA_CHAINS and best.pw > 1:
+        # (with 16 registers a single channel vector does not end it either: two by 5
+        # on a widened row won where widening was allowed, C96 14x14 K576 0.141 ms
+        # against 1 x 7's 0.176)
+        if (best is not None and best.nkv * best.pw >= FMA_CHAINS and best.pw > 1
+                and not (few_registers and best.nkv * best.lanes == vec)):
             break
         for nkv in shapes:
             nkv = divisor_at_most(_channel_vectors(spec, lanes), nkv)
             pw = divisor_at_most(w + extra, max(1, dense_budget // nkv))
             tile = KvecKnobs(lanes, nkv, pw, wide=extra)
-            if best is None or useful_fmas_per_load(tile) > useful_fmas_per_load(best):
+            if best is None or rank(tile) > rank(best):
                 best = tile
     assert best is not None
     return dataclasses.replace(best, k_inner=k_inner)
