@@ -272,6 +272,24 @@ def test_runs_prefetch_each_line_of_the_next_run_once_per_block_of_steps():
     assert sorted(flat // line for flat in offsets) == list(range(64, 128))
 
 
+def test_stream_prefetches_come_once_per_cache_line():
+    """A tile prefetching ahead in its own stream reads one 8-lane (32-byte) vector of
+    each stream per step: one prefetch per 64-byte line, every other step, not two."""
+    from convgen.compiler.build import lower
+    from convgen.compiler.compute import RUN_PACKED_ENTRY
+
+    avx2 = resolve_target("llvm:znver3")
+    # one channel block (2 x 8 channels) and one tile (4 pixels) per row: each row's
+    # steps read each stream once
+    spec = make_spec(mode="corr", input="1x4x4x64", kernel="16x1x1x64", layout="NHWC")
+    knobs = cpu.KvecKnobs(lanes=8, nkv=2, pw=4, k_inner=True)
+    mod, _, _ = lower(spec, avx2, "cpu_kvec", dataclasses.asdict(knobs))
+    offsets, _ = _prefetched_offsets(mod[RUN_PACKED_ENTRY], range(1))
+    line = avx2.cache_line_bytes // 4
+    assert len(offsets) == 2 * 64 // 2  # two streams, 64 steps, every other step
+    assert len({flat // line for flat in offsets}) == len(offsets)
+
+
 def _own_stream_prefetched(spec, knobs: cpu.KvecKnobs, block_bytes: int) -> bool:
     """Whether the first channel block's rows prefetch its own lines (ahead of their
     loads in its stream) rather than the next block's."""

@@ -6,7 +6,8 @@ L3 from one inference to the next. A register tile reads its weights as one
 contiguous stream per channel vector (`WeightPacking`: [K/lanes, ..., C, lanes]),
 64 bytes per vector and reduction step, and waits on that stream where the
 hardware prefetchers run too short a distance ahead of it. One prefetch per
-vector and step, `AHEAD_BYTES` ahead in the same stream, keeps the stream in L1
+stream and cache line (at every step for 16-lane vectors, every other step for
+8-lane ones), `AHEAD_BYTES` ahead in the same stream, keeps the stream in L1
 before the loads reach it; past the end of one vector's run the address walks on
 into the next run in storage order, which is what the tile reads next. Measured
 on Zen 4 (benchmarks/NOTES.md), ms, after 64 MB of other traffic / warm: ResNet-50's
@@ -22,7 +23,11 @@ memory and the others reread them from L2: memory then works in bursts, at a
 pace the FMAs cannot follow (64 KB per block of 2 x 16 channels of a C512 1x1
 layer in one row's 3584 steps), and idles while the rest of the run computes. So
 such a run prefetches the next run's weights instead, its steps mapped evenly
-onto their cache lines, and the next run finds them in cache. Only where two
+onto their cache lines (one prefetch per line, at the first step of each block of
+steps where the run has more steps than lines: an AVX2 tile's step is only 8 FMAs;
+C256 56x56 1x1 K64 in AVX2 code on Zen 4 ran 0.737 ms with a prefetch at every
+step, 0.632 once per line, 0.619 with none, warm), and the next run finds them
+in cache. Only where two
 runs' weights fit in L2: otherwise the next run's evict the lines this run
 rereads (ResNet-50's C512 14x14 3x3 stride 2, 589 KB per block of 2 x 16
 channels: 1.52 -> 2.0-2.3 ms after 64 MB of other traffic, whatever the
@@ -129,10 +134,22 @@ def prefetch_weights(sch: Schedule, update: Any, tile_bytes: int, group: int = 0
     calls, every = (_next_group(weight, indices, loops, target, group, cpu.l2_bytes,
                                 cpu.cache_line_bytes) if group and cpu is not None else ([], 1))
     if not calls:
-        calls, every = _prefetches(weight, indices, inner), 1
+        calls, every = _prefetches(weight, indices, inner), _steps_per_line(weight, target, cpu)
     if not calls or len(calls) > MAX_STREAMS:
         return sch
     return new_schedule(func.with_body(_prepend(func.body, target, calls, every)))
+
+
+def _steps_per_line(weight: Any, target: Any, cpu: TargetInfo | None) -> int:
+    """Steps of loop `target` per cache line of a weight vector's stream (each step
+    reads the next vector of `lanes`): 2 for 8-lane float32, so that a stream
+    prefetch comes once per line rather than twice (at most MAX_EVERY; 1 where the
+    loop's extent does not divide)."""
+    if cpu is None:
+        return 1
+    lanes = int(weight.shape[-1])
+    every = min(MAX_EVERY, max(1, cpu.cache_line_bytes * 8 // weight.dtype.bits // lanes))
+    return every if int(target.extent) % every == 0 else 1
 
 
 def _find_update(body: Any, name: str) -> tuple[Any, list[Any]] | None:

@@ -277,7 +277,7 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
         _transform_weights(sch, sch.get_sblock("wino_u"))
     if knobs.rows:
         gemm = _fused(sch, spec, knobs, vec)
-        return prefetch_weights(sch, gemm, _tile_bytes(knobs))
+        return prefetch_weights(sch, gemm, _tile_bytes(knobs), cpu=target)
     # padded input, channels-last
     pad = sch.get_sblock("pad")
     n, y, _, c = sch.get_loops(pad)
