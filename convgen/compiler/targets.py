@@ -19,6 +19,7 @@ from typing import Any
 
 from convgen.errors import TargetError
 from convgen.runtime.cores import available_cores
+from convgen.runtime.kernel import CACHE_LINE
 
 DEFAULT_CUDA_ARCH = "sm_90"
 # Streaming multiprocessors of each architecture's data-centre part (the GPU a
@@ -40,8 +41,6 @@ FMA_BITS_PER_CYCLE = {"znver5": 1024, "skylake-avx512": 1024, "cascadelake": 102
 FMA_PIPES = 2
 # Loads a core issues per cycle: at least 2 on x86 cores since Haswell and Zen 1.
 LOADS_PER_CYCLE = 2
-# The unit caches move and a prefetch fetches, on every x86 core.
-CACHE_LINE_BYTES = 64
 # Static shared memory a block may declare (larger needs dynamic allocation and an
 # opt-in attribute, which TVM's CUDA codegen does not emit).
 STATIC_SMEM_PER_BLOCK = 48 * 1024
@@ -139,7 +138,8 @@ class TargetInfo:
 
     @property
     def cache_line_bytes(self) -> int:
-        return CACHE_LINE_BYTES
+        """The unit caches move and a prefetch fetches (the runtime aligns to it too)."""
+        return CACHE_LINE
 
     @property
     def l2_bytes(self) -> int:

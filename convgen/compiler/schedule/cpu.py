@@ -462,7 +462,7 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     # with the blocks outside the rows, each block's rows (consecutive parallel
     # iterations) read the same weights
     rows = 0 if knobs.k_inner else math.prod(spec.out_size[:-1])
-    return prefetch_weights(sch, conv, tile_bytes, group=rows, cpu=target)
+    return prefetch_weights(sch, conv, tile_bytes, target, group=rows)
 
 
 def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:

@@ -103,8 +103,8 @@ def accumulator_scope(tile_bytes: int) -> str:
     return "global" if tile_bytes < STACK_ARRAY_BYTES else "local"
 
 
-def prefetch_weights(sch: Schedule, update: Any, tile_bytes: int, group: int = 0,
-                     cpu: TargetInfo | None = None) -> Schedule:
+def prefetch_weights(sch: Schedule, update: Any, tile_bytes: int, cpu: TargetInfo,
+                     group: int = 0) -> Schedule:
     """`sch` with a prefetch of each weight vector the block `update` loads per step
     of its innermost serial reduction loop, AHEAD_BYTES ahead in its stream; or, with
     `group`, where each run of `group` consecutive iterations of the parallel loop
@@ -131,24 +131,28 @@ def prefetch_weights(sch: Schedule, update: Any, tile_bytes: int, group: int = 0
     if placed is None:
         return sch
     target, inner = placed
-    calls, every = (_next_group(weight, indices, loops, target, group, cpu.l2_bytes,
-                                cpu.cache_line_bytes) if group and cpu is not None else ([], 1))
+    line = _line_elements(weight, cpu)
+    calls, every = (_next_group(weight, indices, loops, target, group, cpu.l2_bytes, line)
+                    if group else ([], 1))
     if not calls:
-        calls, every = _prefetches(weight, indices, inner), _steps_per_line(weight, target, cpu)
+        calls, every = _prefetches(weight, indices, inner), _steps_per_line(weight, target, line)
     if not calls or len(calls) > MAX_STREAMS:
         return sch
     return new_schedule(func.with_body(_prepend(func.body, target, calls, every)))
 
 
-def _steps_per_line(weight: Any, target: Any, cpu: TargetInfo | None) -> int:
-    """Steps of loop `target` per cache line of a weight vector's stream (each step
-    reads the next vector of `lanes`): 2 for 8-lane float32, so that a stream
-    prefetch comes once per line rather than twice (at most MAX_EVERY; 1 where the
-    loop's extent does not divide)."""
-    if cpu is None:
-        return 1
-    lanes = int(weight.shape[-1])
-    every = min(MAX_EVERY, max(1, cpu.cache_line_bytes * 8 // weight.dtype.bits // lanes))
+def _line_elements(weight: Any, cpu: TargetInfo) -> int:
+    """Elements of the packed weight per prefetch: a cache line, or a whole vector
+    where a vector is wider."""
+    return max(int(weight.shape[-1]), cpu.cache_line_bytes * 8 // weight.dtype.bits)
+
+
+def _steps_per_line(weight: Any, target: Any, line: int) -> int:
+    """Steps of loop `target` per `line` elements of a weight vector's stream (each
+    step reads the next vector of `lanes`): 2 for 8-lane float32, so that a stream
+    prefetch comes once per cache line rather than twice (at most MAX_EVERY; 1 where
+    the loop's extent does not divide)."""
+    every = min(MAX_EVERY, line // int(weight.shape[-1]))
     return every if int(target.extent) % every == 0 else 1
 
 
@@ -248,7 +252,7 @@ def _prefetches(weight: Any, indices: list[Any], inner: list[Any]) -> list[Any]:
 
 
 def _next_group(weight: Any, indices: list[Any], loops: list[Any], target: Any,
-                group: int, cache_bytes: int, line_bytes: int) -> tuple[list[Any], int]:
+                group: int, cache_bytes: int, line: int) -> tuple[list[Any], int]:
     """Prefetches, and every how many steps of `target` they run, of the weights the
     next `group` parallel iterations read: the run's steps (of the serial loops from
     the parallel one down to `target`) mapped evenly onto the next run's cache lines,
@@ -291,9 +295,8 @@ def _next_group(weight: Any, indices: list[Any], loops: list[Any], target: Any,
         return [], 1
     if 2 * int(region) * weight.dtype.bits // 8 > cache_bytes:
         return [], 1
-    # a prefetch fetches a cache line: one per line of the region (two vectors of 8
-    # lanes share one)
-    line = max(lanes, line_bytes * 8 // weight.dtype.bits)
+    # a prefetch fetches a cache line (`line` elements): one per line of the region
+    # (two vectors of 8 lanes share one)
     lines = -(-int(region) // line)
     every = 1
     while (every * 2 <= MAX_EVERY and int(target.extent) % (every * 2) == 0

@@ -277,7 +277,7 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
         _transform_weights(sch, sch.get_sblock("wino_u"))
     if knobs.rows:
         gemm = _fused(sch, spec, knobs, vec)
-        return prefetch_weights(sch, gemm, _tile_bytes(knobs), cpu=target)
+        return prefetch_weights(sch, gemm, _tile_bytes(knobs), target)
     # padded input, channels-last
     pad = sch.get_sblock("pad")
     n, y, _, c = sch.get_loops(pad)
@@ -298,8 +298,8 @@ def _apply(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     _, inner = _vector_split(sch, loops[-1], vec)
     sch.vectorize(inner)
     # each plane's tile blocks (consecutive parallel iterations) read the same U
-    return prefetch_weights(sch, gemm, _tile_bytes(knobs),
-                            group=winograd.tiles(spec, knobs.tile) // knobs.pt, cpu=target)
+    return prefetch_weights(sch, gemm, _tile_bytes(knobs), target,
+                            group=winograd.tiles(spec, knobs.tile) // knobs.pt)
 
 
 def _tile_bytes(knobs: WinogradKnobs) -> int:
