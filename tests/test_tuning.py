@@ -276,8 +276,13 @@ ZEN3 = '{"kind": "llvm", "mcpu": "znver3", "num-cores": 2}'  # AVX2: 16
     (dict(input="1x7x7x256", kernel="6x3x3x128", padding=1, groups=2, layout="NHWC"),
      "cpu_cvec"),
     # channels-first, rows of whole vectors: the GEMM-shaped row tile (a 56-wide row
-    # is 7 vectors of 8 but no whole number of 16: there, vectors of output channels)
-    (dict(input="1x64x56x56", kernel="256x64x1x1"), {"avx2": "cpu_wvec", "avx512": "cpu_kvec"}),
+    # is 7 vectors of 8 but no whole number of 16: there, vectors of output channels);
+    # unpadded, its row vectors would load from the caller's array, which numpy starts
+    # 16 or 48 bytes past a cache line: vectors of output channels there too
+    (dict(input="1x64x56x56", kernel="64x64x5x5", padding=2),
+     {"avx2": "cpu_wvec", "avx512": "cpu_kvec"}),
+    (dict(input="1x64x56x56", kernel="256x64x1x1"), "cpu_kvec"),
+    (dict(input="1x64x64x64", kernel="64x64x1x1"), "cpu_kvec"),
     (dict(input="1x256x28x28", kernel="256x1x3x3", padding=1, groups=256), "cpu_wvec"),
     # a short row and 49 pixels per weight: no repack beats whole vectors
     (dict(input="1x512x7x7", kernel="512x512x3x3", padding=1), "cpu_wvec"),

@@ -588,6 +588,17 @@ def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     w = spec.out_size[-1]
     if w % vec and not (w < vec and math.prod(spec.out_size) < 128):
         return None
+    if not any(spec.pads) and kvec_heuristic(spec, target) is not None:
+        # Unpadded, the row vectors load straight from the caller's array, and numpy
+        # starts its arrays 16 or 48 bytes past a cache line: every other 32-byte load
+        # (every 64-byte one) then straddles two lines. cpu_kvec broadcasts its inputs,
+        # scalars, and does not care. `k(x)` on such arrays, ms, cpu_wvec at 0 / 16 /
+        # 48 bytes against cpu_kvec at 16 / 48: AVX2 code (znver3 heuristics, on Zen 4)
+        # C256 56x56 1x1 K64 0.83 / 1.09 / 1.01 against 0.68 / 0.76, C64 K256 0.70 /
+        # 0.93 / 0.91 against 0.80 / 0.76; AVX-512, C256 64x64 K64 0.71 / 0.88 / 0.90
+        # against 0.81 / 0.81, C64 112x112 K128 1.17 / 1.68 / 1.57 against 1.43 / 1.46
+        # (benchmarks/NOTES.md). Padded layers read the kernel's own padded copy.
+        return None
     # Per reduction step a tile loads `rows` vectors and broadcasts kb weights for
     # rows * kb FMAs: the squarest tile within the budget needs the fewest loads.
     budget = accumulator_budget(target) + 2
