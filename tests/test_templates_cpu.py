@@ -84,6 +84,27 @@ def test_kvec_widened_rows_are_cropped(mode, tmp_path):
                              cpu.KvecKnobs(lanes=8, nkv=2, pw=4, wide=1), tmp_path)
 
 
+@pytest.mark.parametrize("mode", ["conv", "corr"])
+@pytest.mark.parametrize("flags", [
+    dict(input="1x7x7x16", kernel="16x1x1x16"),
+    # stride 2, no padding: the widened output's taps (14-16) lie past the 15-wide row
+    dict(input="1x9x15x16", kernel="16x3x3x16", stride=2),
+], ids=["1x1", "3x3-stride2"])
+def test_kvec_widened_unpadded_rows_read_the_input_in_place(flags, mode, tmp_path):
+    """Without padding of its own, a widened row's extra outputs read the row's last
+    input pixel again (the crop drops them), so there is no padded copy of the
+    input to make; and they must still be cropped before the epilogue."""
+    from convgen.compiler.build import lower
+    from convgen.compiler.compute import RUN_PACKED_ENTRY
+
+    spec = make_spec(mode=mode, layout="NHWC", bias=True, residual=True, activation="relu",
+                     **flags)
+    knobs = cpu.KvecKnobs(lanes=8, nkv=2, pw=4, wide=1)
+    mod, _, _ = lower(spec, TARGET, "cpu_kvec", dataclasses.asdict(knobs))
+    assert 'sblock("pad")' not in mod[RUN_PACKED_ENTRY].script()
+    test_template_is_correct(spec, "cpu_kvec", knobs, tmp_path)
+
+
 def test_kvec_widens_rows_only_where_no_tile_keeps_the_fma_pipes_busy():
     """16 registers: a 7-wide row divides only into 1 x 7 tiles (7 chains), so it is
     computed 8 wide; 32 registers keep 2 x 7 (14 chains) unwidened."""

@@ -109,6 +109,12 @@ class Variant:
         padded with zeros to match, `ConvSpec.widened`) and crop in "out", so a
         7-wide row fills one 8-lane vector: full-width loads instead of 7-lane
         ones that LLVM assembles piecewise.
+    clamp_row: where the operator has no padding of its own, the widened outputs
+        read the row's last input pixel again (the tap's index clamped) instead of
+        zeros in a padded copy of the input: the crop drops them either way, and
+        the copy is a pass over the whole input. For templates that broadcast the
+        input (cpu_kvec), where a tap's clamped index is computed once per tile
+        outside the reduction; a row vector (cpu_wvec) would become a gather.
     channel_extra: compute this many output channels more, on zero weights, and
         crop in "out" (ungrouped layers; depthwise ones on as many zero input
         channels, in "pad"), so vectors of output channels cover K where they do not
@@ -119,6 +125,7 @@ class Variant:
 
     flip_weight: bool = False
     row_extra: int = 0
+    clamp_row: bool = False
     channel_extra: int = 0
     packing: WeightPacking | None = None
 
@@ -179,7 +186,8 @@ def _conv_stage(spec: ConvSpec, data: Any, variant: Variant,
                          "depthwise layer")
     # (a depthwise layer's extra output channels read as many extra input channels)
     in_extra = extra if spec.depthwise_like else 0
-    if any(wide.pads) or in_extra:
+    clamp = variant.clamp_row and bool(variant.row_extra) and not any(spec.pads)
+    if (any(wide.pads) and not clamp) or in_extra:
         pb = spec.pads_begin
 
         def pad_body(*idx: Any) -> Any:
@@ -221,6 +229,8 @@ def _conv_stage(spec: ConvSpec, data: Any, variant: Variant,
         taps = tuple(
             x * s + r * d for x, r, s, d in zip(sp, in_taps, spec.stride, spec.dilation)
         )
+        if clamp:
+            taps = (*taps[:-1], tirx.min(taps[-1], spec.in_size[-1] - 1))
         a = padded[join(n, c, taps)]
         rest = (*w_taps, rc) if cl else (rc, *w_taps)
         w = weight_read[(k, *rest) if packing is None else packing.packed_index(spec, k, rest)]

@@ -298,8 +298,9 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         # Zen 4 (benchmarks/NOTES.md), C96 14x14 1x1 K576: 4 x 2 0.178 ms, 2 x 5 on
         # the row widened to 15 0.141; a depthwise-separable pair's 14-wide 1x1 stage
         # (its rows do not widen), C384 -> K96: 4 x 2 0.185, 2 x 2 0.161, 1 x 7 0.126.
-        # Rows of 4-pixel tiles (56, 28) keep 2 x 4, which beat 2 x 5 widened (56x56
-        # C64 K256: 0.516 against 0.610).
+        # Rows of 4-pixel tiles (56, 28) keep 2 x 4, as fast as 2 x 5 or 2 x 6 on the
+        # row widened to 60 (56x56 1x1 C64 K256: 0.60 against 0.68 and 0.68; C256 K64
+        # 0.63 against 0.64 and 0.61).
         shapes.remove(4 * vec // lanes)
         dense_budget = budget + 2
 
@@ -313,7 +314,10 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
     # (1.33). Inside ResNet-50 (AVX2 code, on Zen 4) its 7x7 1x1 layers ran 0.87-0.92
     # ms against 1.00-1.10, the stride-2 C512 3x3 1.78-1.80 against 2.06-2.28. With
     # 32 registers 2 x 7 keeps 14 chains and won: 0.56-0.70 ms against 0.69-0.78
-    # widened to 4 x 4. The pad copy widening needs is small beside a dense layer.
+    # widened to 4 x 4. An unpadded row is widened in place (`Variant.clamp_row`:
+    # the padded copy of the input it would need cost AVX2 code's C2048 7x7 1x1 K512
+    # 0.78 ms against 0.64, C1024 14x14 K256 0.57 against 0.50); a padded layer's
+    # copy, which exists anyway, only grows by the extra columns.
     # A tile of single pixels loads each weight vector for one FMA: beside a long
     # reduction (C288 3x3 stride 2, 1.3 MB per block of 8 vectors) those loads come
     # from L2 and the layer ran 6.96 ms at 8 x 1 against 2.96 at 2 x 6 on its row
@@ -767,7 +771,7 @@ TEMPLATES: tuple[Template[Any], ...] = (
     Template("cpu_cvec", CvecKnobs, _cvec_knobs, _cvec_grid, _cvec),
     Template("cpu_wvec", WvecKnobs, _wvec_knobs, _wvec_grid, _wvec, _wvec_variant),
     Template("cpu_kvec", KvecKnobs, kvec_heuristic, _kvec_grid, kvec_schedule,
-             lambda spec, knobs: Variant(row_extra=knobs.wide,
+             lambda spec, knobs: Variant(row_extra=knobs.wide, clamp_row=True,
                                          channel_extra=channel_pad(spec, knobs.lanes)),
              packing=_kvec_packing),
 )
