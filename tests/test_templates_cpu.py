@@ -135,7 +135,7 @@ def test_kvec_on_16_registers_ranks_fma_chains_before_loads():
 def test_kvec_channel_blocks_inside_rows_where_weights_are_small():
     """Depthwise weights stay in cache: the channel blocks run inside each row; with
     too few rows to share among the cores, they do not; nor for weights that do not
-    fit (and tuning does not try them past L2)."""
+    fit (and tuning does not try them past L2); a stem of few input channels does."""
     depthwise = make_spec(mode="corr", input="1x56x56x144", kernel="144x3x3x1", padding=1,
                           groups=144, layout="NHWC")
     few_rows = make_spec(mode="corr", input="1x2x7x144", kernel="144x3x3x1", padding=1,
@@ -144,6 +144,13 @@ def test_kvec_channel_blocks_inside_rows_where_weights_are_small():
     assert not cpu.kvec_heuristic(few_rows, TARGET).k_inner
     big = make_spec(mode="corr", input="1x56x56x512", kernel="512x1x1x512", layout="NHWC")
     assert not cpu.kvec_heuristic(big, TARGET).k_inner
+    # a 3-channel stem: outside the rows, every block would pad its own copy of the
+    # rows (its 36 KB of weights are past a sixteenth of a 512 KB L2)
+    stem = make_spec(mode="corr", input="1x224x224x3", kernel="64x7x7x3", padding=3,
+                     stride=2, layout="NHWC")
+    avx2 = resolve_target("llvm:znver3")
+    assert stem.weight_bytes > avx2.l2_bytes // 16
+    assert cpu.kvec_heuristic(stem, avx2).k_inner
     # tuning may try the blocks inside the rows up to weights of L2's size, not past it
     k = TARGET.l2_bytes // (4 * 256)
     at_l2, past_l2 = (make_spec(mode="corr", input="1x14x14x256", kernel=f"{n}x1x1x256",

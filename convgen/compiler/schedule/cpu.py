@@ -368,9 +368,16 @@ def _kvec_k_inner(spec: ConvSpec, target: TargetInfo) -> bool:
     once, in storage order (on MobileNetV2's C24 56x56 1x1 and C144 3x3 depthwise
     layers, one after the other: 10-20% less time, benchmarks/NOTES.md). The rows are
     then what the threads share, so there must be at least two per core (depthwise
-    C960 7x7, 7 rows on 2 cores: 62 GFLOP/s against 30 with the blocks outside)."""
+    C960 7x7, 7 rows on 2 cores: 62 GFLOP/s against 30 with the blocks outside).
+
+    Also a dense layer of fewer input channels than a vector, whatever its weights:
+    with the blocks outside the rows, each block pads its own copy of every input
+    row it reads (`_kvec_pad_at`). The 3-channel 7x7 stem (36 KB of weights, past a
+    sixteenth of a 512 KB L2), AVX2 code, 2 x 4, warm / after 64 MB of other
+    traffic: 1.79 / 1.94 ms outside, 1.57 / 1.68 inside (Zen 4, benchmarks/NOTES.md)."""
     return _k_inner_fits(spec, target) and (
-        spec.depthwise_like or spec.weight_bytes <= target.l2_bytes // 16)
+        spec.depthwise_like or spec.weight_bytes <= target.l2_bytes // 16
+        or (spec.groups == 1 and spec.in_channels < target.fp32_lanes))
 
 
 def _k_inner_fits(spec: ConvSpec, target: TargetInfo) -> bool:
