@@ -306,6 +306,16 @@ def test_uses_every_core_by_default():
     assert int(out.stdout) == len(os.sched_getaffinity(0))
 
 
+@pytest.mark.parametrize("offset", [0, 16, 48])
+@pytest.mark.parametrize("shape", [(3,), (2, 5, 7)])
+def test_aligned_empty_starts_where_asked(shape, offset):
+    from convgen.runtime.kernel import CACHE_LINE, aligned_empty
+
+    a = aligned_empty(shape, "float32", CACHE_LINE, offset=offset)
+    assert a.shape == shape and a.flags.c_contiguous and a.flags.writeable
+    assert a.__array_interface__["data"][0] % CACHE_LINE == offset
+
+
 def test_tvm_ffi_tensors_in_and_out(artifact):
     """DLPack tensors (here tvm-ffi's own) go straight to the kernel, `out` included."""
     import tvm_ffi

@@ -197,6 +197,34 @@ def test_confirm_rounds_decide_between_the_fastest(tmp_path, cpu_target, monkeyp
     assert record.schedule.knobs == cands[1].knobs
 
 
+def test_candidates_are_timed_on_data_where_numpy_puts_it(cpu_target):
+    """A bound kernel takes a caller's numpy array in place, and numpy starts its arrays
+    16 or 48 bytes past a cache line, where row-vector loads straddle lines: the tuner
+    times every candidate on its data placed so."""
+    from convgen.runtime.kernel import CACHE_LINE, NUMPY_PLACEMENT
+    from convgen.tuning import grid
+
+    spec = make_spec(mode="corr", input="1x16x8x8", kernel="16x16x1x1")
+    cand = grid.Candidate("cpu_wvec", {"lanes": 8, "kb": 4, "rows": 2, "k_inner": False})
+    built = grid._compile(spec, cpu_target, cand)
+    seen: list[int] = []
+
+    class Lib:
+        """The compiled module, noting where each call's data lies."""
+
+        mod = built.lib.mod
+
+        def __getitem__(self, name: str):
+            def call(*args):
+                if name != grid.PACK_ENTRY:  # (the pack entry's first argument: weights)
+                    seen.append(args[0].__array_interface__["data"][0] % CACHE_LINE)
+                return built.lib[name](*args)
+            return call
+
+    seconds = grid._measure(grid.Built(Lib(), built.packing), spec, TuneOptions(repeats=2))
+    assert seconds > 0 and seen == [NUMPY_PLACEMENT]
+
+
 def test_ctrl_c_keeps_what_was_measured(tmp_path, cpu_target, monkeypatch):
     import convgen.tuning.grid as tune_mod
 

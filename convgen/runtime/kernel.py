@@ -382,17 +382,24 @@ def _is_usable(a: np.ndarray, alignment: int) -> bool:
     return alignment <= a.itemsize or _address(a) % alignment == 0
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: str | np.dtype, alignment: int = 64
-                  ) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an `alignment` boundary
-    (a plain np.empty where numpy's own alignment suffices)."""
+def aligned_empty(shape: tuple[int, ...], dtype: str | np.dtype, alignment: int = 64,
+                  offset: int = 0) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts `offset` bytes past an
+    `alignment` boundary (a plain np.empty where numpy's own alignment suffices)."""
     dt = np.dtype(dtype)
-    if alignment <= 16:  # numpy aligns every allocation to 16 bytes
+    if alignment <= 16 and not offset:  # numpy aligns every allocation to 16 bytes
         return np.empty(shape, dt)
     nbytes = max(1, int(np.prod(shape)) * dt.itemsize)
-    raw = np.empty(nbytes + alignment, np.uint8)
-    offset = (-_address(raw)) % alignment
-    return raw[offset : offset + nbytes].view(dt).reshape(shape)
+    raw = np.empty(nbytes + alignment + offset, np.uint8)
+    start = (-_address(raw)) % alignment + offset
+    return raw[start : start + nbytes].view(dt).reshape(shape)
+
+
+NUMPY_PLACEMENT = 16
+"""Bytes past a cache line at which numpy starts most of the arrays it allocates (16 or
+48 for arrays of 1 KB to 3 MB, 2026-12-03): where a caller's data usually lies when a
+kernel takes it in place. Vector loads along it straddle two lines every other time
+(32-byte vectors) or every time (64-byte ones); see `tuning.grid`."""
 
 
 def _aligned_copy(a: np.ndarray, dtype: str, alignment: int) -> np.ndarray:
