@@ -49,12 +49,22 @@ def handle_errors(f: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+SHAPE_HELP = ("NAME=DIMS, e.g. input=1x3x224x224: fix an ONNX model's input shape where the "
+              "model leaves dimensions dynamic (a batch axis N). Repeat per input.")
+
+
+def shape_option(help_text: str = SHAPE_HELP) -> Callable[[F], F]:
+    return click.option("--shape", "input_shapes", metavar="NAME=DIMS", multiple=True,
+                        help=help_text)
+
+
 def spec_options(f: F) -> F:
     """The operator flags, shared by build, verify, inspect and bench."""
     options = [
         click.option("--spec", "spec_file", type=click.Path(dir_okay=False),
                      help="TOML or JSON file with one table per kernel (the flags' field "
                      "names), or an .onnx model (its Conv nodes, in --mode)."),
+        shape_option("With --spec MODEL.onnx (or tune's --model): " + SHAPE_HELP),
         click.option("--suite", help="A named suite (resnet50): every layer in both "
                      "layouts and modes; --mode / --layout / --dtype narrow it."),
         click.option("--mode", type=click.Choice(["conv", "corr"], case_sensitive=False),
@@ -128,13 +138,17 @@ def json_option(f: F) -> F:
 
 
 def collect_specs(
-    spec_file: str | None, suite: str | None, mode: str | None, input_shape: str | None,
+    spec_file: str | None, input_shapes: tuple[str, ...], suite: str | None,
+    mode: str | None, input_shape: str | None,
     kernel_shape: str | None, padding: str, stride: str, dilation: str, groups: str,
     layout: str | None, dtype: str, bias: bool, residual: bool, activation: str,
 ) -> list[Any]:
     """The flags (or --spec FILE, or --suite NAME) -> a list of ConvSpec."""
-    from convgen.spec import make_spec, specs_from_file, specs_from_onnx
+    from convgen.spec import make_spec, parse_input_shapes, specs_from_file, specs_from_onnx
 
+    if input_shapes and not (spec_file or "").endswith(".onnx"):
+        raise SpecError("shape: --shape fixes an ONNX model's inputs: give it with "
+                        "--spec MODEL.onnx")
     if suite:
         from convgen.suites import suite_specs
 
@@ -150,7 +164,8 @@ def collect_specs(
         if input_shape or kernel_shape:
             raise SpecError("spec: give either --spec FILE or --input/--kernel, not both")
         if spec_file.endswith(".onnx"):
-            return [s for _, s in specs_from_onnx(spec_file, mode or "corr")]
+            return [s for _, s in specs_from_onnx(spec_file, mode or "corr",
+                                                  parse_input_shapes(input_shapes))]
         return [s for _, s in specs_from_file(spec_file)]
     missing = [n for n, v in (("--mode", mode), ("--input", input_shape),
                               ("--kernel", kernel_shape)) if not v]
@@ -315,8 +330,10 @@ def tune(target: str, trials: int | None, minutes: float | None, method: str, wo
         return
     if model:
         from convgen.compiler.deploy import DeployOptions, model_specs, read_model
+        from convgen.spec import parse_input_shapes
 
-        specs = list(dict.fromkeys(s for _, s in model_specs(read_model(model), tinfo,
+        shapes = parse_input_shapes(spec_flags["input_shapes"])
+        specs = list(dict.fromkeys(s for _, s in model_specs(read_model(model, shapes), tinfo,
                                                              DeployOptions())))
     else:
         specs = collect_specs(**spec_flags)
@@ -437,13 +454,14 @@ def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the model against onnxruntime on the original model.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the verification inputs.")
+@shape_option()
 @library_option
 @algorithm_option
 @json_option
 @handle_errors
 def deploy(model: str, target: str, out_dir: str, mode: str, layout: str, separable: bool,
-           verify: bool, seed: int, library: str | None, algorithm: str,
-           as_json: bool) -> None:
+           verify: bool, seed: int, input_shapes: tuple[str, ...], library: str | None,
+           algorithm: str, as_json: bool) -> None:
     """Compile a whole ONNX MODEL into DIR/<model>.{so,onnx,json}: every Conv (and Gemm)
     a convgen kernel, with its bias, BatchNorm, residual Add and ReLU/ReLU6/SiLU/HardSwish
     fused (a depthwise layer and the 1x1 after it: one kernel), weights packed at build
@@ -453,11 +471,13 @@ def deploy(model: str, target: str, out_dir: str, mode: str, layout: str, separa
     is present)."""
     from convgen.compiler.deploy import DeployOptions, deploy_artifact, layer_summary
     from convgen.compiler.targets import resolve_target
+    from convgen.spec import parse_input_shapes
 
     options = DeployOptions(mode=mode, layout=layout, algorithm=algorithm,
                             library=Path(library) if library else None, separable=separable)
     path, m = deploy_artifact(model, resolve_target(target), out_dir, options,
-                              target_name=target, verify=verify, seed=seed)
+                              target_name=target, shapes=parse_input_shapes(input_shapes),
+                              verify=verify, seed=seed)
     secs = sum(m.build_seconds.values())
     lines = [f"deployed {m.name}: {len(m.layers)} layers on convgen kernels ({mode}, {layout}), "
              f"{len(m.other_ops)} other operator functions, {secs:.1f} s",

@@ -670,8 +670,67 @@ def _kind(path: str) -> str:
     return "JSON" if path.endswith(".json") else "TOML"
 
 
-def specs_from_onnx(path: str, mode: str = "corr") -> list[tuple[str, ConvSpec]]:
-    """Every Conv node of an ONNX model with static shapes -> (node name, spec).
+SHAPE_HINT = "fix it with --shape NAME=DIMS, e.g. --shape input=1x3x224x224"
+
+
+def parse_input_shapes(values: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """`--shape` values, 'x=1x3x224x224', -> {'x': (1, 3, 224, 224)}."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for value in values:
+        name, sep, dims = (part.strip() for part in value.partition("="))
+        if not sep or not name:
+            raise SpecError(f"shape: {value!r} is not NAME=DIMS, e.g. input=1x3x224x224")
+        if name in shapes:
+            raise SpecError(f"shape: input {name!r} given twice")
+        shape = parse_shape(dims, f"shape: {name}")
+        if any(d <= 0 for d in shape):
+            raise SpecError(f"shape: {name}: {dims!r} has a dimension below 1")
+        shapes[name] = shape
+    return shapes
+
+
+def pin_input_shapes(model: Any, shapes: Mapping[str, tuple[int, ...]]) -> Any:
+    """The ONNX model with its inputs' dimensions fixed to `shapes` (by input name; a
+    copy, the model itself where there are none). A model exported with dynamic axes
+    (a batch dimension `N`) compiles at the shapes it will be called with; a dimension
+    the model fixes must be given as the model has it."""
+    if not shapes:
+        return model
+    import onnx
+
+    pinned = onnx.ModelProto()
+    pinned.CopyFrom(model)
+    weights = {t.name for t in pinned.graph.initializer}
+    inputs = {vi.name: vi for vi in pinned.graph.input if vi.name not in weights}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise SpecError(f"shape: the model has no input {name!r} "
+                            f"(its inputs: {', '.join(inputs) or 'none'})")
+        shape = inputs[name].type.tensor_type.shape
+        declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                    for d in shape.dim]
+        if inputs[name].type.tensor_type.HasField("shape") and len(declared) != len(dims):
+            raise SpecError(f"shape: input {name!r} has {len(declared)} dimensions "
+                            f"({_fmt_dims(declared)}), not {len(dims)}")
+        for axis, (was, given) in enumerate(zip(declared, dims)):
+            if isinstance(was, int) and was != given:
+                raise SpecError(f"shape: input {name!r} has dimension {axis} fixed at {was} "
+                                f"by the model ({_fmt_dims(declared)}), not {given}")
+        shape.ClearField("dim")
+        for given in dims:
+            shape.dim.add().dim_value = given
+    return pinned
+
+
+def _fmt_dims(dims: Sequence[int | str]) -> str:
+    return "x".join(str(d) for d in dims)
+
+
+def specs_from_onnx(path: str, mode: str = "corr",
+                    shapes: Mapping[str, tuple[int, ...]] | None = None
+                    ) -> list[tuple[str, ConvSpec]]:
+    """Every Conv node of an ONNX model with static shapes -> (node name, spec);
+    `shapes` fixes dynamic input dimensions (`pin_input_shapes`).
 
     ONNX Conv is cross-correlation; pass mode="conv" to get true convolutions
     with the same shapes instead.
@@ -680,8 +739,13 @@ def specs_from_onnx(path: str, mode: str = "corr") -> list[tuple[str, ConvSpec]]
     from onnx import shape_inference
 
     try:
-        model = shape_inference.infer_shapes(onnx.load(path))
+        model = onnx.load(path)
     except Exception as err:  # onnx raises several unrelated types here
+        raise SpecError(f"spec: cannot read ONNX model {path}: {err}") from None
+    model = pin_input_shapes(model, shapes or {})
+    try:
+        model = shape_inference.infer_shapes(model)
+    except Exception as err:
         raise SpecError(f"spec: cannot read ONNX model {path}: {err}") from None
     graph = model.graph
     shapes: dict[str, tuple[int, ...]] = {}
@@ -701,7 +765,8 @@ def specs_from_onnx(path: str, mode: str = "corr") -> list[tuple[str, ConvSpec]]
         name = node.name or f"Conv_{i}"
         x, w = node.input[0], node.input[1]
         if any(d <= 0 for d in shapes.get(x, (-1,)) + shapes.get(w, (-1,))):
-            raise SpecError(f"input: Conv node {name!r} has no static shape for {x!r} or {w!r}")
+            raise SpecError(f"input: Conv node {name!r} has no static shape for {x!r} or "
+                            f"{w!r}; {SHAPE_HINT}")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         nd = len(shapes[x]) - 2
         auto_pad = attrs.get("auto_pad", b"NOTSET").decode()

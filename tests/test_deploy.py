@@ -474,6 +474,86 @@ def test_bad_models_are_one_line(tmp_path):
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
 
 
+def _dynamic_residual_block(tmp_path: Path) -> Path:
+    """residual_block exported with dynamic axes: batch, height and width named."""
+    model, _ = residual_block()
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim,
+                         ("batch", None, "height", "width")):
+        if name:
+            dim.dim_param = name
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    path = tmp_path / "dynamic.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_dynamic_inputs_deploy_at_the_shapes_given(tmp_path):
+    """`--shape` fixes a model's dynamic axes; the deployment runs at that shape and
+    matches onnxruntime on the model as exported (its dynamic axes kept)."""
+    src = _dynamic_residual_block(tmp_path)
+    out = tmp_path / "dep"
+    runner = CliRunner()
+    result = runner.invoke(main, ["deploy", str(src), "--out", str(out), "--no-verify"])
+    assert result.exit_code == 2, result.output
+    assert "input 'x' has no static shape" in result.output
+    assert "--shape x=DIMS" in result.output
+    assert not out.exists() or not list(out.iterdir())
+    result = runner.invoke(main, ["deploy", str(src), "--out", str(out),
+                                  "--shape", "x=2x8x16x12"])
+    assert result.exit_code == 0, result.output
+    assert "verification passed" in result.output
+    m = convgen.load(out)
+    assert [(i.name, i.shape) for i in m.inputs] == [("x", (2, 8, 16, 12))]
+    x = model_inputs(m, seed=3)["x"]
+    want = ort_session(src).run(None, {"x": x})[0]
+    assert want.shape == (2, 10)
+    assert np.abs(m(x) - want).max() <= MODEL_TOLERANCE * np.abs(want).max()
+
+
+def test_tune_and_build_take_the_shapes_too(tmp_path):
+    """What `deploy --shape` builds, `tune --model --shape` tunes, and `--spec
+    MODEL.onnx --shape` reads the Conv nodes at that shape."""
+    from convgen.compiler.deploy import model_specs, read_model
+    from convgen.compiler.targets import resolve_target
+    from convgen.spec import specs_from_onnx
+
+    src = _dynamic_residual_block(tmp_path)
+    shapes = {"x": (2, 8, 16, 12)}
+    specs = [s for _, s in model_specs(read_model(src, shapes), resolve_target("llvm"),
+                                       DeployOptions())]
+    assert specs[0].batch == 2 and specs[0].in_size == (16, 12)
+    (_, first), *_ = specs_from_onnx(str(src), "corr", shapes)
+    assert first.data_shape == (2, 8, 16, 12)
+    result = CliRunner().invoke(main, ["tune", "--model", str(src), "--trials", "1"])
+    assert result.exit_code == 2 and "--shape x=DIMS" in result.output, result.output
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shape", "y=1x8x12x12"], "shape: the model has no input 'y' (its inputs: x)"),
+    (["--shape", "x=1x8x12"], "shape: input 'x' has 4 dimensions (batchx8xheightxwidth), "
+                              "not 3"),
+    (["--shape", "x=1x3x12x12"], "shape: input 'x' has dimension 1 fixed at 8 by the model"),
+    (["--shape", "x=1x8x0x12"], "shape: x: '1x8x0x12' has a dimension below 1"),
+    (["--shape", "x:1x8x12x12"], "shape: 'x:1x8x12x12' is not NAME=DIMS"),
+    (["--shape", "x=1x8x12x12", "--shape", "x=1x8x12x12"], "shape: input 'x' given twice"),
+])
+def test_bad_shapes_are_one_line(flags, message, tmp_path):
+    src = _dynamic_residual_block(tmp_path)
+    out = tmp_path / "dep"
+    result = CliRunner().invoke(main, ["deploy", str(src), "--out", str(out), *flags])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"Error: {message}"), result.output
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_shape_needs_an_onnx_model(tmp_path):
+    result = CliRunner().invoke(main, ["build", "--mode", "corr", "--input", "1x8x8x8",
+                                       "--kernel", "8x8x3x3", "--shape", "x=1x8x8x8",
+                                       "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error: shape: --shape fixes an ONNX model's inputs")
+
+
 def test_tune_model_targets_what_deploy_builds(cpu_target, tmp_path):
     """`convgen tune --model` tunes exactly the specs deploy builds (so a later deploy
     finds their records): the same layers, layout and epilogue."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +59,15 @@ from convgen.runtime.manifest import (
     ScheduleChoice,
     TensorInfo,
 )
-from convgen.spec import CHANNELS_FIRST, CHANNELS_LAST, MODES, ConvSpec, make_spec
+from convgen.spec import (
+    CHANNELS_FIRST,
+    CHANNELS_LAST,
+    MODES,
+    SHAPE_HINT,
+    ConvSpec,
+    make_spec,
+    pin_input_shapes,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -102,15 +110,24 @@ class CompiledModel:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def read_model(path: str | Path) -> onnx.ModelProto:
-    """The ONNX model with every shape inferred; bad files are one clear error."""
+def read_model(path: str | Path, shapes: Mapping[str, tuple[int, ...]] | None = None
+               ) -> onnx.ModelProto:
+    """The ONNX model, its dynamic input dimensions fixed by `shapes` (input name ->
+    dims, `spec.pin_input_shapes`), with every shape inferred; bad files, and inputs or
+    outputs left without a static shape, are one clear error."""
     import onnx
     from onnx import shape_inference
 
     try:
-        model = shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+        model = onnx.load(str(path))
     except Exception as err:  # onnx raises several unrelated types
         raise SpecError(f"model: cannot read ONNX model {path}: {err}") from None
+    model = pin_input_shapes(model, shapes or {})
+    try:
+        model = shape_inference.infer_shapes(model, strict_mode=True)
+    except Exception as err:
+        raise SpecError(f"model: cannot read ONNX model {path}: {err}") from None
+    model_io(model)  # (static shapes, checked before anything is imported)
     return model
 
 
@@ -124,8 +141,10 @@ def model_io(model: onnx.ModelProto) -> tuple[list[TensorInfo], list[TensorInfo]
         tt = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
         if any(d <= 0 for d in dims):
+            fix = (f"fix it with --shape {vi.name}=DIMS" if what == "input"
+                   else SHAPE_HINT)
             raise UnsupportedError(f"model: {what} {vi.name!r} has no static shape "
-                                   f"({dims}); export the model with fixed shapes")
+                                   f"({dims}); {fix}")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
         return TensorInfo(vi.name, tuple(dims), dtype)
 
@@ -901,11 +920,13 @@ def deploy_artifact(
     options: DeployOptions,
     *,
     target_name: str = "",
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
     verify: bool = True,
     seed: int = 0,
 ) -> tuple[Path, ModelManifest]:
-    """Compile the model and write DIR/<model>.{so,onnx,json}, atomically (the manifest
-    last), verified against onnxruntime on the model as given unless `verify` is off."""
+    """Compile the model (its dynamic input dimensions fixed by `shapes`) and write
+    DIR/<model>.{so,onnx,json}, atomically (the manifest last), verified against
+    onnxruntime on the model as given unless `verify` is off."""
     import shutil
     import tempfile
 
@@ -920,7 +941,7 @@ def deploy_artifact(
 
     source = Path(model_path)
     name = source.stem
-    model = read_model(source)
+    model = read_model(source, shapes)
     compiled = compile_model(model, name, target, options)
     out = Path(out_dir)
     try:
