@@ -459,6 +459,32 @@ def test_cli_deploy_verify_bench(tmp_path):
     assert set(row["times"]) == {"convgen", "onnxruntime"}
 
 
+def test_models_with_external_data_deploy_whole(tmp_path):
+    """A model whose weights live in a file beside it (as exporters write models past
+    protobuf's 2 GB) deploys, and the artifact carries that data with it: moved
+    elsewhere, it still verifies against onnxruntime."""
+    import shutil
+
+    model, _ = residual_block()
+    src = tmp_path / "src" / "block.onnx"
+    src.parent.mkdir()
+    onnx.save(model, src, save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    assert (src.parent / "weights.bin").stat().st_size > 0
+    out = tmp_path / "dep"
+    runner = CliRunner()
+    result = runner.invoke(main, ["deploy", str(src), "--out", str(out)])
+    assert result.exit_code == 0 and "verification passed" in result.output, result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "block.json", "block.onnx", "block.onnx.data", "block.so"]
+    shutil.rmtree(src.parent)
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    result = runner.invoke(main, ["verify", str(moved)])
+    assert result.exit_code == 0 and "verification passed" in result.output, result.output
+    assert convgen.load(moved).manifest.files["onnx_data"].name == "block.onnx.data"
+
+
 def test_bad_models_are_one_line(tmp_path):
     runner = CliRunner()
     bad = tmp_path / "bad.onnx"

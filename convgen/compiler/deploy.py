@@ -952,14 +952,14 @@ def deploy_artifact(
     try:
         t0 = time.perf_counter()
         compiled.lib.export_library(str(tmp / f"{name}.so"))
-        shutil.copyfile(source, tmp / f"{name}.onnx")
+        references = _write_reference(source, tmp / f"{name}.onnx")
         seconds = {**compiled.seconds, "export": time.perf_counter() - t0}
         manifest = ModelManifest(
             name=name,
             target=TargetRecord(target_name or target.key(), target.kind, target.key(),
                                 target.config_dict),
-            files={role: ArtifactFile.of(tmp / f"{name}{suffix}")
-                   for role, suffix in (("module", ".so"), ("onnx", ".onnx"))},
+            files={"module": ArtifactFile.of(tmp / f"{name}.so"),
+                   **{role: ArtifactFile.of(path) for role, path in references.items()}},
             mode=options.mode,
             layout=options.layout,
             inputs=compiled.inputs,
@@ -980,3 +980,25 @@ def deploy_artifact(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / f"{name}{SUFFIX}", manifest
+
+
+def _write_reference(source: Path, dest: Path) -> dict[str, Path]:
+    """The model as given, into the artifact (the reference `verify` and `bench` run
+    onnxruntime on): a copy of the file, or, for a model that keeps its weights in
+    external data files beside it (as exporters write models past protobuf's 2 GB),
+    the model with all of its data gathered into one file beside it, DEST.data.
+    Returns the files by manifest role: "onnx", and "onnx_data" where there is one."""
+    import shutil
+
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    header = onnx.load(str(source), load_external_data=False)
+    if not any(uses_external_data(t) for t in header.graph.initializer):
+        shutil.copyfile(source, dest)
+        return {"onnx": dest}
+    data = dest.with_name(f"{dest.name}.data")
+    onnx.save(onnx.load(str(source)), str(dest), save_as_external_data=True,
+              all_tensors_to_one_file=True, location=data.name)
+    data.chmod(dest.stat().st_mode)  # (onnx creates it owner-only)
+    return {"onnx": dest, "onnx_data": data}

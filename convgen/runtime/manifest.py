@@ -455,7 +455,8 @@ class ModelManifest:
 
     name: str
     target: TargetRecord
-    files: dict[str, ArtifactFile]  # "module" (.so), "onnx" (the model as given)
+    # "module" (.so), "onnx" (the model as given), "onnx_data" (its external data, if any)
+    files: dict[str, ArtifactFile]
     mode: str  # "corr": ONNX's Conv; "conv": every Conv a true convolution
     layout: str  # the activations' layout between layers: "channels-first" / "channels-last"
     inputs: list[TensorInfo]
