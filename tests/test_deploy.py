@@ -437,6 +437,49 @@ print("ok")
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr
 
 
+def test_inputs_anywhere_in_memory_feed_the_operators(cpu_target, tmp_path):
+    """Inputs that go straight into an operator TVM schedules (a gate's sigmoid, a
+    normalisation's multiply) as well as into kernels, passed as the caller's arrays
+    start anywhere: numpy's 16 bytes past a cache line, 48, or an element's 4 (a
+    slice). Run apart: an operator that assumed 64-byte alignment would fault."""
+    n = Net(5)
+    scaled = n.op("Mul", ["x", n.init("scale", n.rng.uniform(0.5, 2, (1, 8, 1, 1)))], "scaled")
+    y = n.op("Relu", [n.conv(scaled, "c1", 8, 16, (3, 3), pads=[1, 1, 1, 1])], "y")
+    gate = n.op("Sigmoid", ["g"], "gate")
+    out = n.op("Mul", [y, gate], "out")
+    graph = helper.make_graph(
+        n.nodes, "gated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 8, 12, 12)),
+                           helper.make_tensor_value_info("g", TensorProto.FLOAT, (1, 16, 12, 12))],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, (1, 16, 12, 12))],
+        initializer=n.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    src = tmp_path / "gated.onnx"
+    onnx.save(model, src)
+    out_dir = tmp_path / "gated"
+    deploy_artifact(src, cpu_target, out_dir, DeployOptions(), verify=False)
+    code = f"""
+import numpy as np, convgen
+from convgen.runtime.kernel import aligned_empty
+from convgen.runtime.verify import MODEL_TOLERANCE, ort_session
+m = convgen.load({str(out_dir)!r})
+ref = ort_session({str(src)!r})
+rng = np.random.default_rng(0)
+for offset in (4, 16, 48, 0):
+    feed = {{}}
+    for info in m.inputs:
+        a = aligned_empty(info.shape, np.float32, offset=offset)
+        a[...] = rng.uniform(-1, 1, info.shape)
+        feed[info.name] = a
+    want = ref.run(None, feed)[0]
+    for _ in range(3):
+        assert np.abs(m(**feed) - want).max() <= MODEL_TOLERANCE * np.abs(want).max()
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
 def test_cli_deploy_verify_bench(tmp_path):
     model, _ = residual_block()
     src = tmp_path / "block.onnx"

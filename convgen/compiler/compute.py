@@ -480,11 +480,11 @@ def pack_prim_func(spec: ConvSpec, target: TargetInfo, packing: WeightPacking) -
 def _entry(func: PrimFunc, spec: ConvSpec, target: TargetInfo, name: str) -> PrimFunc:
     align = argument_alignment(spec, target)
     if align != 64:  # TVM's default
-        func = _align_arguments(func, align)
+        func = align_arguments(func, align)
     return func.with_attr("global_symbol", name)
 
 
-def _align_arguments(func: PrimFunc, align: int) -> PrimFunc:
+def align_arguments(func: PrimFunc, align: int) -> PrimFunc:
     """The same PrimFunc with its argument buffers declared `align`-byte aligned.
     TVM 0.27's PrimFunc.specialize refuses to change a buffer's alignment, so the
     function goes through its TVMScript form, where arguments are
@@ -494,8 +494,12 @@ def _align_arguments(func: PrimFunc, align: int) -> PrimFunc:
     import tvm
 
     head, sep, body = func.script().partition("):\n")
-    head = re.sub(r'(T\.Buffer\(\([0-9, ]*\), "float(?:32|16)")\)', rf"\1, align={align})", head)
+    # a shape's dimensions are ints, or T.int64(n) in functions Relax legalized
+    shape = r"\((?:[^()]|\([^()]*\))*\)"
+    head = re.sub(rf'(T\.Buffer\({shape}, "float(?:32|16)")\)', rf"\1, align={align})", head)
     aligned: PrimFunc = tvm.script.from_source(head + sep + body)
-    if any(param.ty.data_alignment != align for param in aligned.params):
+    floats = [p.ty for p in aligned.params
+              if str(getattr(p.ty, "dtype", "")) in ("float32", "float16")]
+    if not floats or any(b.data_alignment != align for b in floats):
         raise RuntimeError(f"TVMScript signature not understood: {head!r}")  # a TVM change
     return aligned

@@ -44,7 +44,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from convgen.compiler.build import lower, workspace_of
-from convgen.compiler.compute import WeightPacking, pack_prim_func, writing_into_residual
+from convgen.compiler.compute import (
+    WeightPacking,
+    align_arguments,
+    pack_prim_func,
+    writing_into_residual,
+)
 from convgen.compiler.onnx_shapes import fold_shape_arithmetic
 from convgen.compiler.records import find_record
 from convgen.compiler.schedule import separable
@@ -177,6 +182,8 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
             schedule_model_ops_gpu() if target.is_cuda else schedule_model_ops(),
         ])(mod)
     kernels = {layer.kernel for layer in layers}
+    if not target.is_cuda:
+        mod = _inputs_at_element_alignment(mod, kernels)
     other_ops = sorted(gv.name_hint for gv, f in mod.functions.items()
                        if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint not in kernels)
     t3 = time.perf_counter()
@@ -188,6 +195,43 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
     t4 = time.perf_counter()
     return CompiledModel(name, lib, inputs, outputs, layers, other_ops, seconds={
         "import": t1 - t0, "kernels": t2 - t1, "other_ops": t3 - t2, "tvm_compile": t4 - t3})
+
+
+def _inputs_at_element_alignment(mod: IRModule, kernels: set[str]) -> IRModule:
+    """Every operator function that reads a model input, as the caller's array (or a
+    view of it, a reshape), declared to take its arguments at the element's alignment
+    (`compute.align_arguments`), as convgen's kernels are. TVM declares 64 bytes, and
+    LLVM then loads vectors with instructions that fault off a 64-byte boundary;
+    `Model` passes numpy's arrays in place, which start 16 bytes past one or 48 (an
+    input feeding an element-wise operator rather than a transpose: a segfault in
+    three calls out of four). The other functions read buffers the VM allocates,
+    64-byte aligned."""
+    import tvm
+    from tvm import relax
+
+    main = mod["main"]
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    held: list[relax.Var] = list(main.params)  # the inputs, and views of them
+
+    def reads_input(args: Any) -> bool:
+        return any(isinstance(a, relax.Var) and any(a.same_as(h) for h in held) for a in args)
+
+    readers: dict[str, Any] = {}
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Var) and reads_input([value]):
+                held.append(binding.var)
+            elif isinstance(value, relax.Call) and value.op.same_as(call_tir):
+                func, args = value.args[0], value.args[1].fields
+                if func.name_hint not in kernels and reads_input(args):
+                    readers[func.name_hint] = func
+            elif isinstance(value, relax.Call) and reads_input(value.args):
+                held.append(binding.var)  # a builtin's result (a reshape's view): aliases
+    for gv in readers.values():
+        mod[gv] = align_arguments(mod[gv], min(
+            np.dtype(str(p.ty.dtype)).itemsize for p in main.params))
+    return mod
 
 
 @contextmanager
