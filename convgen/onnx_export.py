@@ -138,17 +138,44 @@ def _activation(activation: str, x: str, node: Callable[..., str],
 
 
 def flip_conv_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every Conv's (initializer) weights flipped on each spatial axis:
-    what onnxruntime must run to compute a `conv`-mode deployment (conv(I, W) ==
-    Conv(I, flip(W)))."""
+    """The model with every Conv's weights flipped on each spatial axis: what
+    onnxruntime must run to compute a `conv`-mode deployment (conv(I, W) ==
+    Conv(I, flip(W))). Initializers that only Convs read are flipped in place; any
+    other weight (a Constant's, a DequantizeLinear's, a graph input) is reversed by a
+    Gather per spatial axis inserted before its Conv."""
     import onnx
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper, shape_inference
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
-    for i, t in enumerate(model.graph.initializer):
-        if t.name in weights:
+    graph = model.graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    weights = {n.input[1] for n in convs}
+    read_elsewhere = {name for n in graph.node for k, name in enumerate(n.input)
+                      if n.op_type != "Conv" or k != 1}
+    initializers = {t.name for t in graph.initializer} - {i.name for i in graph.input}
+    in_place = (weights & initializers) - read_elsewhere
+    for i, t in enumerate(graph.initializer):
+        if t.name in in_place:
             w = numpy_helper.to_array(t)
             flipped = np.ascontiguousarray(np.flip(w, axis=tuple(range(2, w.ndim))))
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(flipped, t.name))
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(flipped, t.name))
+    if all(n.input[1] in in_place for n in convs):
+        return model
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in (
+        *shape_inference.infer_shapes(model).graph.value_info, *graph.input)}
+    nodes = []
+    for k, node in enumerate(graph.node):
+        if node.op_type == "Conv" and node.input[1] not in in_place:
+            w = node.input[1]
+            for axis, size in enumerate(shapes[w][2:], start=2):
+                reverse = f"{w}_reverse_{k}_{axis}"
+                graph.initializer.append(
+                    numpy_helper.from_array(np.arange(size - 1, -1, -1, dtype=np.int64), reverse))
+                nodes.append(helper.make_node("Gather", [w, reverse], [f"{reverse}_out"],
+                                              axis=axis))
+                w = f"{reverse}_out"
+            node.input[1] = w
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
     return model

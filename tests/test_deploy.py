@@ -19,7 +19,12 @@ import convgen
 from convgen.cli import main
 from convgen.compiler.deploy import IN_PLACE_SUFFIX, DeployOptions, deploy_artifact
 from convgen.onnx_export import IR_VERSION, OPSET, flip_conv_weights
-from convgen.runtime.verify import MODEL_TOLERANCE, model_inputs, ort_session
+from convgen.runtime.verify import (
+    MODEL_TOLERANCE,
+    MODEL_TOLERANCES,
+    model_inputs,
+    ort_session,
+)
 
 
 class Net:
@@ -478,6 +483,79 @@ print("ok")
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
+def _weights_made_in_graph(kind: str, w: np.ndarray) -> tuple[list[onnx.NodeProto],
+                                                              list[onnx.TensorProto]]:
+    """Nodes and initializers that produce the 3x3 weight `w` (K x C x 3 x 3) as "w"
+    without it being an initializer: a Constant, an int8 DequantizeLinear, a Transpose."""
+    if kind == "constant":
+        return [helper.make_node("Constant", [], ["w"],
+                                 value=numpy_helper.from_array(w.astype(np.float32)))], []
+    if kind == "dequantize":
+        q = np.round(w / 0.01).clip(-127, 127).astype(np.int8)
+        return [helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w"])], [
+            numpy_helper.from_array(q, "wq"), numpy_helper.from_array(np.float32(0.01), "ws"),
+            numpy_helper.from_array(np.int8(0), "wz")]
+    hwck = np.ascontiguousarray(w.transpose(2, 3, 1, 0)).astype(np.float32)  # kind: transpose
+    return [helper.make_node("Transpose", ["w_hwck"], ["w"], perm=[3, 2, 0, 1])], [
+        numpy_helper.from_array(hwck, "w_hwck")]
+
+
+def _conv_on(kind: str, w: np.ndarray, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    nodes, inits = ([], [numpy_helper.from_array(w, "w")] if kind == "initializer" else []
+                    ) if kind in ("input", "initializer") else _weights_made_in_graph(kind, w)
+    inputs = [helper.make_tensor_value_info("x", dtype, (1, 8, 10, 10))]
+    if kind == "input":
+        inputs.append(helper.make_tensor_value_info("w", dtype, w.shape))
+    nodes.append(helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]))
+    graph = helper.make_graph(nodes, "conv", inputs,
+                              [helper.make_tensor_value_info("y", dtype, (1, 16, 10, 10))], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    return model
+
+
+@pytest.mark.parametrize("kind", ["constant", "dequantize", "transpose", "input"])
+def test_conv_mode_flips_weights_however_the_model_makes_them(kind, cpu_target, tmp_path):
+    """In `conv` mode every Conv is a true convolution, whatever produces its weights:
+    the deployment and the reference (`flip_conv_weights`) against onnxruntime on the
+    same graph built from weights flipped here (the deployment's Conv on weights given
+    at run time is left to TVM, and flipped there)."""
+    rng = np.random.default_rng(7)
+    w = (rng.integers(-100, 100, (16, 8, 3, 3)) * 0.01).astype(np.float32)  # exact in int8
+    src = tmp_path / f"{kind}.onnx"
+    onnx.save(_conv_on(kind, w), src)
+    out = tmp_path / kind
+    _, manifest = deploy_artifact(src, cpu_target, out, DeployOptions(mode="conv"))
+    assert manifest.verification.passed, manifest.verification.lines()
+    flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1])
+    feed = {"x": rng.uniform(-1, 1, (1, 8, 10, 10)).astype(np.float32)}
+    given = {"w": w} if kind == "input" else {}
+    truth = ort_session(_conv_on(kind, flipped).SerializeToString()).run(
+        None, {**feed, **({"w": flipped} if kind == "input" else {})})[0]
+    if kind != "input":  # (a graph input's weights are the caller's to flip)
+        ref = ort_session(flip_conv_weights(_conv_on(kind, w)).SerializeToString())
+        np.testing.assert_allclose(ref.run(None, feed)[0], truth, rtol=1e-5, atol=1e-5)
+    got = convgen.load(out)(**feed, **given)
+    assert np.abs(got - truth).max() <= MODEL_TOLERANCE * np.abs(truth).max()
+
+
+def test_conv_mode_flips_the_convolutions_left_to_tvm(cpu_target, tmp_path):
+    """A float16 model's Conv runs on TVM's own operator (convgen's deploy kernels are
+    float32): in `conv` mode it is flipped too, and verified at half's tolerance."""
+    rng = np.random.default_rng(8)
+    w = (rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float16)
+    src = tmp_path / "half.onnx"
+    onnx.save(_conv_on("initializer", w, TensorProto.FLOAT16), src)
+    _, manifest = deploy_artifact(src, cpu_target, tmp_path / "half", DeployOptions(mode="conv"))
+    assert manifest.verification.passed, manifest.verification.lines()
+    x = rng.uniform(-1, 1, (1, 8, 10, 10)).astype(np.float16)
+    flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1])
+    truth = ort_session(_conv_on("initializer", flipped, TensorProto.FLOAT16)
+                        .SerializeToString()).run(None, {"x": x})[0].astype(np.float64)
+    got = convgen.load(tmp_path / "half")(x).astype(np.float64)
+    assert np.abs(got - truth).max() <= MODEL_TOLERANCES["float16"] * np.abs(truth).max()
 
 
 def test_cli_deploy_verify_bench(tmp_path):

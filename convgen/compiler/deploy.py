@@ -169,6 +169,8 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
     mod = _relax_module(model, name, options)
     t1 = time.perf_counter()
     mod, layers = _ConvFuser.run(mod, target, options, _node_names(model))
+    if options.mode == "conv":
+        mod = _flip_other_convolutions(mod)
     mod = _batch_norms_as_scale_and_shift(mod)
     t2 = time.perf_counter()
     with target.tvm_target():
@@ -436,6 +438,33 @@ def _dense_input(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     *lead, k = shape
     cols = lead[-1]
     return (1, math.prod(lead[:-1]), cols, k)
+
+
+def _flip_other_convolutions(mod: IRModule) -> IRModule:
+    """In `conv` mode, the convolutions left to TVM (weights computed at run time, a
+    float16 model) with their weights flipped on every spatial axis, so that every
+    Conv of the model is a true convolution, not only those on convgen's kernels
+    (conv(I, W) == Conv(I, flip(W))). Constant weights are flipped once, by
+    FoldConstant."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Flipper(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if _op(call) not in CONV_OPS:
+                return call
+            weight = call.args[1]
+            for axis, letter in enumerate(str(call.attrs.kernel_layout)):
+                if letter not in "OI":  # a spatial axis
+                    weight = self.builder_.emit(relax.op.flip(weight, axis))
+            return relax.Call(call.op, [call.args[0], weight], call.attrs, call.ty_args)
+
+    flipper = Flipper(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            flipper.builder_.update_func(gv, flipper.visit_expr(func))
+    return flipper.builder_.get()
 
 
 def _batch_norms_as_scale_and_shift(mod: IRModule) -> IRModule:
