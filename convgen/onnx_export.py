@@ -167,7 +167,9 @@ def flip_conv_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     for k, node in enumerate(graph.node):
         if node.op_type == "Conv" and node.input[1] not in in_place:
             w = node.input[1]
-            for axis, size in enumerate(shapes[w][2:], start=2):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            for axis, size in enumerate(attrs.get("kernel_shape", shapes.get(w, [])[2:]),
+                                        start=2):
                 reverse = f"{w}_reverse_{k}_{axis}"
                 graph.initializer.append(
                     numpy_helper.from_array(np.arange(size - 1, -1, -1, dtype=np.int64), reverse))

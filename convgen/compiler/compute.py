@@ -496,10 +496,9 @@ def align_arguments(func: PrimFunc, align: int) -> PrimFunc:
     head, sep, body = func.script().partition("):\n")
     # a shape's dimensions are ints, or T.int64(n) in functions Relax legalized
     shape = r"\((?:[^()]|\([^()]*\))*\)"
-    head = re.sub(rf'(T\.Buffer\({shape}, "float(?:32|16)")\)', rf"\1, align={align})", head)
+    head = re.sub(rf'(T\.Buffer\({shape}, "[a-z]+[0-9]*")\)', rf"\1, align={align})", head)
     aligned: PrimFunc = tvm.script.from_source(head + sep + body)
-    floats = [p.ty for p in aligned.params
-              if str(getattr(p.ty, "dtype", "")) in ("float32", "float16")]
-    if not floats or any(b.data_alignment != align for b in floats):
+    buffers = [p.ty for p in aligned.params if hasattr(p.ty, "data_alignment")]
+    if not buffers or any(b.data_alignment != align for b in buffers):
         raise RuntimeError(f"TVMScript signature not understood: {head!r}")  # a TVM change
     return aligned
