@@ -284,15 +284,16 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, library: 
 @main.command()
 @spec_options
 @target_option
-@click.option("--trials", type=int, default=None,
+@click.option("--trials", type=click.IntRange(min=1), default=None,
               help="Candidates measured per kernel (default: the whole template grid); for "
               "CUDA candidates, at most this many per template.")
-@click.option("--minutes", type=float, default=None, help="Wall-clock budget for the run.")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Wall-clock budget for the run.")
 @click.option("--method", type=click.Choice(["grid", "meta", "both"]), default="grid",
               show_default=True,
               help="grid: every knob setting of convgen's templates; meta: TVM MetaSchedule's "
               "own space (--trials per kernel, default 64); both: the faster wins.")
-@click.option("--workers", default=0, show_default=True,
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Parallel candidate compiles (0: every core). Timing is always serial.")
 @library_option
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
@@ -407,8 +408,9 @@ def _tune_cuda(tinfo: Any, trials: int | None, library: Path | None,
 
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--repeats", default=20, show_default=True)
-@click.option("-j", "--jobs", default=0, help="Parallel nvcc runs (default: every core).")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("-j", "--jobs", type=click.IntRange(min=0), default=0,
+              help="Parallel nvcc runs (default: every core).")
 @handle_errors
 def measure(directory: str, repeats: int, jobs: int) -> None:
     """On the GPU machine: compile, check and time the CUDA candidates in DIRECTORY
@@ -421,7 +423,8 @@ def measure(directory: str, repeats: int, jobs: int) -> None:
 
 @main.command("compile")
 @click.argument("artifact", type=click.Path(exists=True, file_okay=False))
-@click.option("-j", "--jobs", default=0, help="Parallel nvcc runs (default: every core).")
+@click.option("-j", "--jobs", type=click.IntRange(min=0), default=0,
+              help="Parallel nvcc runs (default: every core).")
 @json_option
 @handle_errors
 def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
@@ -528,7 +531,8 @@ def inspect(target: str, what: str, library: str | None, algorithm: str,
 @click.argument("artifact", required=False, type=click.Path(exists=True))
 @spec_options
 @target_option
-@click.option("--repeats", default=30, show_default=True, help="Timed samples (median kept).")
+@click.option("--repeats", type=click.IntRange(min=1), default=30, show_default=True,
+              help="Timed samples (median kept).")
 @click.option("--no-peers", is_flag=True, help="Time convgen alone.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
               help="Also draw the bars into this PNG (needs matplotlib).")

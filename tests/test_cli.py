@@ -76,6 +76,14 @@ def test_spec_file(tmp_path):
          "padding"),
         (["--mode", "conv", "--input", "1x4x8x8", "--kernel", "8x4x3x3", "--target", "tpu"],
          "target"),
+        # a CPU or GPU LLVM / nvcc would not compile for (a typo would silently get
+        # generic x86-64 code)
+        (["--mode", "conv", "--input", "1x4x8x8", "--kernel", "8x4x3x3", "--target",
+          "llvm:znver33"], "target"),
+        (["--mode", "conv", "--input", "1x4x8x8", "--kernel", "8x4x3x3", "--target",
+          '{"kind": "llvm", "mcpu": "skylake-avx5120"}'], "target"),
+        (["--mode", "conv", "--input", "1x4x8x8", "--kernel", "8x4x3x3", "--target",
+          "cuda:sm_10"], "target"),
         (["--input", "1x4x8x8", "--kernel", "8x4x3x3"], "mode"),
         (["--mode", "conv", "--input", "1x4x2x2", "--kernel", "8x4x3x3"], "kernel"),
     ],
@@ -87,6 +95,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, field):
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"Error: {field}:"), out
     assert not out_dir.exists() or not any(out_dir.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize(("args", "option"), [
+    (["bench", "--mode", "corr", "--input", "1x4x8x8", "--kernel", "8x4x3x3", "--repeats", "0"],
+     "--repeats"),
+    (["tune", "--mode", "corr", "--input", "1x4x8x8", "--kernel", "8x4x3x3", "--trials", "0"],
+     "--trials"),
+    (["tune", "--mode", "corr", "--input", "1x4x8x8", "--kernel", "8x4x3x3", "--minutes", "0"],
+     "--minutes"),
+])
+def test_counts_below_one_are_refused(args, option):
+    """`bench --repeats 0` printed a table of medians of no samples."""
+    code, out = run(*args)
+    assert code == 2 and f"Invalid value for '{option}'" in out, out
 
 
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch, cpu_target):

@@ -176,6 +176,28 @@ def host_cpu() -> str:
     return str(codegen.llvm_get_system_cpu())
 
 
+# The oldest architecture nvcc 12 compiles for.
+MIN_CUDA_ARCH = 50
+
+
+def _check_cpu(mcpu: str, triple: str | None, name: str) -> None:
+    """A CPU name LLVM does not know would compile, silently, for a generic x86-64
+    (a typo such as znver33 then costs half the speed): refuse it."""
+    from tvm.target import codegen
+
+    if not codegen.llvm_is_valid_cpu(mcpu, triple or codegen.llvm_get_system_triple()):
+        raise TargetError(f"target: {name!r}: LLVM knows no CPU {mcpu!r} (e.g. znver3, "
+                          "znver4, skylake-avx512, x86-64-v3; `llvm` alone: this machine's)")
+
+
+def _check_arch(arch: str, name: str) -> None:
+    found = re.fullmatch(r"sm_(\d{2,3})a?", arch)
+    if not found:
+        raise TargetError(f"target: {name!r}: CUDA arch must look like sm_90 or sm_80")
+    if int(found.group(1)) < MIN_CUDA_ARCH:
+        raise TargetError(f"target: {name!r}: nvcc compiles for sm_{MIN_CUDA_ARCH} and newer")
+
+
 def resolve_target(name: str) -> TargetInfo:
     """A user's target string -> TargetInfo. Raises TargetError naming `target`."""
     text = name.strip()
@@ -188,21 +210,26 @@ def resolve_target(name: str) -> TargetInfo:
             raise TargetError(f"target: {name!r} must be a dict with kind llvm or cuda")
         kind = d["kind"]
         if kind == "llvm":
+            if "mcpu" in d:
+                _check_cpu(str(d["mcpu"]), d.get("mtriple"), name)
             d.setdefault("mcpu", host_cpu())
             d.setdefault("num-cores", available_cores())
         else:
             d.setdefault("arch", DEFAULT_CUDA_ARCH)
+            _check_arch(str(d["arch"]), name)
         return TargetInfo(kind, _freeze(d))
     low = text.lower()
     base, _, arg = low.partition(":")
     if base in ("llvm", "cpu", "host"):
+        arg = "" if arg == "native" else arg  # (clang's word for this machine's CPU)
+        if arg:
+            _check_cpu(arg, None, name)
         mcpu = arg or host_cpu()
         return TargetInfo("llvm", _freeze({"kind": "llvm", "mcpu": mcpu,
                                            "num-cores": available_cores()}))
     if base in ("cuda", "gpu", "nvidia"):
         arch = arg or DEFAULT_CUDA_ARCH
-        if not re.fullmatch(r"sm_\d{2,3}a?", arch):
-            raise TargetError(f"target: {name!r}: CUDA arch must look like sm_90 or sm_80")
+        _check_arch(arch, name)
         return TargetInfo("cuda", _freeze({"kind": "cuda", "arch": arch}))
     raise TargetError(
         f"target: {name!r} is not one of llvm, cpu, llvm:<mcpu>, cuda, cuda:sm_XX "
