@@ -427,6 +427,41 @@ def test_model_calls_take_names_and_check_inputs(cpu_target, tmp_path):
         m(x, x)
 
 
+def test_calls_from_threads_take_turns(cpu_target, tmp_path):
+    """A server calls one loaded model from several threads: every result is the one
+    a lone call gives. Run apart: two calls inside the VM at once crashed it, in about
+    two runs of this test out of three (a race: MobileNetV2 at full size, whose calls
+    are long enough to overlap)."""
+    from convgen import zoo
+
+    src = tmp_path / "mobilenet_v2.onnx"
+    onnx.save(zoo.build("mobilenet_v2"), src)
+    out = tmp_path / "dep"
+    deploy_artifact(src, cpu_target, out, DeployOptions(), verify=False)
+    code = f"""
+import threading, numpy as np, convgen
+m = convgen.load({str(out)!r})
+rng = np.random.default_rng(0)
+xs = [rng.uniform(-1, 1, m.inputs[0].shape).astype(np.float32) for _ in range(4)]
+want = [m(x).copy() for x in xs]
+wrong = []
+def work(i):
+    for r in range(25):
+        j = (i + r) % 4
+        if not np.array_equal(m(xs[j]), want[j]):
+            wrong.append((i, r))
+threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert not wrong, wrong[:5]
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
 def test_deployed_model_runs_without_the_compiler(cpu_target, tmp_path):
     """A deployment needs tvm-ffi and TVM's runtime library, never `import tvm`."""
     out, _, _ = _deploy(tmp_path, "residual_block", "conv", "channels-last", cpu_target)

@@ -11,6 +11,7 @@ CUDA runtime library too).
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ class Model:
     returns the output as a numpy array (a tuple of them where the model has several).
     A CUDA model copies numpy inputs to the GPU and its outputs back; given device
     tensors alone (DLPack) it returns device tensors. Loading checks every file
-    against the manifest's sizes and hashes."""
+    against the manifest's sizes and hashes. Calls from several threads take turns:
+    the VM keeps each call's registers and storage in itself (two at once crashed it),
+    and one call already runs on every core."""
 
     def __init__(self, manifest_path: Path, manifest: ModelManifest | None = None) -> None:
         self.manifest_path = manifest_path
@@ -46,6 +49,7 @@ class Model:
         self.device = self.manifest.target.device
         self._main: Any = None
         self._vm: Any = None
+        self._turn = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<convgen.Model {self.name}: {len(self.manifest.layers)} convgen layers>"
@@ -101,7 +105,8 @@ class Model:
                 isinstance(a, np.ndarray) for a in given) else (lambda r: r)
             given = [cuda_driver.DeviceArray.from_numpy(a) if isinstance(a, np.ndarray)
                      else a for a in given]
-        result = self.main(*given)
+        with self._turn:
+            result = self.main(*given)
         if len(self.outputs) == 1:
             return to_host(result)
         return tuple(to_host(r) for r in result)
