@@ -653,6 +653,16 @@ def test_bad_models_are_one_line(tmp_path):
     onnx.save(model, dynamic)
     result = runner.invoke(main, ["deploy", str(dynamic), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "no static shape" in result.output, result.output
+    n = Net(3)
+    n.op("NonZero", [n.conv("x", "c", 8, 4, (3, 3))], "nz")
+    graph = helper.make_graph(
+        n.nodes, "nz", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 8, 6, 6))],
+        [helper.make_tensor_value_info("nz", TensorProto.INT64, None)], initializer=n.inits)
+    data_dependent = tmp_path / "nonzero.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]),
+              data_dependent)
+    result = runner.invoke(main, ["deploy", str(data_dependent), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "depends on the data" in result.output, result.output
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
 
 

@@ -68,7 +68,6 @@ from convgen.spec import (
     CHANNELS_FIRST,
     CHANNELS_LAST,
     MODES,
-    SHAPE_HINT,
     ConvSpec,
     make_spec,
     pin_input_shapes,
@@ -146,8 +145,10 @@ def model_io(model: onnx.ModelProto) -> tuple[list[TensorInfo], list[TensorInfo]
         tt = vi.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
         if any(d <= 0 for d in dims):
-            fix = (f"fix it with --shape {vi.name}=DIMS" if what == "input"
-                   else SHAPE_HINT)
+            # (inputs are read first: an output without one has static inputs)
+            fix = (f"fix it with --shape {vi.name}=DIMS" if what == "input" else
+                   "with every input's shape fixed, it depends on the data, which "
+                   "deploy's static shapes cannot hold")
             raise UnsupportedError(f"model: {what} {vi.name!r} has no static shape "
                                    f"({dims}); {fix}")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
