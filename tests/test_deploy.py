@@ -425,6 +425,15 @@ def test_model_calls_take_names_and_check_inputs(cpu_target, tmp_path):
         m(y=x)
     with pytest.raises(convgen.ConvgenError, match=r"^inputs: .* takes 1"):
         m(x, x)
+    with pytest.raises(convgen.ConvgenError, match=r"^x: expected an array .* got list"):
+        m(x.tolist())
+    # read-only (DLPack exports none: np.asarray of an image, np.frombuffer) and
+    # strided arrays are copied, not refused
+    frozen = np.frombuffer(x.tobytes(), np.float32).reshape(x.shape)
+    np.testing.assert_array_equal(m(frozen), m(x))
+    wide = np.zeros((*x.shape[:-1], 2 * x.shape[-1]), np.float32)
+    wide[..., ::2] = x
+    np.testing.assert_array_equal(m(wide[..., ::2]), m(x))
 
 
 def test_calls_from_threads_take_turns(cpu_target, tmp_path):

@@ -355,7 +355,10 @@ def _address(a: np.ndarray) -> int:
 
 
 def check_tensor(info: TensorInfo, a: Any) -> None:
-    shape = tuple(getattr(a, "shape", ()))
+    if not hasattr(a, "shape"):
+        raise ArgumentError(f"{info.name}: expected an array (numpy, or a DLPack tensor), "
+                            f"got {type(a).__name__}")
+    shape = tuple(a.shape)
     dtype = str(getattr(a, "dtype", ""))
     if shape != info.shape:
         raise ArgumentError(

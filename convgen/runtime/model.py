@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 
 from convgen.errors import ArgumentError, ToolchainError
-from convgen.runtime.kernel import check_tensor, load_tvm_runtime, load_tvm_runtime_cuda
+from convgen.runtime.kernel import (
+    check_tensor,
+    host_usable,
+    load_tvm_runtime,
+    load_tvm_runtime_cuda,
+)
 from convgen.runtime.manifest import ModelManifest, TensorInfo
 
 # the VM's device and allocator codes (DLPack's kDLCPU and kDLCUDA; TVM's pooled
@@ -91,7 +96,11 @@ class Model:
         out = []
         for info, a in zip(self.inputs, given):
             check_tensor(info, a)
-            out.append(np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a)
+            # in place where the VM can take it (functions reading inputs are declared
+            # at the element's alignment, `deploy._inputs_at_element_alignment`); a
+            # strided, misaligned or read-only array (DLPack exports no read-only
+            # ones: np.asarray of an image, np.frombuffer) is copied
+            out.append(host_usable(a, info.dtype, np.dtype(info.dtype).itemsize))
         return out
 
     def __call__(self, *args: Any, **named: Any) -> Any:
