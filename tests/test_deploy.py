@@ -602,6 +602,38 @@ def test_conv_mode_flips_the_convolutions_left_to_tvm(cpu_target, tmp_path):
     assert np.abs(got - truth).max() <= MODEL_TOLERANCES["float16"] * np.abs(truth).max()
 
 
+@pytest.mark.parametrize("op", ["Max", "Min", "Sum"])
+def test_variadic_element_wise_ops_against_per_channel_constants(op, cpu_target, tmp_path):
+    """Max / Min / Sum of two Conv outputs and a per-channel constant (a learned
+    threshold): Relax's frontend stacked the inputs into a 5-D tensor that the
+    channels-last layout conversion could not carry ("Invalid SLayout")."""
+    n = Net(9)
+    a = n.conv("x", "a", 8, 16, (3, 3), pads=[1, 1, 1, 1])
+    b = n.conv("x", "b", 8, 16, (1, 1))
+    y = n.op(op, [a, n.init("c", n.rng.standard_normal((16, 1, 1))), b], "y")
+    src = tmp_path / f"{op}.onnx"
+    onnx.save(n.model((1, 8, 10, 10), y, (1, 16, 10, 10)), src)
+    _, manifest = deploy_artifact(src, cpu_target, tmp_path / op, DeployOptions())
+    assert manifest.verification.passed, manifest.verification.lines()
+    assert len(manifest.layers) == 2
+
+
+def test_outputs_nan_where_onnxruntime_has_nan_verify(cpu_target, tmp_path):
+    """A model whose outputs are NaN for some inputs (the square root of a Conv's
+    negative outputs) agrees with onnxruntime where both give NaN; the rest is
+    compared as usual."""
+    n = Net(10)
+    c = n.conv("x", "c", 8, 16, (3, 3), pads=[1, 1, 1, 1])
+    y = n.op("Sqrt", [c], "y")
+    src = tmp_path / "sqrt.onnx"
+    onnx.save(n.model((1, 8, 10, 10), y, (1, 16, 10, 10)), src)
+    _, manifest = deploy_artifact(src, cpu_target, tmp_path / "sqrt", DeployOptions())
+    assert manifest.verification.passed, manifest.verification.lines()
+    m = convgen.load(tmp_path / "sqrt")
+    got = m(model_inputs(m, seed=0)["x"])
+    assert np.isnan(got).any() and np.isfinite(got).any()
+
+
 def test_cli_deploy_verify_bench(tmp_path):
     model, _ = residual_block()
     src = tmp_path / "block.onnx"

@@ -238,14 +238,19 @@ def _inputs_at_element_alignment(mod: IRModule, kernels: set[str]) -> IRModule:
 
 
 @contextmanager
-def _clip_as_relax_op() -> Iterator[None]:
+def _element_wise_imports() -> Iterator[None]:
     """While importing: ONNX Clip with constant bounds (ReLU6), and the clips inside
     HardSwish and HardSigmoid, as Relax's element-wise `minimum(maximum(x, lo), hi)`. The frontend
     lowers every Clip to two anonymous
     TE functions (to honour NaN bounds, which constant bounds are not), which
     ConvertLayout cannot carry a layout through (nor its `clip` operator) and
-    `_ConvFuser` cannot read. Its converter table is looked up per import
-    (`_get_convert_map`); the original is put back afterwards."""
+    `_ConvFuser` cannot read. Max, Min and Sum as their element-wise pairs,
+    maximum(a, b) ..., which broadcast: the frontend broadcasts every input to the
+    result's shape, stacks them on a new axis and reduces it, a 5-D tensor ConvertLayout
+    failed on (a Conv's output against per-channel bounds: "Invalid SLayout"), and
+    copies besides. Its converter table is looked up per import (`_get_convert_map`);
+    the original is put back afterwards."""
+    import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
@@ -291,11 +296,22 @@ def _clip_as_relax_op() -> Iterator[None]:
                 like(x, float(attr.get("beta", 0.5)))))
             return clamp(bb, affine, like(x, 0.0), like(x, 1.0))
 
+    def pairwise(base: Any) -> Any:
+        class Pairwise(base):  # type: ignore[misc,valid-type]
+            @classmethod
+            def _impl_v1(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+                if all(isinstance(i, tvm.ir.GenericConst) for i in inputs):
+                    return super()._impl_v1(bb, inputs, attr, params)  # (folded at import)
+                return cls._impl_dynamic(bb, inputs)
+
+        return Pairwise
+
     original = frontend._get_convert_map
 
     def convert_map() -> dict[str, Any]:
         return {**original(), "Clip": Clip, "HardSwish": HardSwish,
-                "HardSigmoid": HardSigmoid}
+                "HardSigmoid": HardSigmoid,
+                **{op: pairwise(getattr(frontend, op)) for op in ("Max", "Min", "Sum")}}
 
     frontend._get_convert_map = convert_map
     try:
@@ -346,7 +362,7 @@ def _relax_module(model: onnx.ModelProto, name: str, options: DeployOptions) -> 
     from tvm.relax.frontend.onnx import from_onnx
 
     try:
-        with _clip_as_relax_op():
+        with _element_wise_imports():
             mod = from_onnx(fold_shape_arithmetic(model), keep_params_in_input=False)
     except Exception as err:  # the frontend's errors name the operator
         raise UnsupportedError(f"model: TVM cannot import {name}: "
@@ -789,7 +805,7 @@ class _ConvFuser:
                 chain.fused.append("Clip")
             elif (op == "relax.minimum" and chain.activation == "relu"
                   and chain.fused[-1] == "Clip" and _scalar(value.args[1]) == 6.0):
-                chain.activation = "relu6"  # Clip(0, 6) (`_clip_as_relax_op`)
+                chain.activation = "relu6"  # Clip(0, 6) (`_element_wise_imports`)
             else:
                 break
             var, chain.end = user, value

@@ -311,6 +311,21 @@ def reference_session(model: Model, spinning: bool = False, profiling: bool = Fa
     return ort_session(proto.SerializeToString(), spinning, profiling)
 
 
+def _output_error(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+    """(max |got - want|, max |want|) over the finite values. Equal values agree,
+    infinities and NaNs included (a model whose outputs are NaN for the random inputs,
+    x ** 0.5 of a negative, where onnxruntime's are too); a NaN on one side only is an
+    infinite error."""
+    g, w = got.astype(np.float64), np.asarray(want, np.float64)
+    nan = np.isnan(w)
+    if not np.array_equal(np.isnan(g), nan):
+        return float("inf"), 1.0
+    finite = np.isfinite(w)
+    scale = max(float(np.max(np.abs(w[finite]))) if finite.any() else 0.0, 1e-30)
+    differ = ~nan & (g != w)
+    return (float(np.max(np.abs(g[differ] - w[differ]))) if differ.any() else 0.0), scale
+
+
 def verify_model(model: Model, seed: int = 0) -> VerifyReport:
     """The deployed model against onnxruntime on the original model, every output within
     its dtype's MODEL_TOLERANCES of the largest magnitude; in `conv` mode also that it
@@ -326,8 +341,7 @@ def verify_model(model: Model, seed: int = 0) -> VerifyReport:
     got = list(got) if isinstance(got, tuple) else [got]
     checks = []
     for info, g, w in zip(model.outputs, got, want):
-        scale = max(float(np.max(np.abs(w))), 1e-30)
-        err = float(np.max(np.abs(g.astype(np.float64) - w))) if g.size else 0.0
+        err, scale = _output_error(g, w)
         tol = MODEL_TOLERANCES.get(info.dtype, MODEL_TOLERANCE)
         checks.append(Check(f"{info.name} vs onnxruntime", bool(err <= tol * scale),
                             err, err / scale, f"(relative to max |output| {scale:.3g})"))
