@@ -634,6 +634,38 @@ def test_outputs_nan_where_onnxruntime_has_nan_verify(cpu_target, tmp_path):
     assert np.isnan(got).any() and np.isfinite(got).any()
 
 
+def test_dropout_is_the_identity(cpu_target, tmp_path):
+    """Older exports keep Dropout nodes (SqueezeNet, VGG): Relax kept `dropout` as a
+    tuple-valued operator, and the channels-last conversion failed on it."""
+    n = Net(11)
+    y = n.op("Dropout", [n.conv("x", "c", 8, 16, (3, 3), pads=[1, 1, 1, 1])], "y")
+    src = tmp_path / "dropout.onnx"
+    onnx.save(n.model((1, 8, 10, 10), y, (1, 16, 10, 10)), src)
+    _, manifest = deploy_artifact(src, cpu_target, tmp_path / "dropout", DeployOptions())
+    assert manifest.verification.passed, manifest.verification.lines()
+
+
+def test_a_model_onnxruntime_refuses_fails_verification_in_one_line(tmp_path):
+    """TVM imports what onnxruntime may refuse (here an opset-7 Dropout mask declared
+    bool): the deployment is built, and its verification fails saying why, with no
+    traceback."""
+    n = Net(12)
+    n.nodes.append(helper.make_node("Dropout", [n.conv("x", "c", 8, 16, (3, 3))],
+                                    ["y", "mask"]))
+    graph = helper.make_graph(
+        n.nodes, "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 8, 6, 6))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (1, 16, 4, 4)),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, (1, 16, 4, 4))],
+        initializer=n.inits)
+    src = tmp_path / "old.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)],
+                                ir_version=3), src)
+    result = CliRunner().invoke(main, ["deploy", str(src), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1, result.output
+    assert "verification failed: onnxruntime cannot run the original model" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_cli_deploy_verify_bench(tmp_path):
     model, _ = residual_block()
     src = tmp_path / "block.onnx"

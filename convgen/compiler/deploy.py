@@ -248,8 +248,8 @@ def _element_wise_imports() -> Iterator[None]:
     maximum(a, b) ..., which broadcast: the frontend broadcasts every input to the
     result's shape, stacks them on a new axis and reduces it, a 5-D tensor ConvertLayout
     failed on (a Conv's output against per-channel bounds: "Invalid SLayout"), and
-    copies besides. Its converter table is looked up per import (`_get_convert_map`);
-    the original is put back afterwards."""
+    copies besides. Dropout as the identity it is at inference. Its converter table is
+    looked up per import (`_get_convert_map`); the original is put back afterwards."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
@@ -296,6 +296,18 @@ def _element_wise_imports() -> Iterator[None]:
                 like(x, float(attr.get("beta", 0.5)))))
             return clamp(bb, affine, like(x, 0.0), like(x, 1.0))
 
+    class Dropout(frontend.Dropout):  # type: ignore[misc,name-defined]
+        """The identity at inference, and its mask all true: Relax's `dropout` stays
+        in the graph as a tuple-valued operator that ConvertLayout fails on
+        ("Expected nested to match tuple")."""
+
+        @classmethod
+        def _impl_v1(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+            x = inputs[0]
+            return relax.Tuple([x, bb.emit(relax.op.ones_like(x, "bool"))])
+
+        _impl_v12 = _impl_v1
+
     def pairwise(base: Any) -> Any:
         class Pairwise(base):  # type: ignore[misc,valid-type]
             @classmethod
@@ -310,7 +322,7 @@ def _element_wise_imports() -> Iterator[None]:
 
     def convert_map() -> dict[str, Any]:
         return {**original(), "Clip": Clip, "HardSwish": HardSwish,
-                "HardSigmoid": HardSigmoid,
+                "HardSigmoid": HardSigmoid, "Dropout": Dropout,
                 **{op: pairwise(getattr(frontend, op)) for op in ("Max", "Min", "Sum")}}
 
     frontend._get_convert_map = convert_map
