@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -374,7 +375,11 @@ def _relax_module(model: onnx.ModelProto, name: str, options: DeployOptions) -> 
     from tvm.relax.frontend.onnx import from_onnx
 
     try:
-        with _element_wise_imports():
+        with _element_wise_imports(), warnings.catch_warnings():
+            # (the frontend runs onnx's checker and warns of what it finds, such as an
+            # output declared without a shape: valid ONNX, and read_model inferred it)
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    module="tvm.relax.frontend.onnx")
             mod = from_onnx(fold_shape_arithmetic(model), keep_params_in_input=False)
     except Exception as err:  # the frontend's errors name the operator
         raise UnsupportedError(f"model: TVM cannot import {name}: "
