@@ -618,7 +618,8 @@ def test_variadic_element_wise_ops_against_per_channel_constants(op, cpu_target,
     assert len(manifest.layers) == 2
 
 
-def test_outputs_nan_where_onnxruntime_has_nan_verify(cpu_target, tmp_path):
+@pytest.mark.parametrize("mode", ["corr", "conv"])
+def test_outputs_nan_where_onnxruntime_has_nan_verify(mode, cpu_target, tmp_path):
     """A model whose outputs are NaN for some inputs (the square root of a Conv's
     negative outputs) agrees with onnxruntime where both give NaN; the rest is
     compared as usual."""
@@ -627,7 +628,7 @@ def test_outputs_nan_where_onnxruntime_has_nan_verify(cpu_target, tmp_path):
     y = n.op("Sqrt", [c], "y")
     src = tmp_path / "sqrt.onnx"
     onnx.save(n.model((1, 8, 10, 10), y, (1, 16, 10, 10)), src)
-    _, manifest = deploy_artifact(src, cpu_target, tmp_path / "sqrt", DeployOptions())
+    _, manifest = deploy_artifact(src, cpu_target, tmp_path / "sqrt", DeployOptions(mode=mode))
     assert manifest.verification.passed, manifest.verification.lines()
     m = convgen.load(tmp_path / "sqrt")
     got = m(model_inputs(m, seed=0)["x"])

@@ -354,9 +354,7 @@ def verify_model(model: Model, seed: int = 0) -> VerifyReport:
     if model.manifest.mode == "conv" and any(
             max(layer.spec.kernel_size) > 1 for layer in model.manifest.layers):
         as_given = ort_session(Path(model.manifest.path_of("onnx", model.directory)))
-        w = as_given.run(None, inputs)[0]
-        scale = max(float(np.max(np.abs(w))), 1e-30)
-        gap = float(np.max(np.abs(got[0].astype(np.float64) - w)))
+        gap, scale = _output_error(got[0], as_given.run(None, inputs)[0])
         checks.append(Check("differs from Conv on the weights as given (the flip)",
                             bool(gap > DIFFERS_FACTOR * tol * scale), gap,
                             gap / scale))
