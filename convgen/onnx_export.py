@@ -64,19 +64,7 @@ def export_onnx(spec: ConvSpec, constants: Mapping[str, np.ndarray] | None = Non
         if bias:
             bias = node("Cast", [bias], "bias_f32", to=TensorProto.FLOAT)
     if spec.mode == "conv":
-        spatial = list(range(2, 2 + nd))
-        for name, values in (
-            ("flip_starts", [-1] * nd),
-            ("flip_ends", [np.iinfo(np.int64).min] * nd),
-            ("flip_axes", spatial),
-            ("flip_steps", [-1] * nd),
-        ):
-            inits.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
-        weight = node(
-            "Slice",
-            [weight, "flip_starts", "flip_ends", "flip_axes", "flip_steps"],
-            "weight_flipped",
-        )
+        weight = node(*_reversed_window(weight, nd, "flip", inits), "weight_flipped")
     y = node(
         "Conv",
         [data, weight, *([bias] if bias else [])],
@@ -137,12 +125,31 @@ def _activation(activation: str, x: str, node: Callable[..., str],
     return x
 
 
+def _reversed_window(weight: str, nd: int, prefix: str, inits: list[onnx.TensorProto]
+                     ) -> tuple[str, list[str]]:
+    """(op, inputs) of the node that reverses a K x C x R... weight on its `nd` window
+    axes (a Slice of step -1, opset 10 on), its constants added to `inits` named
+    `prefix`_starts ... ."""
+    from onnx import numpy_helper
+
+    names = []
+    for name, values in (
+        ("starts", [-1] * nd),
+        ("ends", [np.iinfo(np.int64).min] * nd),
+        ("axes", list(range(2, 2 + nd))),
+        ("steps", [-1] * nd),
+    ):
+        names.append(f"{prefix}_{name}")
+        inits.append(numpy_helper.from_array(np.array(values, dtype=np.int64), names[-1]))
+    return "Slice", [weight, *names]
+
+
 def flip_conv_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with every Conv's weights flipped on each spatial axis: what
     onnxruntime must run to compute a `conv`-mode deployment (conv(I, W) ==
     Conv(I, flip(W))). Initializers that only Convs read are flipped in place; any
-    other weight (a Constant's, a DequantizeLinear's, a graph input) is reversed by a
-    Gather per spatial axis inserted before its Conv."""
+    other weight (a Constant's, a DequantizeLinear's, a graph input) is reversed by
+    the Slice single kernels' ONNX export flips with, inserted before its Conv."""
     import onnx
     from onnx import helper, numpy_helper, shape_inference
 
@@ -161,22 +168,17 @@ def flip_conv_weights(model: onnx.ModelProto) -> onnx.ModelProto:
             graph.initializer[i].CopyFrom(numpy_helper.from_array(flipped, t.name))
     if all(n.input[1] in in_place for n in convs):
         return model
-    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in (
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in (
         *shape_inference.infer_shapes(model).graph.value_info, *graph.input)}
     nodes = []
     for k, node in enumerate(graph.node):
         if node.op_type == "Conv" and node.input[1] not in in_place:
-            w = node.input[1]
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            for axis, size in enumerate(attrs.get("kernel_shape", shapes.get(w, [])[2:]),
-                                        start=2):
-                reverse = f"{w}_reverse_{k}_{axis}"
-                graph.initializer.append(
-                    numpy_helper.from_array(np.arange(size - 1, -1, -1, dtype=np.int64), reverse))
-                nodes.append(helper.make_node("Gather", [w, reverse], [f"{reverse}_out"],
-                                              axis=axis))
-                w = f"{reverse}_out"
-            node.input[1] = w
+            w, prefix = node.input[1], f"{node.input[1]}_flip_{k}"
+            inits: list[onnx.TensorProto] = []
+            op, inputs = _reversed_window(w, ranks[w] - 2, prefix, inits)
+            graph.initializer.extend(inits)
+            nodes.append(helper.make_node(op, inputs, [f"{prefix}_out"]))
+            node.input[1] = f"{prefix}_out"
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
