@@ -2,6 +2,10 @@
 weights, `convgen.zoo`) and time each end to end against onnxruntime.
 
     python scripts/bench_models.py [--out benchmarks/cpu_<key>_models.json] [--repeats 30]
+        [--target llvm:znver3]
+
+(AVX2 code against onnxruntime's AVX2 kernels on an AVX-512 machine: put
+`scripts/ort_avx2.py`'s copy of onnxruntime on PYTHONPATH.)
 
 Prints the markdown table (`convgen bench DIR` for each model, one process each
 model, alternating rounds) and writes the raw results as JSON. Records for the
@@ -16,6 +20,7 @@ import time
 from pathlib import Path
 
 import onnx
+import onnxruntime
 
 from convgen import zoo
 from convgen.compiler.deploy import DeployOptions, deploy_artifact
@@ -29,8 +34,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the raw results")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--models", nargs="*", default=list(zoo.MODELS))
+    parser.add_argument("--target", default="llvm", help="as deploy's (llvm:znver3: AVX2)")
     args = parser.parse_args()
-    target = resolve_target("llvm")
+    target = resolve_target(args.target)
     results, rows = [], []
     with tempfile.TemporaryDirectory(prefix="convgen-models-") as tmp:
         for name in args.models:
@@ -48,7 +54,8 @@ def main() -> None:
             print(f"{name}: deployed in {seconds:.1f} s; {manifest.verification.lines()[0]}",
                   flush=True)
     print("\n".join(format_model_table(results)))
-    print(f"target {target.key()}, threads {results[0].threads}, medians of {args.repeats}")
+    print(f"target {target.key()}, threads {results[0].threads}, medians of {args.repeats}; "
+          f"onnxruntime {onnxruntime.__version__} from {Path(onnxruntime.__file__).parent}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 
