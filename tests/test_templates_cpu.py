@@ -132,6 +132,22 @@ def test_kvec_on_16_registers_ranks_fma_chains_before_loads():
     assert (tile.nkv, tile.pw, tile.wide) == (2, 4, 0)
 
 
+@pytest.mark.parametrize("mode", ["corr", "conv"])
+def test_kvec_on_16_registers_takes_three_vectors_where_two_do_not_divide(mode, tmp_path):
+    """16 registers, 3 channel vectors (K24): 3 x 4 fills the register file (12
+    accumulators, 3 weights, a broadcast) rather than 1 x 8 (a broadcast per FMA);
+    an even count of vectors keeps 2 x 4. The tile computes right, epilogue too."""
+    avx2 = resolve_target("llvm:znver3")
+    spec = make_spec(mode=mode, input="1x8x8x16", kernel="24x1x1x16", layout="NHWC",
+                     bias=True, residual=True)
+    tile = cpu.kvec_heuristic(spec, avx2)
+    assert (tile.nkv, tile.pw) == (3, 4)
+    even = cpu.kvec_heuristic(make_spec(mode=mode, input="1x8x8x16", kernel="48x1x1x16",
+                                        layout="NHWC"), avx2)
+    assert (even.nkv, even.pw) == (2, 4)
+    test_template_is_correct(spec, "cpu_kvec", tile, tmp_path)
+
+
 def test_kvec_channel_blocks_inside_rows_where_weights_are_small():
     """Depthwise weights stay in cache: the channel blocks run inside each row; with
     too few rows to share among the cores, they do not; nor for weights that do not
