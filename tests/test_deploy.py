@@ -667,6 +667,20 @@ def test_a_model_onnxruntime_refuses_fails_verification_in_one_line(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_a_scalar_index_gather_is_scheduled(cpu_target, tmp_path):
+    """Gather with one constant index (an exporter's x[:, :, -1]) reads a 0-d buffer:
+    the operators' scheduler looked at the last axis of every buffer it reads and
+    failed with a traceback."""
+    n = Net(13)
+    c = n.conv("x", "c", 8, 16, (3, 3), pads=[1, 1, 1, 1])
+    n.inits.append(numpy_helper.from_array(np.array(-1, np.int64), "last"))
+    y = n.op("Gather", [c, "last"], "y", axis=2)
+    src = tmp_path / "gather.onnx"
+    onnx.save(n.model((1, 8, 10, 10), y, (1, 16, 10)), src)
+    _, manifest = deploy_artifact(src, cpu_target, tmp_path / "gather", DeployOptions())
+    assert manifest.verification.passed, manifest.verification.lines()
+
+
 def test_cli_deploy_verify_bench(tmp_path):
     model, _ = residual_block()
     src = tmp_path / "block.onnx"

@@ -125,6 +125,8 @@ def _cuts(sch: Any, block: Any, extent: int) -> list[int]:
     axis = block.iters[-1].var
     found: set[int] = set()
     for access in sch.get(block.block_rv).reads:
+        if not access.region:  # a scalar (a Gather's one index)
+            continue
         start, k = access.region[-1].min, None
         if start.same_as(axis):
             k = 0
@@ -165,6 +167,8 @@ def _contiguous_innermost(sch: Any, block: Any, loops: list[Any], extents: list[
     if len(variables) != len(loops):
         return loops, extents
     for access in (*stmt.writes, *stmt.reads):
+        if not access.region:
+            continue
         last = access.region[-1].min
         pick = next((i for i, v in enumerate(variables) if last.same_as(v)), None)
         if pick is not None and extents[pick] % 4 == 0 and extents[pick] >= widest:
