@@ -18,7 +18,7 @@ import click
 
 from convgen import __version__
 from convgen.compiler.targets import DEFAULT_CUDA_ARCH
-from convgen.errors import ConvgenError, SpecError, ToolchainError
+from convgen.errors import ArgumentError, ConvgenError, SpecError, ToolchainError
 from convgen.spec import ACTIVATIONS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -130,6 +130,16 @@ def algorithm_option(f: F) -> F:
         help="auto (the default: the tuned record, else the heuristics' choice), direct "
         "convolution, or winograd: F(m x m, 3x3) for 2-D 3x3 stride-1 float32 layers on CPU "
         "(the tile m is a knob).",
+    )(f)
+
+
+def inputs_option(f: F) -> F:
+    return click.option(
+        "--inputs", "sample", type=click.Path(exists=True, dir_okay=False), default=None,
+        metavar="FILE.npz",
+        help="A deployed model's inputs, an .npz of arrays by input name (np.savez), in "
+        "place of random ones; the inputs it leaves out are random. Needed for integer "
+        "inputs (indices, token ids).",
     )(f)
 
 
@@ -249,14 +259,17 @@ def build(target: str, out_dir: str, verify: bool, emit_source: bool, defer_nvcc
 @click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--update/--no-update", default=True, show_default=True,
               help="Record the result in the artifact's manifest.")
+@inputs_option
 @library_option
 @json_option
 @handle_errors
-def verify(artifact: str | None, target: str, seed: int, update: bool, library: str | None,
-           as_json: bool, **spec_flags: Any) -> None:
+def verify(artifact: str | None, target: str, seed: int, update: bool, sample: str | None,
+           library: str | None, as_json: bool, **spec_flags: Any) -> None:
     """Verify built artifacts (ARTIFACT: a directory or manifest), or build the spec
     given by the flags into a temporary directory and verify it."""
     if artifact is None:
+        if sample is not None:
+            raise ArgumentError("inputs: sample inputs are for a deployed model (ARTIFACT)")
         from convgen.compiler.build import build_artifact
         from convgen.compiler.targets import resolve_target
 
@@ -272,7 +285,7 @@ def verify(artifact: str | None, target: str, seed: int, update: bool, library: 
     else:
         from convgen.runtime.verify import verify_artifact
 
-        reports = verify_artifact(artifact, seed=seed, update=update)
+        reports = verify_artifact(artifact, seed=seed, update=update, sample=sample)
     lines = []
     for name, rep in reports:
         lines += [name, *("  " + line for line in rep.lines())]
@@ -457,14 +470,15 @@ def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check the model against onnxruntime on the original model.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the verification inputs.")
+@inputs_option
 @shape_option()
 @library_option
 @algorithm_option
 @json_option
 @handle_errors
 def deploy(model: str, target: str, out_dir: str, mode: str, layout: str, separable: bool,
-           verify: bool, seed: int, input_shapes: tuple[str, ...], library: str | None,
-           algorithm: str, as_json: bool) -> None:
+           verify: bool, seed: int, sample: str | None, input_shapes: tuple[str, ...],
+           library: str | None, algorithm: str, as_json: bool) -> None:
     """Compile a whole ONNX MODEL into DIR/<model>.{so,onnx,json}: every Conv (and Gemm)
     a convgen kernel, with its bias, BatchNorm, residual Add and ReLU/ReLU6/SiLU/HardSwish
     fused (a depthwise layer and the 1x1 after it: one kernel), weights packed at build
@@ -480,7 +494,7 @@ def deploy(model: str, target: str, out_dir: str, mode: str, layout: str, separa
                             library=Path(library) if library else None, separable=separable)
     path, m = deploy_artifact(model, resolve_target(target), out_dir, options,
                               target_name=target, shapes=parse_input_shapes(input_shapes),
-                              verify=verify, seed=seed)
+                              verify=verify, seed=seed, sample=sample)
     secs = sum(m.build_seconds.values())
     lines = [f"deployed {m.name}: {len(m.layers)} layers on convgen kernels ({mode}, {layout}), "
              f"{len(m.other_ops)} other operator functions, {secs:.1f} s",
@@ -536,13 +550,14 @@ def inspect(target: str, what: str, library: str | None, algorithm: str,
 @click.option("--no-peers", is_flag=True, help="Time convgen alone.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
               help="Also draw the bars into this PNG (needs matplotlib).")
+@inputs_option
 @library_option
 @algorithm_option
 @json_option
 @handle_errors
 def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
-          plot_file: str | None, library: str | None, algorithm: str, as_json: bool,
-          **spec_flags: Any) -> None:
+          plot_file: str | None, sample: str | None, library: str | None, algorithm: str,
+          as_json: bool, **spec_flags: Any) -> None:
     """Time kernels against onnxruntime (and PyTorch when installed), in one process:
     medians, GFLOP/s and speed-ups. ARTIFACT: a directory or manifest (a deployed model:
     end to end against onnxruntime on the original model); or the spec flags."""
@@ -555,11 +570,13 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
         from convgen.runtime.bench import bench_model, format_model_table
         from convgen.runtime.model import load_model
 
-        result = bench_model(load_model(artifact), repeats=repeats)
+        result = bench_model(load_model(artifact), repeats=repeats, sample=sample)
         emit(as_json, [result.to_dict()],
              [*format_model_table([result]),
               f"threads: {result.threads}; medians of {repeats} samples"])
         return
+    if sample is not None:
+        raise ArgumentError("inputs: sample inputs are for a deployed model (ARTIFACT)")
     with tempfile.TemporaryDirectory(prefix="convgen-bench-") as tmp:
         if artifact is None:
             from convgen.compiler.build import build_artifact

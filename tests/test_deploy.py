@@ -681,6 +681,84 @@ def test_a_scalar_index_gather_is_scheduled(cpu_target, tmp_path):
     assert manifest.verification.passed, manifest.verification.lines()
 
 
+def _indexed_model(tmp_path: Path) -> Path:
+    """A Conv plus a row of a table picked by an int64 input (an embedding)."""
+    n = Net(14)
+    c = n.conv("x", "c", 4, 8, (3, 3), pads=[1, 1, 1, 1])
+    e = n.op("Gather", [n.init("table", n.rng.standard_normal((10, 8))), "idx"], "e")
+    y = n.op("Add", [c, n.op("Unsqueeze", [e, n.init_shape("axes", [2, 3])], "e4")], "y")
+    graph = helper.make_graph(
+        n.nodes, "indexed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 4, 6, 6)),
+                             helper.make_tensor_value_info("idx", TensorProto.INT64, (1,))],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, (1, 8, 6, 6))],
+        initializer=n.inits)
+    src = tmp_path / "indexed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                ir_version=IR_VERSION), src)
+    return src
+
+
+def test_sample_inputs_feed_verify_and_bench(tmp_path):
+    """An integer input (indices) takes no random values: deploy says so before it
+    compiles, and takes the user's inputs from an .npz (`--inputs`), as verify and
+    bench do; the report names them. Random inputs fill what the file leaves out."""
+    src = _indexed_model(tmp_path)
+    runner = CliRunner()
+    out = tmp_path / "dep"
+    result = runner.invoke(main, ["deploy", str(src), "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert "idx: an input of int64, which random values do not fit" in result.output
+    sample = tmp_path / "sample.npz"
+    np.savez(sample, idx=np.array([-3], np.int64))
+    result = runner.invoke(main, ["deploy", str(src), "--out", str(out), "--inputs", str(sample)])
+    assert result.exit_code == 0, result.output
+    assert "verification passed" in result.output and "inputs sample.npz (idx)" in result.output
+    result = runner.invoke(main, ["verify", str(out), "--inputs", str(sample)])
+    assert result.exit_code == 0 and "inputs sample.npz (idx)" in result.output, result.output
+    result = runner.invoke(main, ["bench", str(out), "--inputs", str(sample), "--repeats", "2"])
+    assert result.exit_code == 0, result.output
+    # the file's values are the ones fed: onnxruntime's own answer for them
+    m = convgen.load(out)
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 4, 6, 6)).astype(np.float32)
+    want = ort_session(src).run(None, {"x": x, "idx": np.array([7], np.int64)})[0]
+    assert np.abs(m(x, np.array([7], np.int64)) - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"idx": np.array([1], np.int32)}, "idx: dtype int32 does not match the expected int64"),
+    ({"idx": np.array([1, 2], np.int64)}, "idx: shape 2 does not match the expected 1"),
+    ({"index": np.array([1], np.int64)}, "inputs: index in"),
+    (None, "as an .npz of arrays by input name (not an .npz file"),
+])
+def test_bad_sample_inputs_are_one_line(content, message, tmp_path):
+    src = _indexed_model(tmp_path)
+    sample = tmp_path / "sample.npz"
+    if content is None:
+        np.save(sample, np.array([1], np.int64))  # (np.save keeps the name: a .npy)
+        sample = sample.with_suffix(".npz.npy")
+    else:
+        np.savez(sample, **content)
+    out = tmp_path / "dep"
+    result = CliRunner().invoke(main, ["deploy", str(src), "--out", str(out),
+                                       "--inputs", str(sample)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_sample_inputs_are_for_models(tmp_path):
+    sample = tmp_path / "s.npz"
+    np.savez(sample, x=np.zeros(1, np.float32))
+    runner = CliRunner()
+    flags = ["--mode", "corr", "--input", "1x4x6x6", "--kernel", "8x4x3x3", "--inputs", str(sample)]
+    for command in ("verify", "bench"):
+        result = runner.invoke(main, [command, *flags])
+        assert result.exit_code == 2, result.output
+        assert "inputs: sample inputs are for a deployed model" in result.output
+    result = runner.invoke(main, ["deploy", str(_indexed_model(tmp_path)), "--no-verify",
+                                  "--inputs", str(sample), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--no-verify turns off" in result.output, result.output
+
+
 def test_cli_deploy_verify_bench(tmp_path):
     model, _ = residual_block()
     src = tmp_path / "block.onnx"

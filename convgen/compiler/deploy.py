@@ -55,7 +55,7 @@ from convgen.compiler.onnx_shapes import fold_shape_arithmetic
 from convgen.compiler.records import find_record
 from convgen.compiler.schedule import separable
 from convgen.compiler.targets import TargetInfo, resolve_target
-from convgen.errors import ConvgenError, SpecError, UnsupportedError
+from convgen.errors import ArgumentError, ConvgenError, SpecError, UnsupportedError
 from convgen.runtime.manifest import (
     PACK_ENTRY,
     RUN_PACKED_ENTRY,
@@ -1030,10 +1030,13 @@ def deploy_artifact(
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     verify: bool = True,
     seed: int = 0,
+    sample: str | Path | None = None,
 ) -> tuple[Path, ModelManifest]:
     """Compile the model (its dynamic input dimensions fixed by `shapes`) and write
     DIR/<model>.{so,onnx,json}, atomically (the manifest last), verified against
-    onnxruntime on the model as given unless `verify` is off."""
+    onnxruntime on the model as given unless `verify` is off (on the `sample` inputs
+    where given, `verify.sample_inputs`: checked before the compile, as is an integer
+    input that needs them)."""
     import shutil
     import tempfile
 
@@ -1044,11 +1047,16 @@ def deploy_artifact(
     from convgen.compiler.build import move_into_place
     from convgen.runtime.manifest import ArtifactFile, TargetRecord, not_run
     from convgen.runtime.model import Model
-    from convgen.runtime.verify import verify_model
+    from convgen.runtime.verify import sample_inputs, verify_model
 
     source = Path(model_path)
     name = source.stem
     model = read_model(source, shapes)
+    if sample is not None and not verify:
+        raise ArgumentError("inputs: sample inputs are for the verification, which "
+                            "--no-verify turns off")
+    if verify:
+        sample_inputs(model_io(model)[0], name, seed, sample)
     compiled = compile_model(model, name, target, options)
     out = Path(out_dir)
     try:
@@ -1080,7 +1088,7 @@ def deploy_artifact(
         )
         path = tmp / f"{name}{SUFFIX}"
         if verify:
-            report = verify_model(Model(path, manifest), seed=seed)
+            report = verify_model(Model(path, manifest), seed=seed, sample=sample)
             manifest = dataclasses.replace(manifest, verification=report)
         manifest.write(path)
         move_into_place(tmp, out, manifest)

@@ -11,6 +11,7 @@ TVM compiler.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -163,16 +164,18 @@ def _prepare(
 
 
 def bench_model(model: Model, *, repeats: int = 30, warmup: int = 5,
-                min_sample_ms: float = 20.0) -> BenchResult:
+                min_sample_ms: float = 20.0,
+                sample: str | os.PathLike[str] | None = None) -> BenchResult:
     """A deployed model against onnxruntime on the model as given (all optimizations,
     weights as initializers, its thread pool spinning as by default; for `conv` mode
     with its Conv weights flipped), in one process, alternating rounds (each starting
     once the other's threads are idle); convgen through `model(x)` on numpy arrays. A
-    CUDA model: `model(x)` on device tensors, alone."""
+    CUDA model: `model(x)` on device tensors, alone. On `sample` inputs where given
+    (`verify.model_inputs`)."""
     from convgen.runtime.verify import model_inputs, reference_session
 
     m = model.manifest
-    inputs = model_inputs(model, seed=0)
+    inputs = model_inputs(model, seed=0, sample=sample)
     kernel_calls = len(m.layers) - sum(bool(layer.pair) for layer in m.layers) // 2
     result = BenchResult(m.name, f"{m.name}: {len(m.layers)} convgen layers, {m.mode}, "
                          f"{m.layout}", model.device, available_cores(), m.flops,

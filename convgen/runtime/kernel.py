@@ -363,7 +363,7 @@ def check_tensor(info: TensorInfo, a: Any) -> None:
     if shape != info.shape:
         raise ArgumentError(
             f"{info.name}: shape {'x'.join(map(str, shape)) or '()'} does not match the "
-            f"kernel's {'x'.join(map(str, info.shape))}"
+            f"expected {'x'.join(map(str, info.shape)) or '()'}"
         )
     try:
         same = np.dtype(dtype) == np.dtype(info.dtype)
@@ -371,7 +371,7 @@ def check_tensor(info: TensorInfo, a: Any) -> None:
         same = False
     if not same:
         raise ArgumentError(
-            f"{info.name}: dtype {dtype or '?'} does not match the kernel's {info.dtype}"
+            f"{info.name}: dtype {dtype or '?'} does not match the expected {info.dtype}"
         )
 
 

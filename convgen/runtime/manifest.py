@@ -185,6 +185,7 @@ class VerifyReport:
     host: str = ""  # where it ran, when verified after the build (convgen verify DIR)
     device: str = ""
     against: str = "onnxruntime, numpy oracle, flip property, bound kernel"
+    inputs: str = ""  # a model's sample inputs (--inputs): "FILE (names)"; else all random
 
     @property
     def passed(self) -> bool:
@@ -197,7 +198,9 @@ class VerifyReport:
             # the flip "differs" check's error is the distance to the wrong answer
             worst = max((c.max_abs_error for c in self.checks if "differs" not in c.name),
                         default=0.0)
-            return [f"{head} ({self.against}; max abs error {worst:.2g}, seed {self.seed})"]
+            given = f"inputs {self.inputs}, " if self.inputs else ""
+            return [f"{head} ({self.against}; max abs error {worst:.2g}, {given}"
+                    f"seed {self.seed})"]
         return [head, *(f"  {c.line()}" for c in self.checks)]
 
     def to_dict(self) -> dict[str, Any]:

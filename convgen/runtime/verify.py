@@ -32,11 +32,12 @@ from convgen.errors import ArgumentError
 from convgen.onnx_export import export_onnx
 from convgen.reference import flip_weight, reference_conv
 from convgen.runtime.cores import available_cores
-from convgen.runtime.kernel import Kernel
+from convgen.runtime.kernel import Kernel, check_tensor
 from convgen.runtime.manifest import (
     Check,
     Manifest,
     ModelManifest,
+    TensorInfo,
     VerifyReport,
     find_model_manifest,
     list_manifests,
@@ -231,21 +232,27 @@ def _flip_checks(spec: ConvSpec, inputs: dict[str, np.ndarray], got: np.ndarray,
 
 
 def verify_artifact(
-    path: str | os.PathLike[str], seed: int = 0, update: bool = True
+    path: str | os.PathLike[str], seed: int = 0, update: bool = True,
+    sample: str | os.PathLike[str] | None = None,
 ) -> list[tuple[str, VerifyReport]]:
     """Verify every kernel of an artifact directory (or one manifest) on this machine.
 
     With `update`, the result replaces the manifest's verification record (written
     atomically), so an artifact built where its GPU was absent can be verified later
-    on the GPU machine. A deployed model's directory verifies the model.
+    on the GPU machine. A deployed model's directory verifies the model (on `sample`
+    inputs where given, `model_inputs`).
     """
     model_manifest = find_model_manifest(path)
     if model_manifest is not None:
         model = Model(model_manifest)
-        report = dataclasses.replace(verify_model(model, seed=seed), host=platform.node())
+        report = dataclasses.replace(verify_model(model, seed=seed, sample=sample),
+                                     host=platform.node())
         if update:
             report = _record(model.manifest, model_manifest, report)
         return [(model.name, report)]
+    if sample is not None:
+        raise ArgumentError(f"inputs: sample inputs are for a deployed model; {path} "
+                            "holds kernels")
     results = []
     for manifest_path in list_manifests(path):
         kernel = Kernel(manifest_path)
@@ -285,16 +292,61 @@ MODEL_TOLERANCES = {"float32": 1e-3, "float16": 1e-2}
 MODEL_TOLERANCE = MODEL_TOLERANCES["float32"]
 
 
-def model_inputs(model: Model, seed: int) -> dict[str, np.ndarray]:
-    """Seeded inputs for every model input, uniform in [-1, 1) (an image's scale)."""
+def read_sample_inputs(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """A model's sample inputs from an .npz file (`np.savez(path, name=array, ...)`),
+    by input name."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):  # (np.load would try a pickle)
+            raise ValueError("not an .npz file: np.savez writes one")
+        with np.load(path, allow_pickle=False) as found:
+            return {name: found[name] for name in found.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ArgumentError(f"inputs: cannot read {path} as an .npz of arrays by input "
+                            f"name ({err})") from None
+
+
+def model_inputs(model: Model, seed: int,
+                 sample: str | os.PathLike[str] | None = None) -> dict[str, np.ndarray]:
+    """An array for every input of a deployed model (`sample_inputs`)."""
+    return sample_inputs(model.inputs, model.name, seed, sample)
+
+
+def sample_inputs(inputs: list[TensorInfo], owner: str, seed: int,
+                  sample: str | os.PathLike[str] | None = None) -> dict[str, np.ndarray]:
+    """An array for each of a model's `inputs`: the `sample` file's
+    (`read_sample_inputs`), each checked against the input's shape and dtype; the
+    others seeded, uniform in [-1, 1) (an image's scale). Random values are no input
+    for an integer one (indices, token ids: out of range, they are undefined behaviour
+    in the compiled model), so those must come from the file."""
+    given = read_sample_inputs(sample) if sample is not None else {}
+    names = [info.name for info in inputs]
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ArgumentError(f"inputs: {unknown[0]} in {sample} is not an input of "
+                            f"{owner} (inputs: {', '.join(names)})")
     rng = np.random.default_rng(seed)
     arrays = {}
-    for info in model.inputs:
-        if not np.issubdtype(np.dtype(info.dtype), np.floating):
-            raise ArgumentError(f"{info.name}: verify and bench feed random floating-point "
-                                f"inputs; this input is {info.dtype}")
-        arrays[info.name] = rng.uniform(-1, 1, info.shape).astype(info.dtype)
+    for info in inputs:
+        if info.name in given:
+            check_tensor(info, given[info.name])
+            arrays[info.name] = given[info.name]
+        elif np.issubdtype(np.dtype(info.dtype), np.floating):
+            arrays[info.name] = rng.uniform(-1, 1, info.shape).astype(info.dtype)
+        else:
+            raise ArgumentError(f"{info.name}: an input of {info.dtype}, which random "
+                                "values do not fit: give sample inputs (--inputs FILE.npz, "
+                                "arrays by input name)")
     return arrays
+
+
+def sample_description(model: Model, sample: str | os.PathLike[str] | None) -> str:
+    """The report's record of the inputs taken from the file: "FILE (names)"."""
+    if sample is None:
+        return ""
+    taken = [n for n in read_sample_inputs(sample) if n in {i.name for i in model.inputs}]
+    return f"{Path(sample).name} ({', '.join(taken)})"
 
 
 def reference_session(model: Model, spinning: bool = False, profiling: bool = False) -> Any:
@@ -326,22 +378,25 @@ def _output_error(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
     return (float(np.max(np.abs(g[differ] - w[differ]))) if differ.any() else 0.0), scale
 
 
-def verify_model(model: Model, seed: int = 0) -> VerifyReport:
+def verify_model(model: Model, seed: int = 0,
+                 sample: str | os.PathLike[str] | None = None) -> VerifyReport:
     """The deployed model against onnxruntime on the original model, every output within
     its dtype's MODEL_TOLERANCES of the largest magnitude; in `conv` mode also that it
-    differs from the model run as cross-correlation (the flip happened)."""
+    differs from the model run as cross-correlation (the flip happened). On `sample`
+    inputs where given (`model_inputs`)."""
     if model.device == "cuda":
         from convgen.runtime import cuda_driver
 
         if not cuda_driver.gpu_present():
             return not_run("no GPU present")
-    inputs = model_inputs(model, seed)
+    inputs = model_inputs(model, seed, sample)
+    given = sample_description(model, sample)
     try:
         want = reference_session(model).run(None, inputs)
     except Exception as err:  # onnxruntime's own error types
         return VerifyReport(status="failed", seed=seed, against="onnxruntime on the "
                             "original model", reason="onnxruntime cannot run the original "
-                            f"model: {str(err).strip().splitlines()[0][:300]}")
+                            f"model: {str(err).strip().splitlines()[0][:300]}", inputs=given)
     got = model(**inputs)
     got = list(got) if isinstance(got, tuple) else [got]
     checks = []
@@ -363,5 +418,5 @@ def verify_model(model: Model, seed: int = 0) -> VerifyReport:
         status="passed" if ok else "failed",
         reason="" if ok else "output does not match onnxruntime",
         seed=seed, dtype=model.outputs[0].dtype, tolerance={"relative_to_max": tol},
-        checks=tuple(checks), against="onnxruntime on the original model",
+        checks=tuple(checks), against="onnxruntime on the original model", inputs=given,
     )
