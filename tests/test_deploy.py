@@ -529,6 +529,51 @@ print("ok")
     assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
 
 
+def test_outputs_are_the_callers_own(cpu_target, tmp_path):
+    """Outputs the model computes nothing for, a constant (a detection model's anchors)
+    and a model input (a view of it), come back in memory of their own, as computed
+    ones and onnxruntime's do: writing into a result changed the model's constant for
+    every later call, or the caller's input. The copy of the input reads it where
+    numpy put it, 16 bytes past a cache line, in a process of its own (a fault
+    would end it)."""
+    n = Net(15)
+    y = n.op("Relu", [n.conv("x", "c", 8, 16, (3, 3), pads=[1, 1, 1, 1])], "y")
+    anchors = n.op("Identity", [n.init("prior", n.rng.standard_normal((4, 6)))], "anchors")
+    flat = n.op("Reshape", ["x", n.init_shape("flat_shape", [1, -1])], "flat")
+    graph = helper.make_graph(
+        n.nodes, "owned", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 8, 6, 6))],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, (1, 16, 6, 6)),
+         helper.make_tensor_value_info(anchors, TensorProto.FLOAT, (4, 6)),
+         helper.make_tensor_value_info(flat, TensorProto.FLOAT, (1, 288))],
+        initializer=n.inits)
+    src = tmp_path / "owned.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                ir_version=IR_VERSION), src)
+    out_dir = tmp_path / "owned"
+    _, manifest = deploy_artifact(src, cpu_target, out_dir, DeployOptions())
+    assert manifest.verification.passed, manifest.verification.lines()
+    code = f"""
+import numpy as np, convgen
+from convgen.runtime.kernel import aligned_empty
+m = convgen.load({str(out_dir)!r})
+x = aligned_empty((1, 8, 6, 6), np.float32, offset=16)
+x[...] = np.random.default_rng(0).uniform(-1, 1, x.shape)
+kept = x.copy()
+first = m(x)
+prior = first[1].copy()
+assert not any(np.shares_memory(r, x) for r in first)
+for r in first:
+    r[...] = 7.0
+again = m(x)
+assert np.array_equal(x, kept) and np.array_equal(again[1], prior)
+assert np.array_equal(again[2], kept.reshape(1, -1))
+assert not any(np.shares_memory(a, b) for a, b in zip(first, again))
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
 def _weights_made_in_graph(kind: str, w: np.ndarray) -> tuple[list[onnx.NodeProto],
                                                               list[onnx.TensorProto]]:
     """Nodes and initializers that produce the 3x3 weight `w` (K x C x 3 x 3) as "w"

@@ -180,6 +180,10 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
             relax.transform.LegalizeOps(None if target.is_cuda else _vector_math()),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
+        ])(mod)
+        mod = _outputs_in_their_own_memory(mod)  # (after FoldConstant, which folds copies)
+        mod = tvm.transform.Sequential([
+            relax.transform.AnnotateTIROpPattern(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
             relax.transform.DeadCodeElimination(),
@@ -201,6 +205,93 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
         "import": t1 - t0, "kernels": t2 - t1, "other_ops": t3 - t2, "tvm_compile": t4 - t3})
 
 
+def _aliases(main: relax.Function) -> tuple[dict[Any, Any], list[Any]]:
+    """main's bindings (var -> value), and the variables that hold a model input or a
+    view of one (the inputs themselves, their copies by name, a builtin's result on
+    them: a reshape's view; a tuple's field that is one)."""
+    import tvm
+    from tvm import relax
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    bound: dict[Any, Any] = {}
+    held: list[relax.Var] = list(main.params)
+
+    def reads_input(args: Any) -> bool:
+        return any(isinstance(a, relax.Var) and any(a.same_as(h) for h in held) for a in args)
+
+    def field(value: Any) -> Any:
+        """A tuple's field, read by index, where the tuple is a literal one."""
+        tup = value.tuple_value
+        while isinstance(tup, relax.Var) and isinstance(bound.get(tup), relax.Var | relax.Tuple):
+            tup = bound[tup]
+        return tup.fields[value.index] if isinstance(tup, relax.Tuple) else None
+
+    for block in main.body.blocks:
+        for binding in block.bindings:
+            value = bound[binding.var] = binding.value
+            if (isinstance(value, relax.Var) and reads_input([value])) or (
+                    isinstance(value, relax.Call) and not value.op.same_as(call_tir)
+                    and reads_input(value.args)) or (
+                    isinstance(value, relax.TupleGetItem) and reads_input([field(value)])):
+                held.append(binding.var)
+    return bound, held
+
+
+def _outputs_in_their_own_memory(mod: IRModule) -> IRModule:
+    """Every output in memory of its own: an output the model computes nothing for (a
+    constant, as detection models return their anchors; a model input, or a view of
+    one) would come back as the VM's constant tensor or the caller's own array, so a
+    caller writing into its result would change the model's constant for every later
+    call, or its input. Those outputs are copied (a generic element-wise function,
+    scheduled with the other operators); onnxruntime also returns fresh arrays."""
+    import tvm
+    from tvm import relax, te
+
+    main = mod["main"]
+    bound, held = _aliases(main)
+
+    constant = tvm.ir.expr.Constant
+
+    def borrowed(e: Any) -> bool:
+        while isinstance(e, relax.Var) and isinstance(bound.get(e), relax.Var | constant):
+            e = bound[e]
+        return isinstance(e, constant) or any(e.same_as(h) for h in held)
+
+    ret = main.body.body
+    while isinstance(ret, relax.Var) and isinstance(bound.get(ret), relax.Var | relax.Tuple):
+        ret = bound[ret]
+    fields = list(ret.fields) if isinstance(ret, relax.Tuple) else [ret]
+    if not any(borrowed(f) for f in fields):
+        return mod
+    # the copies after the dataflow blocks: inside one, Relax rewrites a call of a
+    # function that only moves data into a view (RewriteDataflowReshape), which is
+    # what they are; the fields the dataflow block returns are read back by index
+    returned = main.body.body
+    bindings, results = [], []
+    builder = relax.BlockBuilder(mod)
+    for i, f in enumerate(fields):
+        value = returned
+        if isinstance(ret, relax.Tuple):
+            value = relax.Var(f"output{i}", f.ty)
+            bindings.append(relax.VarBinding(value, relax.TupleGetItem(returned, i)))
+        if borrowed(f):
+            source = te.placeholder([int(d) for d in f.ty.shape.values], str(f.ty.dtype))
+            copy = te.compute(source.shape, lambda *idx: source(*idx), "copy")  # noqa: B023
+            name = f"output_copy{i}"
+            func = builder.add_func(te.create_prim_func([source, copy]).with_attr(
+                "global_symbol", name), name)
+            copied = relax.Var(f"own_output{i}", f.ty)
+            bindings.append(relax.VarBinding(copied, relax.call_tir(func, [value], f.ty)))
+            value = copied
+        results.append(value)
+    mod = builder.get()
+    body = relax.SeqExpr([*main.body.blocks, relax.BindingBlock(bindings)],
+                         relax.Tuple(results) if isinstance(ret, relax.Tuple) else results[0])
+    mod.update_func(mod.get_global_var("main"),
+                    relax.Function(main.params, body, main.ret_ty, main.is_pure, main.attrs))
+    return mod
+
+
 def _inputs_at_element_alignment(mod: IRModule, kernels: set[str]) -> IRModule:
     """Every operator function that reads a model input, as the caller's array (or a
     view of it, a reshape), declared to take its arguments at the element's alignment
@@ -215,23 +306,14 @@ def _inputs_at_element_alignment(mod: IRModule, kernels: set[str]) -> IRModule:
 
     main = mod["main"]
     call_tir = tvm.ir.Op.get("relax.call_tir")
-    held: list[relax.Var] = list(main.params)  # the inputs, and views of them
-
-    def reads_input(args: Any) -> bool:
-        return any(isinstance(a, relax.Var) and any(a.same_as(h) for h in held) for a in args)
-
+    bound, held = _aliases(main)
     readers: dict[str, Any] = {}
-    for block in main.body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            if isinstance(value, relax.Var) and reads_input([value]):
-                held.append(binding.var)
-            elif isinstance(value, relax.Call) and value.op.same_as(call_tir):
-                func, args = value.args[0], value.args[1].fields
-                if func.name_hint not in kernels and reads_input(args):
-                    readers[func.name_hint] = func
-            elif isinstance(value, relax.Call) and reads_input(value.args):
-                held.append(binding.var)  # a builtin's result (a reshape's view): aliases
+    for value in bound.values():
+        if isinstance(value, relax.Call) and value.op.same_as(call_tir):
+            func, args = value.args[0], value.args[1].fields
+            if func.name_hint not in kernels and any(
+                    isinstance(a, relax.Var) and any(a.same_as(h) for h in held) for a in args):
+                readers[func.name_hint] = func
     for gv in readers.values():
         mod[gv] = align_arguments(mod[gv], min(
             np.dtype(str(p.ty.dtype)).itemsize for p in main.params))
