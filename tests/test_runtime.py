@@ -335,6 +335,25 @@ def test_tvm_ffi_tensors_in_and_out(artifact):
     assert_close(out_np, reference_conv(SPEC, *inputs.values()), "float32")
 
 
+def test_strided_tensors_of_other_libraries_are_read_as_numpy_reads_them(artifact):
+    """A CPU tensor of another library that is not compact (a transposed view, as
+    tvm-ffi or torch give it) is copied like a strided numpy array, rather than
+    refused by TVM's argument check; torch's dtypes ("torch.float32") are named as
+    numpy names them."""
+    import tvm_ffi
+
+    k = convgen.load(artifact)
+    inputs = random_case(SPEC, 3)
+    data = inputs["data"]
+    strided = np.ascontiguousarray(np.swapaxes(data, -1, -2)).swapaxes(-1, -2)
+    args = [tvm_ffi.from_dlpack(strided), *(inputs[n] for n in list(inputs)[1:])]
+    assert_close(k(*args), reference_conv(SPEC, *inputs.values()), "float32")
+    torch = pytest.importorskip("torch", reason="torch is an optional extra")
+    tensors = [torch.from_numpy(a) for a in inputs.values()]
+    tensors[0] = torch.from_numpy(strided)
+    assert_close(k(*tensors), reference_conv(SPEC, *inputs.values()), "float32")
+
+
 class _HostExport:
     """Host memory exported through `cuda_driver.export_dlpack` as a kDLCPU tensor: the
     DeviceArray's DLPack path, checked without a GPU."""

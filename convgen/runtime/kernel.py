@@ -359,7 +359,7 @@ def check_tensor(info: TensorInfo, a: Any) -> None:
         raise ArgumentError(f"{info.name}: expected an array (numpy, or a DLPack tensor), "
                             f"got {type(a).__name__}")
     shape = tuple(a.shape)
-    dtype = str(getattr(a, "dtype", ""))
+    dtype = str(getattr(a, "dtype", "")).removeprefix("torch.")  # (torch.float32)
     if shape != info.shape:
         raise ArgumentError(
             f"{info.name}: shape {'x'.join(map(str, shape)) or '()'} does not match the "
@@ -419,9 +419,15 @@ def _owned_copy(a: Any, dtype: str) -> Any:
 
 def host_usable(a: Any, dtype: str, alignment: int = 64) -> Any:
     """numpy arrays of any strides, alignment or writability -> one the kernel takes
-    as is: the array itself when it already is, else a contiguous aligned copy."""
+    as is: the array itself when it already is, else a contiguous aligned copy. A
+    tensor of another library in CPU memory (torch's: DLPack) is taken as numpy's
+    view of it, so a strided one is copied too; a device tensor is passed as it is
+    (TVM checks its device, shape and strides)."""
     if not isinstance(a, np.ndarray):
-        return a  # a DLPack tensor: the caller vouches for its layout
+        try:
+            a = np.from_dlpack(a)
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            return a
     return a if _is_usable(a, alignment) else _aligned_copy(a, dtype, alignment)
 
 
