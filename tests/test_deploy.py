@@ -858,6 +858,10 @@ def test_bad_models_are_one_line(tmp_path):
     bad.write_bytes(b"not a model")
     result = runner.invoke(main, ["deploy", str(bad), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and result.output.startswith("Error: model:"), result.output
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    result = runner.invoke(main, ["deploy", str(empty), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "holds no ONNX graph" in result.output, result.output
     model, _ = residual_block()
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     dynamic = tmp_path / "dynamic.onnx"

@@ -127,6 +127,9 @@ def read_model(path: str | Path, shapes: Mapping[str, tuple[int, ...]] | None = 
         model = onnx.load(str(path))
     except Exception as err:  # onnx raises several unrelated types
         raise SpecError(f"model: cannot read ONNX model {path}: {err}") from None
+    if not model.graph.node and not model.graph.output:
+        # (protobuf reads an empty file, and some others, as an empty message)
+        raise SpecError(f"model: {path} holds no ONNX graph (empty, or not an ONNX file)")
     model = pin_input_shapes(model, shapes or {})
     try:
         model = shape_inference.infer_shapes(model, strict_mode=True)
