@@ -148,6 +148,16 @@ def test_kvec_on_16_registers_takes_three_vectors_where_two_do_not_divide(mode, 
     test_template_is_correct(spec, "cpu_kvec", tile, tmp_path)
 
 
+def test_kvec_single_pixels_take_many_channel_vectors_on_16_registers(tmp_path):
+    """A single pixel (a classifier) reuses no weight vector: on 16 registers too it
+    takes up to 8 channel vectors, one FMA chain each (K40: 5), not 1 x 1."""
+    spec = make_spec(mode="corr", input="1x1x1x64", kernel="40x1x1x64", layout="NHWC",
+                     bias=True)
+    tile = cpu.kvec_heuristic(spec, resolve_target("llvm:znver3"))
+    assert (tile.nkv, tile.pw) == (5, 1)
+    test_template_is_correct(spec, "cpu_kvec", tile, tmp_path)
+
+
 def test_kvec_channel_blocks_inside_rows_where_weights_are_small():
     """Depthwise weights stay in cache: the channel blocks run inside each row; with
     too few rows to share among the cores, they do not; nor for weights that do not

@@ -283,9 +283,14 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
     # faster on the 14x14 1x1 layers measured, Zen 4, benchmarks/NOTES.md)
     shapes = [2 * vec // lanes, 4 * vec // lanes, vec // lanes]
     dense_budget = budget
-    if target.vector_registers >= 32 and w == 1:
+    if w == 1:
         # a single pixel (a classifier, a squeeze-excitation gate) reuses no weight
-        # vector however the tile is shaped: up to 8 channel vectors, as many chains
+        # vector however the tile is shaped: up to 8 channel vectors, as many chains.
+        # Each weight vector then feeds one FMA, which LLVM reads from memory as the
+        # FMA's operand, so 16 registers hold them too (8 accumulators, a broadcast).
+        # AVX2 code on Zen 4, warm / after 64 MB: the 1000-way classifier (125
+        # vectors: 5 x 1) on C1280 0.094 / 0.201 ms against 1 x 1's 0.101 / 0.283,
+        # on C2048 0.076 / 0.247 against 0.143 / 0.271 (benchmarks/NOTES.md).
         shapes.append(8 * vec // lanes)
     few_registers = target.vector_registers < 32 and not spec.depthwise_like
     if few_registers:
