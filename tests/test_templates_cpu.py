@@ -133,15 +133,18 @@ def test_kvec_on_16_registers_ranks_fma_chains_before_loads():
 
 
 @pytest.mark.parametrize("mode", ["corr", "conv"])
-def test_kvec_on_16_registers_takes_three_vectors_where_two_do_not_divide(mode, tmp_path):
-    """16 registers, 3 channel vectors (K24): 3 x 4 fills the register file (12
-    accumulators, 3 weights, a broadcast) rather than 1 x 8 (a broadcast per FMA);
-    an even count of vectors keeps 2 x 4. The tile computes right, epilogue too."""
+@pytest.mark.parametrize(("channels", "tile_shape"), [(24, (3, 4)), (40, (5, 2))])
+def test_kvec_on_16_registers_takes_odd_vector_counts_whole(mode, channels, tile_shape,
+                                                            tmp_path):
+    """16 registers, an odd count of channel vectors (K24: 3, K40: 5): 3 x 4 or 5 x 2
+    fills the register file (accumulators, a weight vector each, a broadcast) rather
+    than 1 x 8 (a broadcast per FMA); an even count keeps 2 x 4. The tile computes
+    right, epilogue too."""
     avx2 = resolve_target("llvm:znver3")
-    spec = make_spec(mode=mode, input="1x8x8x16", kernel="24x1x1x16", layout="NHWC",
-                     bias=True, residual=True)
+    spec = make_spec(mode=mode, input="1x8x8x16", kernel=f"{channels}x1x1x16",
+                     layout="NHWC", bias=True, residual=True)
     tile = cpu.kvec_heuristic(spec, avx2)
-    assert (tile.nkv, tile.pw) == (3, 4)
+    assert (tile.nkv, tile.pw) == tile_shape
     even = cpu.kvec_heuristic(make_spec(mode=mode, input="1x8x8x16", kernel="48x1x1x16",
                                         layout="NHWC"), avx2)
     assert (even.nkv, even.pw) == (2, 4)

@@ -309,13 +309,15 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         shapes.remove(4 * vec // lanes)
         dense_budget = budget + 2
         if _channel_vectors(spec, lanes) % 2:
-            # An odd count of channel vectors that two do not divide (K24: 3) would
-            # take single vectors by 8 pixels, a broadcast per FMA. Three vectors by
-            # 4 pixels fill the 16 registers (12 accumulators, 3 weights, a broadcast)
-            # and LLVM keeps them there: MobileNetV2's C96 56x56 1x1 K24 0.083 ms
-            # against 0.147 (AVX2 code on Zen 4, benchmarks/NOTES.md). Where two
-            # divide, 3 x 4 measured within the noise of 2 x 4 (K96-K192).
-            shapes.append(3 * vec // lanes)
+            # An odd count of channel vectors, which two do not divide (K24: 3, K40:
+            # 5), would take single vectors by 8 pixels, a broadcast per FMA. Three
+            # vectors by 4 pixels, or five by 2, fill the 16 registers (accumulators,
+            # a weight vector each, a broadcast) and LLVM keeps them there, AVX2 code
+            # on Zen 4 (benchmarks/NOTES.md): MobileNetV2's C96 56x56 1x1 K24 0.083
+            # ms against 0.147; EfficientNet's C144 28x28 K40 0.057 against 0.086 (1
+            # x 10 on the row widened to 30). Where two divide, 3 x 4 measured
+            # within the noise of 2 x 4 (K96-K192).
+            shapes += [3 * vec // lanes, 5 * vec // lanes]
 
     def rank(k: KvecKnobs) -> tuple[int, float]:
         chains = min(k.nkv * k.pw, FMA_CHAINS) if few_registers else 0
@@ -345,7 +347,7 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
             break
         for nkv in shapes:
             nkv = divisor_at_most(_channel_vectors(spec, lanes), nkv)
-            tile_budget = (target.vector_registers - 1 - nkv if few_registers and nkv == 3
+            tile_budget = (target.vector_registers - 1 - nkv if few_registers and nkv > 2
                            else dense_budget)
             pw = divisor_at_most(w + extra, max(1, tile_budget // nkv))
             tile = KvecKnobs(lanes, nkv, pw, wide=extra)
