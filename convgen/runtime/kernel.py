@@ -426,7 +426,7 @@ def host_usable(a: Any, dtype: str, alignment: int = 64) -> Any:
     if not isinstance(a, np.ndarray):
         try:
             a = np.from_dlpack(a)
-        except (BufferError, RuntimeError, TypeError, ValueError):
+        except (AttributeError, BufferError, RuntimeError, TypeError, ValueError):
             return a
     return a if _is_usable(a, alignment) else _aligned_copy(a, dtype, alignment)
 
