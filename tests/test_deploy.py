@@ -769,6 +769,32 @@ def test_sample_inputs_feed_verify_and_bench(tmp_path):
     assert np.abs(m(x, np.array([7], np.int64)) - want).max() <= 1e-4 * np.abs(want).max()
 
 
+def test_gather_indices_out_of_range_are_clamped(cpu_target, tmp_path):
+    """An index past the axis (a caller's bad token id) read wherever it pointed:
+    garbage, or a segfault of the caller's process for a large one. Indices are
+    clamped into range (onnxruntime raises instead); in range, negative ones
+    included, they are onnxruntime's. In a process of its own (a fault would end
+    it)."""
+    src = _indexed_model(tmp_path)
+    out = tmp_path / "dep"
+    deploy_artifact(src, cpu_target, out, DeployOptions(), verify=False)
+    code = f"""
+import numpy as np, convgen
+from convgen.runtime.verify import ort_session
+m = convgen.load({str(out)!r})
+ref = ort_session({str(src)!r})
+x = np.random.default_rng(2).uniform(-1, 1, (1, 4, 6, 6)).astype(np.float32)
+def want(i):
+    return ref.run(None, {{"x": x, "idx": np.array([i], np.int64)}})[0]
+for i, row in [(4, 4), (-3, 7), (10, 9), (10**12, 9), (-10**12, 0)]:
+    got = m(x, np.array([i], np.int64))
+    assert np.abs(got - want(row)).max() <= 1e-4 * np.abs(want(row)).max(), i
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
 @pytest.mark.parametrize("content, message", [
     ({"idx": np.array([1], np.int32)}, "idx: dtype int32 does not match the expected int64"),
     ({"idx": np.array([1, 2], np.int64)}, "idx: shape 2 does not match the expected 1"),

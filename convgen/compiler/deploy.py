@@ -334,8 +334,9 @@ def _element_wise_imports() -> Iterator[None]:
     maximum(a, b) ..., which broadcast: the frontend broadcasts every input to the
     result's shape, stacks them on a new axis and reduces it, a 5-D tensor ConvertLayout
     failed on (a Conv's output against per-channel bounds: "Invalid SLayout"), and
-    copies besides. Dropout as the identity it is at inference. Its converter table is
-    looked up per import (`_get_convert_map`); the original is put back afterwards."""
+    copies besides. Dropout as the identity it is at inference. Gather with its indices
+    clamped into range. Its converter table is looked up per import
+    (`_get_convert_map`); the original is put back afterwards."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
@@ -394,6 +395,20 @@ def _element_wise_imports() -> Iterator[None]:
 
         _impl_v12 = _impl_v1
 
+    class Gather(frontend.Gather):  # type: ignore[misc,name-defined]
+        """Indices clamped into range (`take` in mode "clip"): the frontend's "fast"
+        mode reads wherever an index points, and an index past the axis (a caller's
+        bad token id) read garbage or ended the caller's process with a segfault;
+        onnxruntime raises there. Negative indices, which ONNX allows, the frontend
+        has already made positive."""
+
+        @classmethod
+        def _impl_v13(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+            out = super()._impl_v13(bb, inputs, attr, params)
+            if isinstance(out, relax.Call) and out.op.same_as(tvm.ir.Op.get("relax.take")):
+                return relax.op.take(*out.args, axis=out.attrs.axis, mode="clip")
+            return out
+
     def pairwise(base: Any) -> Any:
         class Pairwise(base):  # type: ignore[misc,valid-type]
             @classmethod
@@ -408,7 +423,7 @@ def _element_wise_imports() -> Iterator[None]:
 
     def convert_map() -> dict[str, Any]:
         return {**original(), "Clip": Clip, "HardSwish": HardSwish,
-                "HardSigmoid": HardSigmoid, "Dropout": Dropout,
+                "HardSigmoid": HardSigmoid, "Dropout": Dropout, "Gather": Gather,
                 **{op: pairwise(getattr(frontend, op)) for op in ("Max", "Min", "Sum")}}
 
     frontend._get_convert_map = convert_map
