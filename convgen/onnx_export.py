@@ -170,6 +170,7 @@ def flip_conv_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in (
         *shape_inference.infer_shapes(model).graph.value_info, *graph.input)}
+    ranks.update({t.name: len(t.dims) for t in graph.initializer})  # (shared ones)
     nodes = []
     for k, node in enumerate(graph.node):
         if node.op_type == "Conv" and node.input[1] not in in_place:

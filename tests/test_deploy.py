@@ -592,12 +592,22 @@ def _weights_made_in_graph(kind: str, w: np.ndarray) -> tuple[list[onnx.NodeProt
 
 
 def _conv_on(kind: str, w: np.ndarray, dtype: int = TensorProto.FLOAT) -> onnx.ModelProto:
-    nodes, inits = ([], [numpy_helper.from_array(w, "w")] if kind == "initializer" else []
-                    ) if kind in ("input", "initializer") else _weights_made_in_graph(kind, w)
+    """A Conv on weights `w` given as `kind`: an initializer, one another node reads too
+    (shared: its sum, which the flip leaves alone, is added), a graph input, or made in
+    the graph (`_weights_made_in_graph`)."""
+    own = kind in ("initializer", "shared")
+    nodes, inits = ([], [numpy_helper.from_array(w, "w")] if own else []
+                    ) if kind in ("input", "initializer", "shared") else _weights_made_in_graph(
+                        kind, w)
     inputs = [helper.make_tensor_value_info("x", dtype, (1, 8, 10, 10))]
     if kind == "input":
         inputs.append(helper.make_tensor_value_info("w", dtype, w.shape))
-    nodes.append(helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]))
+    if kind == "shared":
+        nodes += [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                  helper.make_node("ReduceSum", ["w"], ["w_sum"], keepdims=0),
+                  helper.make_node("Add", ["c", "w_sum"], ["y"])]
+    else:
+        nodes.append(helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]))
     graph = helper.make_graph(nodes, "conv", inputs,
                               [helper.make_tensor_value_info("y", dtype, (1, 16, 10, 10))], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
@@ -605,7 +615,7 @@ def _conv_on(kind: str, w: np.ndarray, dtype: int = TensorProto.FLOAT) -> onnx.M
     return model
 
 
-@pytest.mark.parametrize("kind", ["constant", "dequantize", "transpose", "input"])
+@pytest.mark.parametrize("kind", ["constant", "dequantize", "transpose", "input", "shared"])
 def test_conv_mode_flips_weights_however_the_model_makes_them(kind, cpu_target, tmp_path):
     """In `conv` mode every Conv is a true convolution, whatever produces its weights:
     the deployment and the reference (`flip_conv_weights`) against onnxruntime on the
