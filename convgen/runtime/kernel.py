@@ -25,6 +25,7 @@ from convgen.runtime.cores import use_all_cores
 from convgen.runtime.manifest import Manifest, TensorInfo, find_manifest
 
 CACHE_LINE = 64
+KDL_CPU = 1  # DLPack's device type of host memory
 _tvm_runtime: Path | None = None  # TVM's runtime library, once loaded
 _tvm_runtime_cuda = False
 
@@ -422,12 +423,15 @@ def host_usable(a: Any, dtype: str, alignment: int = 64) -> Any:
     as is: the array itself when it already is, else a contiguous aligned copy. A
     tensor of another library in CPU memory (torch's: DLPack) is taken as numpy's
     view of it, so a strided one is copied too; a device tensor is passed as it is
-    (TVM checks its device, shape and strides)."""
+    (TVM checks its device, shape and strides), never copied to the host here."""
     if not isinstance(a, np.ndarray):
+        device = getattr(a, "__dlpack_device__", None)
+        if device is None or device()[0] != KDL_CPU:
+            return a
         try:
             a = np.from_dlpack(a)
-        except (AttributeError, BufferError, RuntimeError, TypeError, ValueError):
-            return a
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            return a  # (a dtype numpy lacks: bfloat16)
     return a if _is_usable(a, alignment) else _aligned_copy(a, dtype, alignment)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from convgen.errors import ArgumentError, ToolchainError
 from convgen.runtime.kernel import (
+    KDL_CPU,
     check_tensor,
     host_usable,
     load_tvm_runtime,
@@ -26,9 +27,8 @@ from convgen.runtime.kernel import (
 )
 from convgen.runtime.manifest import ModelManifest, TensorInfo
 
-# the VM's device and allocator codes (DLPack's kDLCPU and kDLCUDA; TVM's pooled
-# allocator)
-KDL_CPU = 1
+# the VM's device and allocator codes (DLPack's kDLCUDA, and kDLCPU from kernel.py;
+# TVM's pooled allocator)
 KDL_CUDA = 2
 POOLED_ALLOCATOR = 2
 

@@ -318,13 +318,18 @@ def sample_inputs(inputs: list[TensorInfo], owner: str, seed: int,
     """An array for each of a model's `inputs`: the `sample` file's
     (`read_sample_inputs`), each checked against the input's shape and dtype; the
     others seeded, uniform in [-1, 1) (an image's scale). Random values are no input
-    for an integer one (indices, token ids: out of range, they are undefined behaviour
-    in the compiled model), so those must come from the file."""
+    for an integer one (indices, token ids), so those must come from the file."""
     given = read_sample_inputs(sample) if sample is not None else {}
+    return _fill_inputs(inputs, owner, seed, given, str(sample))
+
+
+def _fill_inputs(inputs: list[TensorInfo], owner: str, seed: int,
+                 given: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """`sample_inputs` on arrays already read from `source`."""
     names = [info.name for info in inputs]
     unknown = sorted(set(given) - set(names))
     if unknown:
-        raise ArgumentError(f"inputs: {unknown[0]} in {sample} is not an input of "
+        raise ArgumentError(f"inputs: {unknown[0]} in {source} is not an input of "
                             f"{owner} (inputs: {', '.join(names)})")
     rng = np.random.default_rng(seed)
     arrays = {}
@@ -339,14 +344,6 @@ def sample_inputs(inputs: list[TensorInfo], owner: str, seed: int,
                                 "values do not fit: give sample inputs (--inputs FILE.npz, "
                                 "arrays by input name)")
     return arrays
-
-
-def sample_description(model: Model, sample: str | os.PathLike[str] | None) -> str:
-    """The report's record of the inputs taken from the file: "FILE (names)"."""
-    if sample is None:
-        return ""
-    taken = [n for n in read_sample_inputs(sample) if n in {i.name for i in model.inputs}]
-    return f"{Path(sample).name} ({', '.join(taken)})"
 
 
 def reference_session(model: Model, spinning: bool = False, profiling: bool = False) -> Any:
@@ -389,8 +386,10 @@ def verify_model(model: Model, seed: int = 0,
 
         if not cuda_driver.gpu_present():
             return not_run("no GPU present")
-    inputs = model_inputs(model, seed, sample)
-    given = sample_description(model, sample)
+    from_file = read_sample_inputs(sample) if sample is not None else {}
+    inputs = _fill_inputs(model.inputs, model.name, seed, from_file, str(sample))
+    # the report's record of them: "FILE (names)" (every name was an input, or raised)
+    given = f"{Path(sample).name} ({', '.join(from_file)})" if sample is not None else ""
     try:
         want = reference_session(model).run(None, inputs)
     except Exception as err:  # onnxruntime's own error types
