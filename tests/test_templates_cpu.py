@@ -116,20 +116,106 @@ def test_kvec_widens_rows_only_where_no_tile_keeps_the_fma_pipes_busy():
 
 
 def test_kvec_on_16_registers_ranks_fma_chains_before_loads():
-    """16 registers: no four weight vectors (LLVM kept their weights on the stack),
-    and tiles of more FMA chains first. A 14-wide dense row takes two channel vectors
-    by 5 pixels on the row widened to 15 (10 accumulators); a row that may not be
-    widened (a depthwise-separable pair's) one vector by 7 (7 chains), not 2 x 2 (4
-    chains, fewer loads); a 56-wide row keeps 2 x 4 unwidened."""
+    """16 registers: tiles of more FMA chains first. A 14-wide row of a 3x3 layer takes
+    two channel vectors by 5 pixels on the row widened to 15 (10 accumulators); a row
+    that may not be widened (a depthwise-separable pair's 1x1 stage) one vector by 7
+    (7 chains), not 2 x 2 (4 chains, fewer loads) nor 4 x 2; a 56-wide row keeps 2 x 4
+    unwidened."""
     avx2 = resolve_target("llvm:znver3")
-    spec = make_spec(mode="corr", input="1x14x14x96", kernel="576x1x1x96", layout="NHWC")
+    spec = make_spec(mode="corr", input="1x14x14x96", kernel="576x3x3x96", padding=1,
+                     layout="NHWC")
     tile = cpu.kvec_heuristic(spec, avx2)
     assert (tile.nkv, tile.pw, tile.wide) == (2, 5, 1)
-    tile = cpu.kvec_heuristic(spec, avx2, widen=False)
+    pointwise = make_spec(mode="corr", input="1x14x14x96", kernel="576x1x1x96",
+                          layout="NHWC")
+    tile = cpu.kvec_heuristic(pointwise, avx2, widen=False)
     assert (tile.nkv, tile.pw, tile.wide) == (1, 7, 0)
-    wide = make_spec(mode="corr", input="1x56x56x64", kernel="256x1x1x64", layout="NHWC")
+    wide = make_spec(mode="corr", input="1x56x56x64", kernel="256x3x3x64", padding=1,
+                     layout="NHWC")
     tile = cpu.kvec_heuristic(wide, avx2)
     assert (tile.nkv, tile.pw, tile.wide) == (2, 4, 0)
+
+
+def test_kvec_pointwise_blocks_outside_the_rows_take_4x3_on_16_registers():
+    """A 1x1 layer with its channel blocks outside the rows writes each block's
+    channels of every output pixel: on 16 registers 4 vectors (two lines per pixel)
+    by 3 pixels, the row widened to a multiple of 3 where that loses at most one
+    output in eight. Not with the blocks inside the rows, nor for a window (a 3x3
+    layer's block weights stream from L2), nor with 32 registers."""
+    avx2, avx512 = resolve_target("llvm:znver3"), resolve_target("llvm:znver4")
+    spec = make_spec(mode="corr", input="1x28x28x128", kernel="512x1x1x128",
+                     layout="NHWC", residual=True)
+    tile = cpu.kvec_heuristic(spec, avx2)
+    assert (tile.nkv, tile.pw, tile.wide, tile.k_inner) == (4, 3, 2, False)
+    tile = cpu.kvec_heuristic(spec, avx512)
+    assert (tile.nkv, tile.pw, tile.wide) == (4, 4, 0)
+    inside = make_spec(mode="corr", input="1x56x56x16", kernel="64x1x1x16", layout="NHWC")
+    tile = cpu.kvec_heuristic(inside, avx2)
+    assert tile.k_inner and (tile.nkv, tile.pw) == (2, 4)
+    window = make_spec(mode="corr", input="1x56x56x128", kernel="128x3x3x128", padding=1,
+                       stride=2, layout="NHWC")
+    assert cpu.kvec_heuristic(window, avx2).nkv == 2
+
+
+def _loops_with_fmas(asm: str) -> list[tuple[int, int]]:
+    """(FMAs, vector register stack accesses) of every single-block loop of x86
+    assembly that has FMAs: the reduction loops of a register tile."""
+    import re
+
+    lines, found = asm.splitlines(), []
+    for i, line in enumerate(lines):
+        label = re.match(r"^(\.LBB\w+):", line)
+        if not label:
+            continue
+        body = []
+        for x in lines[i + 1:]:
+            if re.match(r"^\.LBB\w+:", x):
+                body = []
+                break
+            body.append(x)
+            if re.search(rf"\bj\w+\s+{re.escape(label.group(1))}\b", x):
+                break
+        fmas = sum("vfmadd" in x for x in body)
+        if fmas:
+            found.append((fmas, sum("mm" in x and "(%rsp)" in x for x in body)))
+    return found
+
+
+def test_kvec_4x3_on_16_registers_keeps_its_accumulators_in_registers():
+    """4 x 3 on 16 registers runs its pixels inner (12 accumulators, 3 broadcasts and
+    a weight vector): its reduction loop touches no vector on the stack. (Channel
+    vectors inner, 17 vectors live, LLVM spilled there.)"""
+    import tvm
+
+    from convgen.compiler.build import lower
+    from convgen.compiler.compute import RUN_PACKED_ENTRY
+
+    avx2 = resolve_target("llvm:znver3")
+    spec = make_spec(mode="corr", input="1x28x28x128", kernel="512x1x1x128",
+                     layout="NHWC", bias=True, residual=True, activation="relu")
+    knobs = cpu.KvecKnobs(lanes=8, nkv=4, pw=3, wide=2)
+    mod, _, _ = lower(spec, avx2, "cpu_kvec", dataclasses.asdict(knobs))
+    lib = tvm.compile(tvm.IRModule({"main": mod[RUN_PACKED_ENTRY]}),
+                      target=avx2.tvm_target())
+    loops = _loops_with_fmas(lib.mod.inspect_source("s"))
+    assert loops and all(fmas % 12 == 0 for fmas, _ in loops)
+    assert all(stack == 0 for _, stack in loops), loops
+
+
+@pytest.mark.parametrize("mode", ["corr", "conv"])
+@pytest.mark.parametrize(("kernel", "knobs"), [
+    ("32x1x1x16", cpu.KvecKnobs(lanes=8, nkv=4, pw=3, wide=1)),  # pixels inner
+    ("40x3x3x16", cpu.KvecKnobs(lanes=8, nkv=5, pw=2, k_inner=True)),
+])
+def test_kvec_pixels_inner_computes_right_on_16_registers(mode, kernel, knobs, tmp_path):
+    """Tiles of more channel vectors than pixels, built for a 16-register CPU (their
+    FMAs pixels inner), epilogue too, against the oracle and onnxruntime."""
+    spec = make_spec(mode=mode, input="1x8x8x16", kernel=kernel, layout="NHWC",
+                     padding=1 if "3x3" in kernel else 0, bias=True, residual=True,
+                     activation="relu")
+    art = build_artifact(spec, resolve_target("llvm:znver3"), tmp_path, verify=True,
+                         template="cpu_kvec", knobs=dataclasses.asdict(knobs))
+    assert art.manifest.verification.passed
 
 
 @pytest.mark.parametrize("mode", ["corr", "conv"])

@@ -30,7 +30,8 @@ also tries a template's grid where its heuristic declines):
     activations are read and written once in storage order. Depthwise reads its
     zero padding in the loads rather than copying padded planes. A channels-last
     row that no tile of FMA_CHAINS accumulators divides (7 wide, 16 registers) is
-    computed wider and cropped in the write-back (`wide`).
+    computed wider and cropped in the write-back (`wide`). The unrolled tile's
+    order is the one whose live vectors the register file holds (`_pixels_inner`).
 Before these, the family tries `cpu_winograd` (`schedule/winograd.py`), another
 algorithm for dense 3x3 stride-1 layers with enough channels and tiles.
 Every template unrolls small kernel windows, which turns the flipped tap of
@@ -293,19 +294,21 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         # on C2048 0.076 / 0.247 against 0.143 / 0.271 (benchmarks/NOTES.md).
         shapes.append(8 * vec // lanes)
     few_registers = target.vector_registers < 32 and not spec.depthwise_like
+    pointwise_blocks_outside = (math.prod(spec.kernel_size) == 1 and not k_inner
+                                and _channel_vectors(spec, lanes) % 4 == 0)
     if few_registers:
-        # 16 registers: four weight vectors beside 8 accumulators and the broadcasts
-        # leave LLVM too few, and it keeps a short reduction's weights on the stack
-        # across the row's tiles; and a tile of fewer than FMA_CHAINS accumulators
-        # leaves the FMA pipes idle whatever it saves in loads. So two channel
-        # vectors or one, two may take 5 pixels (10 accumulators in 13 registers),
-        # and more chains (up to FMA_CHAINS) rank before fewer loads. AVX2 code on
-        # Zen 4 (benchmarks/NOTES.md), C96 14x14 1x1 K576: 4 x 2 0.178 ms, 2 x 5 on
-        # the row widened to 15 0.141; a depthwise-separable pair's 14-wide 1x1 stage
-        # (its rows do not widen), C384 -> K96: 4 x 2 0.185, 2 x 2 0.161, 1 x 7 0.126.
-        # Rows of 4-pixel tiles (56, 28) keep 2 x 4, as fast as 2 x 5 or 2 x 6 on the
-        # row widened to 60 (56x56 1x1 C64 K256: 0.60 against 0.68 and 0.68; C256 K64
-        # 0.63 against 0.64 and 0.61).
+        # 16 registers: a tile of fewer than FMA_CHAINS accumulators leaves the FMA
+        # pipes idle whatever it saves in loads, so more chains (up to FMA_CHAINS)
+        # rank before fewer loads; two channel vectors or one, and two may take 5
+        # pixels (10 accumulators in 13 registers). Four vectors by 2 pixels lost
+        # when it ran channel vectors inner (LLVM kept a short reduction's weights on
+        # the stack across the row's tiles; `_pixels_inner` now runs it the other
+        # way), AVX2 code on Zen 4 (benchmarks/NOTES.md), C96 14x14 1x1 K576: 4 x 2
+        # 0.178 ms, 2 x 5 on the row widened to 15 0.141; a depthwise-separable
+        # pair's 14-wide 1x1 stage (its rows do not widen), C384 -> K96: 4 x 2 0.185,
+        # 2 x 2 0.161, 1 x 7 0.126. Rows of 4-pixel tiles (56, 28) keep 2 x 4, as
+        # fast as 2 x 5 or 2 x 6 on the row widened to 60 (56x56 1x1 C64 K256: 0.60
+        # against 0.68 and 0.68; C256 K64 0.63 against 0.64 and 0.61).
         shapes.remove(4 * vec // lanes)
         dense_budget = budget + 2
         if _channel_vectors(spec, lanes) % 2:
@@ -318,6 +321,21 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
             # x 10 on the row widened to 30). Where two divide, 3 x 4 measured
             # within the noise of 2 x 4 (K96-K192).
             shapes += [3 * vec // lanes, 5 * vec // lanes]
+        elif pointwise_blocks_outside:
+            # A 1x1 layer with its channel blocks outside the rows writes each
+            # block's channels of every output pixel (and reads the residual's) at
+            # a stride of the whole pixel: 2 vectors are one 64-byte line per pixel,
+            # 4 vectors two adjacent ones. 4 x 3, pixels inner (`_pixels_inner`),
+            # holds 12 accumulators in 16 registers, its 4 weight vectors for a
+            # 1x1 reduction in L1. AVX2 code on Zen 4, warm / after 64 MB of other
+            # traffic (benchmarks/NOTES.md): ResNet-50's C128 28x28 K512 with its
+            # residual, on the row widened to 30, 0.61 / 0.66 ms against 2 x 4's
+            # 0.66 / 0.86; MobileNetV2's C96 14x14 K576 0.119 / 0.143 against 2 x 5's
+            # 0.125 / 0.178. Not for windows: the stems and stride-2 3x3 layers ran
+            # 20-40% slower at 4 x 3 (their block weights stream from L2, read by 3
+            # pixels each rather than 4), nor with the blocks inside the rows, which
+            # write whole rows (C16 112x112 K96 within 0.01 ms warm, 10% slower cold).
+            shapes.append(4 * vec // lanes)
 
     def rank(k: KvecKnobs) -> tuple[int, float]:
         chains = min(k.nkv * k.pw, FMA_CHAINS) if few_registers else 0
@@ -342,19 +360,50 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         # (with 16 registers a single channel vector does not end it either: two by 5
         # on a widened row won where widening was allowed, C96 14x14 K576 0.141 ms
         # against 1 x 7's 0.176)
+        # (nor, for a layer that may take 4 x 3, a tile on the unwidened row)
         if (best is not None and best.nkv * best.pw >= FMA_CHAINS and best.pw > 1
-                and not (few_registers and best.nkv * best.lanes == vec)):
+                and not (few_registers and (best.nkv * best.lanes == vec
+                                            or pointwise_blocks_outside))):
             break
         for nkv in shapes:
             nkv = divisor_at_most(_channel_vectors(spec, lanes), nkv)
-            tile_budget = (target.vector_registers - 1 - nkv if few_registers and nkv > 2
-                           else dense_budget)
-            pw = divisor_at_most(w + extra, max(1, tile_budget // nkv))
+            pw_max = (_pixels_max(nkv, target) if few_registers and nkv > 2
+                      else max(1, dense_budget // nkv))
+            pw = divisor_at_most(w + extra, pw_max)
+            if few_registers and nkv * lanes == 4 * vec and 1 < pw < pw_max:
+                # 4 x 3 only: a depthwise-separable pair's 14-wide 1x1 stage at 4 x 2
+                # (pixels inner) took MobileNetV2 for znver3 to 5.27 / 5.31 ms against
+                # 1 x 7's 5.07 / 5.00 (benchmarks/NOTES.md)
+                continue
             tile = KvecKnobs(lanes, nkv, pw, wide=extra)
             if best is None or rank(tile) > rank(best):
                 best = tile
     assert best is not None
     return dataclasses.replace(best, k_inner=k_inner)
+
+
+def _pixels_inner(spec: ConvSpec, nkv: int, pw: int, target: TargetInfo) -> bool:
+    """The order of a dense tile's unrolled FMAs in each reduction step. Channel
+    vectors inner (per pixel, one broadcast feeds an FMA with each weight vector): the
+    tile holds its nkv * pw accumulators, the nkv weight vectors (LLVM loads each once
+    and keeps it for every pixel) and a broadcast. Pixels inner (per weight vector, an
+    FMA with each pixel's broadcast): the accumulators, pw broadcasts and one weight
+    vector. With 16 registers the shorter of the two goes inner: 4 x 3 holds 12 + 3 +
+    1 with pixels inner, 12 + 4 + 1 the other way, where LLVM spilled accumulators in
+    the reduction loop (ResNet-50's C128 28x28 1x1 K512 ran 1.21 ms against 0.61,
+    AVX2 code on Zen 4); 4 x 2 ran 1.99 against 0.78; 5 x 2 (K40, C144 28x28) 0.082
+    against 0.076 after 64 MB of other traffic. 32 registers hold either order.
+    (Depthwise loads input vectors, not broadcasts: its order stays.)"""
+    return (target.vector_registers < 32 and not spec.depthwise_like and 1 < pw < nkv)
+
+
+def _pixels_max(nkv: int, target: TargetInfo) -> int:
+    """The widest tile of nkv channel vectors the register file holds (a weight vector
+    or broadcast beside the accumulators; in either order, `_pixels_inner`)."""
+    regs = target.vector_registers - 1
+    vectors_inner = (regs - nkv) // nkv
+    pixels_inner = min(regs // (nkv + 1), nkv - 1)
+    return max(1, vectors_inner, pixels_inner)
 
 
 def _kvec_widenings(spec: ConvSpec) -> list[int]:
@@ -479,6 +528,8 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
         sch.reorder(loops.n, *kouter, *loops.sp[:-1], owo, *red, owi, kvo, kvi)
         par = sch.fuse(loops.n, *kouter, *loops.sp[:-1])
     sch.parallel(par)
+    if _pixels_inner(spec, nkv, pw, target):
+        sch.reorder(kvo, owi)
     sch.unroll(owi)
     sch.unroll(kvo)
     sch.vectorize(kvi)
