@@ -805,6 +805,74 @@ print("ok")
     assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
 
 
+# (op, attributes, indices in range with negative ones, the same with one out of range
+# per row, updates' shape or None): no two indices of a scatter meet once clamped
+INDEXING_CASES = [
+    ("GatherElements", {"axis": 1}, [[0, -1, 4], [1, 2, -5], [3, 3, 0], [-2, 1, 2]],
+     [[7, -1, 4], [1, 10**12, -5], [3, 3, -6], [-10**12, 1, 2]], None),
+    ("GatherND", {}, [[0, 4], [3, -1], [-4, 2]], [[9, 4], [3, -10**12], [-4, 5]], None),
+    ("ScatterElements", {"axis": 1}, [[0, 4], [1, -1], [2, 3], [-5, 3]],
+     [[7, 1], [1, -6], [2, 10**12], [-10**12, 3]], (4, 2)),
+    ("ScatterND", {}, [[0, 4], [3, 2], [1, 1]], [[-10**12, 0], [10**12, 2], [1, 1]], (3,)),
+]
+
+
+def _indexing_model(path: Path, op: str, attrs: dict, n_indices: tuple[int, ...],
+                    updates: tuple[int, ...] | None) -> None:
+    """x[4, 5] indexed by an int64 input (and updated by a third, for a scatter)."""
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, (4, 5)),
+              helper.make_tensor_value_info("i", TensorProto.INT64, n_indices)]
+    out_shape: tuple[int, ...] = (4, 5) if updates else (
+        (4, n_indices[1]) if op == "GatherElements" else (n_indices[0],))
+    if updates:
+        inputs.append(helper.make_tensor_value_info("u", TensorProto.FLOAT, updates))
+    node = helper.make_node(op, [v.name for v in inputs], ["y"], **attrs)
+    graph = helper.make_graph([node], op, inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                ir_version=IR_VERSION), path)
+
+
+@pytest.mark.parametrize(("op", "attrs", "inside", "outside", "updates"), INDEXING_CASES,
+                         ids=[c[0] for c in INDEXING_CASES])
+def test_indexing_operators_clamp_indices_into_range(op, attrs, inside, outside, updates,
+                                                     cpu_target, tmp_path):
+    """GatherElements, GatherND, ScatterElements and ScatterND as Gather: in range,
+    negative indices included, onnxruntime's results; out of range (onnxruntime
+    raises), the result for the index clamped into range, where TVM's lowering read
+    garbage, wrote past the tensor or segfaulted for a large one. (The scatters'
+    functions, whose buffers declare an element offset, also failed to deploy.) In a
+    process of its own, as a fault would end it."""
+    src = tmp_path / f"{op}.onnx"
+    inside_a = np.array(inside, np.int64)
+    _indexing_model(src, op, attrs, inside_a.shape, updates)
+    out = tmp_path / "dep"
+    deploy_artifact(src, cpu_target, out, DeployOptions(), verify=False)
+    code = f"""
+import numpy as np, convgen
+from convgen.runtime.verify import ort_session
+m, ref = convgen.load({str(out)!r}), ort_session({str(src)!r})
+rng = np.random.default_rng(3)
+feed = {{"x": rng.standard_normal((4, 5)).astype(np.float32)}}
+if {updates!r}:
+    feed["u"] = rng.standard_normal({updates!r}).astype(np.float32)
+def dims(i):  # the extent each index is for
+    if {op!r}.endswith("Elements"):
+        return np.full(i.shape, 5)
+    return np.broadcast_to(np.array([4, 5][: i.shape[-1]]), i.shape)
+def clamped(i):
+    d = dims(i)
+    return np.clip(np.where(i < 0, i + d, i), 0, d - 1)
+for i in (np.array({inside!r}), np.array({outside!r})):
+    got = m(**feed, i=i)
+    want = ref.run(None, {{**feed, "i": clamped(i)}})[0]
+    assert np.array_equal(got, want), (i, got, want)
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
 @pytest.mark.parametrize("content, message", [
     ({"idx": np.array([1], np.int32)}, "idx: dtype int32 does not match the expected int64"),
     ({"idx": np.array([1, 2], np.int64)}, "idx: shape 2 does not match the expected 1"),

@@ -488,7 +488,8 @@ def align_arguments(func: PrimFunc, align: int) -> PrimFunc:
     """The same PrimFunc with its argument buffers declared `align`-byte aligned.
     TVM 0.27's PrimFunc.specialize refuses to change a buffer's alignment, so the
     function goes through its TVMScript form, where arguments are
-    `T.Buffer(shape, dtype)` annotations in the signature."""
+    `T.Buffer(shape, dtype, **fields)` annotations in the signature (fields such as
+    `elem_offset=n`, which TOPI's scatter operators declare)."""
     import re
 
     import tvm
@@ -496,7 +497,12 @@ def align_arguments(func: PrimFunc, align: int) -> PrimFunc:
     head, sep, body = func.script().partition("):\n")
     # a shape's dimensions are ints, or T.int64(n) in functions Relax legalized
     shape = r"\((?:[^()]|\([^()]*\))*\)"
-    head = re.sub(rf'(T\.Buffer\({shape}, "[a-z]+[0-9]*")\)', rf"\1, align={align})", head)
+    fields = r"(?:, \w+=(?:[^(),]|\([^()]*\))+)*"
+
+    def aligned_buffer(m: re.Match[str]) -> str:
+        return f"{m[1]}{re.sub(r', align=[0-9]+', '', m[2])}, align={align})"
+
+    head = re.sub(rf'(T\.Buffer\({shape}, "[a-z]+[0-9]*")({fields})\)', aligned_buffer, head)
     aligned: PrimFunc = tvm.script.from_source(head + sep + body)
     buffers = [p.ty for p in aligned.params if hasattr(p.ty, "data_alignment")]
     if not buffers or any(b.data_alignment != align for b in buffers):

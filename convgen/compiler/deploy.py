@@ -36,7 +36,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,9 +334,9 @@ def _element_wise_imports() -> Iterator[None]:
     maximum(a, b) ..., which broadcast: the frontend broadcasts every input to the
     result's shape, stacks them on a new axis and reduces it, a 5-D tensor ConvertLayout
     failed on (a Conv's output against per-channel bounds: "Invalid SLayout"), and
-    copies besides. Dropout as the identity it is at inference. Gather with its indices
-    clamped into range. Its converter table is looked up per import
-    (`_get_convert_map`); the original is put back afterwards."""
+    copies besides. Dropout as the identity it is at inference. Gather and the other
+    indexing operators with their indices clamped into range. Its converter table is
+    looked up per import (`_get_convert_map`); the original is put back afterwards."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
@@ -409,6 +409,36 @@ def _element_wise_imports() -> Iterator[None]:
                 return relax.op.take(*out.args, axis=out.attrs.axis, mode="clip")
             return out
 
+    def in_range(base: Any, extent: Callable[[Any, Any, Any, Any], Any]) -> Any:
+        """`base` with its indices (input 1) made positive and clamped into [0,
+        extent - 1] first, for operators TVM lowers with unchecked loads and stores
+        (GatherElements, GatherND, ScatterElements, ScatterND): an index past its axis
+        read garbage, or wrote past the tensor, or a large one ended the caller's
+        process with a segfault, as Gather's did. `extent(bb, data, indices, attr)`:
+        the axis extent each index is for, broadcastable against the indices."""
+
+        def clamped(impl: Any) -> Any:
+            def convert(cls: Any, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+                data, indices, *rest = inputs
+                dtype = indices.ty.dtype.dtype
+                bound = extent(bb, data, indices, attr)
+                positive = frontend._normalize_negative_indices(bb, indices, bound)
+                last = bb.emit(relax.op.subtract(bound, relax.const(1, dtype)))
+                indices = clamp(bb, positive, relax.const(0, dtype), last)
+                return impl(bb, [data, indices, *rest], attr, params)
+
+            return classmethod(convert)
+
+        impls = {name: clamped(getattr(base, name)) for name in dir(base)
+                 if name.startswith("_impl_v")}
+        return type(base.__name__, (base,), impls)
+
+    def along_axis(bb: Any, data: Any, indices: Any, attr: Any) -> Any:
+        return frontend._axis_extent(bb, data, attr.get("axis", 0), indices.ty.dtype.dtype)
+
+    def per_coordinate(bb: Any, data: Any, indices: Any, attr: Any) -> Any:
+        return frontend._coord_axis_extents(bb, data, indices, attr.get("batch_dims", 0))
+
     def pairwise(base: Any) -> Any:
         class Pairwise(base):  # type: ignore[misc,valid-type]
             @classmethod
@@ -424,6 +454,10 @@ def _element_wise_imports() -> Iterator[None]:
     def convert_map() -> dict[str, Any]:
         return {**original(), "Clip": Clip, "HardSwish": HardSwish,
                 "HardSigmoid": HardSigmoid, "Dropout": Dropout, "Gather": Gather,
+                **{op: in_range(getattr(frontend, op), along_axis)
+                   for op in ("GatherElements", "ScatterElements")},
+                **{op: in_range(getattr(frontend, op), per_coordinate)
+                   for op in ("GatherND", "ScatterND")},
                 **{op: pairwise(getattr(frontend, op)) for op in ("Max", "Min", "Sum")}}
 
     frontend._get_convert_map = convert_map
