@@ -873,6 +873,30 @@ print("ok")
     assert run.returncode == 0 and "ok" in run.stdout, (run.returncode, run.stderr[-2000:])
 
 
+def test_align_arguments_keeps_every_buffer_field():
+    """A function reading a model input is declared at the element's alignment
+    whatever else its buffers declare (TOPI's scatters: an element offset; strides
+    with T.int64 values), and keeps those declarations."""
+    import tvm
+
+    from convgen.compiler.compute import align_arguments
+
+    func = tvm.script.from_source("""
+# from tvm.script import tirx as T
+@T.prim_func
+def f(a: T.handle, b: T.handle):
+    A = T.match_buffer(a, (T.int64(4), T.int64(5)), "float32",
+                       strides=(T.int64(5), T.int64(1)))
+    B = T.match_buffer(b, (T.int64(4), T.int64(5)), "float32", offset_factor=1)
+    for i, j in T.grid(T.int64(4), T.int64(5)):
+        B[i, j] = A[i, j]
+""")
+    aligned = align_arguments(func, 4)
+    a, b = (p.ty for p in aligned.params)
+    assert a.data_alignment == b.data_alignment == 4
+    assert [int(s) for s in a.strides] == [5, 1] and b.offset_factor == 1
+
+
 @pytest.mark.parametrize("content, message", [
     ({"idx": np.array([1], np.int32)}, "idx: dtype int32 does not match the expected int64"),
     ({"idx": np.array([1, 2], np.int64)}, "idx: shape 2 does not match the expected 1"),

@@ -497,7 +497,7 @@ def align_arguments(func: PrimFunc, align: int) -> PrimFunc:
     head, sep, body = func.script().partition("):\n")
     # a shape's dimensions are ints, or T.int64(n) in functions Relax legalized
     shape = r"\((?:[^()]|\([^()]*\))*\)"
-    fields = r"(?:, \w+=(?:[^(),]|\([^()]*\))+)*"
+    fields = rf"(?:, \w+=(?:[^(),]|{shape})+)*"  # (strides=(T.int64(5), 1), ...)
 
     def aligned_buffer(m: re.Match[str]) -> str:
         return f"{m[1]}{re.sub(r', align=[0-9]+', '', m[2])}, align={align})"
