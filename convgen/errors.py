@@ -35,3 +35,20 @@ class VerificationError(ConvgenError):
     """The kernel's output does not match the references."""
 
     exit_code = 1
+
+
+def tvm_reason(err: BaseException) -> str:
+    """What a TVM error says went wrong, in one line for an `UnsupportedError`: its
+    last line (TVM's messages end with the reason), past the footer its printed IR
+    ends with; where it names an offending call, its first line and the call's
+    operator ("CodeGenVM cannot emit this Relax operator ... Offending call:
+    R.nn.conv2d_transpose")."""
+    lines = [line.strip() for line in str(err).splitlines()
+             if line.strip() and not line.strip().startswith("# Metadata omitted")]
+    if not lines:
+        return type(err).__name__
+    if "Offending call:" in lines:
+        at = lines.index("Offending call:")
+        call = lines[at + 1].split("(")[0] if at + 1 < len(lines) else ""
+        return f"{lines[0]} Offending call: {call}".strip()
+    return lines[-1]

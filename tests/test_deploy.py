@@ -39,7 +39,7 @@ class Net:
         self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
         return name
 
-    def init_shape(self, name: str, shape: list[int]) -> str:
+    def init_shape(self, name: str, shape: list[int] | int) -> str:
         self.inits.append(numpy_helper.from_array(np.array(shape, np.int64), name))
         return name
 
@@ -247,11 +247,33 @@ def dense_block() -> tuple[onnx.ModelProto, int]:
     return n.model((1, 8, 6, 6), y, (1, 8, 6, 6)), 6
 
 
+def decoder_block() -> tuple[onnx.ModelProto, int]:
+    """A decoder's stage: LayerNormalization over channels and rows (ONNX axis 1,
+    which channels-last activations put out of order), a ConvTranspose upsampling by 2
+    (which TVM lowers channels-first only), a Conv, and an exporter's flatten,
+    x.view(x.size(0), -1): Shape -> Gather -> Unsqueeze -> Concat -> Reshape."""
+    n = Net(10)
+    a = n.op("Relu", [n.conv("x", "c1", 8, 8, (3, 3), pads=[1, 1, 1, 1])], "r1")
+    norm = n.op("LayerNormalization", [a, n.init("ln_g", n.rng.uniform(0.5, 1.5, (8, 6, 6))),
+                                       n.init("ln_b", n.rng.standard_normal((8, 6, 6)) * 0.1)],
+                "ln", axis=1, epsilon=1e-5)
+    up = n.op("ConvTranspose", [norm, n.init("up_w", n.rng.standard_normal((8, 4, 3, 3)) / 6),
+                                n.init("up_b", n.rng.standard_normal(4) * 0.1)],
+              "up", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+              output_padding=[1, 1])
+    b = n.conv(up, "c2", 4, 8, (3, 3), pads=[1, 1, 1, 1])
+    batch = n.op("Gather", [n.op("Shape", [b], "shape"), n.init_shape("zero", 0)], "batch",
+                 axis=0)
+    rows = n.op("Unsqueeze", [batch, n.init_shape("axes0", [0])], "batch1")
+    size = n.op("Concat", [rows, n.init_shape("rest", [-1])], "size", axis=0)
+    return n.model((1, 8, 6, 6), n.op("Reshape", [b, size], "y"), (1, 8 * 12 * 12)), 2
+
+
 MODELS = {"residual_block": residual_block, "depthwise_block": depthwise_block,
           "conv_1d_3d_grouped": conv_1d_3d_grouped, "batchnorm_block": batchnorm_block,
           "shared_residuals": shared_residuals, "channel_shuffle": channel_shuffle,
           "squeeze_excite": squeeze_excite, "token_mlp": token_mlp,
-          "dense_block": dense_block}
+          "dense_block": dense_block, "decoder_block": decoder_block}
 
 
 def _deploy(tmp_path: Path, name: str, mode: str, layout: str, cpu_target
@@ -282,7 +304,8 @@ def test_deployed_model_matches_onnxruntime(name, mode, layout, cpu_target, tmp_
     assert len(manifest.layers) == convs + len(dense)
     assert all(layer.spec.mode == mode for layer in convs_run)
     assert all(layer.spec.channels_last == (layout == "channels-last") for layer in convs_run)
-    assert not [op for op in manifest.other_ops if "conv" in op or "matmul" in op]
+    assert not [op for op in manifest.other_ops
+                if ("conv" in op and "transpose" not in op) or "matmul" in op]
     if name == "residual_block":
         [gemm] = [layer for layer in manifest.layers if layer.node == "y"]
         assert gemm.spec.kernel_size == (1, 1) and gemm.spec.bias
@@ -897,6 +920,35 @@ def f(a: T.handle, b: T.handle):
     assert [int(s) for s in a.strides] == [5, 1] and b.offset_factor == 1
 
 
+def test_an_output_shaped_by_shape_arithmetic_needs_no_declaration(cpu_target, tmp_path):
+    """An output an exporter declares without a shape, which its graph computes from
+    shapes (x.view(x.size(0), -1)): ONNX's shape inference follows the values through
+    Shape, Gather and Concat, where deploy said it depended on the data."""
+    model, _ = decoder_block()
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    src = tmp_path / "undeclared.onnx"
+    onnx.save(model, src)
+    out = tmp_path / "dep"
+    deploy_artifact(src, cpu_target, out, DeployOptions())
+    m = convgen.load(out)
+    assert m.outputs[0].shape == (1, 8 * 12 * 12) and m.manifest.verification.passed
+
+
+def test_tvm_reason_names_the_offending_operator():
+    """A TVM error's one line for the user: its last line, past the printed IR's
+    metadata footer; where it names an offending call, its first line and the call's
+    operator (the footer alone said nothing)."""
+    from convgen.errors import tvm_reason
+
+    footer = "# Metadata omitted. Use show_meta=True in script() method to show it."
+    vm = RuntimeError("CodeGenVM cannot emit this Relax operator directly.\nOffending call:\n"
+                      "R.nn.conv2d_transpose(alloc1, metadata[0], strides=[2, 2])\n" + footer)
+    assert tvm_reason(vm) == ("CodeGenVM cannot emit this Relax operator directly. "
+                              "Offending call: R.nn.conv2d_transpose")
+    assert tvm_reason(ValueError("a trace line\nthe reason\n\n" + footer)) == "the reason"
+    assert tvm_reason(ValueError("")) == "ValueError"
+
+
 @pytest.mark.parametrize("content, message", [
     ({"idx": np.array([1], np.int32)}, "idx: dtype int32 does not match the expected int64"),
     ({"idx": np.array([1, 2], np.int64)}, "idx: shape 2 does not match the expected 1"),
@@ -1134,7 +1186,8 @@ def test_zoo_models_deploy_and_verify(name, cpu_target, tmp_path):
     assert manifest.verification.passed, manifest.verification.lines()
     convs = sum(n.op_type == "Conv" for n in onnx.load(src).graph.node)
     assert len(manifest.layers) == convs + 1  # + the classifier's Gemm
-    assert not [op for op in manifest.other_ops if "conv" in op or "matmul" in op]
+    assert not [op for op in manifest.other_ops
+                if ("conv" in op and "transpose" not in op) or "matmul" in op]
 
 
 def test_unfolded_batchnorm_folds_into_the_kernels(cpu_target, tmp_path):

@@ -29,7 +29,7 @@ from convgen.compiler.compute import (
 )
 from convgen.compiler.schedule import forced_schedule, packed_schedule, schedule_for
 from convgen.compiler.targets import TargetInfo
-from convgen.errors import ConvgenError, UnsupportedError
+from convgen.errors import ConvgenError, UnsupportedError, tvm_reason
 from convgen.runtime.kernel import Kernel
 from convgen.runtime.manifest import (
     ENTRY,
@@ -113,7 +113,7 @@ def compile_kernel(
     except Exception as err:  # TVM's errors carry the C++ trace; keep the message
         raise UnsupportedError(
             f"TVM could not compile {spec.name()} for {target.key()} with {choice.describe()}: "
-            f"{str(err).splitlines()[-1] if str(err) else type(err).__name__}"
+            f"{tvm_reason(err)}"
         ) from err
     t2 = time.perf_counter()
     compiled = Compiled(spec, target, choice, packing, lib, mod.script(), workspace_of(mod, spec),

@@ -55,7 +55,7 @@ from convgen.compiler.onnx_shapes import fold_shape_arithmetic
 from convgen.compiler.records import find_record
 from convgen.compiler.schedule import separable
 from convgen.compiler.targets import TargetInfo, resolve_target
-from convgen.errors import ArgumentError, ConvgenError, SpecError, UnsupportedError
+from convgen.errors import ArgumentError, ConvgenError, SpecError, UnsupportedError, tvm_reason
 from convgen.runtime.manifest import (
     PACK_ENTRY,
     RUN_PACKED_ENTRY,
@@ -84,6 +84,9 @@ CONV_OPS = {"relax.nn.conv1d": 1, "relax.nn.conv2d": 2, "relax.nn.conv3d": 3}
 # the weight layout that goes with each activation layout (convgen's: spec.py)
 WEIGHT_LAYOUTS = {"NCW": "OIW", "NCHW": "OIHW", "NCDHW": "OIDHW",
                   "NWC": "OWI", "NHWC": "OHWI", "NDHWC": "ODHWI"}
+TRANSPOSED_CONV_LAYOUTS = {"relax.nn.conv1d_transpose": ["NCW", "IOW"],
+                           "relax.nn.conv2d_transpose": ["NCHW", "IOHW"],
+                           "relax.nn.conv3d_transpose": ["NCDHW", "IODHW"]}
 CONV_OPS_KEY = "conv"
 DENSE_OP = "relax.matmul"  # by constant weights: a 1 x 1 convolution (`_Chain.dense`)
 OPAQUE = 8  # Relax's OpPatternKind kOpaque: FuseOps fuses nothing into a convgen kernel
@@ -132,7 +135,9 @@ def read_model(path: str | Path, shapes: Mapping[str, tuple[int, ...]] | None = 
         raise SpecError(f"model: {path} holds no ONNX graph (empty, or not an ONNX file)")
     model = pin_input_shapes(model, shapes or {})
     try:
-        model = shape_inference.infer_shapes(model, strict_mode=True)
+        # (data_prop: shapes computed from shapes, an exporter's x.view(x.size(0), -1)
+        # as Shape -> Gather -> Concat -> Reshape, are followed to their values)
+        model = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except Exception as err:
         raise SpecError(f"model: cannot read ONNX model {path}: {err}") from None
     model_io(model)  # (static shapes, checked before anything is imported)
@@ -202,7 +207,7 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
         lib = tvm.compile(mod, target=target.tvm_target(model=True))
     except Exception as err:
         raise UnsupportedError(f"model: TVM could not compile {name}: "
-                               f"{str(err).strip().splitlines()[-1]}") from None
+                               f"{tvm_reason(err)}") from None
     t4 = time.perf_counter()
     return CompiledModel(name, lib, inputs, outputs, layers, other_ops, seconds={
         "import": t1 - t0, "kernels": t2 - t1, "other_ops": t3 - t2, "tvm_compile": t4 - t3})
@@ -517,17 +522,21 @@ def _relax_module(model: onnx.ModelProto, name: str, options: DeployOptions) -> 
             mod = from_onnx(fold_shape_arithmetic(model), keep_params_in_input=False)
     except Exception as err:  # the frontend's errors name the operator
         raise UnsupportedError(f"model: TVM cannot import {name}: "
-                               f"{str(err).strip().splitlines()[-1]}") from None
+                               f"{tvm_reason(err)}") from None
     try:
         mod = relax.transform.DecomposeOpsForInference()(mod)
         if options.layout == "channels-last":
             desired = {op: [CHANNELS_LAST[nd], WEIGHT_LAYOUTS[CHANNELS_LAST[nd]]]
                        for op, nd in CONV_OPS.items()}
+            # (TVM lowers transposed convolutions channels-first only: they keep it,
+            # between transposes, where ConvertLayout would carry channels-last in)
+            desired.update(TRANSPOSED_CONV_LAYOUTS)
             mod = relax.transform.ConvertLayout(desired)(mod)
+            mod = _layer_norm_axes_in_order(mod)
         mod = relax.transform.FoldConstant()(mod)  # bias reshapes, weight transposes
     except Exception as err:  # (a construct Relax's passes do not handle)
         raise UnsupportedError(f"model: TVM cannot compile {name}: "
-                               f"{str(err).strip().splitlines()[-1]}") from None
+                               f"{tvm_reason(err)}") from None
     # (a decomposed BatchNorm returns a tuple whose first item is read: read directly)
     return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
 
@@ -633,6 +642,39 @@ def _flip_other_convolutions(mod: IRModule) -> IRModule:
         if isinstance(func, relax.Function):
             flipper.builder_.update_func(gv, flipper.visit_expr(func))
     return flipper.builder_.get()
+
+
+def _layer_norm_axes_in_order(mod: IRModule) -> IRModule:
+    """LayerNorms whose axes ConvertLayout left out of order, with sorted axes and
+    their scale and bias permuted to match. A LayerNorm over C, H and W (ONNX axis 1)
+    becomes axes [3, 1, 2] on channels-last activations, its scale and bias still (C,
+    H, W) as Relax defines them; TVM's lowering indexes them as if the axes were
+    sorted, (H, W, C), and read past them: garbage in every row past the C-th, or a
+    different garbage each call. The permutations of constants fold away."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class Sorter(relax.PyExprMutator):  # type: ignore[misc]
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if _op(call) != "relax.nn.layer_norm":
+                return call
+            rank = len(call.args[0].ty.shape)
+            axes = [int(a) % rank for a in call.attrs.axes]
+            order = sorted(range(len(axes)), key=axes.__getitem__)
+            if order == list(range(len(axes))):
+                return call
+            scale, bias = (self.builder_.emit(relax.op.permute_dims(a, order))
+                           for a in call.args[1:3])
+            return relax.op.nn.layer_norm(call.args[0], scale, bias, sorted(axes),
+                                          call.attrs.epsilon, call.attrs.center,
+                                          call.attrs.scale)
+
+    sorter = Sorter(mod)
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            sorter.builder_.update_func(gv, sorter.visit_expr(func))
+    return sorter.builder_.get()
 
 
 def _batch_norms_as_scale_and_shift(mod: IRModule) -> IRModule:
