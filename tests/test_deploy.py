@@ -24,6 +24,7 @@ from convgen.runtime.verify import (
     MODEL_TOLERANCES,
     model_inputs,
     ort_session,
+    verify_model,
 )
 
 
@@ -918,6 +919,90 @@ def f(a: T.handle, b: T.handle):
     a, b = (p.ty for p in aligned.params)
     assert a.data_alignment == b.data_alignment == 4
     assert [int(s) for s in a.strides] == [5, 1] and b.offset_factor == 1
+
+
+# (id, opset, operator, attributes, constant inputs after x, output shape): exporters'
+# older resampling forms, and a later Resize with empty roi and scales beside sizes
+RESAMPLING = [
+    ("upsample7", 7, "Upsample", {"mode": "nearest", "scales": [1.0, 1.0, 2.0, 3.0]}, [],
+     (1, 4, 12, 18)),
+    ("upsample9-linear", 9, "Upsample", {"mode": "linear"},
+     [np.array([1, 1, 2, 2], np.float32)], (1, 4, 12, 12)),
+    ("resize10", 10, "Resize", {"mode": "nearest"}, [np.array([1, 1, 1.5, 2], np.float32)],
+     (1, 4, 9, 12)),
+    ("resize13-sizes", 13, "Resize", {"mode": "linear"},
+     [np.zeros(0, np.float32), np.zeros(0, np.float32), np.array([1, 4, 9, 13], np.int64)],
+     (1, 4, 9, 13)),
+]
+
+
+@pytest.mark.parametrize(("opset", "op", "attrs", "consts", "shape"),
+                         [r[1:] for r in RESAMPLING], ids=[r[0] for r in RESAMPLING])
+def test_resampling_as_onnx_defines_it(opset, op, attrs, consts, shape, cpu_target, tmp_path):
+    """Upsample (opsets 7, 9) and Resize-10 read input i / scale, the nearest pixel by
+    floor: the frontend rounded (wrong pixels from opset 7), read opset 9's scales
+    from an attribute and Resize-10's as a roi (both refused). A Resize with empty
+    roi and scales beside its sizes was refused as giving both scales and sizes."""
+    rng = np.random.default_rng(4)
+    names = [f"c{i}" for i in range(len(consts))]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w"),
+             *(numpy_helper.from_array(c, n) for c, n in zip(consts, names))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node(op, ["c", *names], ["y"], **attrs)]
+    graph = helper.make_graph(
+        nodes, op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 4, 6, 6))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], initializer=inits)
+    src = tmp_path / f"{op}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                                ir_version=IR_VERSION), src)
+    out = tmp_path / "dep"
+    deploy_artifact(src, cpu_target, out, DeployOptions())
+    m = convgen.load(out)
+    assert m.manifest.verification.passed, m.manifest.verification.lines()
+    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    want = ort_session(src).run(None, {"x": x})[0]
+    assert np.abs(m(x) - want).max() <= MODEL_TOLERANCE * np.abs(want).max()
+
+
+def test_a_quantized_conv_is_verified_against_the_graph_as_written(cpu_target, tmp_path):
+    """A QDQ Conv (QuantizeLinear / DequantizeLinear around it, as quantization tools
+    write them): onnxruntime with its optimizations fuses it into an integer
+    QLinearConv, which rounds some ties the other way (a quantization step off the
+    graph as written); verification reads the graph as written, which convgen's
+    float Conv between the same quantizations computes exactly."""
+    rng = np.random.default_rng(5)
+    sx, sw, sy = 0.02, 0.005, 0.03
+    wq = np.clip(np.round(rng.standard_normal((8, 8, 3, 3)) * 0.1 / sw), -127, 127)
+    inits = [numpy_helper.from_array(v, n) for n, v in [
+        ("sx", np.array(sx, np.float32)), ("zx", np.array(128, np.uint8)),
+        ("wq", wq.astype(np.int8)), ("sw", np.array(sw, np.float32)),
+        ("zw", np.array(0, np.int8)), ("b", (rng.standard_normal(8) * 0.1).astype(np.float32)),
+        ("sy", np.array(sy, np.float32)), ("zy", np.array(0, np.uint8))]]
+    node = helper.make_node
+    nodes = [node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+             node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"]),
+             node("Conv", ["xd", "wd", "b"], ["c"], pads=[1, 1, 1, 1]),
+             node("Relu", ["c"], ["r"]), node("QuantizeLinear", ["r", "sy", "zy"], ["yq"]),
+             node("DequantizeLinear", ["yq", "sy", "zy"], ["y"])]
+    shape = (1, 8, 24, 24)
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, shape)], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, shape)], initializer=inits)
+    src = tmp_path / "qdq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                ir_version=IR_VERSION), src)
+    out = tmp_path / "dep"
+    deploy_artifact(src, cpu_target, out, DeployOptions())
+    m = convgen.load(out)
+    assert len(m.manifest.layers) == 1  # the Conv, on a convgen kernel
+    for seed in range(3):
+        report = verify_model(m, seed=seed)
+        assert report.passed and report.checks[0].max_abs_error == 0, report.lines()
+        x = model_inputs(m, seed=seed)
+        # (the fused model is another one: it differs from the graph as written)
+        fused = ort_session(src).run(None, x)[0]
+        assert np.any(fused != ort_session(src, optimized=False).run(None, x)[0])
 
 
 def test_an_output_shaped_by_shape_arithmetic_needs_no_declaration(cpu_target, tmp_path):

@@ -340,7 +340,8 @@ def _element_wise_imports() -> Iterator[None]:
     result's shape, stacks them on a new axis and reduces it, a 5-D tensor ConvertLayout
     failed on (a Conv's output against per-channel bounds: "Invalid SLayout"), and
     copies besides. Dropout as the identity it is at inference. Gather and the other
-    indexing operators with their indices clamped into range. Its converter table is
+    indexing operators with their indices clamped into range. Upsample and Resize-10
+    as ONNX defines them. Its converter table is
     looked up per import (`_get_convert_map`); the original is put back afterwards."""
     import tvm
     from tvm import relax
@@ -444,6 +445,56 @@ def _element_wise_imports() -> Iterator[None]:
     def per_coordinate(bb: Any, data: Any, indices: Any, attr: Any) -> Any:
         return frontend._coord_axis_extents(bb, data, indices, attr.get("batch_dims", 0))
 
+    def upsampled(bb: Any, x: Any, scales: Any, attr: Any, op: str) -> Any:
+        """Upsample (opsets 7 and 9) and Resize-10, one operator: output pixel i reads
+        input i / scale ("asymmetric"), the nearest by floor. The frontend read opset
+        9's scales from an attribute opset 9 no longer has, rounded the nearest pixel
+        half up (another than onnxruntime's, where i / scale is past .5), and read
+        Resize-10's scales as Resize-11's roi."""
+        if isinstance(scales, tvm.ir.GenericConst):
+            scales = scales.value.numpy()
+        elif scales is None or isinstance(scales, relax.Expr):
+            raise UnsupportedError(f"{op}: scales computed at run time")
+        scales = [float(v) for v in scales]
+        shape = [int(d) for d in x.ty.shape]
+        mode = attr.get("mode", b"nearest").decode("ascii")
+        if len(shape) != 4 or scales[:2] != [1.0, 1.0] or mode not in ("nearest", "linear"):
+            raise UnsupportedError(f"{op}: only nearest or linear over the last two axes "
+                                   f"of N x C x H x W (scales {scales}, mode {mode})")
+        size = [int(d * s) for d, s in zip(shape[2:], scales[2:])]  # floor, as ONNX's
+        return relax.op.image.resize2d(
+            x, relax.ShapeExpr(size), layout="NCHW",
+            method="nearest_neighbor" if mode == "nearest" else "linear",
+            coordinate_transformation_mode="asymmetric", rounding_method="floor")
+
+    class Upsample(frontend.Upsample):  # type: ignore[misc,name-defined]
+        @classmethod
+        def _impl_v7(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+            return upsampled(bb, inputs[0], attr.get("scales"), attr, "Upsample")
+
+        @classmethod
+        def _impl_v9(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+            return upsampled(bb, inputs[0], inputs[1], attr, "Upsample")
+
+    class Resize(frontend.Resize):  # type: ignore[misc,name-defined]
+        """Resize-10 as the Upsample it is; from opset 11, roi, scales and sizes given
+        as empty constants (exporters write scales so beside sizes) as absent: the
+        frontend refused both scales and sizes."""
+
+        @classmethod
+        def _impl_v10(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+            return upsampled(bb, inputs[0], inputs[1], attr, "Resize")
+
+        @classmethod
+        def _impl_v11(cls, bb: Any, inputs: Any, attr: Any, params: Any) -> Any:
+            def given(v: Any) -> Any:
+                empty = isinstance(v, tvm.ir.GenericConst) and v.value.numpy().size == 0
+                return None if empty else v
+
+            return super()._impl_v18(bb, [inputs[0], *map(given, inputs[1:])], attr, params)
+
+        _impl_v18 = _impl_v11
+
     def pairwise(base: Any) -> Any:
         class Pairwise(base):  # type: ignore[misc,valid-type]
             @classmethod
@@ -459,6 +510,7 @@ def _element_wise_imports() -> Iterator[None]:
     def convert_map() -> dict[str, Any]:
         return {**original(), "Clip": Clip, "HardSwish": HardSwish,
                 "HardSigmoid": HardSigmoid, "Dropout": Dropout, "Gather": Gather,
+                "Upsample": Upsample, "Resize": Resize,
                 **{op: in_range(getattr(frontend, op), along_axis)
                    for op in ("GatherElements", "ScatterElements")},
                 **{op: in_range(getattr(frontend, op), per_coordinate)

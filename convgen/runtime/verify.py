@@ -128,17 +128,20 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, dtype: str,
     return Check(name, not bad.any(), max_abs, max_abs / scale, detail)
 
 
-def ort_session(model: bytes | Path, spinning: bool = False, profiling: bool = False) -> Any:
-    """onnxruntime on the CPU: every core, all graph optimizations, intra-op spinning
-    off unless asked for (so its thread pool does not fight TVM's when both run in
-    one process; the benchmarks, which time them in separate rounds, turn it on as
-    onnxruntime's users have it); `profiling`: its per-node profiler on."""
+def ort_session(model: bytes | Path, spinning: bool = False, profiling: bool = False,
+                optimized: bool = True) -> Any:
+    """onnxruntime on the CPU: every core, all graph optimizations (`optimized`: off,
+    the graph as written), intra-op spinning off unless asked for (so its thread pool
+    does not fight TVM's when both run in one process; the benchmarks, which time them
+    in separate rounds, turn it on as onnxruntime's users have it); `profiling`: its
+    per-node profiler on."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = available_cores()
     opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.enable_profiling = profiling
     return ort.InferenceSession(
@@ -346,10 +349,11 @@ def _fill_inputs(inputs: list[TensorInfo], owner: str, seed: int,
     return arrays
 
 
-def reference_session(model: Model, spinning: bool = False, profiling: bool = False) -> Any:
-    """onnxruntime on the model as given (all optimizations, weights as initializers);
-    for a `conv`-mode deployment, with every Conv's weights flipped, which is what the
-    deployment computes."""
+def reference_session(model: Model, spinning: bool = False, profiling: bool = False,
+                      optimized: bool = True) -> Any:
+    """onnxruntime on the model as given (weights as initializers; all optimizations,
+    or with `optimized` off the graph as written); for a `conv`-mode deployment, with
+    every Conv's weights flipped, which is what the deployment computes."""
     import onnx
 
     from convgen.onnx_export import flip_conv_weights
@@ -357,7 +361,7 @@ def reference_session(model: Model, spinning: bool = False, profiling: bool = Fa
     proto = onnx.load(str(model.manifest.path_of("onnx", model.directory)))
     if model.manifest.mode == "conv":
         proto = flip_conv_weights(proto)
-    return ort_session(proto.SerializeToString(), spinning, profiling)
+    return ort_session(proto.SerializeToString(), spinning, profiling, optimized)
 
 
 def _output_error(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
@@ -391,7 +395,11 @@ def verify_model(model: Model, seed: int = 0,
     # the report's record of them: "FILE (names)" (every name was an input, or raised)
     given = f"{Path(sample).name} ({', '.join(from_file)})" if sample is not None else ""
     try:
-        want = reference_session(model).run(None, inputs)
+        # The graph as written: onnxruntime's optimizations rewrite it into another
+        # model that computes the same to within rounding, except where rounding is
+        # the point (a QDQ Conv fused into an integer QLinearConv rounds a tie the
+        # other way: one quantization step off the model as written).
+        want = reference_session(model, optimized=False).run(None, inputs)
     except Exception as err:  # onnxruntime's own error types
         return VerifyReport(status="failed", seed=seed, against="onnxruntime on the "
                             "original model", reason="onnxruntime cannot run the original "
@@ -407,7 +415,8 @@ def verify_model(model: Model, seed: int = 0,
     tol = MODEL_TOLERANCES.get(model.outputs[0].dtype, MODEL_TOLERANCE)  # (the first's)
     if model.manifest.mode == "conv" and any(
             max(layer.spec.kernel_size) > 1 for layer in model.manifest.layers):
-        as_given = ort_session(Path(model.manifest.path_of("onnx", model.directory)))
+        as_given = ort_session(Path(model.manifest.path_of("onnx", model.directory)),
+                               optimized=False)
         gap, scale = _output_error(got[0], as_given.run(None, inputs)[0])
         checks.append(Check("differs from Conv on the weights as given (the flip)",
                             bool(gap > DIFFERS_FACTOR * tol * scale), gap,
