@@ -156,8 +156,9 @@ def model_io(model: onnx.ModelProto) -> tuple[list[TensorInfo], list[TensorInfo]
         if any(d <= 0 for d in dims):
             # (inputs are read first: an output without one has static inputs)
             fix = (f"fix it with --shape {vi.name}=DIMS" if what == "input" else
-                   "with every input's shape fixed, it depends on the data, which "
-                   "deploy's static shapes cannot hold")
+                   "with every input's shape fixed, ONNX's shape inference cannot tell "
+                   "it: it depends on the data, or passes an operator inference does "
+                   "not see through (Compress, sequences); deploy needs static shapes")
             raise UnsupportedError(f"model: {what} {vi.name!r} has no static shape "
                                    f"({dims}); {fix}")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
