@@ -390,9 +390,10 @@ def _pixels_inner(spec: ConvSpec, nkv: int, pw: int, target: TargetInfo) -> bool
     FMA with each pixel's broadcast): the accumulators, pw broadcasts and one weight
     vector. With 16 registers the shorter of the two goes inner: 4 x 3 holds 12 + 3 +
     1 with pixels inner, 12 + 4 + 1 the other way, where LLVM spilled accumulators in
-    the reduction loop (ResNet-50's C128 28x28 1x1 K512 ran 1.21 ms against 0.61,
-    AVX2 code on Zen 4); 4 x 2 ran 1.99 against 0.78; 5 x 2 (K40, C144 28x28) 0.082
-    against 0.076 after 64 MB of other traffic. 32 registers hold either order.
+    the reduction loop (ResNet-50's C128 28x28 1x1 K512, AVX2 code on Zen 4, pixels
+    inner against channel vectors inner: 0.61 ms against 1.21; 4 x 2 0.78 against
+    1.99; 5 x 2, K40 on C144 28x28, 0.076 against 0.082 after 64 MB of other
+    traffic). 32 registers hold either order.
     (Depthwise loads input vectors, not broadcasts: its order stays.)"""
     return (target.vector_registers < 32 and not spec.depthwise_like and 1 < pw < nkv)
 
