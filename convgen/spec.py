@@ -112,6 +112,25 @@ class ConvSpec:
         return replace(self, pads=pads)
 
     @property
+    def pointwise(self) -> bool:
+        """A unit kernel at unit stride without padding: each output pixel reads the
+        input pixel at its own position, so input and output share their pixel order."""
+        return (all(r == 1 for r in self.kernel_size) and all(s == 1 for s in self.stride)
+                and not any(self.pads))
+
+    def rows_merged(self, rows: int) -> ConvSpec:
+        """This pointwise operator on its tensors viewed with every `rows` rows as one:
+        the last two spatial axes (H, W) as (H / rows, rows * W). Either layout keeps
+        H and W adjacent, W innermost of the two, so the view is the same memory and
+        computes the same outputs; a kernel's row tiles then run across row ends."""
+        if rows == 1:
+            return self
+        if not self.pointwise or self.ndim < 2 or self.in_size[-2] % rows:
+            raise ValueError(f"{self.name()}: rows cannot merge by {rows}")
+        *outer, h, w = self.in_size
+        return replace(self, in_size=(*outer, h // rows, w * rows))
+
+    @property
     def dilated_kernel_size(self) -> tuple[int, ...]:
         return tuple(dilated_extent(r, d) for r, d in zip(self.kernel_size, self.dilation))
 

@@ -396,6 +396,36 @@ def test_an_output_written_over_a_residual_stays_the_callers(layout, cpu_target,
         assert np.abs(y - want).max() <= MODEL_TOLERANCE * np.abs(want).max()
 
 
+def test_pointwise_layers_run_on_merged_rows(tmp_path):
+    """With 16 registers the 14-wide rows of these 1 x 1 layers run as two rows of 98
+    (`cpu.rows_to_merge`): the kernels take reshaped views of their operands, the
+    last one written over its residual through its view, and the model's output is
+    onnxruntime's. (AVX2 code runs on every machine this project has.)"""
+    from convgen.compiler.targets import resolve_target
+
+    n = Net(8)
+    a = n.op("Relu", [n.conv("x", "c1", 96, 128, (1, 1))], "a")
+    b = n.op("Relu", [n.conv(a, "c2", 128, 128, (1, 1))], "b")
+    model = n.model((1, 96, 14, 14), n.op("Relu", [n.op("Add", [n.conv(b, "c3", 128, 128,
+                                                                       (1, 1)), a], "s")], "y"),
+                    (1, 128, 14, 14))
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    deploy_artifact(src, resolve_target("llvm:znver3"), tmp_path / "out", DeployOptions())
+    m = convgen.load(tmp_path / "out")
+    assert m.manifest.verification.passed, m.manifest.verification.lines()
+    layers = {layer.node: layer for layer in m.manifest.layers}
+    assert all(layers[c].spec.in_size == (2, 98) for c in ("c1", "c2", "c3"))
+    assert [c for c in layers if layers[c].in_place] == ["c3"]
+    session = ort_session(model.SerializeToString())
+    rng = np.random.default_rng(4)
+    for _ in range(2):
+        x = rng.standard_normal((1, 96, 14, 14)).astype(np.float32)
+        got, want = m(x), session.run(None, {"x": x})[0]
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= MODEL_TOLERANCE * np.abs(want).max()
+
+
 def test_transcendental_functions_are_vector_arithmetic(cpu_target, tmp_path):
     """Sigmoid, Exp, Erf, Tanh and Softmax, in the kernels' SiLU epilogue and as other
     operators, call no libm function: LLVM would call it once per vector lane."""

@@ -246,6 +246,43 @@ def test_widened_spec_adds_outputs_and_keeps_the_others(spec: ConvSpec, extra: i
     np.testing.assert_allclose(cropped, reference_conv(spec, *inputs), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize(("size", "rows"), [((6, 5), 2), ((6, 5), 3), ((3, 4, 7), 4)])
+def test_merged_rows_are_the_same_operator_on_a_view(layout, size, rows):
+    """A pointwise layer on its tensors viewed with `rows` rows as one computes the
+    same outputs, in the same memory (onnxruntime on both operators' ONNX models)."""
+    ndim = len(size)
+    layout = layout if ndim == 2 else layout.replace("HW", "DHW")
+    c, k = 5, 7
+    data = (1, *size, c) if layout.endswith("C") else (1, c, *size)
+    kernel = (k, *[1] * ndim, c) if layout.endswith("C") else (k, c, *[1] * ndim)
+    spec = make_spec(mode="corr", input=data, kernel=kernel, layout=layout, bias=True,
+                     residual=True, activation="relu")
+    merged = spec.rows_merged(rows)
+    assert merged.in_size == (*size[:-2], size[-2] // rows, size[-1] * rows)
+    assert merged.flops == spec.flops and merged.weight_shape == spec.weight_shape
+    rng = np.random.default_rng(0)
+    inputs = {n: rng.standard_normal(s).astype(np.float32) for n, s in spec.input_shapes().items()}
+    viewed = {n: a.reshape(merged.input_shapes()[n]) for n, a in inputs.items()}
+
+    def run(s: ConvSpec, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return ort.InferenceSession(export_onnx(s).SerializeToString()).run(None, feed)[0]
+
+    np.testing.assert_array_equal(run(merged, viewed).reshape(spec.out_shape), run(spec, inputs))
+
+
+@pytest.mark.parametrize("flags", [dict(kernel="8x3x3x4", padding=1), dict(kernel="8x1x1x4",
+                                   stride=2), dict(kernel="8x1x1x4", padding=1)])
+def test_only_pointwise_layers_merge_rows(flags):
+    spec = make_spec(mode="corr", input="1x6x6x4", layout="NHWC", **flags)
+    assert not spec.pointwise
+    with pytest.raises(ValueError, match="rows cannot merge"):
+        spec.rows_merged(2)
+    pointwise = make_spec(mode="corr", input="1x6x6x4", kernel="8x1x1x4", layout="NHWC")
+    with pytest.raises(ValueError, match="rows cannot merge"):
+        pointwise.rows_merged(4)  # 4 does not divide 6
+
+
 @settings(max_examples=25, deadline=None)
 @given(valid_specs())
 def test_random_specs_compile_and_verify(spec: ConvSpec):

@@ -115,6 +115,29 @@ def test_kvec_widens_rows_only_where_no_tile_keeps_the_fma_pipes_busy():
     assert avx512.wide == 0 and avx512.nkv * avx512.pw >= cpu.FMA_CHAINS
 
 
+@pytest.mark.parametrize(("size", "c", "k", "rows", "tile"), [
+    (28, 128, 512, 7, (4, 3, 2)),  # 28 -> 30 (6.7% thrown away); 196 -> 198 (1%)
+    (14, 256, 1024, 7, (4, 3, 1)),  # 14 -> 15; 98 -> 99
+    (7, 2048, 512, 7, (4, 3, 2)),  # 2 x 4 on 7 -> 8 (12.5%); 4 x 3 on 49 -> 51 (4%)
+    (14, 96, 64, 1, None),  # 2 blocks of 4 vectors: 2 rows of 98 are too few to share
+])
+def test_pointwise_rows_merge_where_the_tile_would_widen_them(size, c, k, rows, tile):
+    """16 registers: a pointwise layer's rows merge so that 4 x 3 tiles run across row
+    ends and only the merged row is widened; 32 registers tile these rows unwidened."""
+    spec = make_spec(mode="corr", input=f"1x{size}x{size}x{c}", kernel=f"{k}x1x1x{c}",
+                     layout="NHWC", bias=True, residual=True)
+    avx2 = resolve_target("llvm:znver3")
+    assert cpu.kvec_heuristic(spec, avx2).wide
+    assert cpu.rows_to_merge(spec, avx2) == rows
+    if tile is not None:
+        merged = cpu.kvec_heuristic(spec.rows_merged(rows), avx2)
+        assert (merged.nkv, merged.pw, merged.wide, merged.k_inner) == (*tile, False)
+    assert cpu.rows_to_merge(spec, resolve_target("llvm:znver4")) == 1
+    windowed = make_spec(mode="corr", input=f"1x{size}x{size}x{c}", kernel=f"{k}x3x3x{c}",
+                         padding=1, layout="NHWC")
+    assert cpu.rows_to_merge(windowed, avx2) == 1
+
+
 def test_kvec_on_16_registers_ranks_fma_chains_before_loads():
     """16 registers: tiles of more FMA chains first. A 14-wide row of a 3x3 layer takes
     two channel vectors by 5 pixels on the row widened to 15 (10 accumulators); a row

@@ -819,6 +819,9 @@ class _ConvFuser:
         chains, names = self.find(node_names)
         specs = [self._spec(c) for c in chains]
         pairs = self._separable_pairs(chains, specs) if options.separable else {}
+        paired = {*pairs, *pairs.values()}
+        specs = [spec if i in paired or chains[i].dense else self._kernel_spec(spec)
+                 for i, spec in enumerate(specs)]
         # the chains each kernel call computes, by the index of the last one's chain
         calls = {j: (i, j) for i, j in pairs.items()}
         for i in range(len(chains)):
@@ -841,9 +844,12 @@ class _ConvFuser:
                 first, last = chains[indices[0]], chains[indices[-1]]
                 kernel = fuser.kernels[tuple(specs[i] for i in indices)]
 
-                def fed(e: Any, shape: tuple[int, ...]) -> Any:  # a dense layer's operands
-                    e = self.visit_expr(e)  # are viewed as the convolution's (free)
-                    return self.builder_.emit(relax.op.reshape(e, shape)) if last.dense else e
+                def fed(e: Any, shape: tuple[int, ...]) -> Any:
+                    """An operand as the kernel's spec views it (a dense layer's as the
+                    convolution's, merged rows): a reshape, which Relax runs as a view."""
+                    viewed = _shape(e) != shape
+                    e = self.visit_expr(e)
+                    return self.builder_.emit(relax.op.reshape(e, shape)) if viewed else e
 
                 args = [fed(first.conv.args[0], specs[indices[0]].data_shape)]
                 for i in indices:  # the kernel's arguments: `compute.separable_tensors`
@@ -853,18 +859,18 @@ class _ConvFuser:
                         args.append(relax.const(chain.bias.astype(np.float32)))
                     if chain.residual is not None:
                         args.append(fed(chain.residual, specs[i].out_shape))
+                out_shape = specs[indices[-1]].out_shape
+                out_ty = relax.TensorType(out_shape, last.conv.ty.dtype)
                 if indices[-1] in in_place:  # the residual is the last argument
-                    return relax.call_tir_inplace(kernel.in_place_gvar, args, len(args) - 1,
-                                                  last.end.ty)
-                out_ty = (last.end.ty if not last.dense else
-                          relax.TensorType(specs[indices[-1]].out_shape, last.conv.ty.dtype))
-                if kernel.workspace is not None:  # a second output, which Relax allocates
+                    out = relax.call_tir_inplace(kernel.in_place_gvar, args, len(args) - 1,
+                                                 out_ty)
+                elif kernel.workspace is not None:  # a second output, which Relax allocates
                     ws = relax.TensorType(kernel.workspace.shape, kernel.workspace.dtype)
                     both = self.builder_.emit(relax.call_tir(kernel.gvar, args, [out_ty, ws]))
                     out = relax.TupleGetItem(both, 0)
                 else:
                     out = relax.call_tir(kernel.gvar, args, out_ty)
-                if not last.dense:
+                if _shape(last.end) == out_shape:
                     return out
                 return relax.op.reshape(self.builder_.emit(out), _shape(last.end))
 
@@ -1117,6 +1123,16 @@ class _ConvFuser:
             dtype=str(conv.ty.dtype),
             **epilogue,
         )
+
+    def _kernel_spec(self, spec: ConvSpec) -> ConvSpec:
+        """The operator a layer's kernel computes: its own, or on a CPU, where the
+        heuristic tiles it, a pointwise layer's with rows merged (`cpu.rows_to_merge`:
+        the same memory, viewed by reshapes). A record tiles the layer as it is."""
+        if self.target.is_cuda or find_record(spec, self.target, self.options.library):
+            return spec
+        from convgen.compiler.schedule import cpu
+
+        return spec.rows_merged(cpu.rows_to_merge(spec, self.target))
 
     def _build_kernels(self, calls: list[tuple[ConvSpec, ...]]) -> None:
         """Each spec's run-packed entry, scheduled by the chooser (records first); each

@@ -272,11 +272,6 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         return KvecKnobs(lanes, 1, pw if pw >= 3 else divisor_at_most(w, budget), k_inner)
 
     w = spec.out_size[-1]
-
-    def useful_fmas_per_load(k: KvecKnobs) -> float:
-        # the widened outputs are FMAs thrown away
-        return k.nkv * k.pw / (k.nkv + k.pw) * w / (w + k.wide)
-
     best = None
     # (8 vectors by 2 pixels scores 1.6 FMAs per load on a 14-wide row, 2 x 7 1.56,
     # but its weight loads come from L2 beside a long reduction and are reused by 2
@@ -337,10 +332,6 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
             # write whole rows (C16 112x112 K96 within 0.01 ms warm, 10% slower cold).
             shapes.append(4 * vec // lanes)
 
-    def rank(k: KvecKnobs) -> tuple[int, float]:
-        chains = min(k.nkv * k.pw, FMA_CHAINS) if few_registers else 0
-        return chains, useful_fmas_per_load(k)
-
     # A row no tile of FMA_CHAINS accumulators divides is widened where that helps:
     # with 16 registers a 7-wide row (ResNet-50's last stage) takes only 1 x 7 (7
     # chains, 0.875 FMAs per load) or single pixels, and widened to 8 it takes 2 x 4
@@ -376,10 +367,54 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
                 # 1 x 7's 5.07 / 5.00 (benchmarks/NOTES.md)
                 continue
             tile = KvecKnobs(lanes, nkv, pw, wide=extra)
-            if best is None or rank(tile) > rank(best):
+            if best is None or _tile_rank(spec, tile, target) > _tile_rank(spec, best, target):
                 best = tile
     assert best is not None
     return dataclasses.replace(best, k_inner=k_inner)
+
+
+def _tile_rank(spec: ConvSpec, k: KvecKnobs, target: TargetInfo) -> tuple[int, float]:
+    """How `kvec_heuristic` ranks dense tiles: with 16 registers the FMA chains first
+    (up to FMA_CHAINS), then the FMAs per load (a broadcast or a weight vector) that
+    compute outputs kept (the widened row's extra outputs are FMAs thrown away)."""
+    chains = (min(k.nkv * k.pw, FMA_CHAINS)
+              if target.vector_registers < 32 and not spec.depthwise_like else 0)
+    w = spec.out_size[-1]
+    return chains, k.nkv * k.pw / (k.nkv + k.pw) * w / (w + k.wide)
+
+
+def rows_to_merge(spec: ConvSpec, target: TargetInfo) -> int:
+    """How many output rows a pointwise layer's kernel runs as one row
+    (`ConvSpec.rows_merged`; 1: none), for a caller that can view its tensors so
+    (`deploy`). A row that the best tile does not divide is widened, and its extra
+    outputs are FMAs thrown away: with 16 registers 4 x 3 widens ResNet-50's 28- and
+    14-wide rows to 30 and 15 (6.7% of the FMAs), a 7-wide row takes 2 x 4 widened
+    to 8 (12.5%). Merged, the rows run 4 x 3 across their ends, and only the merged
+    row's end is widened: 196 pixels to 198, 49 to 51. The fewest rows within 1% of
+    the best tile's rank (the merged rows are what the channel blocks' parallel loop
+    shares among the cores: at least four per core); only where the layer's own tile
+    widens its rows (32 registers: 2 x 7 on 7, 14, 28 and 56, nothing thrown away),
+    and only for tiles with the channel blocks outside the rows, where each block
+    streams every row past its weights anyway (inside, a longer row rereads all the
+    weights less often but gives the cores fewer rows to share)."""
+    if not spec.pointwise or not spec.channels_last or spec.ndim < 2:
+        return 1
+    base = kvec_heuristic(spec, target)
+    if base is None or base.k_inner or not base.wide:
+        return 1
+    ranked = []
+    for rows in divisors(spec.out_size[-2]):
+        merged = spec.rows_merged(rows)
+        k = kvec_heuristic(merged, target)
+        if k is None or k.k_inner:
+            continue
+        blocks = _channel_vectors(merged, k.lanes) // k.nkv
+        if rows > 1 and blocks * _output_rows(merged) < 4 * target.num_cores:
+            continue
+        ranked.append((rows, _tile_rank(merged, k, target)))
+    chains = max(r[0] for _, r in ranked)
+    best = max(r[1] for _, r in ranked if r[0] == chains)
+    return next(rows for rows, r in ranked if r[0] == chains and r[1] >= 0.99 * best)
 
 
 def _pixels_inner(spec: ConvSpec, nkv: int, pw: int, target: TargetInfo) -> bool:
