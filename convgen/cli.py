@@ -457,8 +457,9 @@ def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
               type=click.Path(file_okay=False), help="Artifact directory.")
 @click.option("--mode", type=click.Choice(["corr", "conv"]), default="corr", show_default=True,
               help="corr: every Conv as ONNX means it (cross-correlation). conv: every Conv a "
-              "true convolution of the model's weights, for weights trained where "
-              "convolution flips the kernel (DSP code, scipy, MATLAB).")
+              "true convolution of the model's weights, and every ConvTranspose its "
+              "adjoint, for weights trained where convolution flips the kernel (DSP "
+              "code, scipy, MATLAB).")
 @click.option("--layout", type=click.Choice(["channels-last", "channels-first"]),
               default="channels-last", show_default=True,
               help="The activations' layout between layers; converted once, at the model's "

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 # opset 21 with IR 10 is the newest pair both accept.
 OPSET = 21
 IR_VERSION = 10
+# the nodes whose weights `conv` mode reads flipped
+CONVOLUTIONS = ("Conv", "ConvTranspose")
 
 
 def export_onnx(spec: ConvSpec, constants: Mapping[str, np.ndarray] | None = None
@@ -145,20 +147,21 @@ def _reversed_window(weight: str, nd: int, prefix: str, inits: list[onnx.TensorP
 
 
 def flip_conv_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with every Conv's weights flipped on each spatial axis: what
-    onnxruntime must run to compute a `conv`-mode deployment (conv(I, W) ==
-    Conv(I, flip(W))). Initializers that only Convs read are flipped in place; any
-    other weight (a Constant's, a DequantizeLinear's, a graph input) is reversed by
-    the Slice single kernels' ONNX export flips with, inserted before its Conv."""
+    """The model with every Conv's and ConvTranspose's weights flipped on each spatial
+    axis: what onnxruntime must run to compute a `conv`-mode deployment (conv(I, W) ==
+    Conv(I, flip(W)); a ConvTranspose is that Conv's adjoint). Initializers that only
+    those nodes read are flipped in place; any other weight (a Constant's, a
+    DequantizeLinear's, a graph input) is reversed by the Slice single kernels' ONNX
+    export flips with, inserted before its node."""
     import onnx
     from onnx import helper, numpy_helper, shape_inference
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    convs = [n for n in graph.node if n.op_type == "Conv"]
+    convs = [n for n in graph.node if n.op_type in CONVOLUTIONS]
     weights = {n.input[1] for n in convs}
     read_elsewhere = {name for n in graph.node for k, name in enumerate(n.input)
-                      if n.op_type != "Conv" or k != 1}
+                      if n.op_type not in CONVOLUTIONS or k != 1}
     initializers = {t.name for t in graph.initializer} - {i.name for i in graph.input}
     in_place = (weights & initializers) - read_elsewhere
     for i, t in enumerate(graph.initializer):
@@ -173,7 +176,7 @@ def flip_conv_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     ranks.update({t.name: len(t.dims) for t in graph.initializer})  # (shared ones)
     nodes = []
     for k, node in enumerate(graph.node):
-        if node.op_type == "Conv" and node.input[1] not in in_place:
+        if node.op_type in CONVOLUTIONS and node.input[1] not in in_place:
             w, prefix = node.input[1], f"{node.input[1]}_flip_{k}"
             inits: list[onnx.TensorProto] = []
             op, inputs = _reversed_window(w, ranks[w] - 2, prefix, inits)

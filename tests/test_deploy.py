@@ -711,6 +711,38 @@ def test_conv_mode_flips_the_convolutions_left_to_tvm(cpu_target, tmp_path):
     assert np.abs(got - truth).max() <= MODEL_TOLERANCES["float16"] * np.abs(truth).max()
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_mode_transposed_convolution_is_the_true_convolutions_adjoint(
+        stride, cpu_target, tmp_path):
+    """In `conv` mode a ConvTranspose is the adjoint of the true convolution of its
+    weights (scipy's convolve2d, then every stride-th output): <A x, y> == <x, A^T y>
+    with A^T the deployed model, whatever the weights' asymmetry."""
+    from scipy.signal import convolve2d
+
+    rng = np.random.default_rng(11)
+    c, m, size = 3, 4, 9
+    w = rng.standard_normal((m, c, 3, 3)).astype(np.float32)  # ConvTranspose: (in, out)
+    out = (size - 3) // stride + 1
+    n = Net(12)
+    n.init("w", w)
+    model = n.model((1, m, out, out), n.op("ConvTranspose", ["x", "w"], "y",
+                                           kernel_shape=[3, 3], strides=[stride, stride]),
+                    (1, c, size, size))
+    src = tmp_path / "t.onnx"
+    onnx.save(model, src)
+    _, manifest = deploy_artifact(src, cpu_target, tmp_path / "t", DeployOptions(mode="conv"))
+    assert manifest.verification.passed, manifest.verification.lines()
+    deployed = convgen.load(tmp_path / "t")
+    for _ in range(3):
+        x = rng.standard_normal((c, size, size))
+        y = rng.standard_normal((1, m, out, out)).astype(np.float32)
+        ax = np.stack([sum(convolve2d(x[k], w[j, k].astype(np.float64), "valid")
+                           for k in range(c))[::stride, ::stride] for j in range(m)])
+        lhs = float(np.sum(ax * y[0]))
+        rhs = float(np.sum(x * deployed(y)[0].astype(np.float64)))
+        assert abs(lhs - rhs) <= 1e-5 * np.abs(ax).sum() * np.abs(y).max()
+
+
 @pytest.mark.parametrize("op", ["Max", "Min", "Sum"])
 def test_variadic_element_wise_ops_against_per_channel_constants(op, cpu_target, tmp_path):
     """Max / Min / Sum of two Conv outputs and a per-channel constant (a learned

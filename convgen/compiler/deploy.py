@@ -674,15 +674,17 @@ def _flip_other_convolutions(mod: IRModule) -> IRModule:
     """In `conv` mode, the convolutions left to TVM (weights computed at run time, a
     float16 model) with their weights flipped on every spatial axis, so that every
     Conv of the model is a true convolution, not only those on convgen's kernels
-    (conv(I, W) == Conv(I, flip(W))). Constant weights are flipped once, by
-    FoldConstant."""
+    (conv(I, W) == Conv(I, flip(W))). So are the transposed convolutions: a
+    ConvTranspose is the adjoint of the Conv of its weights, and the adjoint of
+    conv(., W) == Conv(., flip(W)) is ConvTranspose(., flip(W)). Constant weights are
+    flipped once, by FoldConstant."""
     from tvm import relax
 
     @relax.expr_functor.mutator
     class Flipper(relax.PyExprMutator):  # type: ignore[misc]
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
-            if _op(call) not in CONV_OPS:
+            if _op(call) not in CONV_OPS and _op(call) not in TRANSPOSED_CONV_LAYOUTS:
                 return call
             weight = call.args[1]
             for axis, letter in enumerate(str(call.attrs.kernel_layout)):
