@@ -1205,6 +1205,18 @@ def test_bad_models_are_one_line(tmp_path):
               data_dependent)
     result = runner.invoke(main, ["deploy", str(data_dependent), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "depends on the data" in result.output, result.output
+    # a Compress by a constant mask: its output's channels are unknown to ONNX's shape
+    # inference, the Conv after it declared; TVM's layout pass fails on that Conv
+    n = Net(4)
+    kept = n.op("Compress", [n.conv("x", "c1", 8, 8, (3, 3), pads=[1, 1, 1, 1]),
+                             "mask"], "kept", axis=1)
+    n.inits.append(numpy_helper.from_array(np.array([1, 0] * 4, bool), "mask"))
+    y = n.conv(kept, "c2", 4, 4, (1, 1))
+    compressed = tmp_path / "compress.onnx"
+    onnx.save(n.model((1, 8, 6, 6), y, (1, 4, 6, 6)), compressed)
+    result = runner.invoke(main, ["deploy", str(compressed), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "from Compress node 'kept'" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
 
 

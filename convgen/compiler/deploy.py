@@ -168,6 +168,29 @@ def model_io(model: onnx.ModelProto) -> tuple[list[TensorInfo], list[TensorInfo]
     return inputs, [info(vi, "output") for vi in model.graph.output]
 
 
+def _where_shapes_end(model: onnx.ModelProto) -> str:
+    """For a failure's message: the first node, in graph order, that reads tensors of
+    static shapes and makes one that ONNX's shape inference leaves without (Compress,
+    a sequence operator), where TVM's passes fail on what follows it with reasons of
+    their own ("" where every tensor has a static shape). Not a refusal by itself:
+    TVM folds some shape arithmetic that inference does not follow."""
+    graph = model.graph
+    static = {t.name for t in graph.initializer}
+    for vi in (*graph.input, *graph.value_info, *graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape") and all(
+                d.HasField("dim_value") and d.dim_value > 0 for d in dims):
+            static.add(vi.name)
+    for node in graph.node:
+        if all(not i or i in static for i in node.input):
+            for out in node.output:
+                if out and out not in static:
+                    return (f" (the first tensor without a static shape is {out!r}, from "
+                            f"{node.op_type} node {node.name or out!r}: ONNX's shape "
+                            "inference cannot tell it, and deploy needs static shapes)")
+    return ""
+
+
 def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
                   options: DeployOptions) -> CompiledModel:
     import tvm
@@ -208,7 +231,7 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
         lib = tvm.compile(mod, target=target.tvm_target(model=True))
     except Exception as err:
         raise UnsupportedError(f"model: TVM could not compile {name}: "
-                               f"{tvm_reason(err)}") from None
+                               f"{tvm_reason(err)}{_where_shapes_end(model)}") from None
     t4 = time.perf_counter()
     return CompiledModel(name, lib, inputs, outputs, layers, other_ops, seconds={
         "import": t1 - t0, "kernels": t2 - t1, "other_ops": t3 - t2, "tvm_compile": t4 - t3})
@@ -575,7 +598,7 @@ def _relax_module(model: onnx.ModelProto, name: str, options: DeployOptions) -> 
             mod = from_onnx(fold_shape_arithmetic(model), keep_params_in_input=False)
     except Exception as err:  # the frontend's errors name the operator
         raise UnsupportedError(f"model: TVM cannot import {name}: "
-                               f"{tvm_reason(err)}") from None
+                               f"{tvm_reason(err)}{_where_shapes_end(model)}") from None
     try:
         mod = relax.transform.DecomposeOpsForInference()(mod)
         if options.layout == "channels-last":
@@ -589,7 +612,7 @@ def _relax_module(model: onnx.ModelProto, name: str, options: DeployOptions) -> 
         mod = relax.transform.FoldConstant()(mod)  # bias reshapes, weight transposes
     except Exception as err:  # (a construct Relax's passes do not handle)
         raise UnsupportedError(f"model: TVM cannot compile {name}: "
-                               f"{tvm_reason(err)}") from None
+                               f"{tvm_reason(err)}{_where_shapes_end(model)}") from None
     # (a decomposed BatchNorm returns a tuple whose first item is read: read directly)
     return relax.transform.DeadCodeElimination()(relax.transform.CanonicalizeBindings()(mod))
 
