@@ -8,7 +8,9 @@ What a change to `deploy` or to the records did to a model (`deploy` against
 same build moves by up to 15% between runs of `scripts/bench_models.py`, while builds
 timed in alternating rounds of one process see the same machine. Each round calls
 every build and onnxruntime (on the first build's ONNX model, all optimizations,
-spinning on) 3 times to warm up and 4 times timed, after a 0.1 s pause, in an order
+spinning on) 3 times to warm up and 4 times timed, once the other's threads have
+parked (`timing.wait_until_idle`: a fixed 0.1 s pause let TVM's spinning pool take
+cores from onnxruntime, which then ran MobileNetV2 in 9.35 ms against 5.3), in an order
 rotated each round; medians. Copies of one build still differ (by up to 2 ms on
 ResNet-50): time two copies of each build where that matters."""
 
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from convgen.runtime.model import load_model
+from convgen.runtime.timing import wait_until_idle
 from convgen.runtime.verify import model_inputs, reference_session
 
 
@@ -43,7 +46,7 @@ def main() -> None:
         # of two identical ResNet-50 builds ran 2-4 ms slower than the other)
         for name in names[r % len(names):] + names[:r % len(names)]:
             call = calls[name]
-            time.sleep(0.1)  # the other's thread pool back to idle
+            wait_until_idle()  # the other's thread pool parked
             for _ in range(3):
                 call()
             for _ in range(4):

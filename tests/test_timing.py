@@ -10,7 +10,7 @@ from convgen.runtime import timing
 def test_bench_alternates_implementations_in_rounds(monkeypatch):
     """Each implementation gets its samples in blocks that alternate with the others',
     so a slow spell of the machine cannot fall on one of them only."""
-    monkeypatch.setattr(timing, "_wait_until_idle", lambda: None)
+    monkeypatch.setattr(timing, "wait_until_idle", lambda: None)
     order: list[str] = []
     calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
     times = timing.time_host_rounds(calls, repeats=6, warmup=2, min_sample_ms=0.0, rounds=3)

@@ -51,7 +51,7 @@ _IDLE_WINDOW_S = 0.05
 _IDLE_WAIT_MAX_S = 1.0
 
 
-def _wait_until_idle() -> None:
+def wait_until_idle() -> None:
     """Return once the process's threads have been idle for a window (or after a
     second): the previous implementation's thread pool has parked."""
     deadline = time.perf_counter() + _IDLE_WAIT_MAX_S
@@ -98,7 +98,7 @@ def measure_cpu_peak(n_threads: int) -> float | None:
 
 def _calibrate(fn: Callable[[], Any], warmup: int, min_sample_ms: float) -> int:
     """Calls per sample, so that one sample lasts about `min_sample_ms`."""
-    _wait_until_idle()
+    wait_until_idle()
     for _ in range(warmup):
         fn()
     t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def time_host_rounds(calls: dict[K, Callable[[], Any]], repeats: int, warmup: in
     per_round = max(1, math.ceil(repeats / rounds))
     for _ in range(rounds):
         for name, fn in calls.items():
-            _wait_until_idle()
+            wait_until_idle()
             for _ in range(warmup):
                 fn()
             for _ in range(per_round):
