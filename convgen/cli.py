@@ -463,7 +463,8 @@ def compile_cmd(artifact: str, jobs: int, as_json: bool) -> None:
 @click.option("--layout", type=click.Choice(["channels-last", "channels-first"]),
               default="channels-last", show_default=True,
               help="The activations' layout between layers; converted once, at the model's "
-              "edges.")
+              "edges. channels-last is the fast one on CPUs (channels-first runs strided "
+              "depthwise layers on the generic fallback).")
 @click.option("--separable/--no-separable", default=True, show_default=True,
               help="Run each depthwise layer and the 1x1 layer that alone reads it as one "
               "kernel, the depthwise rows computed as the 1x1 layer reads them "
