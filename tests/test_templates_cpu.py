@@ -115,6 +115,22 @@ def test_kvec_widens_rows_only_where_no_tile_keeps_the_fma_pipes_busy():
     assert avx512.wide == 0 and avx512.nkv * avx512.pw >= cpu.FMA_CHAINS
 
 
+@pytest.mark.parametrize("mode", ["conv", "corr"])
+def test_wvec_takes_half_vectors_where_the_fallback_would_run(mode, tmp_path):
+    """Channels-first, 16 lanes: a 56-wide row holds no whole vectors and K24 no whole
+    vector of output channels, so neither cpu_wvec's full vectors nor cpu_kvec take
+    the layer; rows of half vectors do (8 lanes), not the generic fallback. 8-lane
+    targets keep cpu_kvec."""
+    spec = make_spec(mode=mode, input="1x40x56x56", kernel="24x40x1x1", layout="NCHW",
+                     bias=True, residual=True)
+    avx512 = resolve_target("llvm:znver4")
+    assert cpu.kvec_heuristic(spec, avx512) is None
+    knobs = cpu._wvec_knobs(spec, avx512)
+    assert knobs is not None and knobs.lanes == avx512.fp32_lanes // 2
+    assert cpu._wvec_knobs(spec, resolve_target("llvm:znver3")) is None
+    test_template_is_correct(spec, "cpu_wvec", knobs, tmp_path)
+
+
 @pytest.mark.parametrize(("size", "c", "k", "rows", "tile"), [
     (28, 128, 512, 7, (4, 3, 2)),  # 28 -> 30 (6.7% thrown away); 196 -> 198 (1%)
     (14, 256, 1024, 7, (4, 3, 1)),  # 14 -> 15; 98 -> 99

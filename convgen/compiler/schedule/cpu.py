@@ -701,7 +701,14 @@ def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     # weight make cpu_kvec's per-call weight repack the larger cost (C512 7x7: the
     # 7-wide row runs widened to 8 lanes, `_wvec_variant`).
     w = spec.out_size[-1]
-    if w % vec and not (w < vec and math.prod(spec.out_size) < 128):
+    lanes = vec
+    if w % vec and w % (vec // 2) == 0 and kvec_heuristic(spec, target) is None:
+        # Rows of whole half vectors (56 wide, 16 lanes) where no other template takes
+        # the layer (K24: no whole vector of output channels) run half vectors rather
+        # than the generic fallback: MobileNetV2's C96 56x56 1x1 K24, AVX-512, 0.12 ms
+        # warm / 0.18 after 64 MB against 0.42 / 0.47 (benchmarks/NOTES.md).
+        lanes = vec // 2
+    if w % lanes and not (w < vec and math.prod(spec.out_size) < 128):
         return None
     if not any(spec.pads) and kvec_heuristic(spec, target) is not None:
         # Unpadded, the row vectors load straight from the caller's array, and numpy
@@ -721,9 +728,9 @@ def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     def fmas_per_load(k: WvecKnobs) -> tuple[float, int]:
         return k.kb * k.rows / (k.kb + k.rows), k.kb * k.rows
 
-    best = WvecKnobs(vec, 1)
+    best = WvecKnobs(lanes, 1)
     for rows in _row_choices(spec):
-        tile = WvecKnobs(vec, divisor_at_most(ext, max(1, budget // rows)), rows)
+        tile = WvecKnobs(lanes, divisor_at_most(ext, max(1, budget // rows)), rows)
         if fmas_per_load(tile) > fmas_per_load(best):
             best = tile
     # k_inner (one input tile serves every channel block from L1) needs enough
