@@ -15,8 +15,9 @@ also tries a template's grid where its heuristic declines):
     with k_inner the channel blocks run inside the spatial tile, so one input
     tile serves every output channel from L1. A row that tiles of `lanes` do not
     cover is widened to whole tiles and cropped in the write-back (a 7-wide row
-    runs in 8 lanes). For depthwise the padded planes are produced inside the
-    parallel loop, where they stay in L1.
+    runs in 8 lanes); a row of whole half vectors that no other template takes
+    (56 wide on 16 lanes, K24) runs half vectors. For depthwise the padded planes
+    are produced inside the parallel loop, where they stay in L1.
   * `cpu_kvec`: vectorized over output channels (dense and grouped convs whose
     K/groups is a multiple of the vector, and NHWC depthwise, where the vector
     spans groups). The weights are read as [K/lanes, reduction dims, lanes], so
