@@ -392,8 +392,8 @@ def rows_to_merge(spec: ConvSpec, target: TargetInfo) -> int:
     14-wide rows to 30 and 15 (6.7% of the FMAs), a 7-wide row takes 2 x 4 widened
     to 8 (12.5%). Merged, the rows run 4 x 3 across their ends, and only the merged
     row's end is widened: 196 pixels to 198, 49 to 51. The fewest rows within 1% of
-    the best tile's rank (the merged rows are what the channel blocks' parallel loop
-    shares among the cores: at least four per core); only where the layer's own tile
+    the best tile's rank, keeping at least four iterations per core in the parallel
+    loop (channel blocks times merged rows); only where the layer's own tile
     widens its rows (32 registers: 2 x 7 on 7, 14, 28 and 56, nothing thrown away),
     and only for tiles with the channel blocks outside the rows, where each block
     streams every row past its weights anyway (inside, a longer row rereads all the
