@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
 
 import numpy as np
 
@@ -36,20 +35,11 @@ def main() -> None:
 
     from convgen.runtime.cores import use_all_cores
     from convgen.runtime.model import load_model
+    from convgen.runtime.timing import vm_call_timer
     from convgen.runtime.verify import model_inputs
 
     use_all_cores()
-    calls: list[tuple[str, float]] = []
-    started: dict[str, float] = {}
-
-    def instrument(func: Any, name: str, before: bool, ret: Any, *rest: Any) -> int:
-        if name.startswith("vm.builtin."):  # the VM's own bookkeeping, reshapes' views
-            return 0
-        if before:
-            started[name] = time.perf_counter()
-        else:
-            calls.append((name, time.perf_counter() - started[name]))
-        return 0
+    instrument, calls = vm_call_timer()
 
     runs = []
     for d in args.dirs:

@@ -19,7 +19,6 @@ import json
 import os
 import time
 from collections import defaultdict
-from typing import Any
 
 import numpy as np
 
@@ -36,6 +35,7 @@ def main() -> None:
 
     from convgen.runtime.cores import use_all_cores
     from convgen.runtime.model import load_model
+    from convgen.runtime.timing import vm_call_timer
     from convgen.runtime.verify import model_inputs, reference_session
 
     use_all_cores()
@@ -45,17 +45,7 @@ def main() -> None:
     feed = [tvm.runtime.tensor(a) for a in inputs.values()]
     profiled = reference_session(model, spinning=True, profiling=True)
 
-    calls: list[tuple[str, float]] = []
-    started: dict[str, float] = {}
-
-    def instrument(func: Any, name: str, before: bool, ret: Any, *rest: Any) -> int:
-        if name.startswith("vm.builtin."):  # the VM's own bookkeeping
-            return 0
-        if before:
-            started[name] = time.perf_counter()
-        else:
-            calls.append((name, time.perf_counter() - started[name]))
-        return 0
+    instrument, calls = vm_call_timer()
 
     for _ in range(5):
         vm["main"](*feed)

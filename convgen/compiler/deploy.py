@@ -53,7 +53,7 @@ from convgen.compiler.compute import (
 )
 from convgen.compiler.onnx_shapes import fold_shape_arithmetic
 from convgen.compiler.records import find_record
-from convgen.compiler.schedule import separable
+from convgen.compiler.schedule import cpu, separable
 from convgen.compiler.targets import TargetInfo, resolve_target
 from convgen.errors import ArgumentError, ConvgenError, SpecError, UnsupportedError, tvm_reason
 from convgen.runtime.manifest import (
@@ -1156,8 +1156,6 @@ class _ConvFuser:
         the same memory, viewed by reshapes). A record tiles the layer as it is."""
         if self.target.is_cuda or find_record(spec, self.target, self.options.library):
             return spec
-        from convgen.compiler.schedule import cpu
-
         return spec.rows_merged(cpu.rows_to_merge(spec, self.target))
 
     def _build_kernels(self, calls: list[tuple[ConvSpec, ...]]) -> None:

@@ -702,8 +702,9 @@ def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
     # weight make cpu_kvec's per-call weight repack the larger cost (C512 7x7: the
     # 7-wide row runs widened to 8 lanes, `_wvec_variant`).
     w = spec.out_size[-1]
+    kvec_takes_it = kvec_heuristic(spec, target) is not None
     lanes = vec
-    if w % vec and w % (vec // 2) == 0 and kvec_heuristic(spec, target) is None:
+    if w % vec and w % (vec // 2) == 0 and not kvec_takes_it:
         # Rows of whole half vectors (56 wide, 16 lanes) where no other template takes
         # the layer (K24: no whole vector of output channels) run half vectors rather
         # than the generic fallback: MobileNetV2's C96 56x56 1x1 K24, AVX-512, 0.12 ms
@@ -711,7 +712,7 @@ def _wvec_knobs(spec: ConvSpec, target: TargetInfo) -> WvecKnobs | None:
         lanes = vec // 2
     if w % lanes and not (w < vec and math.prod(spec.out_size) < 128):
         return None
-    if not any(spec.pads) and kvec_heuristic(spec, target) is not None:
+    if not any(spec.pads) and kvec_takes_it:
         # Unpadded, the row vectors load straight from the caller's array, and numpy
         # starts its arrays 16 or 48 bytes past a cache line: every other 32-byte load
         # (every 64-byte one) then straddles two lines. cpu_kvec broadcasts its inputs,
