@@ -1,8 +1,8 @@
 """A depthwise layer and the 1 x 1 layer that reads it as one CPU kernel
 (`schedule/separable.py`), against the two layers computed one after the other by the
 numpy oracle: strides, dilation, residual, both modes, rows that the tiles do not
-divide, batch 2, the tiles a 256-bit and the host's vector width choose; and the
-pairs it declines, with their reason."""
+divide, batch 2, the tiles a 256-bit and the host's vector width choose; the pairs it
+declines, with their reason; and where fusing pays."""
 
 from __future__ import annotations
 
@@ -139,3 +139,32 @@ def test_pairs_it_declines_say_why(change, reason):
                    padding=r // 2, layout=layout)
     why = separable.declines(dw, pw, HOST)
     assert why is not None and reason in why
+
+
+def _mobilenet_pair(channels: int, size: int, k: int, rows: int = 0) -> tuple[ConvSpec, ConvSpec]:
+    return _pair(f"1x{rows or size}x{size}x{channels}", 1, k, True, "relu6", 1, mode="corr")
+
+
+@pytest.mark.parametrize("channels, size, k, pays_on_16", [
+    (576, 14, 96, False),  # 1 x 7 on 14-wide rows, 451 KB between: apart
+    (960, 7, 160, False),  # 1 x 7, 188 KB
+    (144, 56, 24, True),  # 3 x 4 on 56-wide rows
+    (192, 28, 32, True),  # 2 x 4
+])
+def test_fusing_pays_with_enough_fma_chains_or_an_intermediate_past_l2(channels, size, k,
+                                                                        pays_on_16):
+    """MobileNetV2's pairs: with 16 registers, one whose 1 x 1 row tile keeps fewer than
+    8 FMA chains and whose depthwise output fits L2 runs apart; the same pair with its
+    depthwise output past L2 (a taller image, the same rows) is fused anyway; with 32
+    registers every pair is fused."""
+    dw, pw = _mobilenet_pair(channels, size, k)
+    for name, target in [("znver3", resolve_target("llvm:znver3")),
+                         ("znver4", resolve_target("llvm:znver4"))]:
+        assert separable.declines(dw, pw, target) is None
+        knobs = separable.knobs(dw, pw, target, None, None)
+        assert separable.pays(dw, target, knobs) is (pays_on_16 or name == "znver4")
+    if not pays_on_16:
+        big_dw, big_pw = _mobilenet_pair(channels, size, k, rows=8 * size)
+        znver3 = resolve_target("llvm:znver3")
+        knobs = separable.knobs(big_dw, big_pw, znver3, None, None)
+        assert knobs.nkv * knobs.pw < 8 and separable.pays(big_dw, znver3, knobs)

@@ -973,7 +973,8 @@ class _ConvFuser:
 
     def _separable_pairs(self, chains: list[_Chain], specs: list[ConvSpec]) -> dict[int, int]:
         """Depthwise chains whose output only a 1 x 1 chain reads, where the two run as
-        one kernel (`separable.declines`): the depthwise chain's index -> the 1 x 1's."""
+        one kernel (`separable.declines`) and that pays (`separable.pays`): the
+        depthwise chain's index -> the 1 x 1's."""
         by_end = {chain.end: i for i, chain in enumerate(chains)}
         pairs = {}
         for j, chain in enumerate(chains):
@@ -982,7 +983,9 @@ class _ConvFuser:
             reader = self._only_user(x)
             if (i is not None and not chain.dense and reader is not None
                     and reader.same_as(chain.var)
-                    and separable.declines(specs[i], specs[j], self.target) is None):
+                    and separable.declines(specs[i], specs[j], self.target) is None
+                    and separable.pays(specs[i], self.target, self._separable_knobs(
+                        specs[i], specs[j]))):
                 pairs[i] = j
         return pairs
 
@@ -1165,8 +1168,7 @@ class _ConvFuser:
         for layers in calls:
             if len(layers) == 2:
                 dw, pw = layers
-                knobs = separable.knobs(dw, pw, self.target, self._kvec_record(dw),
-                                        self._kvec_record(pw))
+                knobs = self._separable_knobs(dw, pw)
                 func, dw_packing, pw_packing = separable.prim_func(dw, pw, self.target, knobs)
                 name = f"{self._kernel_name(dw)}_then_{pw.name()}"
                 choice = ScheduleChoice("heuristic", separable.TEMPLATE, dataclasses.asdict(knobs))
@@ -1185,6 +1187,10 @@ class _ConvFuser:
             func = (func.without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
                     .with_attr("tirx.is_scheduled", True))
             self.kernels[layers] = _Kernel(name, func, weights, choice, algorithm, workspace)
+
+    def _separable_knobs(self, dw: ConvSpec, pw: ConvSpec) -> separable.SeparableKnobs:
+        """A depthwise-separable pair's tiles: each stage's record, or heuristic."""
+        return separable.knobs(dw, pw, self.target, self._kvec_record(dw), self._kvec_record(pw))
 
     def _kvec_record(self, spec: ConvSpec) -> dict[str, Any] | None:
         """The knobs of this layer's record, where it is a `cpu_kvec` one."""

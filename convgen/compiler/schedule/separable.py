@@ -22,12 +22,14 @@ went from 4.11 to 3.84 ms end to end.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from convgen.compiler.compute import ENTRY, WeightPacking, separable_prim_func
 from convgen.compiler.schedule.common import has_block, loops_below
 from convgen.compiler.schedule.cpu import (
+    FMA_CHAINS,
     KvecKnobs,
     channel_pad,
     kvec_heuristic,
@@ -86,6 +88,23 @@ def declines(depthwise: ConvSpec, pointwise: ConvSpec, target: TargetInfo) -> st
         # 7 rows) on a 1 MB L2, still faster fused
         return "the 1 x 1 weights are larger than twice L2"
     return None
+
+
+def pays(depthwise: ConvSpec, target: TargetInfo, knobs: SeparableKnobs) -> bool:
+    """Whether running the pair as one kernel (where `declines` allows it) is worth it
+    against the two layers apart. The fused 1 x 1 stage tiles one output row at a
+    time, unwidened and unmerged; with 16 registers a 14- or 7-wide row then takes 1
+    x 7, 7 FMA chains and a load per FMA, where the layer alone runs 4 x 3 on merged
+    rows (`cpu.rows_to_merge`). So with fewer chains than FMA_CHAINS the pair runs
+    apart where the depthwise output fits L2 and fusing saves little traffic.
+    MobileNetV2, AVX2 code on Zen 4 (`scripts/profile_model.py`, benchmarks/NOTES.md),
+    fused against apart, ms: its C576 14x14 pairs 0.195 against 0.032 + 0.132, C960
+    7x7 0.148 against 0.017 + 0.105, C384 14x14 0.095 against 0.022 + 0.065; its
+    56x56 C144 pair (1.8 MB between, 3 x 4 tiles) 0.215 against 0.161 + 0.140. (32
+    registers: 512-bit FMAs, whose pipes 7 chains fill, and 14-wide 2 x 7 tiles.)"""
+    chains = knobs.nkv * knobs.pw
+    fits = math.prod(depthwise.out_shape) * depthwise.element_bytes <= target.l2_bytes
+    return target.vector_registers >= 32 or chains >= FMA_CHAINS or not fits
 
 
 def knobs(depthwise: ConvSpec, pointwise: ConvSpec, target: TargetInfo,
