@@ -392,8 +392,12 @@ def rows_to_merge(spec: ConvSpec, target: TargetInfo) -> int:
     14-wide rows to 30 and 15 (6.7% of the FMAs), a 7-wide row takes 2 x 4 widened
     to 8 (12.5%). Merged, the rows run 4 x 3 across their ends, and only the merged
     row's end is widened: 196 pixels to 198, 49 to 51. The fewest rows within 1% of
-    the best tile's rank, keeping at least four iterations per core in the parallel
-    loop (channel blocks times merged rows); only where the layer's own tile
+    the best tile's rank, keeping the parallel loop's iterations (channel blocks times
+    merged rows) at least four per core or a multiple of the cores: MobileNetV2's
+    14x14 1x1 layers to K64 and K96 as 2 rows of 98 (2 and 3 blocks, 4 and 6 tasks on
+    2 cores) ran 2-7% faster than on rows of 14 widened to 15 (AVX2 code on Zen 4,
+    `scripts/ab_layers.py` both ways round); its 7x7 K160 layers (5 blocks, one row of
+    49) would leave a core idle for a fifth of the time. Only where the layer's own tile
     widens its rows (32 registers: 2 x 7 on 7, 14, 28 and 56, nothing thrown away),
     and only for tiles with the channel blocks outside the rows, where each block
     streams every row past its weights anyway (inside, a longer row rereads all the
@@ -410,7 +414,8 @@ def rows_to_merge(spec: ConvSpec, target: TargetInfo) -> int:
         if k is None or k.k_inner:
             continue
         blocks = _channel_vectors(merged, k.lanes) // k.nkv
-        if rows > 1 and blocks * _output_rows(merged) < 4 * target.num_cores:
+        tasks = blocks * _output_rows(merged)
+        if rows > 1 and tasks < 4 * target.num_cores and tasks % target.num_cores:
             continue
         ranked.append((rows, _tile_rank(merged, k, target)))
     chains = max(r[0] for _, r in ranked)
