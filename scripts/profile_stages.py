@@ -1,0 +1,97 @@
+"""Where a model gains or loses against onnxruntime, stage by stage: the model cut
+after each named tensor (`onnx.utils.extract_model`), each prefix deployed, every
+prefix timed against onnxruntime on the same prefix in one process; a stage's time
+is the difference between consecutive prefixes.
+
+    python scripts/profile_stages.py MODEL.onnx TENSOR [TENSOR ...] [--target llvm:znver3]
+        [--rounds 20]
+
+`scripts/profile_model.py` compares single kernels with onnxruntime's profile of its
+nodes, but its profiler adds tens of microseconds to every node: on MobileNetV2,
+whose nodes take 10-300 us, it reported onnxruntime's Conv nodes at 8.9 ms against
+a whole model of 5.5. Here both sides run as their users run them (deployed module;
+onnxruntime with all optimizations, spinning on), each prefix ending in its own
+layout change back to the model's (both sides pay one). Cut at tensors between
+blocks (the Add of a residual block); the tensors are the ONNX model's names, and
+each prefix's output is that tensor."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="an ONNX model")
+    parser.add_argument("tensors", nargs="+", help="tensors to cut after, in graph order")
+    parser.add_argument("--target", default="llvm", help="as deploy's (llvm:znver3: AVX2)")
+    parser.add_argument("--rounds", type=int, default=20)
+    args = parser.parse_args()
+
+    import onnx
+    import onnx.utils
+
+    from convgen.compiler.deploy import DeployOptions, deploy_artifact
+    from convgen.compiler.targets import resolve_target
+    from convgen.runtime.model import load_model
+    from convgen.runtime.timing import wait_until_idle
+    from convgen.runtime.verify import model_inputs, reference_session
+
+    target = resolve_target(args.target)
+    model = onnx.load(args.model)
+    initializers = {t.name for t in model.graph.initializer}
+    graph_inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    cuts = [*args.tensors, None]  # None: the whole model
+    calls: dict[tuple[str, str], Callable[[], Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="convgen-stages-") as tmp:
+        for i, tensor in enumerate(cuts):
+            src = Path(tmp) / f"prefix{i}.onnx"
+            if tensor is None:
+                onnx.save(model, src)
+            else:
+                onnx.utils.extract_model(args.model, str(src), graph_inputs, [tensor])
+            path, _ = deploy_artifact(src, target, Path(tmp) / f"prefix{i}", DeployOptions())
+            ours = load_model(path)
+            inputs = model_inputs(ours, seed=0)
+            session = reference_session(ours, spinning=True)
+            name = tensor or "(whole model)"
+            calls[("ours", name)] = lambda m=ours, x=inputs: m(**x)
+            calls[("onnxruntime", name)] = lambda s=session, x=inputs: s.run(None, x)
+            print(f"deployed the prefix to {name}", flush=True)
+
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
+        keys = list(calls)
+        for r in range(args.rounds):
+            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                call = calls[key]
+                wait_until_idle()  # the other's thread pool parked
+                for _ in range(3):
+                    call()
+                for _ in range(4):
+                    start = time.perf_counter()
+                    call()
+                    times[key].append(time.perf_counter() - start)
+
+    print(f"\n{target.key()}, medians of {4 * args.rounds}, ms")
+    print(f"{'prefix to':24s} {'ours':>7s} {'ort':>7s}  ratio   stage: {'ours':>6s} "
+          f"{'ort':>6s}  ratio")
+    before = (0.0, 0.0)
+    for tensor in cuts:
+        name = tensor or "(whole model)"
+        ours, ort = (float(np.median(times[(side, name)])) * 1e3
+                     for side in ("ours", "onnxruntime"))
+        stage = (ours - before[0], ort - before[1])
+        print(f"{name:24s} {ours:7.2f} {ort:7.2f}  {ort / ours:4.2f}x         "
+              f"{stage[0]:6.2f} {stage[1]:6.2f}  {stage[1] / stage[0]:4.2f}x")
+        before = (ours, ort)
+
+
+if __name__ == "__main__":
+    main()
