@@ -38,6 +38,22 @@ def test_transpose_to_channels_last(shape):
     assert ("T.vectorized" in script) == (w % 4 == 0 and w >= 8)
 
 
+@pytest.mark.parametrize("shape", [(1, 56, 56, 256), (2, 6, 8, 32), (1, 5, 7, 16)])
+def test_transpose_to_channels_first(shape):
+    """A model's channels-last output back to NCHW: vectors along the output row, each
+    gathering one channel of 8 pixels, with a cache line of channels unrolled inside
+    (the gathered lines serve the next 15 vectors from L1) and the rest in parallel
+    where it is large; a row no vector divides stays as it was."""
+    a = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    x = te.placeholder(shape, name="x")
+    n, h, w, c = shape
+    y = te.compute((n, c, h, w), lambda b, ch, y0, x0: x[b, y0, x0, ch], name="T")
+    got, script = _run([x, y], [a])
+    np.testing.assert_array_equal(got, a.transpose(0, 3, 1, 2))
+    assert ("T.unroll(16)" in script) == (w % 8 == 0)
+    assert ("T.parallel" in script) == (a.size >= 1 << 17)
+
+
 def test_elementwise_add_relu_is_vectorized():
     rng = np.random.default_rng(1)
     a, b = (rng.standard_normal((1, 28, 28, 64), dtype=np.float32) for _ in range(2))
