@@ -38,19 +38,21 @@ def test_transpose_to_channels_last(shape):
     assert ("T.vectorized" in script) == (w % 4 == 0 and w >= 8)
 
 
-@pytest.mark.parametrize("shape", [(1, 56, 56, 256), (2, 6, 8, 32), (1, 5, 7, 16)])
-def test_transpose_to_channels_first(shape):
+@pytest.mark.parametrize(("shape", "line"), [
+    ((1, 56, 56, 256), 16), ((2, 6, 8, 32), 16), ((1, 28, 32, 21), 7), ((1, 5, 7, 16), None)])
+def test_transpose_to_channels_first(shape, line):
     """A model's channels-last output back to NCHW: vectors along the output row, each
-    gathering one channel of 8 pixels, with a cache line of channels unrolled inside
-    (the gathered lines serve the next 15 vectors from L1) and the rest in parallel
-    where it is large; a row no vector divides stays as it was."""
+    gathering one channel of 8 pixels, with a cache line of channels (or the largest
+    divisor of the channels below it) unrolled inside, so that the gathered lines
+    serve the next vectors from L1, and the rest in parallel where it is large; a row
+    no vector divides stays as it was."""
     a = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     x = te.placeholder(shape, name="x")
     n, h, w, c = shape
     y = te.compute((n, c, h, w), lambda b, ch, y0, x0: x[b, y0, x0, ch], name="T")
     got, script = _run([x, y], [a])
     np.testing.assert_array_equal(got, a.transpose(0, 3, 1, 2))
-    assert ("T.unroll(16)" in script) == (w % 8 == 0)
+    assert (f"T.unroll({line})" in script) == (line is not None)
     assert ("T.parallel" in script) == (a.size >= 1 << 17)
 
 

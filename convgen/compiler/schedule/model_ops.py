@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from convgen.compiler.schedule.common import divisor_at_most
 from convgen.runtime.kernel import CACHE_LINE
 
 # element-wise nests with fewer outputs run on one core (see above); reductions below
@@ -189,7 +190,8 @@ def _strided_read(sch: Any, block: Any, order: list[int], extents: list[int]) ->
     """A layout transpose whose output is contiguous along the innermost loop but whose
     input is contiguous along another (channels-last back to channels-first at a
     model's output: each vector gathers 8 pixels' channel c): the position, in `order`,
-    of that other loop, where it is an outer loop a cache line's worth of it divides."""
+    of that other loop, where it is an outer loop with a divisor above one to unroll
+    (`_line_of`)."""
     stmt = sch.get(block)
     variables = [iv.var for iv in stmt.iter_vars]
     if len(variables) != len(order):
@@ -199,9 +201,17 @@ def _strided_read(sch: Any, block: Any, order: list[int], extents: list[int]) ->
             continue
         last = access.region[-1].min
         pick = next((p for p, i in enumerate(order) if last.same_as(variables[i])), None)
-        if pick is not None and pick < len(order) - 1 and extents[pick] % LINE_FLOATS == 0:
+        if pick is not None and pick < len(order) - 1 and _line_of(extents[pick]) > 1:
             return pick
     return None
+
+
+def _line_of(extent: int) -> int:
+    """The part of a strided loop `_line_inside` unrolls: a cache line's worth, or the
+    largest divisor of its extent below it (a segmentation head's 21 classes: 7; its
+    bilinear upsampling to 224 x 224 fused with the transpose back to NCHW, 1.55 ->
+    0.74 ms on Zen 4)."""
+    return divisor_at_most(extent, LINE_FLOATS)
 
 
 def _line_inside(sch: Any, loops: list[Any], pick: int, extent: int) -> list[Any]:
@@ -210,7 +220,7 @@ def _line_inside(sch: Any, loops: list[Any], pick: int, extent: int) -> list[Any
     from are then those the next LINE_FLOATS vectors read, from L1. With that loop
     outermost, every gather went to L2: ResNet-50's 56 x 56 x 256 output back to
     NCHW, 800 K elements, 1.93 ms on one core (AVX2 code on Zen 4)."""
-    outer, line = sch.split(loops[pick], factors=[None, LINE_FLOATS])
+    outer, line = sch.split(loops[pick], factors=[None, _line_of(extent)])
     sch.reorder(*loops[pick + 1:], line)
     sch.unroll(line)
     return [*loops[:pick], outer, *loops[pick + 1:]]
