@@ -215,9 +215,9 @@ def _line_of(extent: int) -> int:
 
 
 def _line_inside(sch: Any, loops: list[Any], pick: int, extent: int) -> list[Any]:
-    """The strided loop `loops[pick]` (`_strided_read`) split by a cache line, its line
-    unrolled inside the others, just outside the vector: the lines a vector gathers
-    from are then those the next LINE_FLOATS vectors read, from L1. With that loop
+    """The strided loop `loops[pick]` (`_strided_read`) split by a cache line's worth
+    (`_line_of`), that part unrolled inside the others, just outside the vector: the
+    lines a vector gathers from are then those the next vectors read, from L1. With that loop
     outermost, every gather went to L2: ResNet-50's 56 x 56 x 256 output back to
     NCHW, 800 K elements, 1.93 ms on one core (AVX2 code on Zen 4)."""
     outer, line = sch.split(loops[pick], factors=[None, _line_of(extent)])
