@@ -17,14 +17,11 @@ ResNet-50): time two copies of each build where that matters."""
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from convgen.runtime.model import load_model
-from convgen.runtime.timing import wait_until_idle
+from convgen.runtime.timing import time_host_rounds
 from convgen.runtime.verify import model_inputs, reference_session
 
 
@@ -39,24 +36,14 @@ def main() -> None:
     calls: dict[str, Callable[[], Any]] = {
         d: (lambda m=m: m(**inputs)) for d, m in zip(args.dirs, models)}
     calls["onnxruntime"] = lambda: session.run(None, inputs)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for r in range(args.rounds):
-        # no build always runs right after onnxruntime's (in a fixed order the first
-        # of two identical ResNet-50 builds ran 2-4 ms slower than the other)
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            call = calls[name]
-            wait_until_idle()  # the other's thread pool parked
-            for _ in range(3):
-                call()
-            for _ in range(4):
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
-    ort = float(np.median(times["onnxruntime"]))
-    for name, samples in times.items():
-        ms = float(np.median(samples))
-        print(f"{name:40s} {ms * 1e3:8.2f} ms  {ort / ms:5.2f}x onnxruntime")
+    # rounds of 3 warm-up calls and 4 timed ones each, in a rotating order, each
+    # once the other's thread pool has parked (`timing.time_host_rounds`)
+    times = time_host_rounds(calls, repeats=4 * args.rounds, warmup=3, min_sample_ms=0.0,
+                             rounds=args.rounds)
+    ort = times["onnxruntime"].median
+    for name, timing in times.items():
+        print(f"{name:40s} {timing.median * 1e3:8.2f} ms  {ort / timing.median:5.2f}x "
+              "onnxruntime")
 
 
 if __name__ == "__main__":

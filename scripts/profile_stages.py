@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 
 def main() -> None:
@@ -46,7 +43,7 @@ def main() -> None:
     from convgen.compiler.deploy import DeployOptions, deploy_artifact
     from convgen.compiler.targets import resolve_target
     from convgen.runtime.model import load_model
-    from convgen.runtime.timing import wait_until_idle
+    from convgen.runtime.timing import time_host_rounds
     from convgen.runtime.verify import model_inputs, reference_session
 
     target = resolve_target(args.target)
@@ -77,18 +74,9 @@ def main() -> None:
             calls[("onnxruntime", name)] = lambda s=session, x=inputs: s.run(None, x)
             print(f"deployed the prefix to {name}", flush=True)
 
-        times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
-        keys = list(calls)
-        for r in range(args.rounds):
-            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                call = calls[key]
-                wait_until_idle()  # the other's thread pool parked
-                for _ in range(3):
-                    call()
-                for _ in range(4):
-                    start = time.perf_counter()
-                    call()
-                    times[key].append(time.perf_counter() - start)
+        # rounds of 3 warm-up calls and 4 timed ones, in a rotating order
+        times = time_host_rounds(calls, repeats=4 * args.rounds, warmup=3,
+                                 min_sample_ms=0.0, rounds=args.rounds)
 
     print(f"\n{target.key()}, medians of {4 * args.rounds}, ms")
     print(f"{'prefix to':24s} {'ours':>7s} {'ort':>7s}  ratio   stage: {'ours':>6s} "
@@ -96,8 +84,7 @@ def main() -> None:
     before = (0.0, 0.0)
     for tensor in cuts:
         name = tensor or "(whole model)"
-        ours, ort = (float(np.median(times[(side, name)])) * 1e3
-                     for side in ("ours", "onnxruntime"))
+        ours, ort = (times[(side, name)].median * 1e3 for side in ("ours", "onnxruntime"))
         stage = (ours - before[0], ort - before[1])
         print(f"{name:24s} {ours:7.2f} {ort:7.2f}  {ort / ours:4.2f}x         "
               f"{stage[0]:6.2f} {stage[1]:6.2f}  {stage[1] / stage[0]:4.2f}x")

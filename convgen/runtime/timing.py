@@ -137,13 +137,17 @@ def time_host_rounds(calls: dict[K, Callable[[], Any]], repeats: int, warmup: in
     measures the implementation's steady state: `warmup` untimed calls first, since
     after the other implementation's block (or any idle spell on a shared host) the
     first calls run on caches the other filled (MobileNetV2 deployed: 3.8-4.4 ms for
-    the first call after a 0.1 s pause, 3.1-3.5 steady). (The measurements are in
-    benchmarks/NOTES.md.)"""
+    the first call after a 0.1 s pause, 3.1-3.5 steady). The order rotates each
+    round, so that no implementation always follows the same other one (in a fixed
+    order the first of two identical ResNet-50 builds ran 2-4 ms slower than the
+    second). (The measurements are in benchmarks/NOTES.md.)"""
     number = {name: _calibrate(fn, warmup, min_sample_ms) for name, fn in calls.items()}
     samples: dict[K, list[float]] = {name: [] for name in calls}
     per_round = max(1, math.ceil(repeats / rounds))
-    for _ in range(rounds):
-        for name, fn in calls.items():
+    names = list(calls)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = calls[name]
             wait_until_idle()
             for _ in range(warmup):
                 fn()
