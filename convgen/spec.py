@@ -180,6 +180,11 @@ class ConvSpec:
         return math.prod(self.weight_shape) * self.element_bytes
 
     @property
+    def out_bytes(self) -> int:
+        """The output tensor's size in memory (what the next layer reads back)."""
+        return math.prod(self.out_shape) * self.element_bytes
+
+    @property
     def accum_dtype(self) -> str:
         """float16 multiplies in float32 and accumulates there."""
         return "float32"
