@@ -128,8 +128,8 @@ def algorithm_option(f: F) -> F:
         "--algorithm", type=click.Choice(["auto", "direct", "winograd"]), default="auto",
         metavar="NAME",
         help="auto (the default: the tuned record, else the heuristics' choice), direct "
-        "convolution, or winograd: F(m x m, 3x3) for 2-D 3x3 stride-1 float32 layers on CPU "
-        "(the tile m is a knob).",
+        "convolution, or winograd: F(m x m, 3x3) for 2-D 3x3 stride-1 float32 layers, "
+        "dilated too, on CPU (the tile m is a knob).",
     )(f)
 
 

@@ -1,6 +1,6 @@
 """Winograd F(m x m, 3x3) on the CPU: every tile in both modes and layouts against
-onnxruntime and a float64 oracle within the tolerance it states, random 3x3 specs,
-and the algorithm choice (where it declines, it says why)."""
+onnxruntime and a float64 oracle within the tolerance it states, dilated too, random
+3x3 specs, and the algorithm choice (where it declines, it says why)."""
 
 from __future__ import annotations
 
@@ -62,17 +62,44 @@ def test_every_tile_verifies(spec: ConvSpec, tile: int, rows: int, cpu_target, t
     assert within_tolerance(got, want, "float32", m.algorithm).all()
 
 
+# Dilated: each output phase's own tiles (an 11 x 9 output in 3 x 2 phases, their
+# lattices of 4 or 3 rows by 5 or 4 columns: tails in every tile size), with the same
+# epilogues
+DILATED = [dataclasses.replace(s, in_size=(11, 10), pads=(3, 2, 3, 1), dilation=(3, 2))
+           for s in SPECS]
+
+
+@pytest.mark.parametrize("tile", [2, 3, 4, 6])
+@pytest.mark.parametrize("spec", DILATED, ids=lambda s: s.name())
+def test_dilated_tiles_verify(spec: ConvSpec, tile: int, cpu_target, tmp_path):
+    knobs = {"tile": tile, "lanes": 8, "nkv": 1, "pt": 2}
+    art = build_artifact(spec, cpu_target, tmp_path, verify=True, template="cpu_winograd",
+                         knobs=knobs)
+    assert art.manifest.algorithm == f"winograd_f{tile}"
+    assert art.manifest.verification.passed
+    inputs = random_inputs(spec, seed=7)
+    want = reference_conv(spec, *(a.astype(np.float64) for a in inputs.values()))
+    constants, per_call = split_constants(spec, inputs)
+    got = load(art.manifest_path).bind(*constants)(*per_call)
+    assert within_tolerance(got, want, "float32", art.manifest.algorithm).all()
+    # its tiles are not runs of output rows: the fused arrangement declines
+    with pytest.raises(UnsupportedError, match="does not apply"):
+        build_artifact(spec, cpu_target, tmp_path / "fused", verify=False,
+                       template="cpu_winograd", knobs={**knobs, "pt": 1, "rows": 1})
+
+
 @st.composite
 def winograd_specs(draw: st.DrawFn) -> ConvSpec:
     layout = draw(st.sampled_from(["NCHW", "NHWC"]))
     n, c = draw(st.integers(1, 2)), draw(st.integers(1, 12))
     k = 8 * draw(st.integers(1, 3))
-    h, w = draw(st.integers(3, 13)), draw(st.integers(3, 13))
+    dh, dw = draw(st.sampled_from([1, 1, 2, 3])), draw(st.sampled_from([1, 1, 2, 3]))
+    h, w = draw(st.integers(2 * dh + 1, 13)), draw(st.integers(2 * dw + 1, 13))
     pads = [draw(st.integers(0, 2)) for _ in range(4)]
     shape = f"{n}x{c}x{h}x{w}" if layout == "NCHW" else f"{n}x{h}x{w}x{c}"
     kernel = f"{k}x{c}x3x3" if layout == "NCHW" else f"{k}x3x3x{c}"
     return make_spec(mode=draw(st.sampled_from(["conv", "corr"])), input=shape, kernel=kernel,
-                     padding=",".join(map(str, pads)), layout=layout,
+                     padding=",".join(map(str, pads)), dilation=f"{dh},{dw}", layout=layout,
                      bias=draw(st.booleans()), residual=draw(st.booleans()),
                      activation=draw(st.sampled_from(ACTIVATIONS)))
 
@@ -88,8 +115,10 @@ def test_random_3x3_specs_through_winograd(spec: ConvSpec, seed: int, fused_tile
     if fused_tile is None:
         art = build_artifact(spec, cpu_target, out, verify=False, algorithm="winograd")
     else:
-        # (one tile per row, or one input channel: the fused nest declines, `_fusable`)
-        assume(spec.in_channels > 1 and spec.out_size[-1] > fused_tile)
+        # (one tile per row, one input channel, or dilated: the fused nest declines,
+        # `_fusable`)
+        assume(spec.in_channels > 1 and spec.out_size[-1] > fused_tile
+               and spec.dilation == (1, 1))
         knobs = {"tile": fused_tile, "lanes": 8, "nkv": 1, "pt": 1, "rows": 1}
         art = build_artifact(spec, cpu_target, out, verify=False, template="cpu_winograd",
                              knobs=knobs)
@@ -133,8 +162,19 @@ def test_algorithm_choice(cpu_target):
                         algorithm="direct")[1].name != "cpu_winograd"
     strided = dataclasses.replace(dense, stride=(2, 2))
     assert schedule_for(strided, cpu_target, use_records=False)[1].name != "cpu_winograd"
-    with pytest.raises(UnsupportedError, match="stride 1 and dilation 1"):
+    with pytest.raises(UnsupportedError, match="stride 1"):
         schedule_for(strided, cpu_target, algorithm="winograd")
+    # dilated by 2 (FCN's layers): 4 phases of 14 x 14, 64 tiles of 4 x 4, 3x fewer
+    # multiply-adds than direct, staged; dilated by 12 on 28 x 28 (DeepLab's ASPP)
+    # each phase is 3 x 3 pixels, most of every tile cropped: direct
+    fcn = make_spec(mode="corr", input="1x28x28x256", kernel="256x3x3x256", padding=2,
+                    dilation=2, layout="NHWC")
+    for target in (zen4, avx2):
+        choice = schedule_for(fcn, target, use_records=False)[1]
+        assert choice.name == "cpu_winograd"
+        assert (choice.knobs["tile"], choice.knobs["rows"]) == (4, 0)
+    aspp = dataclasses.replace(fcn, in_channels=512, pads=(12,) * 4, dilation=(12, 12))
+    assert schedule_for(aspp, avx2, use_records=False)[1].name != "cpu_winograd"
 
 
 def test_cli_says_why_winograd_declines(tmp_path):

@@ -1,7 +1,7 @@
 """Winograd minimal filtering, F(m x m, 3 x 3): the algorithm (its CPU schedule is
 `schedule/winograd.py`).
 
-For 2-D, stride-1, undilated, ungrouped 3x3 layers. Each m x m output tile is
+For 2-D, stride-1, ungrouped 3x3 layers. Each m x m output tile is
 
     Y = A^T [ U (.) V ] A,   U = G g G^T (per output and input channel),
                              V = B^T d B (d: the alpha x alpha input tile, alpha = m + 2)
@@ -11,6 +11,14 @@ independent GEMMs (tiles x C times C x K): 9 m^2 multiplications per output
 become alpha^2 (F(4x4): 36 for 16 outputs, 4x fewer). U is computed from the
 weights once, by the packing entry (`conv`'s flip applied to g there, so both
 modes run the same code); the plain entry computes it in the kernel.
+
+Dilated by (dh, dw), the output splits into dh x dw phases (the pixels y = py mod dh,
+x = px mod dw), and each phase is an undilated 3x3 convolution of the input pixels of
+its own phase: out[py + dh i, px + dw j] = sum_rs in[py + dh (i + r), px + dw (j + s)]
+g[r, s] (padded coordinates). So the tiles are m x m tiles of each phase's lattice, and
+a tile's alpha x alpha input pixels sit dh and dw apart; the transforms and the GEMM
+are the same. (FCN's and DeepLab's layers dilated by 2 and 4 on 28x28: 4 and 16
+phases of 14x14 and 7x7.)
 
 A, B and G are Cook-Toom matrices (TVM's `winograd_util`); larger tiles need more
 distant interpolation points and lose accuracy, hence a tolerance per tile
@@ -29,6 +37,7 @@ transform, rows then columns, in the plain entry and the packing entry).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -43,8 +52,8 @@ def declines(spec: ConvSpec) -> str | None:
     """Why Winograd does not apply to `spec` (None: it does)."""
     if spec.ndim != 2 or spec.kernel_size != (3, 3):
         return "Winograd here is for 2-D 3x3 kernels"
-    if spec.stride != (1, 1) or spec.dilation != (1, 1):
-        return "Winograd needs stride 1 and dilation 1"
+    if spec.stride != (1, 1):
+        return "Winograd needs stride 1"
     if spec.groups != 1:
         return "Winograd here is for ungrouped convolutions"
     if spec.dtype != "float32":
@@ -89,16 +98,30 @@ def _by_index(index: Any, exprs: list[Any]) -> Any:
     return out
 
 
+def phases(spec: ConvSpec) -> int:
+    """The output's dilation phases (the module docstring): 1 undilated."""
+    return spec.dilation[0] * spec.dilation[1]
+
+
 def tile_grid(spec: ConvSpec, m: int) -> tuple[int, int]:
-    """Output tiles of m x m per image, down and across (the last ones cropped)."""
-    oh, ow = spec.out_size
-    return -(-oh // m), -(-ow // m)
+    """Tiles of m x m per phase of an image, down and across: each phase's lattice is
+    the output size over the dilation, rounded up (the last tiles cropped)."""
+    (lh, lw) = (-(-size // d) for size, d in zip(spec.out_size, spec.dilation, strict=True))
+    return -(-lh // m), -(-lw // m)
 
 
 def tiles(spec: ConvSpec, m: int) -> int:
     """Output tiles of the whole batch: the batched GEMMs' rows."""
     nh, nw = tile_grid(spec, m)
-    return spec.batch * nh * nw
+    return spec.batch * phases(spec) * nh * nw
+
+
+def saving(spec: ConvSpec, m: int) -> float:
+    """Direct convolution's multiply-adds over the GEMMs' (per input and output
+    channel: 9 per output pixel against alpha^2 per tile, the cropped tiles' outputs
+    included)."""
+    pixels = spec.gemm_shape[0]
+    return pixels * math.prod(spec.kernel_size) / (tiles(spec, m) * (m + 2) ** 2)
 
 
 def packed_shape(spec: ConvSpec, m: int, lanes: int) -> tuple[int, ...]:
@@ -155,6 +178,7 @@ def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[A
     alpha = m + 2
     n_img, cin, k_out = spec.batch, spec.in_channels, spec.out_channels
     nh, nw = tile_grid(spec, m)
+    dh, dw = spec.dilation
     n_tiles = tiles(spec, m)
     pt, pl = spec.pads_begin
     h, w = spec.in_size
@@ -175,12 +199,15 @@ def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[A
         value = data[(n, y - pt, x - pl, c) if cl else (n, c, y - pt, x - pl)]
         return tirx.if_then_else(inside, value, tirx.const(0.0, "float32"))
 
-    # channels-last, and large enough for whole tiles (the tail tiles read zeros)
-    pad = te.compute((n_img, nh * m + 2, nw * m + 2, cin), src, name="pad")
+    # channels-last, and large enough for every phase's whole tiles (the tail tiles
+    # read zeros)
+    pad = te.compute((n_img, dh * (nh * m + 2), dw * (nw * m + 2), cin), src, name="pad")
 
+    # tile t: image, phase (py, px), then the phase's tile rows and columns
     def tile_in(t: Any, a: Any, b: int, c: Any) -> Any:
-        n, th, tw = t // (nh * nw), t // nw % nh, t % nw
-        return pad[n, th * m + a, tw * m + b, c]
+        n, phase, th, tw = t // (dh * dw * nh * nw), t // (nh * nw) % (dh * dw), \
+            t // nw % nh, t % nw
+        return pad[n, phase // dw + dh * (th * m + a), phase % dw + dw * (tw * m + b), c]
 
     # input: rows, bt[t, a, nu, c] = sum_b d[a, b] B[b, nu]; then columns,
     # v[eps, nu, t, c] = sum_a B[a, eps] bt[t, a, nu, c]
@@ -204,7 +231,8 @@ def winograd_tensors(spec: ConvSpec, m: int, lanes: int, packed: bool) -> list[A
 
     def out_body(*idx: Any) -> Any:
         n, k, yy, xx = (idx[0], idx[3], idx[1], idx[2]) if cl else idx
-        val = y[n * nh * nw + yy // m * nw + xx // m, yy % m, xx % m, k]
+        phase, sy, sx = yy % dh * dw + xx % dw, yy // dh, xx // dw  # its lattice's pixel
+        val = y[(n * dh * dw + phase) * nh * nw + sy // m * nw + sx // m, sy % m, sx % m, k]
         return epilogue(spec, val, bias, residual, k, idx)
 
     out = te.compute(spec.out_shape, out_body, name="out")

@@ -34,7 +34,7 @@ also tries a template's grid where its heuristic declines):
     computed wider and cropped in the write-back (`wide`). The unrolled tile's
     order is the one whose live vectors the register file holds (`_pixels_inner`).
 Before these, the family tries `cpu_winograd` (`schedule/winograd.py`), another
-algorithm for dense 3x3 stride-1 layers with enough channels and tiles.
+algorithm for dense 3x3 stride-1 layers (dilated too) with enough channels and tiles.
 Every template unrolls small kernel windows, which turns the flipped tap of
 `conv` into constant offsets (conv == corr), and unrolls the write-back so the
 whole register tile stays in registers. The fallback (`cpu_generic`) works for

@@ -29,7 +29,8 @@ The stages are arranged one of two ways (the `rows` knob):
   * staged (rows = 0): each stage over the whole layer before the next, each in
     parallel (planes x tile blocks for the GEMM), V and M whole arrays in memory
     between them; each plane's U block (C x K) is read once per tile block. This
-    suits the deep layers, whose U is many MB and whose tiles are few.
+    suits the deep layers, whose U is many MB and whose tiles are few, and dilated
+    layers, whose tiles (one dilation phase each) are not runs of output rows.
 """
 
 from __future__ import annotations
@@ -146,8 +147,10 @@ def _task_tiles(spec: ConvSpec, tile: int, rows: int) -> int:
 def _fusable(spec: ConvSpec, tile: int, rows: int) -> bool:
     """Where the fused arrangement's loop nest exists: compute_at makes no loop for an
     extent of one, so a task of a single tile, or a single input channel, leaves the
-    GEMM without the loops it tiles."""
-    return _task_tiles(spec, tile, rows) > 1 and spec.in_channels > 1
+    GEMM without the loops it tiles; and its tiles are runs of output rows, which a
+    dilated layer's phases are not."""
+    return (_task_tiles(spec, tile, rows) > 1 and spec.in_channels > 1
+            and winograd.phases(spec) == 1)
 
 
 def _fuses(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
@@ -182,6 +185,13 @@ def _u_rereadable(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
 # this many tiles the GEMMs are bound by reading U (C512 7x7 K512: F(4x4) has 4
 # tiles and ran 161-166 effective GFLOP/s, F(2x2) 16 tiles and 225-268, direct 137-188).
 MIN_TILES = 16
+# And the transforms must be paid for: a tile takes a layer only where its GEMMs need
+# this many times fewer multiply-adds than direct convolution (`winograd.saving`).
+# C512 7x7 K512 F(2x2): 1.72, faster than direct (above). A layer dilated past its
+# output's size crops most of each tile: DeepLab's C512 28x28 K256 dilated by 12,
+# F(4x4) 1.36, ran 9.6-10.2 ms as direct's 9.7 (F(2x2), 0.77, 15.8), AVX2 code on
+# Zen 4 (benchmarks/NOTES.md).
+MIN_SAVING = 1.5
 
 
 def _heuristic(spec: ConvSpec, target: TargetInfo) -> WinogradKnobs | None:
@@ -193,7 +203,7 @@ def _heuristic(spec: ConvSpec, target: TargetInfo) -> WinogradKnobs | None:
     if not _applies(spec, target) or min(spec.in_channels, spec.out_channels) < 32:
         return None
     for tile in (4, 2):
-        if winograd.tiles(spec, tile) >= MIN_TILES:
+        if winograd.tiles(spec, tile) >= MIN_TILES and winograd.saving(spec, tile) >= MIN_SAVING:
             if _fuses(spec, target, tile):
                 return _fused_knobs(spec, target, tile)
             return _knobs(spec, target, tile)
