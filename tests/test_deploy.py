@@ -270,11 +270,25 @@ def decoder_block() -> tuple[onnx.ModelProto, int]:
     return n.model((1, 8, 6, 6), n.op("Reshape", [b, size], "y"), (1, 8 * 12 * 12)), 2
 
 
+def dilated_context() -> tuple[onnx.ModelProto, int]:
+    """DeepLab's widest ASPP branch in small: a 3x3 Conv dilated past its 6x6 input,
+    whose outer taps read only padding for every output (it runs as the 1x1 Conv it
+    is); then one whose first row of taps does (dilated 4 down, the padding only
+    above), and an ordinary Conv."""
+    n = Net(11)
+    a = n.op("Relu", [n.conv("x", "aspp", 8, 8, (3, 3), dilations=[6, 6], pads=[6, 6, 6, 6])],
+             "r1")
+    b = n.conv(a, "edge", 8, 8, (3, 3), dilations=[4, 1], pads=[4, 1, 0, 1])  # 2 x 6
+    y = n.conv(b, "y", 8, 4, (3, 3), pads=[1, 1, 1, 1])
+    return n.model((1, 8, 6, 6), y, (1, 4, 2, 6)), 3
+
+
 MODELS = {"residual_block": residual_block, "depthwise_block": depthwise_block,
           "conv_1d_3d_grouped": conv_1d_3d_grouped, "batchnorm_block": batchnorm_block,
           "shared_residuals": shared_residuals, "channel_shuffle": channel_shuffle,
           "squeeze_excite": squeeze_excite, "token_mlp": token_mlp,
-          "dense_block": dense_block, "decoder_block": decoder_block}
+          "dense_block": dense_block, "decoder_block": decoder_block,
+          "dilated_context": dilated_context}
 
 
 def _deploy(tmp_path: Path, name: str, mode: str, layout: str, cpu_target
@@ -314,6 +328,12 @@ def test_deployed_model_matches_onnxruntime(name, mode, layout, cpu_target, tmp_
         assert not [op for op in manifest.other_ops if "clip" in op]
     if name == "dense_block":  # the BatchNorms the kernels do not take: scale and shift
         assert not [op for op in manifest.other_ops if "divide" in op or "subtract" in op]
+    if name == "dilated_context":  # the taps that read only padding are not computed
+        kernels = {layer.node: (layer.spec.kernel_size, layer.spec.pads)
+                   for layer in manifest.layers}
+        assert kernels["aspp"] == ((1, 1), (0, 0, 0, 0))
+        assert kernels["edge"] == ((2, 3), (0, 1, 0, 1))
+        assert kernels["y"] == ((3, 3), (1, 1, 1, 1))
     # independently of verify_model, on other inputs: onnxruntime on the model (with
     # the Conv weights flipped for conv) by hand
     x = np.random.default_rng(9).standard_normal(m.inputs[0].shape).astype(np.float32)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from convgen.errors import SpecError
@@ -244,6 +244,70 @@ def test_widened_spec_adds_outputs_and_keeps_the_others(spec: ConvSpec, extra: i
     w_axis = -2 if spec.channels_last else -1
     cropped = np.take(reference_conv(wide, *inputs), range(spec.out_size[-1]), axis=w_axis)
     np.testing.assert_allclose(cropped, reference_conv(spec, *inputs), rtol=1e-6, atol=1e-6)
+
+
+@st.composite
+def widely_padded_specs(draw: st.DrawFn) -> ConvSpec:
+    """Specs whose windows' ends can read only padding: 1-2 spatial dims, dilations
+    and pads up to 7 on inputs of 1-6 pixels, strides, both layouts and modes."""
+    nd = draw(st.integers(1, 2))
+    size = [draw(st.integers(1, 6)) for _ in range(nd)]
+    ks = [draw(st.integers(1, 4)) for _ in range(nd)]
+    dil = [draw(st.integers(1, 7)) for _ in range(nd)]
+    pads = [draw(st.integers(0, 7)) for _ in range(2 * nd)]
+    # (at least one output per axis)
+    assume(all(n + pads[i] + pads[nd + i] >= d * (k - 1) + 1
+               for i, (n, k, d) in enumerate(zip(size, ks, dil))))
+    last = draw(st.booleans())
+    spatial, kspatial = "x".join(map(str, size)), "x".join(map(str, ks))
+    return make_spec(
+        mode=draw(st.sampled_from(["conv", "corr"])),
+        input=f"1x{spatial}x3" if last else f"1x3x{spatial}",
+        kernel=f"2x{kspatial}x3" if last else f"2x3x{kspatial}",
+        padding=",".join(map(str, pads)), dilation=",".join(map(str, dil)),
+        stride=",".join(str(draw(st.integers(1, 3))) for _ in range(nd)),
+        layout={1: "NWC", 2: "NHWC"}[nd] if last else None, bias=True)
+
+
+@settings(max_examples=80, deadline=None)
+@given(widely_padded_specs())
+def test_dead_taps_drop_without_changing_the_output(spec: ConvSpec):
+    """`without_dead_taps` on its `kept_weight_index` weights computes what the spec
+    does on all of them (onnxruntime on both operators' ONNX models), and shortens the
+    window wherever an end tap reads only padding that can be dropped."""
+    trimmed = spec.without_dead_taps()
+    assert trimmed.out_shape == spec.out_shape and min(trimmed.pads) >= 0
+    rng = np.random.default_rng(0)
+    inputs = {n: rng.standard_normal(s).astype(np.float32) for n, s in spec.input_shapes().items()}
+    cut = dict(inputs, weight=inputs["weight"][spec.kept_weight_index()])
+    assert cut["weight"].shape == trimmed.weight_shape
+
+    def run(s: ConvSpec, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return ort.InferenceSession(export_onnx(s).SerializeToString()).run(None, feed)[0]
+
+    np.testing.assert_allclose(run(trimmed, cut), run(spec, inputs), rtol=1e-5, atol=1e-5)
+    # every end tap left reads an input pixel for some output, unless the padding
+    # before it is too narrow to drop it
+    for i, (n, k, s, d) in enumerate(zip(spec.in_size, trimmed.kernel_size, spec.stride,
+                                         spec.dilation)):
+        out, begin, end = spec.out_size[i], trimmed.pads_begin[i], trimmed.pads_end[i]
+        for tap, padding in ((0, begin), (k - 1, end)):
+            reads = any(0 <= y * s - begin + tap * d < n for y in range(out))
+            assert reads or padding < d or not any(
+                0 <= y * s - begin + r * d < n for y in range(out) for r in range(k))
+
+
+def test_dead_taps_of_deeplab_aspp():
+    """DeepLab's ASPP branch dilated by 36 on 28x28 is a 1x1 layer; dilated by 12
+    every tap reads some input pixel."""
+    aspp = make_spec(mode="conv", input="1x28x28x8", kernel="4x3x3x8", padding=36,
+                     dilation=36, layout="NHWC")
+    one = aspp.without_dead_taps()
+    assert (one.kernel_size, one.pads, one.out_size) == ((1, 1), (0,) * 4, (28, 28))
+    assert aspp.kept_weight_index()[1:3] == (slice(1, 2), slice(1, 2))
+    twelve = make_spec(mode="corr", input="1x28x28x8", kernel="4x3x3x8", padding=12,
+                       dilation=12, layout="NHWC")
+    assert twelve.without_dead_taps() == twelve
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])

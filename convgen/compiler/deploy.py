@@ -843,7 +843,10 @@ class _ConvFuser:
 
         self = cls(mod, target, options)
         chains, names = self.find(node_names)
-        specs = [self._spec(c) for c in chains]
+        # each node's operator, and what its kernel computes: without the taps that
+        # read only padding (DeepLab's widest dilations), their weights cut in `_pack`
+        nodes = [self._spec(c) for c in chains]
+        specs = [spec.without_dead_taps() for spec in nodes]
         pairs = self._separable_pairs(chains, specs) if options.separable else {}
         paired = {*pairs, *pairs.values()}
         specs = [spec if i in paired or chains[i].dense else self._kernel_spec(spec)
@@ -856,7 +859,7 @@ class _ConvFuser:
         layers_of = {i: call for call in calls.values() for i in call}
         self._build_kernels(sorted({tuple(specs[i] for i in call) for call in calls.values()},
                                    key=lambda layers: [s.name() for s in layers]))
-        packed = self._pack(chains, specs, layers_of)
+        packed = self._pack(chains, nodes, specs, layers_of)
         ends = {chains[j].end: call for j, call in calls.items()}
         in_place = self._in_place_calls(chains, specs, calls)
         fuser = self
@@ -1199,10 +1202,11 @@ class _ConvFuser:
             return None
         return dict(record.schedule.knobs)
 
-    def _pack(self, chains: list[_Chain], specs: list[ConvSpec],
+    def _pack(self, chains: list[_Chain], nodes: list[ConvSpec], specs: list[ConvSpec],
               layers_of: dict[int, tuple[int, ...]]) -> list[np.ndarray]:
         """Every chain's weights in the packed layout of the kernel that runs it, flip
-        included: the packing entries, compiled together once and run here."""
+        included: the packing entries, compiled together once and run here. `nodes`:
+        each chain's operator as the model has it, `specs` as its kernel computes it."""
         import tvm
 
         if not chains:
@@ -1222,8 +1226,10 @@ class _ConvFuser:
         packed = []
         for i, (chain, spec) in enumerate(zip(chains, specs)):
             w = _const(chain.conv.args[1])
-            if chain.dense:  # [K, N] -> the 1 x 1 convolution's [N, 1, 1, K]
-                w = w.T.reshape(spec.weight_shape)
+            # a dense layer's [K, N] as the 1 x 1 convolution's [N, 1, 1, K]; a
+            # convolution's taps that its kernel computes (`ConvSpec.without_dead_taps`)
+            w = (w.T.reshape(spec.weight_shape) if chain.dense
+                 else w[nodes[i].kept_weight_index()])
             if chain.scale is not None:  # per output channel: the weights' first axis
                 w = (w * chain.scale.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype)
             weight = tvm.runtime.tensor(np.ascontiguousarray(w))
