@@ -1327,12 +1327,14 @@ def test_shape_needs_an_onnx_model(tmp_path):
     assert result.output.startswith("Error: shape: --shape fixes an ONNX model's inputs")
 
 
-def test_tune_model_targets_what_deploy_builds(cpu_target, tmp_path):
+@pytest.mark.parametrize("name", ["residual_block", "dilated_context"])
+def test_tune_model_targets_what_deploy_builds(name, cpu_target, tmp_path):
     """`convgen tune --model` tunes exactly the specs deploy builds (so a later deploy
-    finds their records): the same layers, layout and epilogue."""
+    finds their records): the same layers, layout and epilogue, and windows without
+    the taps that read only padding."""
     from convgen.compiler.deploy import model_specs
 
-    out, model, _ = _deploy(tmp_path, "residual_block", "corr", "channels-last", cpu_target)
+    out, model, _ = _deploy(tmp_path, name, "corr", "channels-last", cpu_target)
     deployed = [(layer.node, layer.spec) for layer in convgen.load(out).manifest.layers]
     assert model_specs(model, cpu_target, DeployOptions()) == deployed
 

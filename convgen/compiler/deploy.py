@@ -621,11 +621,13 @@ def model_specs(model: onnx.ModelProto, target: TargetInfo, options: DeployOptio
                 ) -> list[tuple[str, ConvSpec]]:
     """(ONNX node, spec) of every layer `deploy` runs on a convgen kernel, as it will
     build them (layout, epilogue), without building anything: what
-    `convgen tune --model` tunes. (A layer without a record may run on its rows
-    merged, `_ConvFuser._kernel_spec`; once tuned, its record runs it as it is.)"""
+    `convgen tune --model` tunes, its taps that read only padding left out. (A layer
+    without a record may run on its rows merged, `_ConvFuser._kernel_spec`; once
+    tuned, its record runs it as it is.)"""
     fuser = _ConvFuser(_relax_module(model, "model", options), target, options)
     chains, names = fuser.find(_node_names(model))
-    return [(name, fuser._spec(chain)) for name, chain in zip(names, chains)]
+    return [(name, fuser._spec(chain).without_dead_taps())
+            for name, chain in zip(names, chains)]
 
 
 def _node_names(model: onnx.ModelProto) -> dict[str, list[str]]:
