@@ -161,18 +161,20 @@ class ConvSpec:
     def without_dead_taps(self) -> ConvSpec:
         """The same operator without the taps at either end of the window that read
         only zero padding: the window shorter by them, the padding by them times the
-        dilation, the output and every other tap's reads unchanged. DeepLab's ASPP
-        layer dilated by 36 on a 28x28 input is a 1x1 layer so, 9x fewer
-        multiply-adds. Its weights are `kept_weight_index`'s slice of this spec's."""
+        dilation, the output and every other tap's reads unchanged (an axis left with
+        one tap undilated: the same reads). DeepLab's ASPP layer dilated by 36 on a
+        28x28 input is a plain 1x1 layer so, 9x fewer multiply-adds. Its weights are
+        `kept_weight_index`'s slice of this spec's."""
         cuts = self._dead_taps()
         if not any(a or c for a, c in cuts):
             return self
         kernel = tuple(k - a - c for k, (a, c) in zip(self.kernel_size, cuts, strict=True))
+        dilation = tuple(d if k > 1 else 1 for k, d in zip(kernel, self.dilation, strict=True))
         begins = tuple(b - a * d for b, (a, _), d in zip(self.pads_begin, cuts, self.dilation,
                                                           strict=True))
         ends = tuple(e - c * d for e, (_, c), d in zip(self.pads_end, cuts, self.dilation,
                                                         strict=True))
-        return replace(self, kernel_size=kernel, pads=(*begins, *ends))
+        return replace(self, kernel_size=kernel, dilation=dilation, pads=(*begins, *ends))
 
     def kept_weight_index(self) -> tuple[slice, ...]:
         """The index into this spec's weight tensor (its layout) of the weights

@@ -304,6 +304,7 @@ def test_dead_taps_of_deeplab_aspp():
                      dilation=36, layout="NHWC")
     one = aspp.without_dead_taps()
     assert (one.kernel_size, one.pads, one.out_size) == ((1, 1), (0,) * 4, (28, 28))
+    assert one.pointwise and one.dilation == (1, 1)  # (merged rows, a 1x1 layer's record)
     assert aspp.kept_weight_index()[1:3] == (slice(1, 2), slice(1, 2))
     twelve = make_spec(mode="corr", input="1x28x28x8", kernel="4x3x3x8", padding=12,
                        dilation=12, layout="NHWC")
