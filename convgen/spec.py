@@ -19,6 +19,7 @@ Conventions:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -179,12 +180,53 @@ class ConvSpec:
     def kept_weight_index(self) -> tuple[slice, ...]:
         """The index into this spec's weight tensor (its layout) of the weights
         `without_dead_taps` keeps: the live taps, which `conv` reads flipped."""
-        window = []
-        for k, (a, c) in zip(self.kernel_size, self._dead_taps(), strict=True):
-            window.append(slice(c, k - a) if self.mode == "conv" else slice(a, k - c))
+        return self._window_index([(a, k - c) for k, (a, c) in
+                                   zip(self.kernel_size, self._dead_taps(), strict=True)])
+
+    def _window_index(self, taps: Sequence[tuple[int, int]]) -> tuple[slice, ...]:
+        """The index into the weight tensor of the taps [start, stop) on each spatial
+        axis (counted before `conv`'s flip, which reads them from the other end)."""
+        window = [slice(k - stop, k - start) if self.mode == "conv" else slice(start, stop)
+                  for k, (start, stop) in zip(self.kernel_size, taps, strict=True)]
         if self.channels_last:
             return (slice(None), *window, slice(None))
         return (slice(None), slice(None), *window)
+
+    def tap_regions(self) -> list[TapRegion]:
+        """The outputs split into boxes by the taps that read an input pixel there
+        (on each axis, the runs of outputs with the same such taps, which are
+        contiguous: tap r reads inside for a run of outputs, shifted by the dilation
+        from tap r - 1's), row-major. In each box those taps alone are computed, on
+        the input box they read, without padding. Empty where some output reads only
+        padding (it is the epilogue of zero)."""
+        axes = []
+        for n, k, s, d, b, out in zip(self.in_size, self.kernel_size, self.stride,
+                                      self.dilation, self.pads_begin, self.out_size,
+                                      strict=True):
+            runs: list[tuple[int, int, int, int]] = []  # output start, stop; taps start, stop
+            for y in range(out):
+                live = [r for r in range(k) if 0 <= y * s - b + r * d < n]
+                if not live or len(live) != live[-1] - live[0] + 1:
+                    return []
+                taps = (live[0], live[-1] + 1)
+                if runs and runs[-1][2:] == taps:
+                    runs[-1] = (runs[-1][0], y + 1, *taps)
+                else:
+                    runs.append((y, y + 1, *taps))
+            axes.append(runs)
+        regions = []
+        for box in itertools.product(*axes):
+            inputs = tuple((y0 * s - b + r0 * d, (y1 - 1) * s - b + (r1 - 1) * d + 1)
+                           for (y0, y1, r0, r1), s, d, b in zip(box, self.stride, self.dilation,
+                                                                self.pads_begin, strict=True))
+            kernel = tuple(r1 - r0 for _, _, r0, r1 in box)
+            spec = replace(self, in_size=tuple(stop - start for start, stop in inputs),
+                           kernel_size=kernel, pads=(0,) * (2 * self.ndim),
+                           dilation=tuple(d if k > 1 else 1
+                                          for k, d in zip(kernel, self.dilation, strict=True)))
+            regions.append(TapRegion(tuple((y0, y1) for y0, y1, _, _ in box), inputs, spec,
+                                     self._window_index([(r0, r1) for _, _, r0, r1 in box])))
+        return regions
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -369,6 +411,19 @@ class ConvSpec:
             f"{' +residual' if self.residual else ''}"
             f"{' ' + self.activation if self.activation != 'none' else ''}"
         )
+
+
+@dataclass(frozen=True)
+class TapRegion:
+    """A box of a spec's outputs in which the same taps read the input and the others
+    only padding (`ConvSpec.tap_regions`): `spec` computes it, unpadded, from the
+    input box `inputs`, with the weights at `weights` in the whole spec's weight
+    tensor."""
+
+    outputs: tuple[tuple[int, int], ...]  # per spatial axis: start, stop
+    inputs: tuple[tuple[int, int], ...]
+    spec: ConvSpec
+    weights: tuple[slice, ...]
 
 
 def dilated_extent(kernel: int, dilation: int) -> int:

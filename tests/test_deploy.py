@@ -271,16 +271,19 @@ def decoder_block() -> tuple[onnx.ModelProto, int]:
 
 
 def dilated_context() -> tuple[onnx.ModelProto, int]:
-    """DeepLab's widest ASPP branch in small: a 3x3 Conv dilated past its 6x6 input,
-    whose outer taps read only padding for every output (it runs as the 1x1 Conv it
-    is); then one whose first row of taps does (dilated 4 down, the padding only
-    above), and an ordinary Conv."""
+    """DeepLab's ASPP branches in small: a 3x3 Conv dilated past its 6x6 input, whose
+    outer taps read only padding for every output (it runs as the 1x1 Conv it is);
+    one dilated by 4, whose outer taps read the input for a third of the outputs each
+    (it runs in 3 x 3 boxes, each with its own taps); one whose first row of taps
+    reads only padding (dilated 4 down, the padding only above); an ordinary Conv."""
     n = Net(11)
     a = n.op("Relu", [n.conv("x", "aspp", 8, 8, (3, 3), dilations=[6, 6], pads=[6, 6, 6, 6])],
              "r1")
-    b = n.conv(a, "edge", 8, 8, (3, 3), dilations=[4, 1], pads=[4, 1, 0, 1])  # 2 x 6
+    ring = n.op("Relu", [n.conv(a, "ring", 8, 8, (3, 3), dilations=[4, 4], pads=[4, 4, 4, 4])],
+                "r2")
+    b = n.conv(ring, "edge", 8, 8, (3, 3), dilations=[4, 1], pads=[4, 1, 0, 1])  # 2 x 6
     y = n.conv(b, "y", 8, 4, (3, 3), pads=[1, 1, 1, 1])
-    return n.model((1, 8, 6, 6), y, (1, 4, 2, 6)), 3
+    return n.model((1, 8, 6, 6), y, (1, 4, 2, 6)), 4
 
 
 MODELS = {"residual_block": residual_block, "depthwise_block": depthwise_block,
@@ -314,9 +317,10 @@ def test_deployed_model_matches_onnxruntime(name, mode, layout, cpu_target, tmp_
     # TVM, and every Gemm and MatMul runs as the 1 x 1 convolution it is
     conv_nodes = {node.name for node in model.graph.node if node.op_type == "Conv"}
     convs_run = [layer for layer in manifest.layers if layer.node in conv_nodes]
-    assert len(convs_run) == convs
-    dense = [node for node in model.graph.node if node.op_type in ("Gemm", "MatMul")]
-    assert len(manifest.layers) == convs + len(dense)
+    # (each node once; one split into tap regions once per box, the first at 0, 0)
+    run = [layer.node for layer in manifest.layers if not any(a for a, _ in layer.region)]
+    assert len(run) == len(set(run)) == convs + len(
+        [node for node in model.graph.node if node.op_type in ("Gemm", "MatMul")])
     assert all(layer.spec.mode == mode for layer in convs_run)
     assert all(layer.spec.channels_last == (layout == "channels-last") for layer in convs_run)
     assert not [op for op in manifest.other_ops
@@ -330,10 +334,18 @@ def test_deployed_model_matches_onnxruntime(name, mode, layout, cpu_target, tmp_
         assert not [op for op in manifest.other_ops if "divide" in op or "subtract" in op]
     if name == "dilated_context":  # the taps that read only padding are not computed
         kernels = {layer.node: (layer.spec.kernel_size, layer.spec.pads)
-                   for layer in manifest.layers}
+                   for layer in manifest.layers if not layer.region}
         assert kernels["aspp"] == ((1, 1), (0, 0, 0, 0))
         assert kernels["edge"] == ((2, 3), (0, 1, 0, 1))
         assert kernels["y"] == ((3, 3), (1, 1, 1, 1))
+        # the ring's 6 x 6 outputs in boxes of rows and columns 0-1, 2-3, 4-5, each
+        # box its 2 x 2, 2 x 1, 1 x 2 or single tap, unpadded
+        boxes = {layer.region: layer.spec for layer in manifest.layers if layer.node == "ring"}
+        runs = ((0, 2), (2, 4), (4, 6))
+        assert set(boxes) == {(h, w) for h in runs for w in runs}
+        assert boxes[(2, 4), (2, 4)].kernel_size == (1, 1)
+        assert boxes[(0, 2), (4, 6)].kernel_size == (2, 2)
+        assert all(not any(spec.pads) for spec in boxes.values())
     # independently of verify_model, on other inputs: onnxruntime on the model (with
     # the Conv weights flipped for conv) by hand
     x = np.random.default_rng(9).standard_normal(m.inputs[0].shape).astype(np.float32)

@@ -297,6 +297,38 @@ def test_dead_taps_drop_without_changing_the_output(spec: ConvSpec):
                 0 <= y * s - begin + r * d < n for y in range(out) for r in range(k))
 
 
+@settings(max_examples=60, deadline=None)
+@given(widely_padded_specs())
+def test_tap_regions_tile_the_output(spec: ConvSpec):
+    """`tap_regions`: boxes that tile the output, each box's unpadded spec on its
+    input box and its weights computing that box of the spec's outputs (onnxruntime
+    on every operator's ONNX model)."""
+    boxes = spec.tap_regions()
+    assume(boxes)
+    rng = np.random.default_rng(0)
+    inputs = {n: rng.standard_normal(s).astype(np.float32) for n, s in spec.input_shapes().items()}
+
+    def run(s: ConvSpec, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return ort.InferenceSession(export_onnx(s).SerializeToString()).run(None, feed)[0]
+
+    first = 1 if spec.channels_last else 2
+    want, got = run(spec, inputs), np.full(spec.out_shape, np.nan, np.float32)
+
+    def window(spans: tuple[tuple[int, int], ...]) -> tuple[slice, ...]:
+        index = [slice(None)] * len(spec.out_shape)
+        for axis, (start, stop) in enumerate(spans):
+            index[first + axis] = slice(start, stop)
+        return tuple(index)
+
+    for box in boxes:
+        assert not any(box.spec.pads)
+        feed = dict(inputs, data=inputs["data"][window(box.inputs)],
+                    weight=inputs["weight"][box.weights])
+        assert np.isnan(got[window(box.outputs)]).all()  # no output twice
+        got[window(box.outputs)] = run(box.spec, feed)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_dead_taps_of_deeplab_aspp():
     """DeepLab's ASPP branch dilated by 36 on 28x28 is a 1x1 layer; dilated by 12
     every tap reads some input pixel."""

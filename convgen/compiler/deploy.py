@@ -70,6 +70,7 @@ from convgen.spec import (
     CHANNELS_LAST,
     MODES,
     ConvSpec,
+    TapRegion,
     make_spec,
     pin_input_shapes,
 )
@@ -90,6 +91,10 @@ TRANSPOSED_CONV_LAYOUTS = {"relax.nn.conv1d_transpose": ["NCW", "IOW"],
 CONV_OPS_KEY = "conv"
 DENSE_OP = "relax.matmul"  # by constant weights: a 1 x 1 convolution (`_Chain.dense`)
 OPAQUE = 8  # Relax's OpPatternKind kOpaque: FuseOps fuses nothing into a convgen kernel
+# A layer runs split into its tap regions where that saves this share of its
+# multiply-adds at least (`_ConvFuser._regions`); each box is a kernel call of its own,
+# rereading its taps' weights.
+REGIONS_SAVE = 0.25
 
 
 @dataclass(frozen=True)
@@ -621,13 +626,17 @@ def model_specs(model: onnx.ModelProto, target: TargetInfo, options: DeployOptio
                 ) -> list[tuple[str, ConvSpec]]:
     """(ONNX node, spec) of every layer `deploy` runs on a convgen kernel, as it will
     build them (layout, epilogue), without building anything: what
-    `convgen tune --model` tunes, its taps that read only padding left out. (A layer
-    without a record may run on its rows merged, `_ConvFuser._kernel_spec`; once
-    tuned, its record runs it as it is.)"""
+    `convgen tune --model` tunes, its taps that read only padding left out, a layer
+    split into tap regions once per box. (A layer without a record may run on its
+    rows merged, `_ConvFuser._kernel_spec`; once tuned, its record runs it as it is.)"""
     fuser = _ConvFuser(_relax_module(model, "model", options), target, options)
     chains, names = fuser.find(_node_names(model))
-    return [(name, fuser._spec(chain).without_dead_taps())
-            for name, chain in zip(names, chains)]
+    specs = []
+    for name, chain in zip(names, chains):
+        spec = fuser._spec(chain).without_dead_taps()
+        boxes = [] if chain.dense else fuser._regions(spec)
+        specs += [(name, box.spec) for box in boxes] or [(name, spec)]
+    return specs
 
 
 def _node_names(model: onnx.ModelProto) -> dict[str, list[str]]:
@@ -849,19 +858,25 @@ class _ConvFuser:
         # read only padding (DeepLab's widest dilations), their weights cut in `_pack`
         nodes = [self._spec(c) for c in chains]
         specs = [spec.without_dead_taps() for spec in nodes]
+        regions = {i: boxes for i, spec in enumerate(specs)
+                   if not chains[i].dense and (boxes := self._regions(spec))}
         pairs = self._separable_pairs(chains, specs) if options.separable else {}
+        pairs = {i: j for i, j in pairs.items() if i not in regions and j not in regions}
         paired = {*pairs, *pairs.values()}
-        specs = [spec if i in paired or chains[i].dense else self._kernel_spec(spec)
-                 for i, spec in enumerate(specs)]
-        # the chains each kernel call computes, by the index of the last one's chain
+        specs = [spec if i in paired or chains[i].dense or i in regions
+                 else self._kernel_spec(spec) for i, spec in enumerate(specs)]
+        # the chains each kernel call computes, by the index of the last one's chain (a
+        # layer split into tap regions: a kernel call per box)
         calls = {j: (i, j) for i, j in pairs.items()}
         for i in range(len(chains)):
             if i not in pairs and i not in calls:
                 calls[i] = (i,)
         layers_of = {i: call for call in calls.values() for i in call}
-        self._build_kernels(sorted({tuple(specs[i] for i in call) for call in calls.values()},
-                                   key=lambda layers: [s.name() for s in layers]))
-        packed = self._pack(chains, nodes, specs, layers_of)
+        kernel_layers = {tuple(specs[i] for i in call) for j, call in calls.items()
+                         if j not in regions}
+        kernel_layers |= {(box.spec,) for boxes in regions.values() for box in boxes}
+        self._build_kernels(sorted(kernel_layers, key=lambda layers: [s.name() for s in layers]))
+        packed = self._pack(chains, nodes, specs, layers_of, regions)
         ends = {chains[j].end: call for j, call in calls.items()}
         in_place = self._in_place_calls(chains, specs, calls)
         fuser = self
@@ -872,6 +887,9 @@ class _ConvFuser:
                 if call not in ends:
                     return super().visit_call_(call)
                 indices = ends[call]
+                if indices[-1] in regions:
+                    return fuser._call_regions(self, chains[indices[-1]], regions[indices[-1]],
+                                               packed[indices[-1]])
                 first, last = chains[indices[0]], chains[indices[-1]]
                 kernel = fuser.kernels[tuple(specs[i] for i in indices)]
 
@@ -885,7 +903,7 @@ class _ConvFuser:
                 args = [fed(first.conv.args[0], specs[indices[0]].data_shape)]
                 for i in indices:  # the kernel's arguments: `compute.separable_tensors`
                     chain = chains[i]
-                    args.append(relax.const(packed[i]))
+                    args.append(relax.const(packed[i][0]))
                     if chain.bias is not None:
                         args.append(relax.const(chain.bias.astype(np.float32)))
                     if chain.residual is not None:
@@ -919,6 +937,12 @@ class _ConvFuser:
         out = relax.transform.DeadCodeElimination(["main"])(rewriter.builder_.get())
         layers = []
         for i, (name, chain, spec) in enumerate(zip(names, chains, specs)):
+            for box in regions.get(i, []):
+                kernel = self.kernels[(box.spec,)]
+                layers.append(ModelLayer(name, tuple(chain.fused), kernel.name, box.spec,
+                                         kernel.choice, kernel.algorithm, region=box.outputs))
+            if i in regions:
+                continue
             call = layers_of[i]
             kernel = self.kernels[tuple(specs[k] for k in call)]
             pair = next((names[k] for k in call if k != i), "")
@@ -1204,41 +1228,99 @@ class _ConvFuser:
             return None
         return dict(record.schedule.knobs)
 
+    def _regions(self, spec: ConvSpec) -> list[TapRegion]:
+        """The boxes of outputs a layer runs in, each on its own kernel with only the
+        taps that read its input there (`ConvSpec.tap_regions`), where they save at
+        least REGIONS_SAVE of the multiply-adds; else none (the layer runs whole).
+        DeepLab's ASPP branches on 28x28, dilated by 12 and 24: 9 boxes each, 0.51 and
+        0.18 of the multiply-adds. Dilated layers only: an undilated 3x3 layer on a
+        small image saves as much at its borders (a 4x4 one: 0.69), but runs in 9
+        kernels of a few pixels each, unmeasured. Nor a layer with a residual (each box
+        would read its piece of it), nor on CUDA (unmeasured)."""
+        if (spec.residual or self.target.is_cuda
+                or all(d == 1 for d in spec.dilation)):
+            return []
+        boxes = spec.tap_regions()
+        if len(boxes) < 2 or sum(b.spec.flops for b in boxes) > (1 - REGIONS_SAVE) * spec.flops:
+            return []
+        return boxes
+
+    def _call_regions(self, rewriter: Any, chain: _Chain, boxes: list[TapRegion],
+                      packed: list[np.ndarray]) -> Any:
+        """A layer split into tap regions: each box's kernel on its input box (a strided
+        slice), the outputs concatenated back along each spatial axis, the last first
+        (the boxes are row-major)."""
+        from tvm import relax
+
+        bb = rewriter.builder_
+        x = rewriter.visit_expr(chain.conv.args[0])
+        spec = boxes[0].spec
+        first = 1 if spec.channels_last else 2
+        axes = list(range(first, first + spec.ndim))
+        outs = []
+        for box, weights in zip(boxes, packed, strict=True):
+            piece = bb.emit(relax.op.strided_slice(x, axes, [a for a, _ in box.inputs],
+                                                   [b for _, b in box.inputs]))
+            args = [piece, relax.const(weights)]
+            if chain.bias is not None:
+                args.append(relax.const(chain.bias.astype(np.float32)))
+            out_ty = relax.TensorType(box.spec.out_shape, chain.conv.ty.dtype)
+            outs.append(bb.emit(relax.call_tir(self.kernels[(box.spec,)].gvar, args, out_ty)))
+        for n, axis in reversed(list(enumerate(axes))):
+            runs = len({box.outputs[n] for box in boxes})
+            if runs > 1:
+                outs = [bb.emit(relax.op.concat(outs[j:j + runs], axis))
+                        for j in range(0, len(outs), runs)]
+        (out,) = outs
+        return out
+
+    def _weights(self, chain: _Chain, node: ConvSpec, spec: ConvSpec) -> np.ndarray:
+        """A chain's weights in its kernel spec's layout, its scale folded in: a dense
+        layer's [K, N] as the 1 x 1 convolution's [N, 1, 1, K]; a convolution's taps
+        that its kernel computes (`ConvSpec.without_dead_taps`)."""
+        w = _const(chain.conv.args[1])
+        w = w.T.reshape(spec.weight_shape) if chain.dense else w[node.kept_weight_index()]
+        if chain.scale is not None:  # per output channel: the weights' first axis
+            w = (w * chain.scale.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype)
+        return w
+
     def _pack(self, chains: list[_Chain], nodes: list[ConvSpec], specs: list[ConvSpec],
-              layers_of: dict[int, tuple[int, ...]]) -> list[np.ndarray]:
+              layers_of: dict[int, tuple[int, ...]], regions: dict[int, list[TapRegion]]
+              ) -> list[list[np.ndarray]]:
         """Every chain's weights in the packed layout of the kernel that runs it, flip
-        included: the packing entries, compiled together once and run here. `nodes`:
-        each chain's operator as the model has it, `specs` as its kernel computes it."""
+        included (one array, or one per tap region's kernel): the packing entries,
+        compiled together once and run here. `nodes`: each chain's operator as the
+        model has it, `specs` as its kernel computes it."""
         import tvm
 
         if not chains:
             return []
-        layouts = {}  # chain -> (spec, packing), from its kernel's weight arguments
-        for i, call in layers_of.items():
-            kernel = self.kernels[tuple(specs[k] for k in call)]
-            layouts[i] = kernel.weights[call.index(i)]
+        # (chain, the kernel's weight spec and packing, the weights)
+        jobs: list[tuple[int, ConvSpec, WeightPacking, np.ndarray]] = []
+        for i, chain in enumerate(chains):
+            w = self._weights(chain, nodes[i], specs[i])
+            if i in regions:
+                for box in regions[i]:
+                    _, packing = self.kernels[(box.spec,)].weights[0]
+                    jobs.append((i, box.spec, packing, w[box.weights]))
+                continue
+            call = layers_of[i]
+            spec, packing = self.kernels[tuple(specs[k] for k in call)].weights[call.index(i)]
+            jobs.append((i, spec, packing, w))
         # each (spec, packing) under its own name: one module holds them all
-        names = {key: f"{PACK_ENTRY}_{n}" for n, key in enumerate(dict.fromkeys(layouts.values()))}
+        names = {key: f"{PACK_ENTRY}_{n}"
+                 for n, key in enumerate(dict.fromkeys((s, p) for _, s, p, _ in jobs))}
         # run here, on this machine's CPU, whatever the model's target: the packed layout
         # is the same wherever it is computed
         host = resolve_target("llvm") if self.target.is_cuda else self.target
         funcs = {name: pack_prim_func(spec, host, packing).with_attr("global_symbol", name)
                  for (spec, packing), name in names.items()}
         lib = tvm.compile(tvm.IRModule(funcs), target=host.tvm_target())
-        packed = []
-        for i, (chain, spec) in enumerate(zip(chains, specs)):
-            w = _const(chain.conv.args[1])
-            # a dense layer's [K, N] as the 1 x 1 convolution's [N, 1, 1, K]; a
-            # convolution's taps that its kernel computes (`ConvSpec.without_dead_taps`)
-            w = (w.T.reshape(spec.weight_shape) if chain.dense
-                 else w[nodes[i].kept_weight_index()])
-            if chain.scale is not None:  # per output channel: the weights' first axis
-                w = (w * chain.scale.reshape(-1, *[1] * (w.ndim - 1))).astype(w.dtype)
-            weight = tvm.runtime.tensor(np.ascontiguousarray(w))
-            _, packing = layouts[i]
+        packed: list[list[np.ndarray]] = [[] for _ in chains]
+        for i, spec, packing, w in jobs:
             out = tvm.runtime.empty(packing.packed_shape(spec), spec.dtype)
-            lib[names[layouts[i]]](weight, out)
-            packed.append(out.numpy())
+            lib[names[(spec, packing)]](tvm.runtime.tensor(np.ascontiguousarray(w)), out)
+            packed[i].append(out.numpy())
         return packed
 
 

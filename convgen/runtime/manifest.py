@@ -432,6 +432,10 @@ class ModelLayer:
     pair: str = ""
     # the kernel writes its output over its residual input, which nothing reads later
     in_place: bool = False
+    # the box of the node's outputs this kernel computes (per spatial axis: start,
+    # stop), where the layer runs split into tap regions (`ConvSpec.tap_regions`: each
+    # box only the taps that read its input there), else ()
+    region: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = {"node": self.node, "fused": list(self.fused), "kernel": self.kernel,
@@ -441,6 +445,8 @@ class ModelLayer:
             d["pair"] = self.pair
         if self.in_place:
             d["in_place"] = True
+        if self.region:
+            d["region"] = [list(axis) for axis in self.region]
         return d
 
     @classmethod
@@ -448,7 +454,8 @@ class ModelLayer:
         return cls(str(d["node"]), tuple(d.get("fused", ())), str(d["kernel"]),
                    ConvSpec.from_dict(d["spec"]), ScheduleChoice.from_dict(d["schedule"]),
                    str(d.get("algorithm", "direct")), str(d.get("pair", "")),
-                   bool(d.get("in_place", False)))
+                   bool(d.get("in_place", False)),
+                   tuple((int(a), int(b)) for a, b in d.get("region", ())))
 
 
 @dataclass(frozen=True)
