@@ -142,17 +142,31 @@ class ConvSpec:
             for p, k, s in zip(self.padded_size, self.dilated_kernel_size, self.stride)
         )
 
+    def _tap_input(self, axis: int, y: int, r: int) -> int:
+        """The input pixel (on a spatial axis; outside [0, in_size) in the padding) that
+        tap r (a window position, before `conv`'s flip) of output y reads."""
+        return y * self.stride[axis] - self.pads_begin[axis] + r * self.dilation[axis]
+
+    def _live_taps(self, axis: int, y: int) -> list[int]:
+        """The taps of output `y` on a spatial axis that read an input pixel rather
+        than padding."""
+        return [r for r in range(self.kernel_size[axis])
+                if 0 <= self._tap_input(axis, y, r) < self.in_size[axis]]
+
+    def _undilated_where_single(self, kernel: tuple[int, ...]) -> tuple[int, ...]:
+        """The dilation of a window cut to `kernel` taps: 1 on an axis left one tap
+        wide (the same reads, and the spec of a plain 1-tap axis)."""
+        return tuple(d if k > 1 else 1 for k, d in zip(kernel, self.dilation, strict=True))
+
     def _dead_taps(self) -> tuple[tuple[int, int], ...]:
         """Per spatial axis, how many taps at the start and at the end of the window
-        read only zero padding, whatever the output (tap r of output y reads input
-        y * stride - pad_begin + r * dilation; taps counted before `conv`'s flip), and
-        that the padding on that side is wide enough to drop (one tap: `dilation`
-        padding pixels), so the pads left stay >= 0."""
+        read only zero padding, whatever the output (`_live_taps`), and that the
+        padding on that side is wide enough to drop (one tap: `dilation` padding
+        pixels), so the pads left stay >= 0."""
         cuts = []
-        for n, k, s, d, b, e, out in zip(self.in_size, self.kernel_size, self.stride,
-                                         self.dilation, self.pads_begin, self.pads_end,
-                                         self.out_size, strict=True):
-            live = [r for r in range(k) if any(0 <= y * s - b + r * d < n for y in range(out))]
+        for axis, (k, d, b, e) in enumerate(zip(self.kernel_size, self.dilation,
+                                                self.pads_begin, self.pads_end, strict=True)):
+            live = sorted({r for y in range(self.out_size[axis]) for r in self._live_taps(axis, y)})
             if not live:  # (every output is the epilogue of zero: nothing to shorten)
                 cuts.append((0, 0))
                 continue
@@ -170,7 +184,7 @@ class ConvSpec:
         if not any(a or c for a, c in cuts):
             return self
         kernel = tuple(k - a - c for k, (a, c) in zip(self.kernel_size, cuts, strict=True))
-        dilation = tuple(d if k > 1 else 1 for k, d in zip(kernel, self.dilation, strict=True))
+        dilation = self._undilated_where_single(kernel)
         begins = tuple(b - a * d for b, (a, _), d in zip(self.pads_begin, cuts, self.dilation,
                                                           strict=True))
         ends = tuple(e - c * d for e, (_, c), d in zip(self.pads_end, cuts, self.dilation,
@@ -200,12 +214,10 @@ class ConvSpec:
         the input box they read, without padding. Empty where some output reads only
         padding (it is the epilogue of zero)."""
         axes = []
-        for n, k, s, d, b, out in zip(self.in_size, self.kernel_size, self.stride,
-                                      self.dilation, self.pads_begin, self.out_size,
-                                      strict=True):
+        for axis, out in enumerate(self.out_size):
             runs: list[tuple[int, int, int, int]] = []  # output start, stop; taps start, stop
             for y in range(out):
-                live = [r for r in range(k) if 0 <= y * s - b + r * d < n]
+                live = self._live_taps(axis, y)
                 if not live or len(live) != live[-1] - live[0] + 1:
                     return []
                 taps = (live[0], live[-1] + 1)
@@ -216,14 +228,14 @@ class ConvSpec:
             axes.append(runs)
         regions = []
         for box in itertools.product(*axes):
-            inputs = tuple((y0 * s - b + r0 * d, (y1 - 1) * s - b + (r1 - 1) * d + 1)
-                           for (y0, y1, r0, r1), s, d, b in zip(box, self.stride, self.dilation,
-                                                                self.pads_begin, strict=True))
+            # from the first output's first live tap to the last output's last one
+            inputs = tuple((self._tap_input(axis, y0, r0),
+                            self._tap_input(axis, y1 - 1, r1 - 1) + 1)
+                           for axis, (y0, y1, r0, r1) in enumerate(box))
             kernel = tuple(r1 - r0 for _, _, r0, r1 in box)
             spec = replace(self, in_size=tuple(stop - start for start, stop in inputs),
                            kernel_size=kernel, pads=(0,) * (2 * self.ndim),
-                           dilation=tuple(d if k > 1 else 1
-                                          for k, d in zip(kernel, self.dilation, strict=True)))
+                           dilation=self._undilated_where_single(kernel))
             regions.append(TapRegion(tuple((y0, y1) for y0, y1, _, _ in box), inputs, spec,
                                      self._window_index([(r0, r1) for _, _, r0, r1 in box])))
         return regions

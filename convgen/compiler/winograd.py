@@ -106,7 +106,7 @@ def phases(spec: ConvSpec) -> int:
 def tile_grid(spec: ConvSpec, m: int) -> tuple[int, int]:
     """Tiles of m x m per phase of an image, down and across: each phase's lattice is
     the output size over the dilation, rounded up (the last tiles cropped)."""
-    (lh, lw) = (-(-size // d) for size, d in zip(spec.out_size, spec.dilation, strict=True))
+    lh, lw = (-(-size // d) for size, d in zip(spec.out_size, spec.dilation, strict=True))
     return -(-lh // m), -(-lw // m)
 
 
