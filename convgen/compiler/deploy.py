@@ -634,8 +634,7 @@ def model_specs(model: onnx.ModelProto, target: TargetInfo, options: DeployOptio
     specs = []
     for name, chain in zip(names, chains):
         spec = fuser._spec(chain).without_dead_taps()
-        boxes = [] if chain.dense else fuser._regions(spec)
-        specs += [(name, box.spec) for box in boxes] or [(name, spec)]
+        specs += [(name, box.spec) for box in fuser._regions(spec)] or [(name, spec)]
     return specs
 
 
@@ -858,8 +857,7 @@ class _ConvFuser:
         # read only padding (DeepLab's widest dilations), their weights cut in `_pack`
         nodes = [self._spec(c) for c in chains]
         specs = [spec.without_dead_taps() for spec in nodes]
-        regions = {i: boxes for i, spec in enumerate(specs)
-                   if not chains[i].dense and (boxes := self._regions(spec))}
+        regions = {i: boxes for i, spec in enumerate(specs) if (boxes := self._regions(spec))}
         pairs = self._separable_pairs(chains, specs) if options.separable else {}
         pairs = {i: j for i, j in pairs.items() if i not in regions and j not in regions}
         paired = {*pairs, *pairs.values()}
@@ -1235,8 +1233,9 @@ class _ConvFuser:
         DeepLab's ASPP branches on 28x28, dilated by 12 and 24: 9 boxes each, 0.51 and
         0.18 of the multiply-adds. Dilated layers only: an undilated 3x3 layer on a
         small image saves as much at its borders (a 4x4 one: 0.69), but runs in 9
-        kernels of a few pixels each, unmeasured. Nor a layer with a residual (each box
-        would read its piece of it), nor on CUDA (unmeasured)."""
+        kernels of a few pixels each, unmeasured (a dense layer's 1 x 1 convolution is
+        undilated). Nor a layer with a residual (each box would read its piece of
+        it), nor on CUDA (unmeasured)."""
         if (spec.residual or self.target.is_cuda
                 or all(d == 1 for d in spec.dilation)):
             return []
