@@ -161,8 +161,7 @@ def test_kvec_on_16_registers_ranks_fma_chains_before_loads():
     """16 registers: tiles of more FMA chains first. A 14-wide row of a 3x3 layer takes
     two channel vectors by 5 pixels on the row widened to 15 (10 accumulators); a row
     that may not be widened (a depthwise-separable pair's 1x1 stage) one vector by 7
-    (7 chains), not 2 x 2 (4 chains, fewer loads) nor 4 x 2; a 56-wide row keeps 2 x 4
-    unwidened."""
+    (7 chains), not 2 x 2 (4 chains, fewer loads) nor 4 x 2."""
     avx2 = resolve_target("llvm:znver3")
     spec = make_spec(mode="corr", input="1x14x14x96", kernel="576x3x3x96", padding=1,
                      layout="NHWC")
@@ -172,10 +171,41 @@ def test_kvec_on_16_registers_ranks_fma_chains_before_loads():
                           layout="NHWC")
     tile = cpu.kvec_heuristic(pointwise, avx2, widen=False)
     assert (tile.nkv, tile.pw, tile.wide) == (1, 7, 0)
-    wide = make_spec(mode="corr", input="1x56x56x64", kernel="256x3x3x64", padding=1,
-                     layout="NHWC")
-    tile = cpu.kvec_heuristic(wide, avx2)
-    assert (tile.nkv, tile.pw, tile.wide) == (2, 4, 0)
+
+
+@pytest.mark.parametrize(("shape", "tile"), [
+    (("1x224x224x3", "64x7x7x3", 3, 2), (2, 6, 2)),  # the 7x7 stem: 147 steps, 112 -> 114
+    (("1x56x56x128", "128x3x3x128", 1, 2), (2, 6, 2)),  # 28 -> 30
+    (("1x56x56x64", "128x3x3x64", 1, 1), (2, 6, 4)),  # 56 -> 60
+    (("1x224x224x3", "32x3x3x3", 1, 2), (2, 4, 0)),  # 27 steps, straight-line
+    (("1x112x112x8", "64x3x3x8", 1, 2), (2, 4, 0)),  # 72 steps
+    (("1x28x28x256", "256x3x3x256", 1, 2), (2, 5, 1)),  # 14 -> 18 would waste 2 in 9
+])
+def test_kvec_long_windows_take_12_accumulators_on_16_registers(shape, tile):
+    """16 registers: a windowed layer whose reduction runs long (at least
+    LONG_REDUCTION steps) takes 2 x 6 (12 accumulators in 15 registers) on a row
+    widened to a multiple of 6, where that wastes little; a short reduction keeps
+    2 x 4. 32 registers are not limited so."""
+    data, kernel, pad, stride = shape
+    spec = make_spec(mode="corr", input=data, kernel=kernel, padding=pad, stride=stride,
+                     layout="NHWC", bias=True, activation="relu")
+    knobs = cpu.kvec_heuristic(spec, resolve_target("llvm:znver3"))
+    assert (knobs.nkv, knobs.pw, knobs.wide) == tile
+    avx512 = cpu.kvec_heuristic(spec, resolve_target("llvm:znver4"))
+    assert avx512.nkv * avx512.pw <= cpu.accumulator_budget(resolve_target("llvm:znver4")) + 2
+
+
+@pytest.mark.parametrize("mode", ["conv", "corr"])
+def test_kvec_12_accumulators_on_a_widened_row_are_correct(mode, tmp_path):
+    """2 x 6 on a 3x3 stride-2 row of 11 outputs widened to 12 (AVX2 code), the crop
+    and the epilogue in the write-back, against the references."""
+    spec = make_spec(mode=mode, input="1x7x22x16", kernel="32x3x3x16", padding=1,
+                     stride=2, layout="NHWC", bias=True, residual=True, activation="relu")
+    knobs = cpu.KvecKnobs(lanes=8, nkv=2, pw=6, k_inner=False, wide=1)
+    assert 1 in cpu._kvec_widenings(spec)
+    art = build_artifact(spec, resolve_target("llvm:znver3"), tmp_path, verify=True,
+                         template="cpu_kvec", knobs=dataclasses.asdict(knobs))
+    assert art.manifest.verification.passed
 
 
 def test_kvec_pointwise_blocks_outside_the_rows_take_4x3_on_16_registers():

@@ -76,6 +76,11 @@ if TYPE_CHECKING:
 FALLBACK_NAME = "cpu_generic"
 # independent accumulators that keep the FMA pipes busy: 4 cycles of latency x 2 pipes
 FMA_CHAINS = 8
+# with 16 registers, a windowed layer's reduction of at least this many steps
+# (C/groups x taps: the 7x7 stem's 147, C16 3x3's 144; C8 3x3's 72 ran straight-line)
+# takes tiles of up to LONG_WINDOW_TILE accumulators (`kvec_heuristic`)
+LONG_REDUCTION = 128
+LONG_WINDOW_TILE = 12
 
 
 @dataclass
@@ -280,6 +285,7 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
     # faster on the 14x14 1x1 layers measured, Zen 4, benchmarks/NOTES.md)
     shapes = [2 * vec // lanes, 4 * vec // lanes, vec // lanes]
     dense_budget = budget
+    long_tiles = False
     if w == 1:
         # a single pixel (a classifier, a squeeze-excitation gate) reuses no weight
         # vector however the tile is shaped: up to 8 channel vectors, as many chains.
@@ -307,6 +313,15 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         # against 0.68 and 0.68; C256 K64 0.63 against 0.64 and 0.61).
         shapes.remove(4 * vec // lanes)
         dense_budget = budget + 2
+        # A window whose reduction runs long may take two channel vectors by 6 pixels
+        # (12 accumulators, 2 weight vectors and a broadcast in 15 registers) on a row
+        # widened to a multiple of 6: 1.5 FMAs per load against 2 x 4's 1.33. AVX2
+        # code on Zen 4, warm (benchmarks/NOTES.md): ResNet's 7x7 stem on 112 -> 114
+        # 0.94 ms against 1.07; C64 56x56 3x3 stride 2 K128 on 28 -> 30 0.48 against
+        # 0.52; C128 so 0.99 against 1.07. A short reduction runs straight-line (the
+        # unrolled taps by a few channels) and lost: C3 3x3 K32 0.150 against 0.114,
+        # C8 3x3 K64 0.228 against 0.139.
+        long_tiles = long_window(spec) and lanes == vec
         if _channel_vectors(spec, lanes) % 2:
             # An odd count of channel vectors, which two do not divide (K24: 3, K40:
             # 5), would take single vectors by 8 pixels, a broadcast per FMA. Three
@@ -355,12 +370,16 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         # (nor, for a layer that may take 4 x 3, a tile on the unwidened row)
         if (best is not None and best.nkv * best.pw >= FMA_CHAINS and best.pw > 1
                 and not (few_registers and (best.nkv * best.lanes == vec
-                                            or pointwise_blocks_outside))):
+                                            or pointwise_blocks_outside
+                                            or (long_tiles and best.nkv * best.pw
+                                                < LONG_WINDOW_TILE)))):
             break
         for nkv in shapes:
             nkv = divisor_at_most(_channel_vectors(spec, lanes), nkv)
             pw_max = (_pixels_max(nkv, target) if few_registers and nkv > 2
                       else max(1, dense_budget // nkv))
+            if long_tiles and nkv == 2:
+                pw_max = LONG_WINDOW_TILE // nkv
             pw = divisor_at_most(w + extra, pw_max)
             if few_registers and nkv * lanes == 4 * vec and 1 < pw < pw_max:
                 # 4 x 3 only: a depthwise-separable pair's 14-wide 1x1 stage at 4 x 2
@@ -372,6 +391,13 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
                 best = tile
     assert best is not None
     return dataclasses.replace(best, k_inner=k_inner)
+
+
+def long_window(spec: ConvSpec) -> bool:
+    """A dense layer with a kernel window and at least LONG_REDUCTION multiply-adds per
+    output: its reduction stays a loop, which 12 accumulators leave registers for."""
+    return (math.prod(spec.kernel_size) > 1 and not spec.depthwise_like
+            and spec.gemm_shape[2] >= LONG_REDUCTION)
 
 
 def _tile_rank(spec: ConvSpec, k: KvecKnobs, target: TargetInfo) -> tuple[int, float]:
