@@ -136,7 +136,7 @@ def test_wvec_takes_half_vectors_where_the_fallback_would_run(mode, tmp_path):
     (14, 256, 1024, 7, (4, 3, 1)),  # 14 -> 15; 98 -> 99
     (7, 2048, 512, 7, (4, 3, 2)),  # 2 x 4 on 7 -> 8 (12.5%); 4 x 3 on 49 -> 51 (4%)
     (14, 384, 64, 7, (4, 3, 1)),  # 2 blocks x 2 rows of 98: 4 tasks, 2 per core
-    (7, 960, 160, 1, None),  # 5 blocks x 1 row of 49: 5 tasks would leave a core idle
+    (7, 960, 160, 7, (2, 5, 1)),  # 10 blocks of 2 vectors: 4 x 3 would leave 5 tasks
 ])
 def test_pointwise_rows_merge_where_the_tile_would_widen_them(size, c, k, rows, tile):
     """16 registers: a pointwise layer's rows merge so that 4 x 3 tiles run across row

@@ -297,7 +297,8 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         shapes.append(8 * vec // lanes)
     few_registers = target.vector_registers < 32 and not spec.depthwise_like
     pointwise_blocks_outside = (math.prod(spec.kernel_size) == 1 and not k_inner
-                                and _channel_vectors(spec, lanes) % 4 == 0)
+                                and _channel_vectors(spec, lanes) % 4 == 0
+                                and _shared_evenly(spec, 4 * vec // lanes, lanes, target))
     if few_registers:
         # 16 registers: a tile of fewer than FMA_CHAINS accumulators leaves the FMA
         # pipes idle whatever it saves in loads, so more chains (up to FMA_CHAINS)
@@ -346,6 +347,11 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
             # 20-40% slower at 4 x 3 (their block weights stream from L2, read by 3
             # pixels each rather than 4), nor with the blocks inside the rows, which
             # write whole rows (C16 112x112 K96 within 0.01 ms warm, 10% slower cold).
+            # Nor where its blocks leave the cores unevenly loaded: MobileNetV2's 7x7
+            # 1x1 K160 layers on one merged row of 49 (`rows_to_merge`) have 5 blocks
+            # of 4 vectors, 10 of 2; C960 -> K160 with its residual, 2 x 5 on 50
+            # 0.062-0.066 / 0.070-0.080 ms against 4 x 3 on 51's 0.070-0.073 / 0.081-0.087
+            # and 2 x 4 on rows of 7 widened to 8, 0.077 / 0.095 (benchmarks/NOTES.md).
             shapes.append(4 * vec // lanes)
 
     # A row no tile of FMA_CHAINS accumulators divides is widened where that helps:
@@ -422,8 +428,9 @@ def rows_to_merge(spec: ConvSpec, target: TargetInfo) -> int:
     merged rows) at least four per core or a multiple of the cores: MobileNetV2's
     14x14 1x1 layers to K64 and K96 as 2 rows of 98 (2 and 3 blocks, 4 and 6 tasks on
     2 cores) ran 2-7% faster than on rows of 14 widened to 15 (AVX2 code on Zen 4,
-    `scripts/ab_layers.py` both ways round); its 7x7 K160 layers (5 blocks, one row of
-    49) would leave a core idle for a fifth of the time. Only where the layer's own tile
+    `scripts/ab_layers.py` both ways round); its 7x7 K160 layers as one row of 49 in
+    10 blocks of 2 vectors (2 x 5 on 50), as 5 blocks of 4 would leave a core idle for
+    a fifth of the time. Only where the layer's own tile
     widens its rows (32 registers: 2 x 7 on 7, 14, 28 and 56, nothing thrown away),
     and only for tiles with the channel blocks outside the rows, where each block
     streams every row past its weights anyway (inside, a longer row rereads all the
@@ -439,14 +446,20 @@ def rows_to_merge(spec: ConvSpec, target: TargetInfo) -> int:
         k = kvec_heuristic(merged, target)
         if k is None or k.k_inner:
             continue
-        blocks = _channel_vectors(merged, k.lanes) // k.nkv
-        tasks = blocks * _output_rows(merged)
-        if rows > 1 and tasks < 4 * target.num_cores and tasks % target.num_cores:
+        if rows > 1 and not _shared_evenly(merged, k.nkv, k.lanes, target):
             continue
         ranked.append((rows, _tile_rank(merged, k, target)))
     chains = max(r[0] for _, r in ranked)
     best = max(r[1] for _, r in ranked if r[0] == chains)
     return next(rows for rows, r in ranked if r[0] == chains and r[1] >= 0.99 * best)
+
+
+def _shared_evenly(spec: ConvSpec, nkv: int, lanes: int, target: TargetInfo) -> bool:
+    """Whether the parallel loop of a tile of nkv channel vectors with its blocks
+    outside the rows (blocks times rows of output pixels) shares among the cores with
+    little idle time: at least four iterations per core, or a multiple of the cores."""
+    tasks = _channel_vectors(spec, lanes) // nkv * _output_rows(spec)
+    return tasks >= 4 * target.num_cores or tasks % target.num_cores == 0
 
 
 def _pixels_inner(spec: ConvSpec, nkv: int, pw: int, target: TargetInfo) -> bool:
