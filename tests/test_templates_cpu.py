@@ -158,15 +158,15 @@ def test_pointwise_rows_merge_where_the_tile_would_widen_them(size, c, k, rows, 
 
 
 def test_kvec_on_16_registers_ranks_fma_chains_before_loads():
-    """16 registers: tiles of more FMA chains first. A 14-wide row of a 3x3 layer takes
-    two channel vectors by 5 pixels on the row widened to 15 (10 accumulators); a row
-    that may not be widened (a depthwise-separable pair's 1x1 stage) one vector by 7
-    (7 chains), not 2 x 2 (4 chains, fewer loads) nor 4 x 2."""
+    """16 registers: tiles of more FMA chains first. A 14-wide row of a grouped 3x3
+    layer takes two channel vectors by 5 pixels on the row widened to 15 (10
+    accumulators); a row that may not be widened (a depthwise-separable pair's 1x1
+    stage) one vector by 7 (7 chains), not 2 x 2 (4 chains, fewer loads) nor 4 x 2."""
     avx2 = resolve_target("llvm:znver3")
-    spec = make_spec(mode="corr", input="1x14x14x96", kernel="576x3x3x96", padding=1,
-                     layout="NHWC")
+    spec = make_spec(mode="corr", input="1x14x14x96", kernel="576x3x3x48", padding=1,
+                     groups=2, layout="NHWC")
     tile = cpu.kvec_heuristic(spec, avx2)
-    assert (tile.nkv, tile.pw, tile.wide) == (2, 5, 1)
+    assert (tile.nkv, tile.pw, tile.wide, tile.flat) == (2, 5, 1, False)
     pointwise = make_spec(mode="corr", input="1x14x14x96", kernel="576x1x1x96",
                           layout="NHWC")
     tile = cpu.kvec_heuristic(pointwise, avx2, widen=False)
@@ -176,10 +176,10 @@ def test_kvec_on_16_registers_ranks_fma_chains_before_loads():
 @pytest.mark.parametrize(("shape", "tile"), [
     (("1x224x224x3", "64x7x7x3", 3, 2), (2, 6, 2)),  # the 7x7 stem: 147 steps, 112 -> 114
     (("1x56x56x128", "128x3x3x128", 1, 2), (2, 6, 2)),  # 28 -> 30
-    (("1x56x56x64", "128x3x3x64", 1, 1), (2, 6, 4)),  # 56 -> 60
+    (("1x56x56x64", "128x3x3x64", 1, 1), (2, 6, 2)),  # flat: 3136 -> 3138
     (("1x224x224x3", "32x3x3x3", 1, 2), (2, 4, 0)),  # 27 steps, straight-line
     (("1x112x112x8", "64x3x3x8", 1, 2), (2, 4, 0)),  # 72 steps
-    (("1x28x28x256", "256x3x3x256", 1, 2), (2, 5, 1)),  # 14 -> 18 would waste 2 in 9
+    (("1x28x28x256", "256x3x3x256", 1, 2), (2, 6, 2)),  # flat: 196 -> 198
 ])
 def test_kvec_long_windows_take_12_accumulators_on_16_registers(shape, tile):
     """16 registers: a windowed layer whose reduction runs long (at least
@@ -193,6 +193,47 @@ def test_kvec_long_windows_take_12_accumulators_on_16_registers(shape, tile):
     assert (knobs.nkv, knobs.pw, knobs.wide) == tile
     avx512 = cpu.kvec_heuristic(spec, resolve_target("llvm:znver4"))
     assert avx512.nkv * avx512.pw <= cpu.accumulator_budget(resolve_target("llvm:znver4")) + 2
+
+
+@pytest.mark.parametrize(("flags", "tile"), [
+    (dict(input="1x14x14x512", kernel="512x3x3x512", padding=1, stride=2), (2, 5, 1)),  # 49
+    (dict(input="1x28x28x256", kernel="256x3x3x256", padding=1, stride=2), (2, 6, 2)),  # 196
+    (dict(input="1x14x14x1024", kernel="2048x1x1x1024", stride=2), (4, 3, 2)),  # 1x1, 49
+])
+def test_kvec_narrow_windowed_rows_run_flat_on_16_registers(flags, tile):
+    """16 registers: a windowed (or strided) channels-last layer with its blocks
+    outside the rows tiles the image's pixels as one row, where a 7- or 14-wide row
+    would take 2 x 4 on 8 or 2 x 5 on 15; 32 registers keep rows (2 x 7 divides
+    them); a pointwise layer merges its rows instead (`rows_to_merge`)."""
+    spec = make_spec(mode="corr", layout="NHWC", bias=True, activation="relu", **flags)
+    avx2 = cpu.kvec_heuristic(spec, resolve_target("llvm:znver3"))
+    assert avx2.flat and not avx2.k_inner and (avx2.nkv, avx2.pw, avx2.wide) == tile
+    assert not cpu.kvec_heuristic(spec, resolve_target("llvm:znver4")).flat
+    pointwise = make_spec(mode="corr", input="1x7x7x2048", kernel="512x1x1x2048",
+                          layout="NHWC")
+    assert not cpu.kvec_heuristic(pointwise, resolve_target("llvm:znver3")).flat
+
+
+@pytest.mark.parametrize("mode", ["conv", "corr"])
+@pytest.mark.parametrize("flags", [
+    # 2 images of 3 x 6 outputs (18 -> 20 pixels each), a residual and ReLU
+    dict(input="2x6x11x16", kernel="32x3x3x16", padding=1, stride=2, residual=True,
+         activation="relu"),
+    # asymmetric pads and a 1x1 at stride 2
+    dict(input="1x9x9x16", kernel="16x1x1x16", padding=[0, 1, 1, 0], stride=2),
+    # 3-D: the last two spatial axes flat, depth outside
+    dict(input="1x3x5x7x8", kernel="16x2x3x3x8", padding=1),
+], ids=["2d-residual", "1x1-asymmetric", "3d"])
+def test_kvec_flat_pixels_are_correct(mode, flags, tmp_path):
+    """Flat pixels (`KvecKnobs.flat`): the tile runs across row ends and past the last
+    pixel (repeated, then cropped), and "out" unflattens, against the references."""
+    spec = make_spec(mode=mode, layout="channels_last", bias=True, **flags)
+    pixels = spec.out_size[-2] * spec.out_size[-1]
+    knobs = cpu.KvecKnobs(lanes=8, nkv=2, pw=4, wide=-pixels % 4, flat=True)
+    assert knobs.wide  # the tile runs past the image's last pixel
+    art = build_artifact(spec, resolve_target("llvm:znver3"), tmp_path, verify=True,
+                         template="cpu_kvec", knobs=dataclasses.asdict(knobs))
+    assert art.manifest.verification.passed
 
 
 @pytest.mark.parametrize("mode", ["conv", "corr"])

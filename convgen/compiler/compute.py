@@ -120,6 +120,12 @@ class Variant:
         channels, in "pad"), so vectors of output channels cover K where they do not
         divide it (ShuffleNet's 58 and 116 channels).
     packing: read the weight packed (the `convgen_run_packed` entry), flip included.
+    flat_pixels: channels-last, compute each image's last two spatial axes as one
+        flat axis of output pixels (H x W, then `row_extra` more, which repeat the
+        last pixel) and unflatten in "out", so a tile of pixels runs across row
+        ends where a window makes merging the rows themselves impossible
+        (`ConvSpec.rows_merged` is for pointwise layers): a 7-wide row's 49 pixels
+        as 2 x 5 on 50 rather than 2 x 4 on 8.
     (The measurements are in benchmarks/NOTES.md.)
     """
 
@@ -128,6 +134,7 @@ class Variant:
     clamp_row: bool = False
     channel_extra: int = 0
     packing: WeightPacking | None = None
+    flat_pixels: bool = False
 
 
 def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
@@ -160,7 +167,12 @@ def _conv_stage(spec: ConvSpec, data: Any, variant: Variant,
     its output tensor), blocks named "pad", "conv", "out" after `prefix`."""
     from tvm import te, tirx
 
-    wide = spec.widened(variant.row_extra)  # the spec the "pad" and "conv" blocks compute
+    flat = variant.flat_pixels
+    if flat and (not spec.channels_last or spec.ndim < 2):
+        raise ValueError(f"{spec.name()}: flat pixels need a channels-last layer with two "
+                         "or more spatial axes")
+    # the spec the "pad" and "conv" blocks compute (flat pixels repeat the last one)
+    wide = spec if flat else spec.widened(variant.row_extra)
     cl = spec.channels_last
     dt, acc = spec.dtype, spec.accum_dtype
     packing = variant.packing
@@ -186,7 +198,7 @@ def _conv_stage(spec: ConvSpec, data: Any, variant: Variant,
                          "depthwise layer")
     # (a depthwise layer's extra output channels read as many extra input channels)
     in_extra = extra if spec.depthwise_like else 0
-    clamp = variant.clamp_row and bool(variant.row_extra) and not any(spec.pads)
+    clamp = variant.clamp_row and bool(variant.row_extra) and not any(spec.pads) and not flat
     if (any(wide.pads) and not clamp) or in_extra:
         pb = spec.pads_begin
 
@@ -223,8 +235,13 @@ def _conv_stage(spec: ConvSpec, data: Any, variant: Variant,
     else:
         in_taps, w_taps = (rs, flipped) if variant.flip_weight else (flipped, rs)
 
+    rows, cols = spec.out_size[-2:] if flat else (1, 1)
+
     def conv_body(*idx: Any) -> Any:
         n, k, sp = split(idx)
+        if flat:
+            p = tirx.min(sp[-1], rows * cols - 1)
+            sp = (*sp[:-1], p // cols, p % cols)
         c = rc if spec.groups == 1 else (k // kg) * cg + rc
         taps = tuple(
             x * s + r * d for x, r, s, d in zip(sp, in_taps, spec.stride, spec.dilation)
@@ -239,14 +256,18 @@ def _conv_stage(spec: ConvSpec, data: Any, variant: Variant,
         return te.sum(a * w, axis=[rc, *rs])
 
     n_out, _, sp_out = split(wide.out_shape)
+    if flat:
+        sp_out = (*sp_out[:-2], rows * cols + variant.row_extra)
     conv = te.compute(join(n_out, spec.out_channels + extra, sp_out), conv_body,
                       name=f"{prefix}conv")
-    if dt == acc and not variant.row_extra and not extra and not spec.has_epilogue:
+    if (dt == acc and not variant.row_extra and not extra and not spec.has_epilogue
+            and not flat):
         return inputs, conv  # (bias included in has_epilogue)
 
     def out_body(*idx: Any) -> Any:
-        _, k, _ = split(idx)
-        return epilogue(spec, conv[idx], bias, residual, k, idx)
+        n, k, sp = split(idx)
+        acc_idx = join(n, k, (*sp[:-2], sp[-2] * cols + sp[-1])) if flat else idx
+        return epilogue(spec, conv[acc_idx], bias, residual, k, idx)
 
     return inputs, te.compute(spec.out_shape, out_body, name=f"{prefix}out")
 

@@ -31,7 +31,9 @@ also tries a template's grid where its heuristic declines):
     activations are read and written once in storage order. Depthwise reads its
     zero padding in the loads rather than copying padded planes. A channels-last
     row that no tile of FMA_CHAINS accumulators divides (7 wide, 16 registers) is
-    computed wider and cropped in the write-back (`wide`). The unrolled tile's
+    computed wider and cropped in the write-back (`wide`); a windowed layer with its
+    blocks outside the rows may instead run each image's pixels as one row (`flat`),
+    its tiles across row ends. The unrolled tile's
     order is the one whose live vectors the register file holds (`_pixels_inner`).
 Before these, the family tries `cpu_winograd` (`schedule/winograd.py`), another
 algorithm for dense 3x3 stride-1 layers (dilated too) with enough channels and tiles.
@@ -94,8 +96,8 @@ class _Loops:
     r: list[Any]  # kernel-window loops
 
 
-def _conv_loops(sch: Schedule, block: Any, spec: ConvSpec) -> _Loops:
-    d = spec.ndim
+def _conv_loops(sch: Schedule, block: Any, spec: ConvSpec, flat: bool = False) -> _Loops:
+    d = spec.ndim - flat  # (flat pixels: the last two spatial axes are one)
     loops = sch.get_loops(block)
     if spec.channels_last:
         return _Loops(loops[0], loops[1 + d], list(loops[1 : 1 + d]), loops[2 + d],
@@ -228,13 +230,16 @@ class KvecKnobs:
     k_inner: the channel blocks loop inside each output row (rows in parallel)
     rather than outside all of them (blocks in parallel). wide: the row computed
     this many outputs wider and cropped in the write-back (channels-last), so a
-    row no good pixel tile divides takes one (7 wide as 8: 2 x 4 tiles)."""
+    row no good pixel tile divides takes one (7 wide as 8: 2 x 4 tiles). flat: the
+    image's pixels as one row (`Variant.flat_pixels`; `wide` then widens that row),
+    the channel blocks outside it."""
 
     lanes: int
     nkv: int
     pw: int
     k_inner: bool = False
     wide: int = 0
+    flat: bool = False
 
 
 def _channel_ext(spec: ConvSpec) -> int:
@@ -396,7 +401,35 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
             if best is None or _tile_rank(spec, tile, target) > _tile_rank(spec, best, target):
                 best = tile
     assert best is not None
+    if widen and few_registers and not k_inner and _flat_applies(spec):
+        # The image's pixels as one row (`KvecKnobs.flat`), so the tile runs across
+        # row ends: nothing widened but the image's last tile. With 16 registers the
+        # rows of the late stages are narrow for 2 x 6 or 2 x 5: AVX2 code on Zen 4,
+        # warm (benchmarks/NOTES.md), C512 14x14 3x3 stride 2 (7-wide rows) 2 x 4 on 8
+        # 1.24 ms, 2 x 5 on the flat 50 1.01; C256 28x28 stride 2 2 x 5 on 15 1.16,
+        # 2 x 6 on 198 1.01; C128 56x56 stride 2 2 x 6 on 30 0.98, flat 0.92.
+        for nkv in shapes:
+            nkv = divisor_at_most(_channel_vectors(spec, lanes), nkv)
+            pw_max = (LONG_WINDOW_TILE // nkv if long_tiles and nkv == 2
+                      else _pixels_max(nkv, target) if nkv > 2 else dense_budget // nkv)
+            for pw in range(pw_max, 1, -1):
+                tile = KvecKnobs(lanes, nkv, pw, wide=_flat_extra(spec, pw), flat=True)
+                if _flat_fits(spec, tile) and (
+                        _tile_rank(spec, tile, target) > _tile_rank(spec, best, target)):
+                    best = tile
     return dataclasses.replace(best, k_inner=k_inner)
+
+
+def _flat_applies(spec: ConvSpec) -> bool:
+    """The layers `kvec_heuristic` may run on flat pixels: dense, channels-last, a
+    window or a stride (a pointwise layer's rows merge instead, `rows_to_merge`)."""
+    return (spec.channels_last and spec.ndim >= 2 and spec.groups == 1
+            and not spec.pointwise)
+
+
+def _flat_extra(spec: ConvSpec, pw: int) -> int:
+    """The pixels a flat row of pw-pixel tiles computes past the image's."""
+    return -math.prod(spec.out_size[-2:]) % pw
 
 
 def long_window(spec: ConvSpec) -> bool:
@@ -412,7 +445,7 @@ def _tile_rank(spec: ConvSpec, k: KvecKnobs, target: TargetInfo) -> tuple[int, f
     compute outputs kept (the widened row's extra outputs are FMAs thrown away)."""
     chains = (min(k.nkv * k.pw, FMA_CHAINS)
               if target.vector_registers < 32 and not spec.depthwise_like else 0)
-    w = spec.out_size[-1]
+    w = math.prod(spec.out_size[-2:]) if k.flat else spec.out_size[-1]
     return chains, k.nkv * k.pw / (k.nkv + k.pw) * w / (w + k.wide)
 
 
@@ -553,11 +586,20 @@ def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
                 if nkv <= 8 and pw <= 16 and nkv * pw <= budget and (not extra or pw > 1):
                     for k_inner in inner:
                         yield KvecKnobs(default.lanes, nkv, pw, k_inner, extra)
+    if _flat_applies(spec):
+        for nkv in divisors(_channel_vectors(spec, default.lanes)):
+            for pw in range(2, min(16, budget // nkv) + 1):
+                flat = KvecKnobs(default.lanes, nkv, pw, wide=_flat_extra(spec, pw), flat=True)
+                if nkv <= 8 and _flat_fits(spec, flat):
+                    yield flat
 
 
 def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
                   knobs: KvecKnobs) -> Schedule | None:
-    if knobs.wide and knobs.wide not in _kvec_widenings(spec):
+    if knobs.flat:
+        if not _flat_fits(spec, knobs):
+            return None
+    elif knobs.wide and knobs.wide not in _kvec_widenings(spec):
         return None
     cropped = knobs.wide or channel_pad(spec, knobs.lanes)
     sch = new_schedule(func)
@@ -576,7 +618,15 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     # the accumulators: pw x nkv vectors (`prefetch.accumulator_scope`)
     tile_bytes = accumulator_bytes(pw * nkv, lanes)
     acc_scope = accumulator_scope(tile_bytes)
-    if cropped:
+    unflatten = None
+    if knobs.flat:
+        # a tile of the flat row spans rows of the output, a region no loop nest of
+        # the output's writes: the tile is written back to the flat accumulator, and
+        # "out" (the unflattening crop + the epilogue) is a pass of its own over the
+        # output (these are narrow late layers: ResNet-50's 7x7x2048 is 400 KB, in L2)
+        wb = sch.cache_write(conv, 0, acc_scope)
+        unflatten = sch.get_sblock("out")
+    elif cropped:
         # the crop of the widened row or channels (+ the epilogue) is the write-back,
         # as in cpu_wvec
         sch.set_scope(conv, 0, acc_scope)
@@ -586,9 +636,9 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     if not spec.channels_last:
         # keep the accumulator channel-innermost; the NCHW scatter happens in the write-back
         sch.transform_layout(conv, ("write", 0), lambda n, k, *s: (n, *s, k))
-    if has_block(sch, "out") and not cropped:
+    if has_block(sch, "out") and not cropped and unflatten is None:
         sch.reverse_compute_inline(sch.get_sblock("out"))  # bias/cast in the write-back
-    loops = _conv_loops(sch, conv, spec)
+    loops = _conv_loops(sch, conv, spec, knobs.flat)
     g = spec.groups
     if spec.out_channels_per_group > 1:
         # split at the group boundary first, so k // Kg becomes the group loop and the
@@ -618,11 +668,25 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
     write_back_at(sch, wb, owo)
     init = sch.decompose_reduction(conv, red[0])
     sch.vectorize(sch.get_loops(init)[-1])
+    if unflatten is not None:
+        *rows, last = sch.get_loops(unflatten)
+        sch.parallel(sch.fuse(*rows[:-1]))
+        _vectorize_inner(sch, last, target.fp32_lanes)
     _finish_pad(sch, pad, par, pad_at)  # (in the tile only with the blocks outside rows)
     # with the blocks outside the rows, each block's rows (consecutive parallel
     # iterations) read the same weights
-    rows = 0 if knobs.k_inner else math.prod(spec.out_size[:-1])
+    rows = 0 if knobs.k_inner else math.prod(spec.out_size[:-2 if knobs.flat else -1])
     return prefetch_weights(sch, conv, tile_bytes, target, group=rows)
+
+
+def _flat_fits(spec: ConvSpec, knobs: KvecKnobs) -> bool:
+    """Whether a tile may run on the image's pixels as one row (`KvecKnobs.flat`):
+    channels-last, two or more spatial axes, the channel blocks outside the rows (the
+    rows are no longer what the cores share), and a widening that wastes little."""
+    pixels = math.prod(spec.out_size[-2:])
+    return (spec.channels_last and spec.ndim >= 2 and not knobs.k_inner
+            and (pixels + knobs.wide) % knobs.pw == 0 and knobs.wide < knobs.pw
+            and _at_most_an_eighth(knobs.wide, pixels))
 
 
 def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:
@@ -936,7 +1000,8 @@ TEMPLATES: tuple[Template[Any], ...] = (
     Template("cpu_wvec", WvecKnobs, _wvec_knobs, _wvec_grid, _wvec, _wvec_variant),
     Template("cpu_kvec", KvecKnobs, kvec_heuristic, _kvec_grid, kvec_schedule,
              lambda spec, knobs: Variant(row_extra=knobs.wide, clamp_row=True,
-                                         channel_extra=channel_pad(spec, knobs.lanes)),
+                                         channel_extra=channel_pad(spec, knobs.lanes),
+                                         flat_pixels=knobs.flat),
              packing=_kvec_packing),
 )
 
