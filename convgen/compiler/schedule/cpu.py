@@ -322,7 +322,7 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         # A window whose reduction runs long may take two channel vectors by 6 pixels
         # (12 accumulators, 2 weight vectors and a broadcast in 15 registers) on a row
         # widened to a multiple of 6: 1.5 FMAs per load against 2 x 4's 1.33. AVX2
-        # code on Zen 4, warm (benchmarks/NOTES.md): ResNet's 7x7 stem on 112 -> 114
+        # code on Zen 5, warm (benchmarks/NOTES.md): ResNet's 7x7 stem on 112 -> 114
         # 0.94 ms against 1.07; C64 56x56 3x3 stride 2 K128 on 28 -> 30 0.48 against
         # 0.52; C128 so 0.99 against 1.07. A short reduction runs straight-line (the
         # unrolled taps by a few channels) and lost: C3 3x3 K32 0.150 against 0.114,
@@ -354,7 +354,8 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
             # write whole rows (C16 112x112 K96 within 0.01 ms warm, 10% slower cold).
             # Nor where its blocks leave the cores unevenly loaded: MobileNetV2's 7x7
             # 1x1 K160 layers on one merged row of 49 (`rows_to_merge`) have 5 blocks
-            # of 4 vectors, 10 of 2; C960 -> K160 with its residual, 2 x 5 on 50
+            # of 4 vectors, 10 of 2; C960 -> K160 with its residual (AVX2 code on Zen
+            # 5, warm / after 64 MB), 2 x 5 on 50
             # 0.062-0.066 / 0.070-0.080 ms against 4 x 3 on 51's 0.070-0.073 / 0.081-0.087
             # and 2 x 4 on rows of 7 widened to 8, 0.077 / 0.095 (benchmarks/NOTES.md).
             shapes.append(4 * vec // lanes)
@@ -404,7 +405,7 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
     if widen and few_registers and not k_inner and _flat_applies(spec):
         # The image's pixels as one row (`KvecKnobs.flat`), so the tile runs across
         # row ends: nothing widened but the image's last tile. With 16 registers the
-        # rows of the late stages are narrow for 2 x 6 or 2 x 5: AVX2 code on Zen 4,
+        # rows of the late stages are narrow for 2 x 6 or 2 x 5: AVX2 code on Zen 5,
         # warm (benchmarks/NOTES.md), C512 14x14 3x3 stride 2 (7-wide rows) 2 x 4 on 8
         # 1.24 ms, 2 x 5 on the flat 50 1.01; C256 28x28 stride 2 2 x 5 on 15 1.16,
         # 2 x 6 on 198 1.01; C128 56x56 stride 2 2 x 6 on 30 0.98, flat 0.92.
