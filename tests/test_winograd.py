@@ -150,10 +150,13 @@ def test_algorithm_choice(cpu_target):
     assert any(knobs.rows for knobs in WINOGRAD.grid(dense, zen4))
     # staged, the fewest tile blocks (each rereads a plane's U) whose loads the core
     # issues as fast as the FMAs need them: one 512-bit FMA a cycle on Zen 4, two
-    # 256-bit ones with AVX2 (1 x 8 would need 2.3 loads a cycle there)
+    # 256-bit ones with AVX2 (1 x 8 would need 2.3 loads a cycle there, of 2), two
+    # 512-bit ones on Zen 5 (2.3 of its 4)
+    zen5 = resolve_target('{"kind": "llvm", "mcpu": "znver5", "num-cores": 2}')
     deep_knobs = {name: schedule_for(deep, t, use_records=False)[1].knobs
-                  for name, t in (("zen4", zen4), ("avx2", avx2))}
+                  for name, t in (("zen4", zen4), ("avx2", avx2), ("zen5", zen5))}
     assert (deep_knobs["zen4"]["nkv"], deep_knobs["zen4"]["pt"]) == (1, 8)
+    assert (deep_knobs["zen5"]["nkv"], deep_knobs["zen5"]["pt"]) == (1, 8)
     assert (deep_knobs["avx2"]["nkv"], deep_knobs["avx2"]["pt"]) == (2, 4)
     # with 16 registers, 7 x 7 tiles: a run of tiles per U load, not 8 vectors x 1 tile
     mid = make_spec(mode="corr", input="1x128x28x28", kernel="128x128x3x3", padding=1)

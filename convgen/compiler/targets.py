@@ -39,8 +39,11 @@ FMA_BITS_PER_CYCLE = {"znver5": 1024, "skylake-avx512": 1024, "cascadelake": 102
                       "cooperlake": 1024, "icelake-server": 1024, "sapphirerapids": 1024,
                       "emeraldrapids": 1024, "graniterapids": 1024}
 FMA_PIPES = 2
-# Loads a core issues per cycle: at least 2 on x86 cores since Haswell and Zen 1.
-LOADS_PER_CYCLE = 2
+# Loads (vectors or scalar broadcasts) a core issues per cycle, by LLVM CPU name: Zen 5
+# has four load pipes (two of them for 512-bit vectors, AMD's optimization guide);
+# others at least 2, as every x86 core since Haswell and Zen 1.
+LOADS_PER_CYCLE = {"znver5": 4}
+DEFAULT_LOADS_PER_CYCLE = 2
 # Static shared memory a block may declare (larger needs dynamic allocation and an
 # opt-in attribute, which TVM's CUDA codegen does not emit).
 STATIC_SMEM_PER_BLOCK = 48 * 1024
@@ -134,7 +137,7 @@ class TargetInfo:
     @property
     def loads_per_cycle(self) -> int:
         """Loads (vectors or broadcasts) a core issues per cycle."""
-        return LOADS_PER_CYCLE
+        return LOADS_PER_CYCLE.get(self.arch, DEFAULT_LOADS_PER_CYCLE)
 
     @property
     def cache_line_bytes(self) -> int:
