@@ -184,8 +184,9 @@ def test_kvec_on_16_registers_ranks_fma_chains_before_loads():
 def test_kvec_long_windows_take_12_accumulators_on_16_registers(shape, tile):
     """16 registers: a windowed layer whose reduction runs long (at least
     LONG_REDUCTION steps) takes 2 x 6 (12 accumulators in 15 registers) on a row
-    widened to a multiple of 6, where that wastes little; a short reduction keeps
-    2 x 4. 32 registers are not limited so."""
+    widened to a multiple of 6, or on its flat pixels (blocks outside the rows), where
+    that wastes little; a short reduction keeps 2 x 4. 32 registers are not limited
+    so."""
     data, kernel, pad, stride = shape
     spec = make_spec(mode="corr", input=data, kernel=kernel, padding=pad, stride=stride,
                      layout="NHWC", bias=True, activation="relu")
