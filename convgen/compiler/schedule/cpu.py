@@ -374,6 +374,14 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
     # reduction (C288 3x3 stride 2, 1.3 MB per block of 8 vectors) those loads come
     # from L2 and the layer ran 6.96 ms at 8 x 1 against 2.96 at 2 x 6 on its row
     # widened from 17 to 18 (Zen 4). So it never ends the search, however many chains.
+    def pixels_max(nkv: int) -> int:
+        """The widest tile of nkv channel vectors the rules above allow."""
+        if long_tiles and nkv == 2:
+            return LONG_WINDOW_TILE // nkv
+        if few_registers and nkv > 2:
+            return _pixels_max(nkv, target)
+        return max(1, dense_budget // nkv)
+
     widths = [0, *_kvec_widenings(spec)] if widen else [0]
     for extra in widths:
         # (with 16 registers a single channel vector does not end it either: two by 5
@@ -388,10 +396,7 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
             break
         for nkv in shapes:
             nkv = divisor_at_most(_channel_vectors(spec, lanes), nkv)
-            pw_max = (_pixels_max(nkv, target) if few_registers and nkv > 2
-                      else max(1, dense_budget // nkv))
-            if long_tiles and nkv == 2:
-                pw_max = LONG_WINDOW_TILE // nkv
+            pw_max = pixels_max(nkv)
             pw = divisor_at_most(w + extra, pw_max)
             if few_registers and nkv * lanes == 4 * vec and 1 < pw < pw_max:
                 # 4 x 3 only: a depthwise-separable pair's 14-wide 1x1 stage at 4 x 2
@@ -411,9 +416,7 @@ def kvec_heuristic(spec: ConvSpec, target: TargetInfo, widen: bool = True) -> Kv
         # 2 x 6 on 198 1.01; C128 56x56 stride 2 2 x 6 on 30 0.98, flat 0.92.
         for nkv in shapes:
             nkv = divisor_at_most(_channel_vectors(spec, lanes), nkv)
-            pw_max = (LONG_WINDOW_TILE // nkv if long_tiles and nkv == 2
-                      else _pixels_max(nkv, target) if nkv > 2 else dense_budget // nkv)
-            for pw in range(pw_max, 1, -1):
+            for pw in range(pixels_max(nkv), 1, -1):
                 tile = KvecKnobs(lanes, nkv, pw, wide=_flat_extra(spec, pw), flat=True)
                 if _flat_fits(spec, tile) and (
                         _tile_rank(spec, tile, target) > _tile_rank(spec, best, target)):
@@ -428,9 +431,14 @@ def _flat_applies(spec: ConvSpec) -> bool:
             and not spec.pointwise)
 
 
+def _flat_pixels(spec: ConvSpec) -> int:
+    """Output pixels of an image's last two spatial axes: the flat row's length."""
+    return math.prod(spec.out_size[-2:])
+
+
 def _flat_extra(spec: ConvSpec, pw: int) -> int:
     """The pixels a flat row of pw-pixel tiles computes past the image's."""
-    return -math.prod(spec.out_size[-2:]) % pw
+    return -_flat_pixels(spec) % pw
 
 
 def long_window(spec: ConvSpec) -> bool:
@@ -446,7 +454,7 @@ def _tile_rank(spec: ConvSpec, k: KvecKnobs, target: TargetInfo) -> tuple[int, f
     compute outputs kept (the widened row's extra outputs are FMAs thrown away)."""
     chains = (min(k.nkv * k.pw, FMA_CHAINS)
               if target.vector_registers < 32 and not spec.depthwise_like else 0)
-    w = math.prod(spec.out_size[-2:]) if k.flat else spec.out_size[-1]
+    w = _flat_pixels(spec) if k.flat else spec.out_size[-1]
     return chains, k.nkv * k.pw / (k.nkv + k.pw) * w / (w + k.wide)
 
 
@@ -624,7 +632,7 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
         # a tile of the flat row spans rows of the output, a region no loop nest of
         # the output's writes: the tile is written back to the flat accumulator, and
         # "out" (the unflattening crop + the epilogue) is a pass of its own over the
-        # output (these are narrow late layers: ResNet-50's 7x7x2048 is 400 KB, in L2)
+        # output, paid for in every flat layer measured (benchmarks/NOTES.md)
         wb = sch.cache_write(conv, 0, acc_scope)
         unflatten = sch.get_sblock("out")
     elif cropped:
@@ -684,7 +692,7 @@ def _flat_fits(spec: ConvSpec, knobs: KvecKnobs) -> bool:
     """Whether a tile may run on the image's pixels as one row (`KvecKnobs.flat`):
     channels-last, two or more spatial axes, the channel blocks outside the rows (the
     rows are no longer what the cores share), and a widening that wastes little."""
-    pixels = math.prod(spec.out_size[-2:])
+    pixels = _flat_pixels(spec)
     return (spec.channels_last and spec.ndim >= 2 and not knobs.k_inner
             and (pixels + knobs.wide) % knobs.pw == 0 and knobs.wide < knobs.pw
             and _at_most_an_eighth(knobs.wide, pixels))
