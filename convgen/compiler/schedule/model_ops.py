@@ -10,6 +10,9 @@ and nothing in parallel. What pays here:
   * vectorizing an element-wise nest by a lane count that divides its innermost
     extent (with one that does not, TVM cannot simplify the index over a vector
     and emits gathers: 18x slower on a 56-wide row);
+  * a layout transpose into channels-last with a few channels (the model's input,
+    224 x 224 x 3) in the output's order, the channel loop unrolled and the pixel
+    loop left to LLVM's loop vectorizer (`_interleaves`);
   * a concatenation along the innermost axis (fused with what reads it)
     partitioned at its inputs' boundaries, a vector loop per input: a vector
     across two inputs evaluates its selects lane by lane;
@@ -33,10 +36,10 @@ from convgen.compiler.schedule.common import divisor_at_most
 from convgen.runtime.kernel import CACHE_LINE
 
 # element-wise nests with fewer outputs run on one core (see above); reductions below
-# this much work (outputs x reduction extent) too. A layout transpose stores its
-# vectors lane by lane (scattered), several times the time per element of a
-# contiguous nest: the model's input transpose (150 K elements) took 0.07-0.12 ms
-# on one core, so transposes go parallel from an eighth of the outputs.
+# this much work (outputs x reduction extent) too. A layout transpose moves several
+# times less per element than a contiguous nest (its vectors gathered, or shuffled
+# between channels), so transposes go parallel from an eighth of the outputs: the
+# model's input transpose (150 K elements) 11 us on one core, 5 on two (Zen 5).
 PARALLEL_MIN_OUTPUTS = 1 << 20
 PARALLEL_MIN_WORK = 1 << 19
 PARALLEL_MIN_SCATTERED = PARALLEL_MIN_OUTPUTS // 8
@@ -87,13 +90,14 @@ def _rule() -> Any:
                     continue
                 outputs = math.prod(extents[:spatial])
                 if block.is_injective():
-                    order = _contiguous_innermost(sch, block.block_rv, extents, widest)
-                    if order is not None:
-                        sch.reorder(*[loops[i] for i in order])
-                    order = order or list(range(len(loops)))
-                    loops, extents = [loops[i] for i in order], [extents[i] for i in order]
-                    strided = _strided_read(sch, block.block_rv, order, extents)
-                    scattered = order[-1] != len(order) - 1 or strided is not None
+                    if _interleaves(sch, block.block_rv, extents):
+                        *loops, _pixels, channels = loops
+                        sch.unroll(channels)
+                        if loops and outputs >= PARALLEL_MIN_SCATTERED:
+                            sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+                        continue
+                    strided = _strided_read(sch, block.block_rv, extents)
+                    scattered = strided is not None
                     cuts = [] if scattered else _cuts(sch, block, extents[-1])
                     lanes, piece_lanes = (next((n for n in (widest, 16, 8, 4)
                                                 if n <= widest and e % n == 0), None)
@@ -162,46 +166,43 @@ def _partition(sch: Any, loop: Any, cuts: list[int], lanes: int) -> None:
         sch.vectorize(sch.get_loops(copy)[-1])
 
 
-def _contiguous_innermost(sch: Any, block: Any, extents: list[int],
-                          widest: int) -> list[int] | None:
-    """Where the innermost loop cannot be vectorized (a layout transpose into
-    channels-last: 3 channels innermost, each read 50 K elements apart), the loop
-    order that moves innermost a loop that can, along which some buffer is contiguous:
-    the transpose then reads whole vectors of a row and scatters them, instead of
-    gathering every element (the model's input transpose, 224 x 224 x 3: 0.155 ms as
-    gathers). None: the order stays."""
-    if extents[-1] % 4 == 0:
-        return None
+def _interleaves(sch: Any, block: Any, extents: list[int]) -> bool:
+    """A layout transpose into channels-last with a few channels innermost (at most a
+    cache line's worth, none a vector divides), whose input is contiguous along the
+    pixel loop just outside them: the model's input, 224 x 224 x 3. Its pixel loop
+    stays serial and its channel loop is unrolled, so LLVM's loop vectorizer sees the
+    stores of consecutive pixels' channels as one interleaved group: it loads a vector
+    of pixels from each channel's plane and shuffles them into whole vectors of the
+    output. TVM's vectorizer, over a pixel loop moved inside the channels, stores each
+    lane apart instead (scattered), and over the channels gathers every element: the
+    input transpose took 18 us (scattered) and 0.155 ms (gathered), now 5 (Zen 5, 2
+    threads)."""
+    if len(extents) < 2 or extents[-1] % 4 == 0 or extents[-1] > LINE_FLOATS:
+        return False
     stmt = sch.get(block)
-    variables = [iv.var for iv in stmt.iter_vars]
-    if len(variables) != len(extents):
-        return None
-    for access in (*stmt.writes, *stmt.reads):
-        if not access.region:
-            continue
-        last = access.region[-1].min
-        pick = next((i for i, v in enumerate(variables) if last.same_as(v)), None)
-        if pick is not None and extents[pick] % 4 == 0 and extents[pick] >= widest:
-            return [*range(pick), *range(pick + 1, len(extents)), pick]
-    return None
+    if len(stmt.iter_vars) != len(extents):
+        return False
+    pixels = stmt.iter_vars[-2].var
+    return any(access.region and access.region[-1].min.same_as(pixels)
+               for access in stmt.reads)
 
 
-def _strided_read(sch: Any, block: Any, order: list[int], extents: list[int]) -> int | None:
+def _strided_read(sch: Any, block: Any, extents: list[int]) -> int | None:
     """A layout transpose whose output is contiguous along the innermost loop but whose
     input is contiguous along another (channels-last back to channels-first at a
-    model's output: each vector gathers 8 pixels' channel c): the position, in `order`,
-    of that other loop, where it is an outer loop with a divisor above one to unroll
+    model's output: each vector gathers 8 pixels' channel c): the position of that
+    other loop, where it is an outer loop with a divisor above one to unroll
     (`_line_of`)."""
     stmt = sch.get(block)
     variables = [iv.var for iv in stmt.iter_vars]
-    if len(variables) != len(order):
+    if len(variables) != len(extents):
         return None
     for access in stmt.reads:
         if not access.region:
             continue
         last = access.region[-1].min
-        pick = next((p for p, i in enumerate(order) if last.same_as(variables[i])), None)
-        if pick is not None and pick < len(order) - 1 and _line_of(extents[pick]) > 1:
+        pick = next((p for p, v in enumerate(variables) if last.same_as(v)), None)
+        if pick is not None and pick < len(extents) - 1 and _line_of(extents[pick]) > 1:
             return pick
     return None
 
