@@ -128,6 +128,26 @@ def test_reduction_along_the_contiguous_axis_is_vectorized(channels):
     assert script.count("_rf") >= 4 and "T.vectorized" in script  # both sums, in vectors
 
 
+@pytest.mark.parametrize("channels", [144, 32])
+def test_gate_computed_once_per_channel(channels):
+    """A squeeze-excitation gate, x * sigmoid(s) with s one value per channel, as
+    `deploy` fuses it: correct, and the sigmoid in a nest of its own over the channels
+    (computed once into a buffer of one value per channel), not inlined into the
+    multiply, which would evaluate it for every pixel."""
+    from convgen.compiler.compute import sigmoid
+
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((1, 28, 28, channels), dtype=np.float32)
+    g = rng.standard_normal((1, 1, 1, channels), dtype=np.float32)
+    x, s = te.placeholder(a.shape, name="x"), te.placeholder(g.shape, name="s")
+    gate = te.compute(g.shape, lambda *i: sigmoid(s[i]), name="gate")
+    y = te.compute(a.shape, lambda n, h, w, c: x[n, h, w, c] * gate[0, 0, 0, c], name="scaled")
+    got, script = _run([x, s, y], [a, g])
+    np.testing.assert_allclose(got, a / (1 + np.exp(-g.astype(np.float64))), rtol=1e-6)
+    assert re.search(rf"gate\w* = T.sblock_alloc_buffer\(\(1, 1, 1, {channels}\)", script)
+    assert 'T.sblock("gate")' in script
+
+
 def test_exp_and_sigmoid_in_vector_arithmetic():
     """`compute.exp` and `compute.sigmoid` (the SiLU epilogue, and `deploy`'s sigmoid
     and exp): within 2e-7 relative of float64 numpy over every input, saturating

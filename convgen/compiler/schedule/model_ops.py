@@ -6,7 +6,9 @@ CPU pipeline compiles them as written: every intermediate buffer materialised,
 and nothing in parallel. What pays here:
 
   * inlining the spatial blocks into their consumer, so a fused add + relu reads
-    its inputs once and keeps no intermediate buffer;
+    its inputs once and keeps no intermediate buffer; but not a small one that
+    the consumer broadcasts (a per-channel gate), which would then be recomputed
+    for every pixel (`_broadcast_producers`);
   * vectorizing an element-wise nest by a lane count that divides its innermost
     extent (with one that does not, TVM cannot simplify the index over a vector
     and emits gathers: 18x slower on a 56-wide row);
@@ -44,6 +46,7 @@ PARALLEL_MIN_OUTPUTS = 1 << 20
 PARALLEL_MIN_WORK = 1 << 19
 PARALLEL_MIN_SCATTERED = PARALLEL_MIN_OUTPUTS // 8
 LINE_FLOATS = CACHE_LINE // 4  # float32 elements per cache line
+BROADCAST = 8  # `_broadcast_producers`: a producer this many times smaller stays apart
 
 
 def schedule_model_ops() -> Any:
@@ -78,7 +81,9 @@ def _rule() -> Any:
             blocks = normalize_prim_func(sch)
             if blocks is None:
                 return None
-            blocks = try_inline_contiguous_spatial(sch, blocks)
+            kept = _broadcast_producers(sch, blocks)
+            blocks = kept + try_inline_contiguous_spatial(
+                sch, [b for b in blocks if b not in kept])
             bits = llvm_get_vector_width(target)
             widest = max((bits if bits > 0 else 128) // 32, 4)  # float32 lanes
             for block in blocks:
@@ -125,6 +130,28 @@ def _rule() -> Any:
             return sch
 
     return OtherOpsCPU()
+
+
+def _broadcast_producers(sch: Any, blocks: list[Any]) -> list[Any]:
+    """The element-wise blocks whose output is at most 1/BROADCAST of the largest one
+    the function writes: a per-channel value that a consumer broadcasts over every
+    pixel. Inlined, the consumer would recompute it for each pixel: a
+    squeeze-excitation gate, x * sigmoid(s) with s one value per channel, evaluated
+    its sigmoid (an exp and a division) 56 x 56 times per channel (EfficientNet-B0).
+    Kept as a nest of its own, it is computed once into a buffer of its own size."""
+    from tvm import tirx
+
+    def size(block: Any) -> int:
+        """Elements of the block's one output, 0 where it has several or a symbolic
+        shape."""
+        writes = sch.get(block.block_rv).writes
+        shape = writes[0].source.shape if len(writes) == 1 else [None]
+        return math.prod(d.value for d in shape) \
+            if all(isinstance(d, tirx.IntImm) for d in shape) else 0
+
+    largest = max((size(b) for b in blocks), default=0)
+    return [b for b in blocks if b.is_injective() and sch.get(b.block_rv).reads
+            and 0 < size(b) * BROADCAST <= largest]
 
 
 def _cuts(sch: Any, block: Any, extent: int) -> list[int]:
