@@ -67,15 +67,19 @@ def test_transpose_to_channels_first(shape, line):
     assert ("T.parallel" in script) == (a.size >= 1 << 17)
 
 
-def test_elementwise_add_relu_is_vectorized():
+@pytest.mark.parametrize("shape", [(1, 28, 28, 64), (1, 56, 56, 64)])
+def test_elementwise_add_relu_is_vectorized(shape):
+    """Vectorized, and on every core from 128 K elements (a model's operator reads
+    what the layers before it left, partly out of cache)."""
     rng = np.random.default_rng(1)
-    a, b = (rng.standard_normal((1, 28, 28, 64), dtype=np.float32) for _ in range(2))
+    a, b = (rng.standard_normal(shape, dtype=np.float32) for _ in range(2))
     x, z = te.placeholder(a.shape, name="x"), te.placeholder(b.shape, name="z")
     s = te.compute(a.shape, lambda *i: x[i] + z[i], name="add")
     y = te.compute(a.shape, lambda *i: te.max(s[i], 0.0), name="relu")
     got, script = _run([x, z, y], [a, b])
     np.testing.assert_allclose(got, np.maximum(a + b, 0), rtol=1e-6)
     assert "T.vectorized" in script
+    assert ("T.parallel" in script) == (a.size >= 1 << 17)
 
 
 @pytest.mark.parametrize(("channels", "pieces"), [

@@ -21,9 +21,9 @@ and nothing in parallel. What pays here:
   * reductions (pooling, mean) with the channels innermost, vectorized, below
     the window loops; a reduction along its own contiguous innermost axis
     (LayerNorm, softmax) as a vector of partial sums;
-  * threads only for large operators: a parallel region costs several
-    microseconds to wake the pool, more than a 200 K-element ReLU takes on one
-    core (LLVM already vectorizes the innermost loop of such a nest).
+  * threads only for operators of 128 K elements or more: a parallel region costs
+    a few microseconds to wake the pool, as much as a small one takes on one core
+    (LLVM already vectorizes the innermost loop of such a nest).
 
 The convolutions are convgen's own kernels, marked `tirx.is_scheduled`, which
 this pass leaves alone.
@@ -38,13 +38,13 @@ from convgen.compiler.schedule.common import divisor_at_most
 from convgen.runtime.kernel import CACHE_LINE
 
 # element-wise nests with fewer outputs run on one core (see above); reductions below
-# this much work (outputs x reduction extent) too. A layout transpose moves several
-# times less per element than a contiguous nest (its vectors gathered, or shuffled
-# between channels), so transposes go parallel from an eighth of the outputs: the
-# model's input transpose (150 K elements) 11 us on one core, 5 on two (Zen 5).
-PARALLEL_MIN_OUTPUTS = 1 << 20
+# this much work (outputs x reduction extent) too. Inside a model an operator's
+# inputs come from the layers before it, partly out of cache, and two cores move
+# them nearly twice as fast: at 187-800 K elements DenseNet's concatenations (with
+# their BatchNorm and ReLU) and SqueezeNet's ran 1.7-2.2x faster in parallel (Zen 5),
+# and the model's input transpose (150 K) 11 us on one core, 5 on two.
+PARALLEL_MIN_OUTPUTS = 1 << 17
 PARALLEL_MIN_WORK = 1 << 19
-PARALLEL_MIN_SCATTERED = PARALLEL_MIN_OUTPUTS // 8
 LINE_FLOATS = CACHE_LINE // 4  # float32 elements per cache line
 BROADCAST = 8  # `_broadcast_producers`: a producer this many times smaller stays apart
 
@@ -98,12 +98,11 @@ def _rule() -> Any:
                     if _interleaves(sch, block.block_rv, extents):
                         *loops, _pixels, channels = loops
                         sch.unroll(channels)
-                        if loops and outputs >= PARALLEL_MIN_SCATTERED:
+                        if loops and outputs >= PARALLEL_MIN_OUTPUTS:
                             sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
                         continue
                     strided = _strided_read(sch, block.block_rv, extents)
-                    scattered = strided is not None
-                    cuts = [] if scattered else _cuts(sch, block, extents[-1])
+                    cuts = [] if strided is not None else _cuts(sch, block, extents[-1])
                     lanes, piece_lanes = (next((n for n in (widest, 16, 8, 4)
                                                 if n <= widest and e % n == 0), None)
                                           for e in (extents[-1], math.gcd(extents[-1], *cuts)))
@@ -120,8 +119,7 @@ def _rule() -> Any:
                         sch.vectorize(inner)
                         if strided is not None:
                             loops = _line_inside(sch, loops, strided, extents[strided])
-                    if loops and outputs >= (PARALLEL_MIN_SCATTERED if scattered
-                                             else PARALLEL_MIN_OUTPUTS):
+                    if loops and outputs >= PARALLEL_MIN_OUTPUTS:
                         sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
                     elif len(loops) > 1:
                         sch.fuse(*loops)
