@@ -49,6 +49,19 @@ def test_transpose_to_channels_last(shape):
         assert re.search(r"vmovup[sd]\s+%[xyz]mm\d+, -?\w*\(", asm), "no vector stores"
 
 
+def test_transpose_to_many_channels_last():
+    """More channels than LLVM interleaves, none a vector divides (ShuffleNetV2's 58):
+    the row, contiguous in the input, moves inside and is vectorized, its lanes
+    stored apart, rather than every element read alone."""
+    shape = (1, 58, 28, 28)
+    a = np.random.default_rng(3).standard_normal(shape, dtype=np.float32)
+    x = te.placeholder(shape, name="x")
+    y = te.compute((1, 28, 28, 58), lambda b, y0, x0, ch: x[b, ch, y0, x0], name="T")
+    got, script = _run([x, y], [a])
+    np.testing.assert_array_equal(got, a.transpose(0, 2, 3, 1))
+    assert "T.vectorized" in script
+
+
 @pytest.mark.parametrize(("shape", "line"), [
     ((1, 56, 56, 256), 16), ((2, 6, 8, 32), 16), ((1, 28, 32, 21), 7), ((1, 5, 7, 16), None)])
 def test_transpose_to_channels_first(shape, line):
