@@ -605,6 +605,26 @@ def test_kvec_pads_each_row_where_a_strided_window_copies_it_at_most_twice(mode,
     test_template_is_correct(strided, "cpu_kvec", knobs, tmp_path)
 
 
+@pytest.mark.parametrize("mode", ["conv", "corr"])
+def test_kvec_copies_a_narrow_group_slice_in_the_tile(mode, tmp_path):
+    """A grouped layer whose blocks run outside the rows, each group's channels at
+    most two cache lines of a wide pixel (ResNeXt's 32 groups of 16), copies its own
+    slice of the rows it reads in the tile rather than reading it in place from a
+    copy of the whole padded input; wide groups (2 of 128) and blocks inside the
+    rows keep the pass up front. The copy must be right in both modes, with
+    asymmetric padding and stride 2."""
+    narrow = make_spec(mode=mode, input="1x13x14x512", kernel="512x3x3x16",
+                       padding=[1, 0, 1, 1], stride=2, groups=32, layout="NHWC", bias=True)
+    wide = make_spec(mode=mode, input="1x14x14x256", kernel="256x3x3x128", padding=1,
+                     groups=2, layout="NHWC")
+    knobs = cpu.KvecKnobs(lanes=16, nkv=1, pw=7, k_inner=False)
+    assert cpu._kvec_pad_at(narrow, TARGET, knobs) == "tile"
+    assert cpu._kvec_pad_at(wide, TARGET, knobs) == "front"
+    assert cpu._kvec_pad_at(narrow, TARGET, dataclasses.replace(knobs, k_inner=True)) \
+        != "tile"
+    test_template_is_correct(narrow, "cpu_kvec", knobs, tmp_path)
+
+
 def test_kvec_tiles_of_streaming_weights_fit_a_stack_array():
     """Weights larger than L2 come from memory in a model: the heuristic's tile then
     stays under the stack limit, so it prefetches them (`prefetch.py`), still with

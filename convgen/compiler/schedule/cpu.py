@@ -698,6 +698,17 @@ def _flat_fits(spec: ConvSpec, knobs: KvecKnobs) -> bool:
             and _at_most_an_eighth(knobs.wide, pixels))
 
 
+# A grouped layer's block reads its group's channels of each pixel: a slice of at
+# most this many cache lines, the pixels a whole pixel's channels apart (2 KB at
+# C512), copied per block in the tile. Read in place, ResNeXt-50's 32 groups of 16
+# and 32 (AVX-512 tiles 1 x 14 and 2 x 7) ran 0.24 and 0.15 ms, copied 0.095 and
+# 0.074. The likely cause (not measured with counters): addresses 4 KB apart share
+# L1 sets, and a tile of 14 pixels reads 14 lines of the same few sets per step.
+# 4 groups of 64 (4 lines) ran as fast either way, 2 groups of 128 (8 lines) 0.93
+# in place against 1.00 copied (Zen 5, benchmarks/NOTES.md).
+GROUP_SLICE_LINES = 2
+
+
 def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:
     """Depthwise: each input vector feeds only its own taps' FMAs, so copying padded
     planes, even into L1, costs as much as the convolution. The loads read the padding
@@ -710,17 +721,20 @@ def _kvec_pad_at(spec: ConvSpec, target: TargetInfo, knobs: KvecKnobs) -> PadAt:
     56x56 stride 2: 1.60 against 1.13 padded up front). Padded in the tile, each
     channel block copies its own channels of the rows it reads, once per output row:
     worth it where the blocks run outside the rows and each would otherwise read a
-    strided slice of every pixel (16 groups of 8: 0.50 ms against 0.55 up front), and
-    for a dense layer with the blocks inside the rows whose rows are copied at most
-    twice (`_input_row_copies`); otherwise up front (the 3-channel stem, one block:
-    1.13 against 1.19; 16 groups of 8 with the blocks inside the rows: 0.36 against
-    0.39)."""
+    strided slice of every pixel (16 groups of 8: 0.50 ms against 0.55 up front;
+    `GROUP_SLICE_LINES`), and for a dense layer with the blocks inside the rows whose
+    rows are copied at most twice (`_input_row_copies`); otherwise up front (the
+    3-channel stem, one block: 1.13 against 1.19; 16 groups of 8 with the blocks
+    inside the rows: 0.36 against 0.39)."""
     if spec.depthwise_like:
         # (zero input channels past C: a padded copy, as loads past C would leave the
         # tensor at its last pixel)
         return "front" if channel_pad(spec, knobs.lanes) else "load"
     blocks = _channel_vectors(spec, knobs.lanes) // knobs.nkv
-    if spec.channels_per_group < target.fp32_lanes and not knobs.k_inner and blocks > 1:
+    if not knobs.k_inner and (
+            (spec.channels_per_group < target.fp32_lanes and blocks > 1)
+            or (spec.groups > 1 and spec.channels_per_group * spec.element_bytes
+                <= GROUP_SLICE_LINES * target.cache_line_bytes)):
         return "tile"
     if knobs.k_inner and spec.groups == 1 and spec.in_channels >= target.fp32_lanes \
             and _input_row_copies(spec) <= 2:
