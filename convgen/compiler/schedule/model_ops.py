@@ -205,7 +205,8 @@ def _contiguous_innermost(sch: Any, block: Any, extents: list[int],
     apart), the loop order that moves innermost a loop that can, along which some
     buffer is contiguous: the transpose then reads whole vectors of a row and
     scatters them, instead of gathering every element (the model's input transpose,
-    224 x 224 x 3, took 0.155 ms as gathers, 0.067 so). None: the order stays."""
+    224 x 224 x 3, on Zen 4: 0.155 ms gathering, 0.067 scattering). None: the order
+    stays."""
     if extents[-1] % 4 == 0:
         return None
     stmt = sch.get(block)
