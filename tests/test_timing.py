@@ -26,3 +26,9 @@ def test_bench_alternates_implementations_in_rounds(monkeypatch):
 def test_gflops_of_failed_runs_is_zero():
     assert timing.gflops(2_000_000_000, 0.5) == 4.0
     assert timing.gflops(10, math.inf) == 0.0
+
+
+def test_no_host_calls_no_timings():
+    """`convgen bench` on CUDA kernels alone times them on the GPU and hands the host
+    rounds nothing: that is no timings, not a division by zero."""
+    assert timing.time_host_rounds({}, repeats=6, warmup=2, min_sample_ms=0.0) == {}

@@ -140,7 +140,10 @@ def time_host_rounds(calls: dict[K, Callable[[], Any]], repeats: int, warmup: in
     the first call after a 0.1 s pause, 3.1-3.5 steady). The order rotates each
     round, so that no implementation always follows the same other one (in a fixed
     order the first of two identical ResNet-50 builds ran 2-4 ms slower than the
-    second). (The measurements are in benchmarks/NOTES.md.)"""
+    second). (The measurements are in benchmarks/NOTES.md.) No calls (a run of CUDA
+    kernels alone, timed on the GPU): no timings."""
+    if not calls:
+        return {}
     number = {name: _calibrate(fn, warmup, min_sample_ms) for name, fn in calls.items()}
     samples: dict[K, list[float]] = {name: [] for name in calls}
     per_round = max(1, math.ceil(repeats / rounds))
