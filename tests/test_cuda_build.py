@@ -262,3 +262,25 @@ def test_small_outputs_split_the_reduction_and_declare_a_workspace(template, fla
     assert ws is not None and ws.shape[0] == knobs.split_k and ws.dtype == "float32"
     assert Manifest.read(art.manifest_path).workspace == ws  # the manifest round trip
     assert art.manifest.path_of("module", tmp_path).is_file()  # nvcc compiled both kernels
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_one_output_pixel_avoids_the_gemm_templates(dtype):
+    """A GEMM with one row (one output pixel: MobileNetV2's classifier, EfficientNet's
+    squeeze-excitation gates) came out wrong from both GEMM templates on an H200, by
+    up to 64 times the result (pad_einsum's padding of a one-row input tile). Such
+    layers go to a template that does not tile output pixels; two pixels keep the
+    GEMM."""
+    from convgen.compiler.build import lower
+
+    cuda = resolve_target("cuda")
+    gemms = {"cuda_igemm_f32", "cuda_igemm_f16_tc"}
+    for flags in (dict(input="1x1x1", kernel="1x1x1", layout="NWC"),
+                  dict(input="1x1x1", kernel="1x1x1", layout="NCW"),
+                  dict(input="1x1x1x64", kernel="96x1x1x64", layout="NHWC"),
+                  dict(input="1x16x1x1", kernel="4x16x1x1")):
+        one = make_spec(mode="corr", dtype=dtype, **flags)
+        assert lower(one, cuda)[1].name not in gemms, one.name()
+    two = make_spec(mode="corr", input="1x1x2x64", kernel="96x1x1x64", layout="NHWC",
+                    dtype=dtype)
+    assert lower(two, cuda)[1].name in gemms

@@ -152,6 +152,17 @@ def _pad_to(sch: Schedule, conv: Any, sizes: tuple[int, int, int], tiles: tuple[
         sch.pad_einsum(conv, list(tiles))
 
 
+def _one_output_pixel(spec: ConvSpec) -> bool:
+    """A GEMM of one row, one output pixel (M = 1: a classifier on pooled features, a
+    squeeze-excitation gate), came out wrong from cuda_igemm_f32 on an H200, every
+    output off, by up to 64 times the result where the reduction is one element too
+    (pad_einsum then leaves the one-row input tile unpadded, and each padded step
+    reads it again). The cause of the rest is not established; the tensor-core
+    template pads its tiles the same way and is kept off such layers too (not run
+    there). They go to the templates after them."""
+    return spec.gemm_shape[0] == 1
+
+
 def _inline_producers(sch: Schedule, block: Any) -> None:
     from tvm.s_tir.dlight.gpu.matmul import auto_inline_producers
 
@@ -217,7 +228,7 @@ def _use_split_taps(spec: ConvSpec, bk: int) -> bool:
 
 
 def _igemm_f32_knobs(spec: ConvSpec, target: TargetInfo) -> IgemmKnobs | None:
-    if spec.groups != 1:
+    if spec.groups != 1 or _one_output_pixel(spec):
         return None
     m, n, kk = spec.gemm_shape
     # the biggest block tile that still gives at least one full wave of blocks
@@ -402,7 +413,7 @@ def _igemm_packing(spec: ConvSpec, target: TargetInfo, knobs: IgemmKnobs) -> Wei
 def _igemm_f32(
     func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: IgemmKnobs
 ) -> Schedule | None:
-    if spec.groups != 1 or not _igemm_valid(knobs, target):
+    if spec.groups != 1 or _one_output_pixel(spec) or not _igemm_valid(knobs, target):
         return None
     split = bool(knobs.split_taps)
     M, N, K = spec.gemm_shape
@@ -543,7 +554,7 @@ def _tc_applies(spec: ConvSpec) -> bool:
 
 
 def _tc_knobs(spec: ConvSpec, target: TargetInfo) -> TensorCoreKnobs | None:
-    if not _tc_applies(spec):
+    if not _tc_applies(spec) or _one_output_pixel(spec):
         return None
     if target.compute_capability < 70:  # wmma needs Volta or newer
         return None
@@ -668,7 +679,7 @@ def _tc_stage(sch: Schedule, outer: Any, k0: Any, index: int, warps: int, vec: i
 def _igemm_f16_tc(
     func: PrimFunc, spec: ConvSpec, target: TargetInfo, knobs: TensorCoreKnobs
 ) -> Schedule | None:
-    if not _tc_applies(spec) or not _tc_valid(knobs, target):
+    if not _tc_applies(spec) or _one_output_pixel(spec) or not _tc_valid(knobs, target):
         return None
     M, N, K = spec.gemm_shape
     bm, bn, bk = _tc_tiles(knobs)
