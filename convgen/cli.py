@@ -574,7 +574,7 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
 
         result = bench_model(load_model(artifact), repeats=repeats, sample=sample)
         emit(as_json, [result.to_dict()],
-             [*format_model_table([result]),
+             [*format_model_table([result]), *result.notes,
               f"threads: {result.threads}; medians of {repeats} samples"])
         return
     if sample is not None:

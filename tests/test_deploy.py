@@ -1450,3 +1450,43 @@ def test_cuda_zoo_model_compiles(tmp_path):
     assert {"cuda_depthwise", "cuda_igemm_f32"} <= names
     classifier = manifest.layers[-1]
     assert classifier.node.startswith("gemm") and classifier.schedule.knobs["split_k"] > 1
+
+
+PEER_GRAPHS = ["residual_block", "depthwise_block", "conv_1d_3d_grouped", "batchnorm_block",
+               "dense_block", "dilated_context", "zoo:resnet18", "zoo:mobilenet_v2"]
+
+
+def _peer_graph(name: str) -> onnx.ModelProto:
+    from convgen import zoo
+
+    return zoo.build(name[4:], size=32) if name.startswith("zoo:") else MODELS[name]()[0]
+
+
+@pytest.mark.parametrize("name", PEER_GRAPHS)
+def test_pytorch_peer_runs_the_graph_as_onnxruntime_does(name):
+    """`bench`'s GPU peer for CUDA models (`runtime.torch_graph`: the ONNX graph node by
+    node in PyTorch eager mode), here on the CPU, against onnxruntime on the same graph,
+    its Conv weights flipped as for a `conv`-mode deployment."""
+    torch = pytest.importorskip("torch", reason="torch is an optional extra")
+    from convgen.runtime.torch_graph import torch_graph
+
+    model = flip_conv_weights(_peer_graph(name))
+    rng = np.random.default_rng(3)
+    inits = {t.name for t in model.graph.initializer}
+    feed = {i.name: rng.uniform(-1, 1, [d.dim_value for d in i.type.tensor_type.shape.dim]
+                                ).astype(np.float32)
+            for i in model.graph.input if i.name not in inits}
+    want = ort_session(model.SerializeToString()).run(None, feed)
+    got = torch_graph(model, "cpu")({k: torch.from_numpy(v) for k, v in feed.items()})
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g.numpy(), w, rtol=0, atol=1e-5 * np.abs(w).max())
+
+
+def test_pytorch_peer_names_the_operator_it_does_not_run():
+    pytest.importorskip("torch", reason="torch is an optional extra")
+    from convgen.runtime.torch_graph import TorchGraphError, torch_graph
+
+    with pytest.raises(TorchGraphError, match="Erf"):
+        torch_graph(MODELS["squeeze_excite"]()[0], "cpu")

@@ -187,7 +187,10 @@ def bench_model(model: Model, *, repeats: int = 30, warmup: int = 5,
 
         on_gpu = [cuda_driver.DeviceArray.from_numpy(a) for a in inputs.values()]
         result.times[CALL] = time_cuda(lambda: model(*on_gpu), repeats, warmup, min_sample_ms)
-        result.notes.append(f"GPU: {cuda_driver.device_name()}; no GPU peer for models yet")
+        result.notes.append(f"GPU: {cuda_driver.device_name()}")
+        peers, notes = torch_model_timings(model, inputs, repeats, warmup, min_sample_ms)
+        result.times.update(peers)
+        result.notes += notes
         return result
     session = reference_session(model, spinning=True)  # onnxruntime's default
     calls: dict[str, Callable[[], Any]] = {
@@ -199,6 +202,57 @@ def bench_model(model: Model, *, repeats: int = 30, warmup: int = 5,
     result.times.update(time_host_rounds(calls, repeats, warmup, min_sample_ms,
                                          rounds=max(5, repeats // 2)))
     return result
+
+
+def torch_model_timings(model: Model, inputs: dict[str, np.ndarray], repeats: int,
+                        warmup: int, min_sample_ms: float) -> tuple[dict[str, Timing], list[str]]:
+    """The GPU peer of a CUDA model: its ONNX graph in PyTorch eager mode on the GPU
+    (`torch_graph`: cuDNN convolutions, cudnn.benchmark on; for `conv` with the Conv
+    weights flipped), timed with TF32 off ("pytorch": convgen's arithmetic) and on
+    ("pytorch_tf32": PyTorch's default for convolutions), on device tensors as
+    convgen is. Its outputs are checked against the deployed model's first; a peer
+    that disagrees is not timed. Returns the timings and notes for the report."""
+    try:
+        import torch
+    except ImportError:
+        return {}, ["PyTorch not installed: no GPU peer"]
+    if not torch.cuda.is_available():
+        return {}, ["PyTorch has no CUDA here: no GPU peer"]
+    import onnx
+
+    from convgen.onnx_export import flip_conv_weights
+    from convgen.runtime.torch_graph import TorchGraphError, torch_graph
+    from convgen.runtime.verify import MODEL_TOLERANCES, output_error
+
+    m = model.manifest
+    proto = onnx.load(str(m.path_of("onnx", model.directory)))
+    if m.mode == "conv":
+        proto = flip_conv_weights(proto)
+    try:
+        graph = torch_graph(proto, "cuda")
+    except TorchGraphError as err:
+        return {}, [f"no PyTorch peer: it does not run {err}"]
+    feed = {name: torch.from_numpy(a).cuda() for name, a in inputs.items()}
+    torch.backends.cudnn.benchmark = True
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    want = model(**inputs)
+    want = want if isinstance(want, tuple) else (want,)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    got = [t.cpu().numpy() for t in graph(feed)]
+    errors = [output_error(g, w) for g, w in zip(got, want, strict=True)]
+    worst = max(err / scale for err, scale in errors)
+    if worst > MODEL_TOLERANCES[str(want[0].dtype)]:
+        return {}, [f"PyTorch peer disagrees with the model (relative error {worst:.1e}): "
+                    "not timed"]
+    out = {}
+    try:
+        for name, tf32 in (("pytorch", False), ("pytorch_tf32", True)):
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+            out[name] = time_cuda(lambda: graph(feed), repeats, warmup, min_sample_ms)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    return out, [f"PyTorch {torch.__version__} eager on the same graph agrees "
+                 f"(relative error {worst:.1e})"]
 
 
 def _raw_entry(bound: BoundKernel, per_call: list[np.ndarray]) -> Callable[[], Any]:

@@ -364,7 +364,7 @@ def reference_session(model: Model, spinning: bool = False, profiling: bool = Fa
     return ort_session(proto.SerializeToString(), spinning, profiling, optimized)
 
 
-def _output_error(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
+def output_error(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
     """(max |got - want|, max |want|) over the finite values. Equal values agree,
     infinities and NaNs included (a model whose outputs are NaN for the random inputs,
     x ** 0.5 of a negative, where onnxruntime's are too); a NaN on one side only is an
@@ -408,7 +408,7 @@ def verify_model(model: Model, seed: int = 0,
     got = list(got) if isinstance(got, tuple) else [got]
     checks = []
     for info, g, w in zip(model.outputs, got, want):
-        err, scale = _output_error(g, w)
+        err, scale = output_error(g, w)
         tol = MODEL_TOLERANCES.get(info.dtype, MODEL_TOLERANCE)
         checks.append(Check(f"{info.name} vs onnxruntime", bool(err <= tol * scale),
                             err, err / scale, f"(relative to max |output| {scale:.3g})"))
@@ -417,7 +417,7 @@ def verify_model(model: Model, seed: int = 0,
             max(layer.spec.kernel_size) > 1 for layer in model.manifest.layers):
         as_given = ort_session(Path(model.manifest.path_of("onnx", model.directory)),
                                optimized=False)
-        gap, scale = _output_error(got[0], as_given.run(None, inputs)[0])
+        gap, scale = output_error(got[0], as_given.run(None, inputs)[0])
         checks.append(Check("differs from Conv on the weights as given (the flip)",
                             bool(gap > DIFFERS_FACTOR * tol * scale), gap,
                             gap / scale))
