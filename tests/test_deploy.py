@@ -1403,7 +1403,7 @@ def test_unfolded_batchnorm_folds_into_the_kernels(cpu_target, tmp_path):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", ["residual_block", "conv_1d_3d_grouped", "depthwise_block"])
-def test_cuda_models_compile_and_verify_where_a_gpu_is(name, tmp_path):
+def test_cuda_models_compile_and_verify_where_a_gpu_is(name, tmp_path, monkeypatch):
     """`deploy --target cuda`: the same graph on the CUDA templates (weights packed here
     in their layouts, split-K's workspace a second output that Relax allocates), the
     other operators on TVM's GPU rules, the VM on the host; compiled with nvcc here,
@@ -1422,6 +1422,7 @@ def test_cuda_models_compile_and_verify_where_a_gpu_is(name, tmp_path):
     assert all(layer.schedule.name.startswith("cuda_") for layer in manifest.layers)
     if name == "residual_block":  # C24 6x6: too few output tiles, the reduction split
         assert any(layer.schedule.knobs.get("split_k", 1) > 1 for layer in manifest.layers)
+    _check_shipped_device_code(manifest, path.parent, monkeypatch)
     m = convgen.load(path)
     x = np.ones(m.inputs[0].shape, np.float32)
     if gpu_present():
@@ -1433,16 +1434,37 @@ def test_cuda_models_compile_and_verify_where_a_gpu_is(name, tmp_path):
             m(x)
 
 
+def _check_shipped_device_code(manifest, directory: Path, monkeypatch) -> None:
+    """A CUDA model's kernels travel compiled (`deploy._write_device_code`): a cubin
+    beside the library, and TVM's CUDA runtime, asking at load time for the kernels'
+    source to be compiled, is answered with it; a source nobody shipped goes to the
+    callback registered before (TVM's, where its compiler is imported), or with none
+    is refused rather than compiled on the deployment machine."""
+    import tvm_ffi
+
+    from convgen.runtime import model as runtime_model
+
+    code = manifest.path_of(runtime_model.DEVICE_SOURCE, directory).read_text()
+    cubin = manifest.path_of(runtime_model.DEVICE_BINARY, directory).read_bytes()
+    assert cubin[:4] == b"\x7fELF" and "__global__" in code
+    runtime_model._provide_device_code(manifest, directory)
+    compile_cuda = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
+    assert bytes(compile_cuda(code)) == cubin
+    monkeypatch.setattr(runtime_model, "_other_compiler", [None])
+    with pytest.raises(Exception, match="ships compiled"):
+        compile_cuda(code + "// another module\n")
+
+
 @pytest.mark.cuda
 def test_cuda_zoo_model_compiles(tmp_path):
-    """MobileNetV2 (32 x 32) for CUDA: depthwise layers on cuda_depthwise, and small
-    outputs split along the reduction, the classifier's Gemm among them (a workspace
-    on a reshaped dense call)."""
+    """MobileNetV2 (32 x 32, batch 2) for CUDA: depthwise layers on cuda_depthwise, and
+    small outputs split along the reduction, the classifier's Gemm among them (a
+    workspace on a reshaped dense call; at batch 1 its one row goes to cuda_direct)."""
     from convgen import zoo
     from convgen.compiler.targets import resolve_target
 
     src = tmp_path / "mobilenet_v2.onnx"
-    onnx.save(zoo.build("mobilenet_v2", size=32), src)
+    onnx.save(zoo.build("mobilenet_v2", size=32, batch=2), src)
     path, manifest = deploy_artifact(src, resolve_target("cuda"), tmp_path / "dep",
                                      DeployOptions(), verify=False)
     assert path.is_file() and manifest.target.kind == "cuda"

@@ -233,7 +233,8 @@ def compile_model(model: onnx.ModelProto, name: str, target: TargetInfo,
                        if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint not in kernels)
     t3 = time.perf_counter()
     try:
-        lib = tvm.compile(mod, target=target.tvm_target(model=True))
+        with _device_code_by_nvcc(target):
+            lib = tvm.compile(mod, target=target.tvm_target(model=True))
     except Exception as err:
         raise UnsupportedError(f"model: TVM could not compile {name}: "
                                f"{tvm_reason(err)}{_where_shapes_end(model)}") from None
@@ -1431,6 +1432,7 @@ def deploy_artifact(
     try:
         t0 = time.perf_counter()
         compiled.lib.export_library(str(tmp / f"{name}.so"))
+        device = _write_device_code(compiled.lib, target, tmp / name) if target.is_cuda else {}
         references = _write_reference(source, tmp / f"{name}.onnx")
         seconds = {**compiled.seconds, "export": time.perf_counter() - t0}
         manifest = ModelManifest(
@@ -1438,7 +1440,8 @@ def deploy_artifact(
             target=TargetRecord(target_name or target.key(), target.kind, target.key(),
                                 target.config_dict),
             files={"module": ArtifactFile.of(tmp / f"{name}.so"),
-                   **{role: ArtifactFile.of(path) for role, path in references.items()}},
+                   **{role: ArtifactFile.of(path)
+                      for role, path in {**device, **references}.items()}},
             mode=options.mode,
             layout=options.layout,
             inputs=compiled.inputs,
@@ -1459,6 +1462,59 @@ def deploy_artifact(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out / f"{name}{SUFFIX}", manifest
+
+
+@contextmanager
+def _device_code_by_nvcc(target: TargetInfo) -> Iterator[None]:
+    """Where TVM's CUDA runtime is loaded in this process (a machine with a GPU), TVM
+    compiles the kernels as it generates them, through `tvm_callback_cuda_compile`
+    (TVM's own defaults to NVRTC, which needs the cuda-python bindings): within this
+    context convgen's nvcc answers, for the target's arch, as `_write_device_code`
+    compiles."""
+    import tvm_ffi
+
+    from convgen.runtime.nvcc import device_binary
+
+    if not target.is_cuda:
+        yield
+        return
+    name = "tvm_callback_cuda_compile"
+    previous = tvm_ffi.get_global_func(name, allow_missing=True)
+    tvm_ffi.register_global_func(name, lambda code, *_: device_binary(code, target.arch),
+                                 override=True)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            tvm_ffi.register_global_func(name, previous, override=True)
+
+
+def _write_device_code(lib: Any, target: TargetInfo, stem: Path) -> dict[str, Path]:
+    """A CUDA model's kernels compiled here, beside its library. TVM's CUDA code
+    generator hands the kernels' source to TVM's CUDA runtime, which compiles it when
+    the module is created; where that runtime cannot load (no NVIDIA driver, as on a
+    build machine) the module keeps the source, and whoever loads the library is asked
+    to compile it (`tvm_callback_cuda_compile`). So nvcc compiles that source here for
+    the target's arch, and both travel with the artifact: STEM.cu (the source, as the
+    library holds it) and STEM.cubin; the loader answers TVM's request with the cubin
+    (`runtime.model`), with no compiler on the deployment machine. Returns the files
+    by manifest role."""
+    from convgen.runtime.model import DEVICE_BINARY, DEVICE_SOURCE
+    from convgen.runtime.nvcc import device_binary
+
+    def cuda_modules(module: Any) -> list[Any]:
+        found = [module] if module.kind == "cuda" else []
+        return found + [m for sub in module.imports for m in cuda_modules(sub)]
+
+    modules = cuda_modules(lib.mod)
+    if len(modules) != 1:
+        raise UnsupportedError(f"model: {len(modules)} CUDA modules in the library, "
+                               "deploy ships one")
+    code = modules[0].inspect_source("cuda")
+    paths = {DEVICE_SOURCE: stem.with_suffix(".cu"), DEVICE_BINARY: stem.with_suffix(".cubin")}
+    paths[DEVICE_SOURCE].write_text(code)
+    paths[DEVICE_BINARY].write_bytes(device_binary(code, target.arch))
+    return paths
 
 
 def _write_reference(source: Path, dest: Path) -> dict[str, Path]:

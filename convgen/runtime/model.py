@@ -31,6 +31,45 @@ from convgen.runtime.manifest import ModelManifest, TensorInfo
 # TVM's pooled allocator)
 KDL_CUDA = 2
 POOLED_ALLOCATOR = 2
+# a CUDA model's kernels as compiled at deploy time (`deploy._write_device_code`):
+# the manifest's roles for the source the library holds and for its cubin
+DEVICE_SOURCE = "device_source"
+DEVICE_BINARY = "device_binary"
+_device_binaries: dict[str, bytes] = {}  # CUDA source -> its cubin, of every model loaded
+_device_lock = threading.Lock()
+_other_compiler: list[Any] = []  # the callback registered before ours (TVM's nvcc), if any
+
+
+def _compiled_device_code(code: str, *rest: Any) -> bytes:
+    """`tvm_callback_cuda_compile`: TVM's CUDA runtime, loading a library that holds
+    its kernels as source, asks for them compiled. A deployed model ships them
+    compiled, so the answer is looked up, not compiled here; other sources go to the
+    callback registered before (where the TVM compiler is in the process)."""
+    with _device_lock:
+        binary = _device_binaries.get(code)
+    if binary is not None:
+        return binary
+    if _other_compiler and _other_compiler[0] is not None:
+        return _other_compiler[0](code, *rest)
+    raise ToolchainError("a CUDA library holds kernels as source that no loaded "
+                         "artifact ships compiled (redeploy it with this convgen)")
+
+
+def _provide_device_code(manifest: ModelManifest, directory: Path) -> None:
+    """Make the model's compiled kernels the answer to TVM's request for them."""
+    import tvm_ffi
+
+    if DEVICE_BINARY not in manifest.files:
+        return
+    code = manifest.path_of(DEVICE_SOURCE, directory).read_text()
+    binary = manifest.path_of(DEVICE_BINARY, directory).read_bytes()
+    with _device_lock:
+        _device_binaries[code] = binary
+        if not _other_compiler:
+            _other_compiler.append(tvm_ffi.get_global_func("tvm_callback_cuda_compile",
+                                                           allow_missing=True))
+            tvm_ffi.register_global_func("tvm_callback_cuda_compile", _compiled_device_code,
+                                         override=True)
 
 
 class Model:
@@ -72,6 +111,7 @@ class Model:
 
                 cuda_driver.device_name()  # no GPU: one clear error before the loader's
                 load_tvm_runtime_cuda()
+                _provide_device_code(self.manifest, self.directory)
                 devices = [KDL_CUDA, 0, POOLED_ALLOCATOR, *devices]
             try:
                 lib = tvm_ffi.load_module(str(self.module_path.resolve()))

@@ -86,3 +86,22 @@ def compile_artifacts(path: str | os.PathLike[str], jobs: int = 0) -> list[tuple
     with ThreadPoolExecutor(max_workers=jobs or available_cores()) as pool:
         seconds = list(pool.map(compile_artifact, pending))
     return [(p.stem, t) for p, t in zip(pending, seconds)]
+
+
+def device_binary(code: str, arch: str) -> bytes:
+    """CUDA device code (a kernel source without host code, as TVM's CUDA code
+    generator writes it for a module that a host module launches) as a cubin for
+    `arch`, by nvcc."""
+    import tempfile
+
+    number = arch.removeprefix("sm_")
+    with tempfile.TemporaryDirectory(prefix="convgen-nvcc-") as tmp:
+        src, out = Path(tmp) / "device.cu", Path(tmp) / "device.cubin"
+        src.write_text(code)
+        cmd = [find_nvcc(), "-O3", "--cubin", f"-gencode=arch=compute_{number},code=sm_{number}",
+               "-diag-suppress", "174,177", str(src), "-o", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ToolchainError(f"nvcc failed ({proc.returncode}) on a model's device code:\n"
+                                 f"{proc.stderr.strip()[-2000:]}")
+        return out.read_bytes()
