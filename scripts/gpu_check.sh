@@ -1,31 +1,43 @@
 #!/usr/bin/env bash
 # Prepare a GPU check: CUDA artifacts for the test case table (both modes) and a
 # few benchmark layers, generated here with --defer-nvcc (no GPU or long nvcc
-# runs needed), plus the tvm-ffi wheel for the GPU machine's Python.
+# runs needed), small CUDA models and zoo models (`deploy --target cuda`), TVM's
+# runtime libraries and the tvm-ffi wheel for the GPU machine's Python.
 #   bash scripts/gpu_check.sh DIR
-# then on the GPU machine, from the repository root (needs nvcc, numpy, onnx,
-# onnxruntime, pytest; torch optional):
-#   pip install --target /tmp/site DIR/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-#   CONVGEN_PREBUILT=DIR/cases python3 -m pytest -q tests/test_gpu.py
-#   python3 -m convgen.cli compile DIR/bench && python3 -m convgen.cli verify DIR/bench
-#   python3 -m convgen.cli bench DIR/bench
-#   export CONVGEN_TVM_RUNTIME=DIR/lib/libtvm_runtime.so   # CUDA models: TVM's runtime,
-#   export LD_LIBRARY_PATH=DIR/lib:$LD_LIBRARY_PATH        # its CUDA part and libcudart
-#   for m in DIR/models/*/; do python3 -m convgen.cli verify "$m"; done
+#   KERNELS=0 ZOO=resnet18 bash scripts/gpu_check.sh DIR   # a zoo model alone
+# then on the GPU machine (needs nvcc, numpy, onnx, onnxruntime, pytest; torch
+# optional), from the repository root: bash scripts/gpu_run.sh DIR LOGDIR.
+# A zoo model travels without its ONNX copy (a device call carries 64 MiB in all;
+# ResNet-18's weights are 45 MB): gpu_run.sh rebuilds it there from the same seed.
 set -euo pipefail
 out=${1:?usage: gpu_check.sh DIR}
-mkdir -p "$out/cases" "$out/bench" "$out/whl" "$out/models" "$out/lib"
-python - "$out" <<'PY'
+mkdir -p "$out/whl" "$out/lib" "$out/zoo"
+KERNELS=${KERNELS:-1} ZOO=${ZOO:-mobilenet_v2} python - "$out" <<'PY'
+import os
 import sys
 from pathlib import Path
-sys.path.insert(0, "tests")
-from cases import CASE_TABLE
-from convgen.compiler.build import build_artifact
-from convgen.spec import make_spec
+
+import onnx
+
+from convgen import zoo
+from convgen.compiler.deploy import DeployOptions, deploy_artifact
 from convgen.compiler.targets import resolve_target
 
 out = Path(sys.argv[1])
 cuda = resolve_target("cuda")
+for name in os.environ["ZOO"].split():
+    onnx.save(zoo.build(name), out / f"{name}.onnx")
+    deploy_artifact(out / f"{name}.onnx", cuda, out / "zoo" / name, DeployOptions(),
+                    verify=False)
+    (out / f"{name}.onnx").unlink()
+    (out / "zoo" / name / f"{name}.onnx").unlink()
+if os.environ["KERNELS"] == "0":
+    sys.exit()
+sys.path.insert(0, "tests")
+from cases import CASE_TABLE
+from convgen.compiler.build import build_artifact
+from convgen.spec import make_spec
+
 for row in CASE_TABLE:
     for mode in ("conv", "corr"):
         build_artifact(make_spec(mode=mode, **row), cuda, out / "cases", defer_nvcc=True)
@@ -43,15 +55,16 @@ for c, hw, k, r, s, p, g in layers:
                          stride=s, padding=p, groups=g, dtype=dtype)
         build_artifact(spec, cuda, out / "bench", defer_nvcc=True)
 # small CUDA models (deploy --target cuda), from the deploy tests' graphs
-sys.path.insert(0, "tests")
-import onnx
 from test_deploy import MODELS
-from convgen.compiler.deploy import DeployOptions, deploy_artifact
-for name in ("residual_block", "depthwise_block", "conv_1d_3d_grouped"):
-    model, _ = MODELS[name]()
+from convgen.errors import ConvgenError
+for name, make in MODELS.items():
+    model, _ = make()
     onnx.save(model, out / f"{name}.onnx")
-    deploy_artifact(out / f"{name}.onnx", cuda, out / "models" / name,
-                    DeployOptions(mode="conv"), verify=False)
+    try:
+        deploy_artifact(out / f"{name}.onnx", cuda, out / "models" / name,
+                        DeployOptions(mode="conv"), verify=False)
+    except ConvgenError as err:
+        print(f"{name}: not deployed for CUDA: {err}")
     (out / f"{name}.onnx").unlink()
 PY
 tvm_lib=$(python -c "import tvm, os; print(os.path.join(os.path.dirname(tvm.__file__), 'lib'))")
