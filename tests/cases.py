@@ -52,6 +52,7 @@ CASE_TABLE: list[dict[str, Any]] = [
     dict(input="1x5x17x8", kernel="32x1x7x8", padding="0,3", layout="NHWC",
          bias=True),  # a prime row, widened from 17 to 18 for tiles of 2, 3 or 6 pixels
     dict(input="1x1x1", kernel="1x1x1", layout="NWC"),  # one output element (hypothesis)
+    dict(input="1x24x1x1", kernel="10x24x1x1", bias=True),  # one output pixel: a classifier
 ]
 
 
