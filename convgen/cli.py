@@ -572,7 +572,8 @@ def bench(artifact: str | None, target: str, repeats: int, no_peers: bool,
         from convgen.runtime.bench import bench_model, format_model_table
         from convgen.runtime.model import load_model
 
-        result = bench_model(load_model(artifact), repeats=repeats, sample=sample)
+        result = bench_model(load_model(artifact), repeats=repeats, sample=sample,
+                             peers=not no_peers)
         emit(as_json, [result.to_dict()],
              [*format_model_table([result]), *result.notes,
               f"threads: {result.threads}; medians of {repeats} samples"])

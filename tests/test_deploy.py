@@ -1190,6 +1190,10 @@ def test_cli_deploy_verify_bench(tmp_path):
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.output)
     assert set(row["times"]) == {"convgen", "onnxruntime"}
+    result = runner.invoke(main, ["bench", str(out), "--repeats", "3", "--json", "--no-peers"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert set(row["times"]) == {"convgen"}
 
 
 def test_models_with_external_data_deploy_whole(tmp_path):

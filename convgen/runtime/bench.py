@@ -165,13 +165,15 @@ def _prepare(
 
 def bench_model(model: Model, *, repeats: int = 30, warmup: int = 5,
                 min_sample_ms: float = 20.0,
-                sample: str | os.PathLike[str] | None = None) -> BenchResult:
+                sample: str | os.PathLike[str] | None = None,
+                peers: bool = True) -> BenchResult:
     """A deployed model against onnxruntime on the model as given (all optimizations,
     weights as initializers, its thread pool spinning as by default; for `conv` mode
     with its Conv weights flipped), in one process, alternating rounds (each starting
     once the other's threads are idle); convgen through `model(x)` on numpy arrays. A
-    CUDA model: `model(x)` on device tensors, alone. On `sample` inputs where given
-    (`verify.model_inputs`)."""
+    CUDA model: `model(x)` on device tensors, against PyTorch eager on the GPU
+    (`torch_model_timings`). Without `peers`, convgen alone. On `sample` inputs where
+    given (`verify.model_inputs`)."""
     from convgen.runtime.verify import model_inputs, reference_session
 
     m = model.manifest
@@ -188,15 +190,16 @@ def bench_model(model: Model, *, repeats: int = 30, warmup: int = 5,
         on_gpu = [cuda_driver.DeviceArray.from_numpy(a) for a in inputs.values()]
         result.times[CALL] = time_cuda(lambda: model(*on_gpu), repeats, warmup, min_sample_ms)
         result.notes.append(f"GPU: {cuda_driver.device_name()}")
-        peers, notes = torch_model_timings(model, inputs, repeats, warmup, min_sample_ms)
-        result.times.update(peers)
-        result.notes += notes
+        if peers:
+            timings, notes = torch_model_timings(model, inputs, repeats, warmup,
+                                                 min_sample_ms)
+            result.times.update(timings)
+            result.notes += notes
         return result
-    session = reference_session(model, spinning=True)  # onnxruntime's default
-    calls: dict[str, Callable[[], Any]] = {
-        CALL: lambda: model(**inputs),
-        "onnxruntime": lambda: session.run(None, inputs),
-    }
+    calls: dict[str, Callable[[], Any]] = {CALL: lambda: model(**inputs)}
+    if peers:
+        session = reference_session(model, spinning=True)  # onnxruntime's default
+        calls["onnxruntime"] = lambda: session.run(None, inputs)
     # rounds of two samples: a whole model's sample is tens of milliseconds, and the
     # shared machine's slow spells (up to 2x, seconds long) must fall on both alike
     result.times.update(time_host_rounds(calls, repeats, warmup, min_sample_ms,
