@@ -155,11 +155,13 @@ def _pad_to(sch: Schedule, conv: Any, sizes: tuple[int, int, int], tiles: tuple[
 def _one_output_pixel(spec: ConvSpec) -> bool:
     """A GEMM of one row, one output pixel (M = 1: a classifier on pooled features, a
     squeeze-excitation gate), came out wrong from cuda_igemm_f32 on an H200, every
-    output off, by up to 64 times the result where the reduction is one element too
-    (pad_einsum then leaves the one-row input tile unpadded, and each padded step
-    reads it again). The cause of the rest is not established; the tensor-core
-    template pads its tiles the same way and is kept off such layers too (not run
-    there). They go to the templates after them."""
+    output off (64 times the result for C1 -> K1). The generated code shows why: the
+    one-row input tile is staged in shared memory whole, but the register fetches
+    of both operands lose the reduction index (every unrolled step of a shared-memory
+    tile reads element 0 of the input and the same weights), so each step
+    multiplies the same pair. The tensor-core template stages its tiles the same way
+    and is kept off such layers too (not run there). They go to the templates after
+    them."""
     return spec.gemm_shape[0] == 1
 
 
