@@ -5,6 +5,11 @@
 # runtime libraries and the tvm-ffi wheel for the GPU machine's Python.
 #   bash scripts/gpu_check.sh DIR
 #   KERNELS=0 ZOO=resnet18 bash scripts/gpu_check.sh DIR   # a zoo model alone
+#   KERNELS=0 ZOO= TUNE=resnet18 bash scripts/gpu_check.sh DIR   # CUDA tuning candidates
+#     for the layers deploy builds for a zoo model (`convgen tune --model`, TRIALS per
+#     template, default 3); gpu_run.sh measures them into LOGDIR/tune-<model>.json,
+#     and here `convgen tune --target cuda:sm_90 --ingest` takes the folder back with
+#     that file as its results.json.
 # then on the GPU machine (needs nvcc, numpy, onnx, onnxruntime, pytest; torch
 # optional), from the repository root: bash scripts/gpu_run.sh DIR LOGDIR.
 # A zoo model travels without its ONNX copy (a device call carries 64 MiB in all;
@@ -12,7 +17,7 @@
 set -euo pipefail
 out=${1:?usage: gpu_check.sh DIR}
 mkdir -p "$out/whl" "$out/lib" "$out/zoo"
-KERNELS=${KERNELS:-1} ZOO=${ZOO:-mobilenet_v2} python - "$out" <<'PY'
+KERNELS=${KERNELS:-1} ZOO=${ZOO-mobilenet_v2} python - "$out" <<'PY'
 import os
 import sys
 from pathlib import Path
@@ -67,6 +72,13 @@ for name, make in MODELS.items():
         print(f"{name}: not deployed for CUDA: {err}")
     (out / f"{name}.onnx").unlink()
 PY
+for name in ${TUNE:-}; do
+  python -c "import onnx, sys; from convgen import zoo; onnx.save(zoo.build(sys.argv[1]), sys.argv[2])" \
+    "$name" "$out/$name.onnx"
+  convgen tune --model "$out/$name.onnx" --target cuda:sm_90 --trials "${TRIALS:-3}" \
+    --emit-candidates "$out/tune/$name"
+  rm "$out/$name.onnx"
+done
 tvm_lib=$(python -c "import tvm, os; print(os.path.join(os.path.dirname(tvm.__file__), 'lib'))")
 cp "$tvm_lib/libtvm_runtime.so" "$tvm_lib/libtvm_runtime_cuda.so" "$out/lib/"
 # the CUDA runtime TVM's CUDA part was linked against (13.x: driver 580 or newer)

@@ -2,8 +2,9 @@
 # The GPU machine's half of a GPU check prepared by scripts/gpu_check.sh DIR. Run
 # from the repository root there; every step's output goes to LOGDIR/<step>.log,
 # each step under its own time limit, in order of what matters most: the models
-# (verified against onnxruntime, timed against PyTorch eager on the GPU), the
-# case table (tests/test_gpu.py), then the benchmark layers against cuDNN.
+# (verified against onnxruntime, timed against PyTorch eager on the GPU), tuning
+# candidates, the case table (tests/test_gpu.py), then the benchmark layers
+# against cuDNN.
 #   bash scripts/gpu_run.sh DIR LOGDIR
 set -uo pipefail
 dir=${1:?usage: gpu_run.sh DIR LOGDIR}
@@ -36,6 +37,11 @@ done
 for m in "$dir"/zoo/*/ "$dir"/models/residual_block/; do
   [ -d "$m" ] || continue
   step "bench-$(basename "$m")" 120 python3 -m convgen.cli bench "$m"
+done
+for t in "$dir"/tune/*/; do  # CUDA tuning candidates: results.json comes back in LOGDIR
+  [ -d "$t" ] || continue
+  step "measure-$(basename "$t")" 300 python3 -m convgen.cli measure "$t"
+  cp "$t/results.json" "$logs/tune-$(basename "$t").json" 2>/dev/null
 done
 if [ -d "$dir/cases" ]; then
   step compile-cases 240 python3 -m convgen.cli compile "$dir/cases"
