@@ -267,10 +267,10 @@ def test_small_outputs_split_the_reduction_and_declare_a_workspace(template, fla
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_one_output_pixel_avoids_the_gemm_templates(dtype):
     """A GEMM with one row (one output pixel: MobileNetV2's classifier, EfficientNet's
-    squeeze-excitation gates) came out wrong from both GEMM templates on an H200, by
-    up to 64 times the result (pad_einsum's padding of a one-row input tile). Such
-    layers go to a template that does not tile output pixels; two pixels keep the
-    GEMM."""
+    squeeze-excitation gates) came out wrong from cuda_igemm_f32 on an H200 (the
+    register fetches of a one-row tile lose the reduction index); the tensor-core
+    template stages its tiles alike. Such layers go to a template that does not tile
+    output pixels; two pixels keep the GEMM."""
     from convgen.compiler.build import lower
 
     cuda = resolve_target("cuda")
