@@ -1431,10 +1431,12 @@ def deploy_artifact(
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
     try:
         t0 = time.perf_counter()
-        compiled.lib.export_library(str(tmp / f"{name}.so"))
         device = _write_device_code(compiled.lib, target, tmp / name) if target.is_cuda else {}
+        t1 = time.perf_counter()
+        compiled.lib.export_library(str(tmp / f"{name}.so"))
         references = _write_reference(source, tmp / f"{name}.onnx")
-        seconds = {**compiled.seconds, "export": time.perf_counter() - t0}
+        seconds = {**compiled.seconds, **({"nvcc": t1 - t0} if device else {}),
+                   "export": time.perf_counter() - t1}
         manifest = ModelManifest(
             name=name,
             target=TargetRecord(target_name or target.key(), target.kind, target.key(),
