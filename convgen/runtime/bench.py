@@ -169,11 +169,12 @@ def bench_model(model: Model, *, repeats: int = 30, warmup: int = 5,
                 peers: bool = True) -> BenchResult:
     """A deployed model against onnxruntime on the model as given (all optimizations,
     weights as initializers, its thread pool spinning as by default; for `conv` mode
-    with its Conv weights flipped), in one process, alternating rounds (each starting
-    once the other's threads are idle); convgen through `model(x)` on numpy arrays. A
-    CUDA model: `model(x)` on device tensors, against PyTorch eager on the GPU
-    (`torch_model_timings`). Without `peers`, convgen alone. On `sample` inputs where
-    given (`verify.model_inputs`)."""
+    with its Conv weights flipped) and PyTorch eager on the same graph
+    (`torch_model_call`, where torch is installed), in one process, alternating
+    rounds (each starting once the others' threads are idle); convgen through
+    `model(x)` on numpy arrays. A CUDA model: `model(x)` on device tensors, against
+    PyTorch eager on the GPU with TF32 off and on. Without `peers`, convgen alone. On
+    `sample` inputs where given (`verify.model_inputs`)."""
     from convgen.runtime.verify import model_inputs, reference_session
 
     m = model.manifest
@@ -191,15 +192,29 @@ def bench_model(model: Model, *, repeats: int = 30, warmup: int = 5,
         result.times[CALL] = time_cuda(lambda: model(*on_gpu), repeats, warmup, min_sample_ms)
         result.notes.append(f"GPU: {cuda_driver.device_name()}")
         if peers:
-            timings, notes = torch_model_timings(model, inputs, repeats, warmup,
-                                                 min_sample_ms)
-            result.times.update(timings)
+            call, notes = torch_model_call(model, inputs, "cuda")
             result.notes += notes
+            if call is not None:
+                import torch
+
+                saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+                try:
+                    for name, tf32 in (("torch", False), ("torch_tf32", True)):
+                        torch.backends.cudnn.allow_tf32 = tf32
+                        torch.backends.cuda.matmul.allow_tf32 = tf32
+                        result.times[name] = time_cuda(call, repeats, warmup, min_sample_ms)
+                finally:
+                    (torch.backends.cudnn.allow_tf32,
+                     torch.backends.cuda.matmul.allow_tf32) = saved
         return result
     calls: dict[str, Callable[[], Any]] = {CALL: lambda: model(**inputs)}
     if peers:
         session = reference_session(model, spinning=True)  # onnxruntime's default
         calls["onnxruntime"] = lambda: session.run(None, inputs)
+        call, notes = torch_model_call(model, inputs, "cpu")
+        result.notes += notes
+        if call is not None:
+            calls["torch"] = call
     # rounds of two samples: a whole model's sample is tens of milliseconds, and the
     # shared machine's slow spells (up to 2x, seconds long) must fall on both alike
     result.times.update(time_host_rounds(calls, repeats, warmup, min_sample_ms,
@@ -207,20 +222,20 @@ def bench_model(model: Model, *, repeats: int = 30, warmup: int = 5,
     return result
 
 
-def torch_model_timings(model: Model, inputs: dict[str, np.ndarray], repeats: int,
-                        warmup: int, min_sample_ms: float) -> tuple[dict[str, Timing], list[str]]:
-    """The GPU peer of a CUDA model: its ONNX graph in PyTorch eager mode on the GPU
-    (`torch_graph`: cuDNN convolutions, cudnn.benchmark on; for `conv` with the Conv
-    weights flipped), timed with TF32 off ("pytorch": convgen's arithmetic) and on
-    ("pytorch_tf32": PyTorch's default for convolutions), on device tensors as
-    convgen is. Its outputs are checked against the deployed model's first; a peer
-    that disagrees is not timed. Returns the timings and notes for the report."""
+def torch_model_call(model: Model, inputs: dict[str, np.ndarray], device: str
+                     ) -> tuple[Callable[[], Any] | None, list[str]]:
+    """PyTorch as its users run a network: the model's own ONNX graph in eager mode
+    (`torch_graph`; for `conv` with the Conv weights flipped), on `device` ("cpu":
+    oneDNN, as many threads as convgen; "cuda": cuDNN with cudnn.benchmark on, TF32
+    off while checking), on tensors made once from `inputs`. Its outputs are checked
+    against the deployed model's first: a peer that disagrees is not returned.
+    Returns the zero-argument call (or None) and notes for the report."""
     try:
         import torch
     except ImportError:
-        return {}, ["PyTorch not installed: no GPU peer"]
-    if not torch.cuda.is_available():
-        return {}, ["PyTorch has no CUDA here: no GPU peer"]
+        return None, ["PyTorch not installed: no PyTorch column"]
+    if device == "cuda" and not torch.cuda.is_available():
+        return None, ["PyTorch has no CUDA here: no PyTorch column"]
     import onnx
 
     from convgen.onnx_export import flip_conv_weights
@@ -232,30 +247,27 @@ def torch_model_timings(model: Model, inputs: dict[str, np.ndarray], repeats: in
     if m.mode == "conv":
         proto = flip_conv_weights(proto)
     try:
-        graph = torch_graph(proto, "cuda")
+        graph = torch_graph(proto, device)
     except TorchGraphError as err:
-        return {}, [f"no PyTorch peer: it does not run {err}"]
-    feed = {name: torch.from_numpy(a).cuda() for name, a in inputs.items()}
+        return None, [f"no PyTorch column: it does not run {err}"]
+    torch.set_num_threads(available_cores())
     torch.backends.cudnn.benchmark = True
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    feed = {name: torch.from_numpy(a).to(device) for name, a in inputs.items()}
     want = model(**inputs)
     want = want if isinstance(want, tuple) else (want,)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    got = [t.cpu().numpy() for t in graph(feed)]
+    try:
+        got = [t.cpu().numpy() for t in graph(feed)]
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     errors = [output_error(g, w) for g, w in zip(got, want, strict=True)]
     worst = max(err / scale for err, scale in errors)
     if worst > MODEL_TOLERANCES[str(want[0].dtype)]:
-        return {}, [f"PyTorch peer disagrees with the model (relative error {worst:.1e}): "
-                    "not timed"]
-    out = {}
-    try:
-        for name, tf32 in (("pytorch", False), ("pytorch_tf32", True)):
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
-            out[name] = time_cuda(lambda: graph(feed), repeats, warmup, min_sample_ms)
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-    return out, [f"PyTorch {torch.__version__} eager on the same graph agrees "
-                 f"(relative error {worst:.1e})"]
+        return None, [f"PyTorch disagrees with the model (relative error {worst:.1e}): "
+                      "not timed"]
+    return (lambda: graph(feed)), [f"PyTorch {torch.__version__} eager on the same graph "
+                                   f"agrees (relative error {worst:.1e})"]
 
 
 def _raw_entry(bound: BoundKernel, per_call: list[np.ndarray]) -> Callable[[], Any]:

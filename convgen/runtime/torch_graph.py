@@ -1,14 +1,15 @@
-"""An ONNX graph run node by node in PyTorch eager mode: the peer for a CUDA model.
+"""An ONNX graph run node by node in PyTorch eager mode: a deployed model's PyTorch peer.
 
-onnxruntime on a GPU machine here runs on the CPU, which is no peer for a model on
-the GPU. What a PyTorch user runs instead is the network in eager mode, every
-convolution a cuDNN call (`cudnn.benchmark` on) and every other operator one of
-PyTorch's own kernels. Running the deployed model's own ONNX graph that way (the
-weights of that graph, BatchNorm folded as the exporter wrote it; in `conv` mode
-with the Conv weights flipped) gives the same calls on the same shapes without
-needing the network's Python definition. Operators outside the table below make
-the peer unavailable (`TorchGraphError` names the first one); the table holds
-what image classifiers are made of.
+What a PyTorch user runs instead of a deployed model is the network in eager mode,
+every convolution a oneDNN call on the CPU or a cuDNN call on the GPU
+(`cudnn.benchmark` on), every other operator one of PyTorch's own kernels. On a
+GPU machine it is the only peer: onnxruntime there runs on the CPU. Running the
+deployed model's own ONNX graph that way (the weights of that graph, BatchNorm
+folded as the exporter wrote it; in `conv` mode with the Conv weights flipped)
+gives the same calls on the same shapes without needing the network's Python
+definition. Operators outside the table below make the peer unavailable
+(`TorchGraphError` names the first one); the table holds what image classifiers
+are made of.
 """
 
 from __future__ import annotations
