@@ -1521,3 +1521,20 @@ def test_pytorch_peer_names_the_operator_it_does_not_run():
 
     with pytest.raises(TorchGraphError, match="Erf"):
         torch_graph(MODELS["squeeze_excite"]()[0], "cpu")
+
+
+def test_pytorch_peer_refuses_computed_weights_by_name():
+    """Weights the graph computes or takes as an input (not initializers) make the peer
+    unavailable with the operand named, never a KeyError mid-benchmark."""
+    pytest.importorskip("torch", reason="torch is an optional extra")
+    from convgen.runtime.torch_graph import TorchGraphError, torch_graph
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5]),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              ir_version=IR_VERSION)
+    with pytest.raises(TorchGraphError, match="Conv with a computed 'w'"):
+        torch_graph(model, "cpu")

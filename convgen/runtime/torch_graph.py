@@ -55,6 +55,11 @@ def torch_graph(proto: Any, device: str) -> Callable[[dict[str, Any]], list[Any]
 
     def step(node: Any) -> Callable[[dict[str, Any]], None]:
         op, a, ins, out = node.op_type, _attrs(node), list(node.input), node.output[0]
+
+        def const(name: str) -> Any:
+            if name not in consts:
+                raise TorchGraphError(f"{op} with a computed {name!r} (not an initializer)")
+            return consts[name]
         if len(node.output) != 1:
             raise TorchGraphError(f"{op} with {len(node.output)} outputs")
 
@@ -69,15 +74,13 @@ def torch_graph(proto: Any, device: str) -> Callable[[dict[str, Any]], list[Any]
             return run
 
         if op == "Conv":
-            kernel = consts.get(ins[1])
-            if kernel is None:
-                raise TorchGraphError("Conv with weights that are not an initializer")
+            kernel = const(ins[1])
             ndim = kernel.dim() - 2
             conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[ndim]
             if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 raise TorchGraphError("Conv with auto_pad")
             explicit, padding = _pads(list(a.get("pads", [0] * 2 * ndim)), ndim)
-            bias = consts[ins[2]] if len(ins) > 2 and ins[2] else None
+            bias = const(ins[2]) if len(ins) > 2 and ins[2] else None
             kw = dict(stride=a.get("strides", [1] * ndim), padding=padding,
                       dilation=a.get("dilations", [1] * ndim), groups=a.get("group", 1))
 
@@ -97,8 +100,8 @@ def torch_graph(proto: Any, device: str) -> Callable[[dict[str, Any]], list[Any]
         if op == "HardSwish":
             return unary(F.hardswish)
         if op == "Clip":
-            lo = float(consts[ins[1]]) if len(ins) > 1 and ins[1] else a.get("min")
-            hi = float(consts[ins[2]]) if len(ins) > 2 and ins[2] else a.get("max")
+            lo = float(const(ins[1])) if len(ins) > 1 and ins[1] else a.get("min")
+            hi = float(const(ins[2])) if len(ins) > 2 and ins[2] else a.get("max")
             return unary(lambda x: torch.clamp(x, lo, hi))
         if op in ("Add", "Mul", "Sub", "Div"):
             fn = {"Add": torch.add, "Mul": torch.mul, "Sub": torch.sub, "Div": torch.div}[op]
@@ -127,28 +130,26 @@ def torch_graph(proto: Any, device: str) -> Callable[[dict[str, Any]], list[Any]
         if op == "Gemm":
             if a.get("transA", 0):
                 raise TorchGraphError("Gemm with transA")
-            w = consts.get(ins[1])
-            if w is None:
-                raise TorchGraphError("Gemm with weights that are not an initializer")
+            w = const(ins[1])
             w = w.t() if a.get("transB", 0) else w
             w = (w * a.get("alpha", 1.0)).contiguous()
-            c = consts[ins[2]] * a.get("beta", 1.0) if len(ins) > 2 and ins[2] else None
+            c = const(ins[2]) * a.get("beta", 1.0) if len(ins) > 2 and ins[2] else None
 
             def run_gemm(env: dict[str, Any]) -> None:
                 y = env[ins[0]] @ w
                 env[out] = y + c if c is not None else y
             return run_gemm
         if op == "BatchNormalization":
-            scale, shift, mean, var = (consts[n] for n in ins[1:5])
+            scale, shift, mean, var = (const(n) for n in ins[1:5])
             eps = a.get("epsilon", 1e-5)
             return unary(lambda x: F.batch_norm(x, mean, var, scale, shift, False, 0.0, eps))
         if op == "Transpose":
             perm = a.get("perm")
             return unary(lambda x: x.permute(*(perm or reversed(range(x.dim())))))
         if op == "Reshape":
-            if ins[1] not in consts or a.get("allowzero", 0):
-                raise TorchGraphError("Reshape to a computed shape or with allowzero")
-            target = [int(d) for d in consts[ins[1]].tolist()]
+            if a.get("allowzero", 0):
+                raise TorchGraphError("Reshape with allowzero")
+            target = [int(d) for d in const(ins[1]).tolist()]
             # ONNX's 0 keeps the input's extent on that axis
             return unary(lambda x: x.reshape([x.shape[i] if d == 0 else d
                                               for i, d in enumerate(target)]))
