@@ -60,6 +60,7 @@ def torch_graph(proto: Any, device: str) -> Callable[[dict[str, Any]], list[Any]
             if name not in consts:
                 raise TorchGraphError(f"{op} with a computed {name!r} (not an initializer)")
             return consts[name]
+
         if len(node.output) != 1:
             raise TorchGraphError(f"{op} with {len(node.output)} outputs")
 
