@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from convgen.errors import SpecError
@@ -252,12 +252,13 @@ def widely_padded_specs(draw: st.DrawFn) -> ConvSpec:
     and pads up to 7 on inputs of 1-6 pixels, strides, both layouts and modes."""
     nd = draw(st.integers(1, 2))
     size = [draw(st.integers(1, 6)) for _ in range(nd)]
-    ks = [draw(st.integers(1, 4)) for _ in range(nd)]
-    dil = [draw(st.integers(1, 7)) for _ in range(nd)]
     pads = [draw(st.integers(0, 7)) for _ in range(2 * nd)]
-    # (at least one output per axis)
-    assume(all(n + pads[i] + pads[nd + i] >= d * (k - 1) + 1
-               for i, (n, k, d) in enumerate(zip(size, ks, dil))))
+    ks, dil = [], []
+    for i in range(nd):  # at least one output per axis: the window fits the padded input
+        span = size[i] + pads[i] + pads[nd + i]
+        k = draw(st.integers(1, min(4, span)))
+        ks.append(k)
+        dil.append(draw(st.integers(1, 7 if k == 1 else min(7, (span - 1) // (k - 1)))))
     last = draw(st.booleans())
     spatial, kspatial = "x".join(map(str, size)), "x".join(map(str, ks))
     return make_spec(
@@ -297,7 +298,10 @@ def test_dead_taps_drop_without_changing_the_output(spec: ConvSpec):
                 0 <= y * s - begin + r * d < n for y in range(out) for r in range(k))
 
 
-@settings(max_examples=60, deadline=None)
+# About 60% of widely padded specs have an output that reads only padding, and no tap
+# regions (`assume(boxes)` below): that filtering is the test's domain, not a sign of a
+# strategy gone wrong, and a run of bad luck tripped the health check in CI.
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(widely_padded_specs())
 def test_tap_regions_tile_the_output(spec: ConvSpec):
     """`tap_regions`: boxes that tile the output, each box's unpadded spec on its
