@@ -33,6 +33,7 @@ flips, as DSP code and the seed documents' porting mistake have it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -1471,24 +1472,31 @@ def _device_code_by_nvcc(target: TargetInfo) -> Iterator[None]:
     """Where TVM's CUDA runtime is loaded in this process (a machine with a GPU), TVM
     compiles the kernels as it generates them, through `tvm_callback_cuda_compile`
     (TVM's own defaults to NVRTC, which needs the cuda-python bindings): within this
-    context convgen's nvcc answers, for the target's arch, as `_write_device_code`
-    compiles."""
+    context convgen's nvcc answers, for the target's arch (`_device_binary`, whose
+    cubin `_write_device_code` then ships without compiling again)."""
     import tvm_ffi
-
-    from convgen.runtime.nvcc import device_binary
 
     if not target.is_cuda:
         yield
         return
     name = "tvm_callback_cuda_compile"
     previous = tvm_ffi.get_global_func(name, allow_missing=True)
-    tvm_ffi.register_global_func(name, lambda code, *_: device_binary(code, target.arch),
+    tvm_ffi.register_global_func(name, lambda code, *_: _device_binary(code, target.arch),
                                  override=True)
     try:
         yield
     finally:
         if previous is not None:
             tvm_ffi.register_global_func(name, previous, override=True)
+
+
+@functools.lru_cache(maxsize=4)
+def _device_binary(code: str, arch: str) -> bytes:
+    """nvcc's cubin of a model's device code, once: where TVM compiled it at build
+    time (`_device_code_by_nvcc`), `_write_device_code` ships that same cubin."""
+    from convgen.runtime.nvcc import device_binary
+
+    return device_binary(code, arch)
 
 
 def _write_device_code(lib: Any, target: TargetInfo, stem: Path) -> dict[str, Path]:
@@ -1502,7 +1510,6 @@ def _write_device_code(lib: Any, target: TargetInfo, stem: Path) -> dict[str, Pa
     (`runtime.model`), with no compiler on the deployment machine. Returns the files
     by manifest role."""
     from convgen.runtime.model import DEVICE_BINARY, DEVICE_SOURCE
-    from convgen.runtime.nvcc import device_binary
 
     def cuda_modules(module: Any) -> list[Any]:
         found = [module] if module.kind == "cuda" else []
@@ -1515,7 +1522,7 @@ def _write_device_code(lib: Any, target: TargetInfo, stem: Path) -> dict[str, Pa
     code = modules[0].inspect_source("cuda")
     paths = {DEVICE_SOURCE: stem.with_suffix(".cu"), DEVICE_BINARY: stem.with_suffix(".cubin")}
     paths[DEVICE_SOURCE].write_text(code)
-    paths[DEVICE_BINARY].write_bytes(device_binary(code, target.arch))
+    paths[DEVICE_BINARY].write_bytes(_device_binary(code, target.arch))
     return paths
 
 

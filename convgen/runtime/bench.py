@@ -308,6 +308,8 @@ def torch_conv(spec: ConvSpec, inputs: dict[str, np.ndarray], device: str) -> An
         import torch.nn.functional as F
     except ImportError:
         return None
+    from convgen.runtime.torch_graph import torch_pads
+
     if device == "cuda" and not torch.cuda.is_available():
         return None
     torch.set_num_threads(available_cores())
@@ -326,11 +328,9 @@ def torch_conv(spec: ConvSpec, inputs: dict[str, np.ndarray], device: str) -> An
     if spec.mode == "conv":
         w = w.flip(list(range(2, 2 + spec.ndim)))
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spec.ndim]
-    pads_sym = spec.pads_begin == spec.pads_end
-    if not pads_sym:
-        x = F.pad(x, [p for i in reversed(range(spec.ndim))
-                      for p in (spec.pads_begin[i], spec.pads_end[i])])
-    padding = list(spec.pads_begin) if pads_sym else 0
+    explicit, padding = torch_pads(spec.pads, spec.ndim)
+    if explicit is not None:
+        x = F.pad(x, explicit)
     residual = None
     if spec.residual:
         residual = torch.from_numpy(inputs["residual"]).to(dev)

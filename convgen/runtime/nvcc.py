@@ -31,16 +31,22 @@ def find_nvcc() -> str:
     return nvcc
 
 
+def _device_flags(arch: str) -> list[str]:
+    """nvcc's flags for TVM's generated device code, for one GPU arch (sm_90)."""
+    number = arch.removeprefix("sm_")
+    return [
+        "-O3", f"-gencode=arch=compute_{number},code=sm_{number}",
+        "-diag-suppress", "174,177",  # TVM's generated code: "no effect" / "unused" noise
+    ]
+
+
 def nvcc_command(source: Path, output: Path, arch: str) -> list[str]:
     import tvm_ffi.libinfo
 
     includes = [f"-I{p}" for p in tvm_ffi.libinfo.include_paths()]
     libdir = os.path.dirname(tvm_ffi.libinfo.find_libtvm_ffi())
-    number = arch.removeprefix("sm_")
     return [
-        find_nvcc(), "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
-        f"-gencode=arch=compute_{number},code=sm_{number}",
-        "-diag-suppress", "174,177",  # TVM's generated code: "no effect" / "unused" noise
+        find_nvcc(), *_device_flags(arch), "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
         *includes, str(source), "-o", str(output),
         f"-L{libdir}", "-ltvm_ffi",
     ]  # fmt: skip
@@ -94,12 +100,10 @@ def device_binary(code: str, arch: str) -> bytes:
     `arch`, by nvcc."""
     import tempfile
 
-    number = arch.removeprefix("sm_")
     with tempfile.TemporaryDirectory(prefix="convgen-nvcc-") as tmp:
         src, out = Path(tmp) / "device.cu", Path(tmp) / "device.cubin"
         src.write_text(code)
-        cmd = [find_nvcc(), "-O3", "--cubin", f"-gencode=arch=compute_{number},code=sm_{number}",
-               "-diag-suppress", "174,177", str(src), "-o", str(out)]
+        cmd = [find_nvcc(), *_device_flags(arch), "--cubin", str(src), "-o", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise ToolchainError(f"nvcc failed ({proc.returncode}) on a model's device code:\n"

@@ -30,10 +30,12 @@ def _attrs(node: Any) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _pads(pads: list[int], ndim: int) -> tuple[list[int] | None, list[int]]:
-    """ONNX pads (begins then ends) as PyTorch takes them: symmetric pads as the
-    operator's own `padding`, else an explicit F.pad (last axis first) and none."""
-    begin, end = pads[:ndim], pads[ndim:]
+def torch_pads(pads: list[int] | tuple[int, ...], ndim: int
+               ) -> tuple[list[int] | None, list[int]]:
+    """ONNX pads (begins then ends, as `ConvSpec.pads`) as PyTorch takes them: symmetric
+    pads as the operator's own `padding`, else an explicit F.pad (last axis first) and
+    none."""
+    begin, end = list(pads[:ndim]), list(pads[ndim:])
     if begin == end:
         return None, begin
     return [p for i in reversed(range(ndim)) for p in (begin[i], end[i])], [0] * ndim
@@ -80,7 +82,7 @@ def torch_graph(proto: Any, device: str) -> Callable[[dict[str, Any]], list[Any]
             conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[ndim]
             if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 raise TorchGraphError("Conv with auto_pad")
-            explicit, padding = _pads(list(a.get("pads", [0] * 2 * ndim)), ndim)
+            explicit, padding = torch_pads(a.get("pads", [0] * 2 * ndim), ndim)
             bias = const(ins[2]) if len(ins) > 2 and ins[2] else None
             kw = dict(stride=a.get("strides", [1] * ndim), padding=padding,
                       dilation=a.get("dilations", [1] * ndim), groups=a.get("group", 1))
@@ -114,7 +116,7 @@ def torch_graph(proto: Any, device: str) -> Callable[[dict[str, Any]], list[Any]
             ndim = len(k)
             if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or a.get("ceil_mode"):
                 raise TorchGraphError(f"{op} with auto_pad or ceil_mode")
-            explicit, padding = _pads(list(a.get("pads", [0] * 2 * ndim)), ndim)
+            explicit, padding = torch_pads(a.get("pads", [0] * 2 * ndim), ndim)
             if explicit is not None:
                 raise TorchGraphError(f"{op} with asymmetric pads")
             stride = a.get("strides", [1] * ndim)
