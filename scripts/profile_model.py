@@ -10,7 +10,13 @@ each call, which weighs on layers of tens of microseconds: compare whole builds 
 same ONNX model with all optimizations. The two alternate in blocks of 10 runs;
 medians. Kernels are matched to onnxruntime's Conv/Gemm nodes in graph order; a
 depthwise-separable pair (`ModelLayer.pair`) is matched to both of its nodes. The
-other functions (pooling, transposes, ...) are summed by name after the table."""
+other functions (pooling, transposes, ...) are summed by name after the table.
+
+Each kernel's rate counts its layers' multiply-adds as a direct convolution computes
+them (a Winograd layer's rate is effective, and can pass the peak), against the FMA
+peak measured for the width of the model's vectors (AVX2 code: 256-bit). The summary
+gives the whole model's time at that peak: no kernel of direct arithmetic runs
+faster, so it bounds what any layer-by-layer speed-up can reach."""
 
 from __future__ import annotations
 
@@ -33,9 +39,9 @@ def main() -> None:
     import tvm_ffi
     from tvm import relax
 
-    from convgen.runtime.cores import use_all_cores
+    from convgen.runtime.cores import available_cores, use_all_cores
     from convgen.runtime.model import load_model
-    from convgen.runtime.timing import vm_call_timer
+    from convgen.runtime.timing import measure_cpu_peak, vm_call_timer
     from convgen.runtime.verify import model_inputs, reference_session
 
     use_all_cores()
@@ -81,15 +87,33 @@ def main() -> None:
     ours_ms = [ms for name, ms in zip(names, medians) if name.startswith("convgen_")]
     layers_per_call = [1 + any(layer.pair and layer.kernel == k for layer in model.manifest.layers)
                        for k in kernels]
-    print(f"{'ours ms':>8} {'ort ms':>8} {'ratio':>6}  kernel")
+    # the layers behind each call, in graph order as the calls are (a pair: two)
+    layers = iter(model.manifest.layers)
+    flops = []
+    for kernel, n in zip(kernels, layers_per_call):
+        group = [next(layers, None) for _ in range(n)]
+        matched = all(layer is not None and layer.kernel == kernel for layer in group)
+        flops.append(sum(layer.spec.flops for layer in group) if matched else 0)
+    peak = measure_cpu_peak(available_cores(), model.manifest.target.vector_bits)
+    print(f"{'ours ms':>8} {'ort ms':>8} {'ratio':>6} {'GF/s':>6} {'%peak':>6}  kernel")
     node = 0
-    for kernel, ms, n in zip(kernels, ours_ms, layers_per_call):
+    for kernel, ms, n, f in zip(kernels, ours_ms, layers_per_call, flops):
         ort_ms = sum(float(np.median(theirs[order[node + i]])) * 1e3 for i in range(n)
                      if node + i < len(order))
         node += n
-        print(f"{ms:8.3f} {ort_ms:8.3f} {ort_ms / ms:6.2f}  {kernel[len('convgen_'):]}")
+        rate = f / ms / 1e6
+        pct = f"{100 * rate / peak:5.0f}%" if peak and f else "     -"
+        print(f"{ms:8.3f} {ort_ms:8.3f} {ort_ms / ms:6.2f} {rate:6.0f} {pct}  "
+              f"{kernel[len('convgen_'):]}")
     print(f"total: ours {sum(ours_ms):.3f} ms, onnxruntime's Conv/Gemm nodes "
           f"{sum(float(np.median(v)) for v in theirs.values()) * 1e3:.3f} ms")
+    if peak:
+        pointwise = sum(layer.spec.flops for layer in model.manifest.layers
+                        if all(r == 1 for r in layer.spec.kernel_size))
+        print(f"{model.manifest.target.key}, FMA peak {peak:.0f} GFLOP/s on {available_cores()} "
+              f"threads: the model's {model.manifest.flops / 1e9:.3f} GFLOP of direct "
+              f"arithmetic take {model.manifest.flops / peak / 1e6:.3f} ms at the peak; its "
+              f"1 x 1 layers' {pointwise / 1e9:.3f} GFLOP {pointwise / peak / 1e6:.3f} ms")
     others: dict[str, float] = defaultdict(float)
     for name, ms in zip(names, medians):
         if not name.startswith("convgen_"):

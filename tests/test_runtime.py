@@ -235,6 +235,20 @@ sys.exit(1 if bad else 0)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_bench_takes_the_peak_of_the_kernels_vector_width(artifact, monkeypatch):
+    """`% of peak` is against the FMA peak of the code's own vectors (AVX2 code on an
+    AVX-512 machine: the 256-bit peak), read from the artifact's target record."""
+    from convgen.runtime import bench
+
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(bench, "measure_cpu_peak",
+                        lambda n, bits: asked.append((n, bits)) or 100.0)
+    k = convgen.load(artifact, SPEC.name())
+    [row] = bench.bench_kernels([k], repeats=1, warmup=0, min_sample_ms=0, peers=())
+    assert [bits for _, bits in asked] == [k.manifest.target.vector_bits]
+    assert row.peak_gflops == 100.0
+
+
 def test_damaged_module_is_one_clear_error(artifact, tmp_path):
     """A .so cut short by a failed copy would crash the process with a bus error when
     opened: loading checks its size and hash against the manifest first."""

@@ -32,3 +32,38 @@ def test_no_host_calls_no_timings():
     """`convgen bench` on CUDA kernels alone times them on the GPU and hands the host
     rounds nothing: that is no timings, not a division by zero."""
     assert timing.time_host_rounds({}, repeats=6, warmup=2, min_sample_ms=0.0) == {}
+
+
+def test_peak_is_measured_at_the_codes_vector_width(monkeypatch):
+    """AVX2 code on a machine with 512-bit FMA units reaches half its 512-bit peak, so
+    its "% of peak" is taken against the 256-bit loop only."""
+    import subprocess
+
+    built: list[str] = []
+
+    def fake_gcc(cmd: list[str], **_kwargs: object) -> subprocess.CompletedProcess[str]:
+        built.extend(arg for arg in cmd if arg.startswith("-DVBYTES="))
+        return subprocess.CompletedProcess(cmd, 1)  # no library: nothing is run
+
+    monkeypatch.setattr(timing, "_peak_cache", {})
+    monkeypatch.setattr(subprocess, "run", fake_gcc)
+    monkeypatch.setattr("shutil.which", lambda _name: "/usr/bin/gcc")
+    assert timing.measure_cpu_peak(1, 256) is None
+    assert built == ["-DVBYTES=32"]
+    built.clear()
+    timing.measure_cpu_peak(1, 512)
+    assert built == ["-DVBYTES=32", "-DVBYTES=64"]
+
+
+def test_target_records_name_the_width_schedules_tile_by():
+    """A manifest's target record (runtime side) and the compiler's hardware model agree
+    on the vector width of every CPU key."""
+    from convgen.compiler.targets import resolve_target
+    from convgen.runtime.manifest import TargetRecord
+
+    for cpu in ("znver3", "znver4", "haswell", "skylake-avx512", "x86-64"):
+        target = resolve_target(f"llvm:{cpu}")
+        record = TargetRecord(cpu, "llvm", target.key(), target.config_dict)
+        assert record.vector_bits == target.vector_bits(), target.key()
+    assert {resolve_target(f"llvm:{c}").vector_bits() for c in ("znver3", "znver4")} == {
+        256, 512}

@@ -20,6 +20,7 @@ from typing import Any
 from convgen.errors import TargetError
 from convgen.runtime.cores import available_cores
 from convgen.runtime.kernel import CACHE_LINE
+from convgen.runtime.manifest import VECTOR_BITS
 
 DEFAULT_CUDA_ARCH = "sm_90"
 # Streaming multiprocessors of each architecture's data-centre part (the GPU a
@@ -108,7 +109,7 @@ class TargetInfo:
 
     def vector_bits(self) -> int:
         """SIMD register width in bits (SVE counted at its 128-bit minimum)."""
-        return {"avx512": 512, "avx2": 256, "avx": 256}.get(self.vector_isa(), 128)
+        return VECTOR_BITS.get(self.vector_isa(), 128)
 
     # ---- the CPU model ------------------------------------------------------------
 

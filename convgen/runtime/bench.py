@@ -151,7 +151,7 @@ def _prepare(
         UNBOUND: lambda: kernel(*inputs.values()),
         RAW: _raw_entry(bound, per_call),
     }
-    result.peak_gflops = measure_cpu_peak(n)
+    result.peak_gflops = measure_cpu_peak(n, kernel.manifest.target.vector_bits)
     if "onnxruntime" in peers:
         calls["onnxruntime"] = _onnxruntime_call(spec, inputs)
     if "torch" in peers:

@@ -216,6 +216,11 @@ def not_run(reason: str) -> VerifyReport:
     return VerifyReport(status="not run", reason=reason)
 
 
+# SIMD register width in bits of each vector ISA a CPU target key names (its last
+# part: `llvm-znver3-avx2`); others (SVE counted at its minimum, NEON, SSE2) 128.
+VECTOR_BITS = {"avx512": 512, "avx2": 256, "avx": 256}
+
+
 @dataclass(frozen=True)
 class TargetRecord:
     """The target an artifact was built for: the user's name for it, its kind
@@ -233,6 +238,11 @@ class TargetRecord:
     @property
     def cuda_arch(self) -> str:
         return str(self.config["arch"])
+
+    @property
+    def vector_bits(self) -> int:
+        """The SIMD width the CPU code was generated for (not this machine's)."""
+        return VECTOR_BITS.get(self.key.rsplit("-", 1)[-1], 128)
 
 
 @dataclass(frozen=True)
