@@ -410,3 +410,23 @@ def test_a_dlpack_export_keeps_its_memory_alive_until_the_consumer_is_done():
     del capsule
     gc.collect()
     assert alive() is None
+
+
+def test_a_tensor_made_once_for_every_call_holds_its_memory_until_dropped():
+    """A bound CUDA kernel passes its weights and workspace as tvm-ffi tensors made once
+    (`cuda_driver.ffi_tensor`): each such tensor reads the array's memory, keeps the
+    array alive while the bound kernel holds it, and releases it when dropped."""
+    import gc
+
+    from convgen.runtime import cuda_driver
+
+    owner = _HostExport()
+    alive = weakref.ref(owner)
+    tensor = cuda_driver.ffi_tensor(owner)  # type: ignore[arg-type]  (a stand-in)
+    del owner
+    gc.collect()
+    assert alive() is not None
+    assert tuple(tensor.shape) == (6,) and np.from_dlpack(tensor).tolist() == list(range(6))
+    del tensor
+    gc.collect()
+    assert alive() is None

@@ -11,6 +11,8 @@ CUDA runtime (statically linked into the artifacts) uses too.
 from __future__ import annotations
 
 import ctypes
+import functools
+import math
 from typing import Any
 
 import numpy as np
@@ -88,21 +90,27 @@ def _destroy_capsule(capsule: int) -> None:
 _CAPSULE_DESTRUCTOR_FN = _CAPSULE_DESTRUCTOR(_destroy_capsule)
 
 
+@functools.cache
+def _dl_device(device: tuple[int, int]) -> _DLDevice:
+    return _DLDevice(*device)
+
+
+@functools.cache
+def _dl_dtype(dtype: np.dtype) -> _DLDataType:
+    return _DLDataType(_DTYPE_CODES[dtype.kind], dtype.itemsize * 8, 1)
+
+
 def export_dlpack(owner: Any, ptr: int, device: tuple[int, int], shape_c: Any, ndim: int,
                   dtype: np.dtype) -> Any:
     """A DLPack capsule (dense, C order) of the memory at `ptr`, which `owner` keeps
     alive: the export holds `owner` until the consumer (PyTorch, tvm-ffi, numpy) calls
-    the deleter, so a tensor made from it stays valid after the caller drops `owner`."""
-    managed = _DLManagedTensor()
-    t = managed.dl_tensor
-    t.data = ptr
-    t.device = _DLDevice(*device)
-    t.ndim = ndim
-    t.dtype = _DLDataType(_DTYPE_CODES[dtype.kind], dtype.itemsize * 8, 1)
-    t.shape = shape_c
-    t.strides = None
-    t.byte_offset = 0
-    managed.deleter = _DELETER_FN
+    the deleter, so a tensor made from it stays valid after the caller drops `owner`.
+    Every call of a kernel exports its DeviceArray arguments, so the struct is built in
+    one constructor call from cached device and dtype structs (ctypes copies them in):
+    2.2 us against 3.6 field by field."""
+    managed = _DLManagedTensor(
+        _DLTensor(ptr, _dl_device(device), ndim, _dl_dtype(dtype), shape_c, None, 0),
+        None, _DELETER_FN)
     address = ctypes.addressof(managed)
     _exported[address] = (managed, owner)
     return _capsule_new(address, b"dltensor", _CAPSULE_DESTRUCTOR_FN)
@@ -194,7 +202,7 @@ class DeviceArray:
     def __init__(self, shape: tuple[int, ...], dtype: str | np.dtype) -> None:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
-        self.nbytes = max(1, int(np.prod(self.shape)) * self.dtype.itemsize)
+        self.nbytes = max(1, math.prod(self.shape) * self.dtype.itemsize)
         self.ptr = _allocate(self.nbytes)
         self._shape_c = (ctypes.c_int64 * len(self.shape))(*self.shape)
 
@@ -233,6 +241,17 @@ class DeviceArray:
         if getattr(self, "ptr", None):
             _free_blocks.setdefault(self.nbytes, []).append(self.ptr)
             self.ptr = 0
+
+
+def ffi_tensor(a: DeviceArray) -> Any:
+    """A tvm-ffi tensor over `a`'s memory, for what every call passes again (a bound
+    kernel's weights, a workspace). tvm-ffi turns each DeviceArray argument of a call
+    into such a tensor through `__dlpack__` (`export_dlpack`'s ctypes structures: about
+    3.5 us of Python per argument, a tenth of a small kernel); made once, it is passed
+    as it is. It keeps `a` alive through its export until it is dropped itself."""
+    import tvm_ffi
+
+    return tvm_ffi.from_dlpack(a)
 
 
 _capsule_set_name = _python_api("PyCapsule_SetName", ctypes.c_int, ctypes.py_object,

@@ -147,7 +147,8 @@ class Kernel:
             else:
                 from convgen.runtime import cuda_driver
 
-                self._scratch = (cuda_driver.DeviceArray(ws.shape, ws.dtype),)
+                self._scratch = (cuda_driver.ffi_tensor(
+                    cuda_driver.DeviceArray(ws.shape, ws.dtype)),)
         return self._scratch
 
     def check_inputs(self, arrays: tuple[Any, ...]) -> None:
@@ -194,15 +195,17 @@ class Kernel:
         if self.device != "cpu":
             from convgen.runtime import cuda_driver
 
-            held = tuple(a if not isinstance(a, np.ndarray)
-                         else cuda_driver.DeviceArray.from_numpy(np.ascontiguousarray(a))
-                         for a in consts)
+            # the copies this bound kernel owns are passed to every call as tvm-ffi
+            # tensors made once (`cuda_driver.ffi_tensor`), a caller's tensors as given
+            held = tuple(a if not isinstance(a, np.ndarray) else cuda_driver.ffi_tensor(
+                cuda_driver.DeviceArray.from_numpy(np.ascontiguousarray(a))) for a in consts)
             if packed is None:
                 return BoundKernel(self, self.func, held)
             p = cuda_driver.DeviceArray(packed.packed.shape, packed.packed.dtype)
             self.entry(packed.pack_entry)(held[0], p)
             cuda_driver.synchronize()  # before the uploaded weight may be freed
-            return BoundKernel(self, self.entry(packed.run_entry), (p, *held[1:]))
+            return BoundKernel(self, self.entry(packed.run_entry),
+                               (cuda_driver.ffi_tensor(p), *held[1:]))
         copies = tuple(_owned_copy(a, info.dtype) for a, info in zip(consts, infos))
         if packed is None:
             return BoundKernel(self, self.func, copies)
