@@ -18,7 +18,9 @@ from convgen.reference import reference_conv
 from convgen.spec import ConvSpec, make_spec
 
 HOST = resolve_target("llvm")
-KNOB_TARGETS = {"host": HOST, "znver3": resolve_target("llvm:znver3")}
+# (znver5: 512-bit FMA units, so a 1 x 1 stage of K24 takes 16-lane vectors padded to 32)
+KNOB_TARGETS = {"host": HOST, "znver3": resolve_target("llvm:znver3"),
+                "znver5": resolve_target("llvm:znver5")}
 
 # (input N x H x W x C, depthwise stride, pointwise output channels, residual, activation,
 #  depthwise dilation)
@@ -117,25 +119,38 @@ def test_pair_matches_the_two_layers_apart(case, mode, knob_target):
         assert np.abs(got - plain).max() > 1e-3
 
 
+def test_a_pointwise_stage_past_k_matches_the_two_layers_apart():
+    """A 1 x 1 stage whose vectors reach past K (Zen 5's K24 at 16 lanes, and K12 at
+    whole vectors on AVX2 as on AVX-512) computes the extra channels on zero weights
+    and crops them in its write-back."""
+    for shape, k, target in [("1x9x7x32", 24, resolve_target("llvm:znver5")),
+                             ("1x6x11x16", 12, resolve_target("llvm:znver3"))]:
+        dw, pw = _pair(shape, 1, k, True, "relu6", 1, mode="conv")
+        assert separable.declines(dw, pw, target) is None
+        knobs = separable.knobs(dw, pw, target, None, None)
+        assert knobs.lanes == target.fp32_lanes and k % knobs.lanes
+        _check_pair(dw, pw, target, seed=3)
+
+
 @pytest.mark.parametrize("change, reason", [
     (dict(layout="NCHW"), "channels-last"),
     (dict(pointwise_kernel="3x3"), "not a dense 1 x 1"),
-    (dict(k=12), "multiple of half a vector"),
+    (dict(c=6), "depthwise channels not a multiple of half a vector"),
     (dict(dw_residual=True), "not depthwise, or adds a residual"),
     (dict(size=2), "rows of one pixel"),
 ])
 def test_pairs_it_declines_say_why(change, reason):
     layout = change.get("layout", "NHWC")
     nhwc = layout == "NHWC"
-    k, size = change.get("k", 16), change.get("size", 8)
+    c, size = change.get("c", 32), change.get("size", 8)
     stride = 1 if size > 2 else 2  # 2 x 2 -> one pixel
-    dw = make_spec(mode="corr", input=f"1x{size}x{size}x32" if nhwc else f"1x32x{size}x{size}",
-                   kernel="32x3x3x1" if nhwc else "32x1x3x3", groups=32, padding=1,
+    dw = make_spec(mode="corr", input=f"1x{size}x{size}x{c}" if nhwc else f"1x{c}x{size}x{size}",
+                   kernel=f"{c}x3x3x1" if nhwc else f"{c}x1x3x3", groups=c, padding=1,
                    stride=stride, layout=layout, residual=change.get("dw_residual", False))
     r = 3 if change.get("pointwise_kernel") == "3x3" else 1
     out = "x".join(map(str, dw.out_size))
-    pw = make_spec(mode="corr", input=f"1x{out}x32" if nhwc else f"1x32x{out}",
-                   kernel=f"{k}x{r}x{r}x32" if nhwc else f"{k}x32x{r}x{r}",
+    pw = make_spec(mode="corr", input=f"1x{out}x{c}" if nhwc else f"1x{c}x{out}",
+                   kernel=f"16x{r}x{r}x{c}" if nhwc else f"16x{c}x{r}x{r}",
                    padding=r // 2, layout=layout)
     why = separable.declines(dw, pw, HOST)
     assert why is not None and reason in why

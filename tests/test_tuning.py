@@ -345,22 +345,31 @@ def test_heuristic_picks_the_template_and_fits_the_registers(flags, template, ta
     assert budget // 2 <= tile <= limit
 
 
-@pytest.mark.parametrize(("flags", "zen4", "zen3"), [
+ZEN5 = '{"kind": "llvm", "mcpu": "znver5", "num-cores": 2}'  # AVX-512, 512-bit FMA units
+
+
+@pytest.mark.parametrize(("flags", "zen4", "zen3", "zen5"), [
     # a dense layer pads its last vector (1000 -> 1008) rather than halve every one
-    (dict(input="1x13x13x512", kernel="1000x1x1x512"), 16, 8),
-    # ... but not by more than an eighth of K (24 -> 32)
-    (dict(input="1x56x56x16", kernel="24x1x1x16"), 8, 8),
+    (dict(input="1x13x13x512", kernel="1000x1x1x512"), 16, 8, 16),
+    # ... but not by more than an eighth of K (24 -> 32), unless whole vectors run
+    # twice the lanes a cycle (Zen 5's 512-bit FMAs; AVX2's 256-bit ones against
+    # 128-bit half vectors, K12 -> 16)
+    (dict(input="1x56x56x16", kernel="24x1x1x16"), 8, 8, 16),
+    (dict(input="1x28x28x16", kernel="12x1x1x16"), 8, 8, 16),
+    # ... and not where padding doubles K (8 -> 16): no faster
+    (dict(input="1x28x28x16", kernel="8x1x1x16"), 8, 8, 8),
     # a depthwise layer pads only where half a vector does not divide its channels
-    (dict(input="1x56x56x72", kernel="72x3x3x1", padding=1, groups=72), 8, 8),
-    (dict(input="1x14x14x116", kernel="116x3x3x1", padding=1, groups=116), 16, 4),
+    (dict(input="1x56x56x72", kernel="72x3x3x1", padding=1, groups=72), 8, 8, 8),
+    (dict(input="1x14x14x116", kernel="116x3x3x1", padding=1, groups=116), 16, 4, 16),
 ])
-def test_channel_vector_width(flags, zen4, zen3):
+def test_channel_vector_width(flags, zen4, zen3, zen5):
     from convgen.compiler.schedule import cpu
     from convgen.compiler.targets import resolve_target
 
     spec = make_spec(mode="corr", layout="NHWC", **flags)
     assert cpu.kvec_lanes(spec, resolve_target(ZEN4)) == zen4
     assert cpu.kvec_lanes(spec, resolve_target(ZEN3)) == zen3
+    assert cpu.kvec_lanes(spec, resolve_target(ZEN5)) == zen5
 
 
 @pytest.mark.parametrize("flags", [

@@ -157,7 +157,11 @@ def separable_tensors(depthwise: ConvSpec, pointwise: ConvSpec, depthwise_packin
 
     data = te.placeholder(depthwise.data_shape, depthwise.dtype, name="data")
     first, mid = _conv_stage(depthwise, data, Variant(packing=depthwise_packing), prefix="dw_")
-    second, out = _conv_stage(pointwise, mid, Variant(packing=pointwise_packing))
+    # the 1 x 1 stage's last vector of output channels may reach past K (zero weights,
+    # cropped in "out")
+    extra = -pointwise.out_channels % pointwise_packing.lanes
+    second, out = _conv_stage(pointwise, mid, Variant(packing=pointwise_packing,
+                                                      channel_extra=extra))
     return [data, *first, *second, out]
 
 

@@ -140,7 +140,9 @@ def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     channels-last layer takes whole vectors, the last one partly past K
     (`channel_pad`), where that adds an eighth of the channels or less, even where
     half a vector divides K: half vectors need twice the loads and broadcasts per
-    FMA (SqueezeNet's C512 13x13 1x1 K1000: 0.86 ms against 1.21, Zen 4). Else half
+    FMA (SqueezeNet's C512 13x13 1x1 K1000: 0.86 ms against 1.21, Zen 4); or where
+    whole vectors compute more lanes a cycle than half ones by more than the padding
+    adds (`_whole_vectors_outrun_the_padding`: Zen 5's K24 at 16 lanes). Else half
     a vector, padded if it must be. A depthwise layer pads only where half a vector
     does not divide: its pad stage then copies the input with the extra channels,
     which cost more than the half vectors (MobileNetV3's C72-C232: 0.007-0.055 ms
@@ -155,7 +157,7 @@ def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
     fits = _at_most_an_eighth(channel_pad(spec, vec), spec.out_channels)
     if ext % vec == 0 and (kg % vec == 0 or kg == 1):
         return vec
-    if padded and g == 1 and fits:
+    if padded and g == 1 and (fits or _whole_vectors_outrun_the_padding(spec, target)):
         return vec
     if ext % (vec // 2) == 0 and (kg % (vec // 2) == 0 or kg == 1):
         return vec // 2
@@ -173,6 +175,23 @@ def kvec_lanes(spec: ConvSpec, target: TargetInfo) -> int:
 # alone); cpu_generic's scalar code ran it 4.5 ms in the model, 4-lane vectors 0.76,
 # onnxruntime 0.9 (Zen 4, benchmarks/NOTES.md).
 GROUP_LANES = 4
+
+
+def _whole_vectors_outrun_the_padding(spec: ConvSpec, target: TargetInfo) -> bool:
+    """Whole vectors over K padded to a multiple of them compute the useful channels
+    faster than half vectors over K: the lanes a core's FMAs cover per cycle grow by
+    more than the padding's share. Where the FMA units are as wide as the vector (Zen 5
+    and Xeon Scalable at 512 bits, every AVX2 core at 256) whole vectors issue at the
+    same rate as half ones, so they do twice the lanes and pay wherever the padding
+    adds less than K again: K24 at 16 lanes pads 8 (1.33x the FMAs at 2x the lanes).
+    Where a 512-bit FMA issues as two 256-bit halves (Zen 4) the lanes a cycle are the
+    same either way and only the load count decides (`_at_most_an_eighth`). Measured
+    on Zen 5: MobileNetV2's 56x56 C144 -> K24 at 8 lanes ran at 98% of the 256-bit
+    FMA peak, half the machine's (benchmarks/NOTES.md)."""
+    vec, k = target.fp32_lanes, spec.out_channels
+    whole = target.fmas_per_cycle(vec) * vec
+    half = target.fmas_per_cycle(vec // 2) * (vec // 2)
+    return (k + channel_pad(spec, vec)) * half < k * whole
 
 
 def channel_pad(spec: ConvSpec, lanes: int) -> int:

@@ -78,10 +78,11 @@ def declines(depthwise: ConvSpec, pointwise: ConvSpec, target: TargetInfo) -> st
     if (pointwise.kernel_size != (1, 1) or pointwise.stride != (1, 1) or any(pointwise.pads)
             or pointwise.groups != 1 or pointwise.data_shape != depthwise.out_shape):
         return "the second layer is not a dense 1 x 1, stride 1, on the first one's output"
-    dw_lanes, lanes = kvec_lanes(depthwise, target), kvec_lanes(pointwise, target)
-    if (not dw_lanes or not lanes or channel_pad(depthwise, dw_lanes)
-            or channel_pad(pointwise, lanes)):
-        return "channels not a multiple of half a vector"
+    # the 1 x 1 stage may compute channels past K on zero weights (`channel_pad`); the
+    # depthwise row would need as many zero input channels, a copy of its input
+    dw_lanes = kvec_lanes(depthwise, target)
+    if not dw_lanes or channel_pad(depthwise, dw_lanes):
+        return "depthwise channels not a multiple of half a vector"
     if pointwise.weight_bytes > 2 * target.l2_bytes:
         # every row rereads all the 1 x 1 weights; measured up to 1.2 MB (C960 -> 320,
         # 7 rows) on a 1 MB L2, still faster fused
