@@ -148,11 +148,21 @@ def test_algorithm_choice(cpu_target):
     grid = list(WINOGRAD.grid(deep, zen4))
     assert grid and not any(knobs.rows for knobs in grid)
     assert any(knobs.rows for knobs in WINOGRAD.grid(dense, zen4))
+    # a core of twice the FMA lanes a cycle (Zen 5) waits on U's rereads sooner: 28x28
+    # C128 (U 2.4 MB) fused on Zen 4, staged on Zen 5; 56x56 C64 (0.6 MB) fused on both
+    zen5 = resolve_target('{"kind": "llvm", "mcpu": "znver5", "num-cores": 2}')
+    c128 = make_spec(mode="corr", input="1x28x28x128", kernel="128x3x3x128", padding=1,
+                     layout="NHWC")
+    c64 = make_spec(mode="corr", input="1x56x56x64", kernel="64x3x3x64", padding=1,
+                    layout="NHWC")
+    assert [schedule_for(c128, t, use_records=False)[1].knobs["rows"]
+            for t in (zen4, zen5)] == [1, 0]
+    assert [schedule_for(c64, t, use_records=False)[1].knobs["rows"]
+            for t in (zen4, zen5)] == [1, 1]
     # staged, the fewest tile blocks (each rereads a plane's U) whose loads the core
     # issues as fast as the FMAs need them: one 512-bit FMA a cycle on Zen 4, two
     # 256-bit ones with AVX2 (1 x 8 would need 2.3 loads a cycle there, of 2), two
     # 512-bit ones on Zen 5 (2.3 of its 4)
-    zen5 = resolve_target('{"kind": "llvm", "mcpu": "znver5", "num-cores": 2}')
     deep_knobs = {name: schedule_for(deep, t, use_records=False)[1].knobs
                   for name, t in (("zen4", zen4), ("avx2", avx2), ("zen5", zen5))}
     assert (deep_knobs["zen4"]["nkv"], deep_knobs["zen4"]["pt"]) == (1, 8)

@@ -170,15 +170,25 @@ def _fuses(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
             and tasks >= target.num_cores and _fusable(spec, tile, 1))
 
 
+# FMA lanes a core issued per cycle where `_u_rereadable`'s bound was measured: Zen 4,
+# one 512-bit FMA a cycle (as Zen 3's two 256-bit ones).
+MEASURED_FMA_LANES = 16
+
+
 def _u_rereadable(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
-    """Whether U is small enough for every fused task to read it all: within 4x L2.
-    Beyond, the fused tasks measured fastest only warm (tuning's timing), and lost
-    wherever U came from memory: ResNet-50's C256 14x14 (9.4 MB) deployed 42.63 ms
+    """Whether U is small enough for every fused task to read it all: within 4x L2 on
+    a core of MEASURED_FMA_LANES, less on faster ones, which wait on the rereads from L3
+    sooner. Beyond, the fused tasks measured fastest only warm (tuning's timing), and
+    lost wherever U came from memory: ResNet-50's C256 14x14 (9.4 MB) deployed 42.63 ms
     fused against 40.05 staged; C512 7x7 (16.8 MB) through `k(x)` in `convgen bench`
-    1.13-1.28 ms fused against 0.84-0.89 staged (benchmarks/NOTES.md). So tuning
-    offers the fused arrangement only within this bound too."""
+    1.13-1.28 ms fused against 0.84-0.89 staged. On Zen 5 (32 lanes a cycle) the 28x28
+    C128 layers (2.4 MB) ran 0.151 ms staged against 0.178 fused alone, 0.151-0.160
+    against 0.217-0.227 inside ResNet-50 (benchmarks/NOTES.md). So tuning offers the
+    fused arrangement only within this bound too."""
     u_bytes = math.prod(winograd.packed_shape(spec, tile, 1)) * 4  # float32
-    return u_bytes <= 4 * target.l2_bytes
+    lanes = _lanes(spec, target)
+    speed = target.fmas_per_cycle(lanes) * lanes / MEASURED_FMA_LANES
+    return u_bytes * max(1.0, speed) <= 4 * target.l2_bytes
 
 
 # Each plane's U block (C x K) is read once per call and used by every tile: below
