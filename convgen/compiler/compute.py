@@ -147,7 +147,7 @@ def conv_tensors(spec: ConvSpec, variant: Variant = Variant()) -> list[Any]:
 
 
 def separable_tensors(depthwise: ConvSpec, pointwise: ConvSpec, depthwise_packing: WeightPacking,
-                      pointwise_packing: WeightPacking) -> list[Any]:
+                      pointwise_packing: WeightPacking, channel_extra: int = 0) -> list[Any]:
     """A depthwise layer and the 1 x 1 layer that reads it, as one operator (`deploy`'s
     depthwise-separable pairs): [data, dw weight, (dw bias,) weight, (bias,) (residual,)
     out], both weights packed. The depthwise stage's blocks are "dw_pad", "dw_conv" and
@@ -157,11 +157,10 @@ def separable_tensors(depthwise: ConvSpec, pointwise: ConvSpec, depthwise_packin
 
     data = te.placeholder(depthwise.data_shape, depthwise.dtype, name="data")
     first, mid = _conv_stage(depthwise, data, Variant(packing=depthwise_packing), prefix="dw_")
-    # the 1 x 1 stage's last vector of output channels may reach past K (zero weights,
-    # cropped in "out")
-    extra = -pointwise.out_channels % pointwise_packing.lanes
+    # `channel_extra`: the 1 x 1 stage's output channels past K (zero weights, cropped
+    # in "out"), where its vectors do not divide K
     second, out = _conv_stage(pointwise, mid, Variant(packing=pointwise_packing,
-                                                      channel_extra=extra))
+                                                      channel_extra=channel_extra))
     return [data, *first, *second, out]
 
 
@@ -385,12 +384,13 @@ def winograd_prim_func(spec: ConvSpec, target: TargetInfo, tile: int, lanes: int
 
 
 def separable_prim_func(depthwise: ConvSpec, pointwise: ConvSpec, target: TargetInfo,
-                        depthwise_packing: WeightPacking,
-                        pointwise_packing: WeightPacking) -> PrimFunc:
+                        depthwise_packing: WeightPacking, pointwise_packing: WeightPacking,
+                        channel_extra: int = 0) -> PrimFunc:
     """The depthwise-separable pair (`separable_tensors`) as a run-packed entry."""
     from tvm import te
 
-    tensors = separable_tensors(depthwise, pointwise, depthwise_packing, pointwise_packing)
+    tensors = separable_tensors(depthwise, pointwise, depthwise_packing, pointwise_packing,
+                                channel_extra)
     return _entry(te.create_prim_func(tensors), pointwise, target, RUN_PACKED_ENTRY)
 
 

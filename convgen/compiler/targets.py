@@ -40,6 +40,7 @@ FMA_BITS_PER_CYCLE = {"znver5": 1024, "skylake-avx512": 1024, "cascadelake": 102
                       "cooperlake": 1024, "icelake-server": 1024, "sapphirerapids": 1024,
                       "emeraldrapids": 1024, "graniterapids": 1024}
 FMA_PIPES = 2
+DEFAULT_FMA_BITS_PER_CYCLE = 512
 # Loads (vectors or scalar broadcasts) a core issues per cycle, by LLVM CPU name: Zen 5
 # has four load pipes (two of them for 512-bit vectors, AMD's optimization guide);
 # others at least 2, as every x86 core since Haswell and Zen 1.
@@ -133,7 +134,12 @@ class TargetInfo:
     def fmas_per_cycle(self, lanes: int) -> float:
         """Vector FMAs of `lanes` float32 lanes a core issues per cycle: its FMA width
         per cycle over the vector's, at most one per FMA pipe."""
-        return min(float(FMA_PIPES), FMA_BITS_PER_CYCLE.get(self.arch, 512) / (32 * lanes))
+        return min(float(FMA_PIPES),
+                   FMA_BITS_PER_CYCLE.get(self.arch, DEFAULT_FMA_BITS_PER_CYCLE) / (32 * lanes))
+
+    def fma_lanes_per_cycle(self, lanes: int) -> float:
+        """float32 lanes a core's FMAs cover per cycle with vectors of `lanes`."""
+        return self.fmas_per_cycle(lanes) * lanes
 
     @property
     def loads_per_cycle(self) -> int:

@@ -189,8 +189,7 @@ def _whole_vectors_outrun_the_padding(spec: ConvSpec, target: TargetInfo) -> boo
     on Zen 5: MobileNetV2's 56x56 C144 -> K24 at 8 lanes ran at 98% of the 256-bit
     FMA peak, half the machine's (benchmarks/NOTES.md)."""
     vec, k = target.fp32_lanes, spec.out_channels
-    whole = target.fmas_per_cycle(vec) * vec
-    half = target.fmas_per_cycle(vec // 2) * (vec // 2)
+    whole, half = target.fma_lanes_per_cycle(vec), target.fma_lanes_per_cycle(vec // 2)
     return (k + channel_pad(spec, vec)) * half < k * whole
 
 

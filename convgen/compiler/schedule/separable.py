@@ -171,5 +171,6 @@ def prim_func(depthwise: ConvSpec, pointwise: ConvSpec, target: TargetInfo,
               knobs: SeparableKnobs) -> tuple[PrimFunc, WeightPacking, WeightPacking]:
     """The pair's scheduled run-packed PrimFunc, and each stage's weight packing."""
     packings = WeightPacking(knobs.dw_lanes), WeightPacking(knobs.lanes)
-    func = separable_prim_func(depthwise, pointwise, target, *packings)
+    func = separable_prim_func(depthwise, pointwise, target, *packings,
+                               channel_extra=channel_pad(pointwise, knobs.lanes))
     return schedule(func, depthwise, pointwise, target, knobs).mod[ENTRY], *packings

@@ -56,7 +56,7 @@ from convgen.compiler.schedule.prefetch import (
     accumulator_scope,
     prefetch_weights,
 )
-from convgen.compiler.targets import TargetInfo
+from convgen.compiler.targets import DEFAULT_FMA_BITS_PER_CYCLE, TargetInfo
 from convgen.spec import ConvSpec
 
 if TYPE_CHECKING:
@@ -171,8 +171,8 @@ def _fuses(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
 
 
 # FMA lanes a core issued per cycle where `_u_rereadable`'s bound was measured: Zen 4,
-# one 512-bit FMA a cycle (as Zen 3's two 256-bit ones).
-MEASURED_FMA_LANES = 16
+# one 512-bit FMA a cycle (the default FMA width, as Zen 3's two 256-bit ones).
+MEASURED_FMA_LANES = DEFAULT_FMA_BITS_PER_CYCLE // 32
 
 
 def _u_rereadable(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
@@ -186,8 +186,7 @@ def _u_rereadable(spec: ConvSpec, target: TargetInfo, tile: int) -> bool:
     against 0.217-0.227 inside ResNet-50 (benchmarks/NOTES.md). So tuning offers the
     fused arrangement only within this bound too."""
     u_bytes = math.prod(winograd.packed_shape(spec, tile, 1)) * 4  # float32
-    lanes = _lanes(spec, target)
-    speed = target.fmas_per_cycle(lanes) * lanes / MEASURED_FMA_LANES
+    speed = target.fma_lanes_per_cycle(_lanes(spec, target)) / MEASURED_FMA_LANES
     return u_bytes * max(1.0, speed) <= 4 * target.l2_bytes
 
 
