@@ -30,6 +30,9 @@ CASES = [
     ("2x6x5x16", 1, 24, True, "none", 1),
     ("1x7x7x64", 1, 32, False, "hardswish", 1),
     ("1x9x8x16", 1, 16, False, "relu6", 2),
+    # znver5: one 11-wide row of K24 as 1 x 11 tiles in two 16-lane blocks, the second
+    # cropped to 8 channels (the weights' prefetch must come after the depthwise row)
+    ("1x3x11x8", 1, 24, False, "none", 1),
 ]
 
 

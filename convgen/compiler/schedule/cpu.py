@@ -622,7 +622,9 @@ def _kvec_grid(spec: ConvSpec, target: TargetInfo) -> Iterator[KvecKnobs]:
 
 
 def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
-                  knobs: KvecKnobs) -> Schedule | None:
+                  knobs: KvecKnobs, prefetch: bool = True) -> Schedule | None:
+    """The `cpu_kvec` tile; without `prefetch`, for a schedule that goes on to schedule
+    more blocks: it then adds the weights' prefetch itself, last (`kvec_prefetch`)."""
     if knobs.flat:
         if not _flat_fits(spec, knobs):
             return None
@@ -643,8 +645,7 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
         if has_block(sch, "weight_pad"):  # the zero channels, made in the same repack
             sch.compute_inline(sch.get_sblock("weight_pad"))
     # the accumulators: pw x nkv vectors (`prefetch.accumulator_scope`)
-    tile_bytes = accumulator_bytes(pw * nkv, lanes)
-    acc_scope = accumulator_scope(tile_bytes)
+    acc_scope = accumulator_scope(_kvec_tile_bytes(knobs))
     unflatten = None
     if knobs.flat:
         # a tile of the flat row spans rows of the output, a region no loop nest of
@@ -700,10 +701,27 @@ def kvec_schedule(func: PrimFunc, spec: ConvSpec, target: TargetInfo,
         sch.parallel(sch.fuse(*rows[:-1]))
         _vectorize_inner(sch, last, target.fp32_lanes)
     _finish_pad(sch, pad, par, pad_at)  # (in the tile only with the blocks outside rows)
+    return kvec_prefetch(sch, conv, spec, target, knobs) if prefetch else sch
+
+
+def kvec_prefetch(sch: Schedule, update: Any, spec: ConvSpec, target: TargetInfo,
+                  knobs: KvecKnobs) -> Schedule:
+    """The weights' prefetch (`prefetch.prefetch_weights`) of a `cpu_kvec` tile whose
+    reduction block is `update`: the last step of any schedule it is part of. The
+    prefetch is added to the scheduled function, which comes back in a schedule built
+    afresh; that fresh analysis cannot prove that a cropped write-back (K padded to
+    whole vectors) inside a loop over several channel blocks reads only what the tile
+    wrote, so it no longer calls the scope a stage pipeline, and compute_at and
+    compute_inline refuse to run in it (a fused pair of K24 in two 16-lane blocks)."""
     # with the blocks outside the rows, each block's rows (consecutive parallel
     # iterations) read the same weights
     rows = 0 if knobs.k_inner else math.prod(spec.out_size[:-2 if knobs.flat else -1])
-    return prefetch_weights(sch, conv, tile_bytes, target, group=rows)
+    return prefetch_weights(sch, update, _kvec_tile_bytes(knobs), target, group=rows)
+
+
+def _kvec_tile_bytes(knobs: KvecKnobs) -> int:
+    """The tile's accumulators: pw x nkv vectors (`prefetch.accumulator_scope`)."""
+    return accumulator_bytes(knobs.pw * knobs.nkv, knobs.lanes)
 
 
 def _flat_fits(spec: ConvSpec, knobs: KvecKnobs) -> bool:

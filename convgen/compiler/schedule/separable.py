@@ -33,6 +33,7 @@ from convgen.compiler.schedule.cpu import (
     channel_pad,
     kvec_heuristic,
     kvec_lanes,
+    kvec_prefetch,
     kvec_schedule,
     unroll_window,
     write_back_at,
@@ -131,7 +132,7 @@ def schedule(func: PrimFunc, depthwise: ConvSpec, pointwise: ConvSpec, target: T
     """The pointwise stage as `cpu_kvec` (rows in parallel), the depthwise row computed
     under each row, before the pointwise tiles that read it."""
     rows_parallel = KvecKnobs(knobs.lanes, knobs.nkv, knobs.pw, k_inner=True)
-    sch = kvec_schedule(func, pointwise, target, rows_parallel)
+    sch = kvec_schedule(func, pointwise, target, rows_parallel, prefetch=False)
     assert sch is not None  # (declines only widened rows)
     if has_block(sch, "dw_pad"):
         sch.compute_inline(sch.get_sblock("dw_pad"))  # read in the loads (`_kvec_pad_at`)
@@ -139,7 +140,8 @@ def schedule(func: PrimFunc, depthwise: ConvSpec, pointwise: ConvSpec, target: T
     mid = sch.get_sblock("dw_out") if has_block(sch, "dw_out") else dw
     # the parallel loop over output rows, of the pointwise block that reads the row
     # (TVM's buffer compaction then allocates the depthwise row in it: per thread)
-    row = sch.get_loops(sch.get_consumers(mid)[0])[0]
+    update = sch.get_consumers(mid)[0]
+    row = sch.get_loops(update)[0]
     if mid is not dw:
         sch.compute_at(mid, row)
     sch.compute_at(dw, row)
@@ -164,7 +166,7 @@ def schedule(func: PrimFunc, depthwise: ConvSpec, pointwise: ConvSpec, target: T
     write_back_at(sch, wb, xo)
     init = sch.decompose_reduction(dw, window[0])
     sch.vectorize(sch.get_loops(init)[-1])
-    return sch
+    return kvec_prefetch(sch, update, pointwise, target, rows_parallel)
 
 
 def prim_func(depthwise: ConvSpec, pointwise: ConvSpec, target: TargetInfo,
