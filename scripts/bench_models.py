@@ -2,7 +2,7 @@
 weights, `convgen.zoo`) and time each end to end against onnxruntime.
 
     python scripts/bench_models.py [--out benchmarks/cpu_<key>_models.json] [--repeats 30]
-        [--target llvm:znver3]
+        [--target llvm:znver3] [--batch 8]
 
 (AVX2 code against onnxruntime's AVX2 kernels on an AVX-512 machine: put
 `scripts/ort_avx2.py`'s copy of onnxruntime on PYTHONPATH.)
@@ -35,13 +35,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--models", nargs="*", default=list(zoo.MODELS))
     parser.add_argument("--target", default="llvm", help="as deploy's (llvm:znver3: AVX2)")
+    parser.add_argument("--batch", type=int, default=1, help="the models' batch size")
     args = parser.parse_args()
     target = resolve_target(args.target)
     results, rows = [], []
     with tempfile.TemporaryDirectory(prefix="convgen-models-") as tmp:
         for name in args.models:
             src = Path(tmp) / f"{name}.onnx"
-            onnx.save(zoo.build(name), src)
+            onnx.save(zoo.build(name, batch=args.batch), src)
             start = time.perf_counter()
             path, manifest = deploy_artifact(src, target, Path(tmp) / name, DeployOptions())
             seconds = time.perf_counter() - start
@@ -54,7 +55,8 @@ def main() -> None:
             print(f"{name}: deployed in {seconds:.1f} s; {manifest.verification.lines()[0]}",
                   flush=True)
     print("\n".join(format_model_table(results)))
-    print(f"target {target.key()}, threads {results[0].threads}, medians of {args.repeats}; "
+    print(f"target {target.key()}, batch {args.batch}, threads {results[0].threads}, "
+          f"medians of {args.repeats}; "
           f"onnxruntime {onnxruntime.__version__} from {Path(onnxruntime.__file__).parent}")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
