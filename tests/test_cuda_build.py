@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -269,18 +270,36 @@ def test_one_output_pixel_avoids_the_gemm_templates(dtype):
     """A GEMM with one row (one output pixel: MobileNetV2's classifier, EfficientNet's
     squeeze-excitation gates) came out wrong from cuda_igemm_f32 on an H200 (the
     register fetches of a one-row tile lose the reduction index); the tensor-core
-    template stages its tiles alike. Such layers go to a template that does not tile
-    output pixels; two pixels keep the GEMM."""
+    template stages its tiles alike. Such 1 x 1 layers run as dlight's GEMV (a warp
+    per output channel), a one-pixel window or a reduction of one element as the
+    direct kernel; two pixels keep the GEMM."""
     from convgen.compiler.build import lower
 
     cuda = resolve_target("cuda")
     gemms = {"cuda_igemm_f32", "cuda_igemm_f16_tc"}
-    for flags in (dict(input="1x1x1", kernel="1x1x1", layout="NWC"),
-                  dict(input="1x1x1", kernel="1x1x1", layout="NCW"),
-                  dict(input="1x1x1x64", kernel="96x1x1x64", layout="NHWC"),
-                  dict(input="1x16x1x1", kernel="4x16x1x1")):
+    for flags, template in (
+            (dict(input="1x1x1", kernel="1x1x1", layout="NWC"), "cuda_direct"),
+            (dict(input="1x1x1", kernel="1x1x1", layout="NCW"), "cuda_direct"),
+            (dict(input="1x3x3x64", kernel="96x3x3x64", layout="NHWC"), "cuda_direct"),
+            (dict(input="1x1x1x64", kernel="96x1x1x64", layout="NHWC"), "cuda_dlight_gemv"),
+            (dict(input="1x16x1x1", kernel="4x16x1x1"), "cuda_dlight_gemv")):
         one = make_spec(mode="corr", dtype=dtype, **flags)
-        assert lower(one, cuda)[1].name not in gemms, one.name()
+        assert lower(one, cuda)[1].name == template, one.name()
     two = make_spec(mode="corr", input="1x1x2x64", kernel="96x1x1x64", layout="NHWC",
                     dtype=dtype)
     assert lower(two, cuda)[1].name in gemms
+
+
+def test_a_classifier_compiles_as_a_gemv(tmp_path):
+    """MobileNetV2's classifier (C1280 -> K1000 on one pixel, in `conv`: its flip is a
+    no-op on a 1 x 1 window) through nvcc, both entries: each output channel's sum
+    combined across a warp's lanes."""
+    spec = make_spec(mode="conv", input="1x1x1x1280", kernel="1000x1x1x1280", layout="NHWC",
+                     bias=True, activation="relu")
+    art = build_artifact(spec, resolve_target("cuda"), tmp_path, emit_source=True,
+                         verify=False)
+    assert art.manifest.schedule.name == "cuda_dlight_gemv"
+    source = art.manifest.path_of("cuda_source", tmp_path).read_text()
+    for entry in ("convgen_main_kernel", "convgen_run_packed_kernel"):
+        body = re.search(rf"{entry}\([^)]*\) {{\n(.*?)\n}}\n", source, re.S)
+        assert body is not None and "__shfl" in body.group(1), entry  # the warp's reduction
