@@ -25,6 +25,7 @@ import json
 import os
 import time
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
@@ -87,13 +88,16 @@ def main() -> None:
     ours_ms = [ms for name, ms in zip(names, medians) if name.startswith("convgen_")]
     layers_per_call = [1 + any(layer.pair and layer.kernel == k for layer in model.manifest.layers)
                        for k in kernels]
-    # the layers behind each call, in graph order as the calls are (a pair: two)
-    layers = iter(model.manifest.layers)
+    # the layers behind each call (a pair: two), taken in graph order among those of
+    # its kernel: the VM's order of independent calls (a block's projection shortcut
+    # and its first 1 x 1 layer) need not be the graph's
+    by_kernel: dict[str, list[Any]] = defaultdict(list)
+    for layer in model.manifest.layers:
+        by_kernel[layer.kernel].append(layer)
     flops = []
     for kernel, n in zip(kernels, layers_per_call):
-        group = [next(layers, None) for _ in range(n)]
-        matched = all(layer is not None and layer.kernel == kernel for layer in group)
-        flops.append(sum(layer.spec.flops for layer in group) if matched else 0)
+        group, by_kernel[kernel] = by_kernel[kernel][:n], by_kernel[kernel][n:]
+        flops.append(sum(layer.spec.flops for layer in group) if len(group) == n else 0)
     peak = measure_cpu_peak(available_cores(), model.manifest.target.vector_bits)
     print(f"{'ours ms':>8} {'ort ms':>8} {'ratio':>6} {'GF/s':>6} {'%peak':>6}  kernel")
     node = 0
