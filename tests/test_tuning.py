@@ -188,7 +188,7 @@ def test_confirm_rounds_decide_between_the_fastest(tmp_path, cpu_target, monkeyp
     grid = dict(zip((c.key() for c in cands), (1.0, 1.1, 1.2, 5.0)))
     again = dict(zip((c.key() for c in cands), (1.3, 1.05, 1.2, 0.1)))
     monkeypatch.setattr(tune_mod, "_compile", lambda spec, target, cand: cand)
-    monkeypatch.setattr(tune_mod, "_measure", lambda cand, spec, options, check=True:
+    monkeypatch.setattr(tune_mod, "_measure", lambda cand, spec, target, options, check=True:
                         (grid if check else again)[cand.key()])
     opts = TuneOptions(trials=4, library=tmp_path / "lib", work_dir=tmp_path / "work")
     [result] = tune_specs([SPEC], cpu_target, opts)
@@ -221,8 +221,48 @@ def test_candidates_are_timed_on_data_where_numpy_puts_it(cpu_target):
                 return built.lib[name](*args)
             return call
 
-    seconds = grid._measure(grid.Built(Lib(), built.packing), spec, TuneOptions(repeats=2))
+    seconds = grid._measure(grid.Built(Lib(), built.packing), spec, cpu_target,
+                            TuneOptions(repeats=2))
     assert seconds > 0 and seen == [NUMPY_PLACEMENT]
+
+
+def test_weights_past_l2_are_timed_as_a_model_finds_them(cpu_target):
+    """In a model a layer's weights larger than L2 come from L3 or memory at every
+    call: such candidates are timed one call a sample, each after enough other traffic
+    to evict them, and the others back to back. (The size is the packed weights':
+    a Winograd layer's U is 4x its weights at F(2x2) and more.)"""
+    from convgen.tuning import grid
+
+    def timed_with(spec):
+        cand = grid.candidates_for(spec, cpu_target)[0]
+        built = grid._compile(spec, cpu_target, cand)
+        settings: list[dict] = []
+
+        class Mod:
+            def time_evaluator(self, *args, **kwargs):
+                settings.append(kwargs)
+                return built.lib.mod.time_evaluator(*args, **kwargs)
+
+        class Lib:
+            mod = Mod()
+
+            def __getitem__(self, name: str):
+                return built.lib[name]
+
+        assert grid._measure(grid.Built(Lib(), built.packing), spec, cpu_target,
+                             TuneOptions(repeats=2)) > 0
+        [kwargs] = settings
+        return kwargs.get("cache_flush_bytes", 0), built.packing
+
+    l2_floats = cpu_target.l2_bytes // 4
+    small = make_spec(mode="corr", input="1x2x2x64", kernel="64x1x1x64", layout="NHWC")
+    c = 256  # a 1 x 1 layer of C x K floats just past L2
+    big = make_spec(mode="corr", input=f"1x2x2x{c}", kernel=f"{l2_floats // c + 8}x1x1x{c}",
+                    layout="NHWC")
+    assert timed_with(small)[0] == 0
+    flushed, packing = timed_with(big)
+    assert flushed >= grid.COLD_FLUSH_BYTES > 2 * cpu_target.l2_bytes
+    assert grid._weights_outgrow_l2(big, cpu_target, packing)
 
 
 def test_ctrl_c_keeps_what_was_measured(tmp_path, cpu_target, monkeypatch):
@@ -230,11 +270,11 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path, cpu_target, monkeypatch):
 
     real, calls = tune_mod._measure, []
 
-    def interrupt_second(lib, spec, options, check=True):
+    def interrupt_second(lib, spec, target, options, check=True):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(lib, spec, options, check)
+        return real(lib, spec, target, options, check)
 
     monkeypatch.setattr(tune_mod, "_measure", interrupt_second)
     opts = TuneOptions(trials=3, repeats=3, min_repeat_ms=1, library=tmp_path / "lib",

@@ -9,7 +9,9 @@ measured in this process. Each spec's run:
      timings are clean): median of `repeats` samples of >= `min_repeat_ms`,
      after checking the result against the numpy oracle. What is timed is what
      a bound kernel runs: the run-packed entry, on weights packed once, and on
-     data where numpy usually puts a caller's array (`NUMPY_PLACEMENT`);
+     data where numpy usually puts a caller's array (`NUMPY_PLACEMENT`); where
+     the packed weights outgrow L2, one call a sample, each after other traffic
+     has evicted them, as a model's other layers do (`COLD_FLUSH_BYTES`);
   3. appends each measurement to a log (work_dir/<target key>/<code>/<spec>.jsonl,
      <code> a fingerprint of the schedule code and TVM version), so an
      interrupted run (Ctrl-C, a crash) resumes where it stopped, and a run after
@@ -144,7 +146,7 @@ def candidates_for(
 
 def code_fingerprint() -> str:
     """What a measurement depends on besides the spec and the machine: the algorithm
-    and schedule sources, and the TVM version."""
+    and schedule sources, how they are timed (this file), and the TVM version."""
     import hashlib
 
     import tvm
@@ -152,7 +154,7 @@ def code_fingerprint() -> str:
     package = Path(__file__).parents[1]
     compiler = package / "compiler"
     digest = hashlib.sha256(tvm.__version__.encode())
-    sources = [compiler / "compute.py", package / "spec.py",
+    sources = [compiler / "compute.py", package / "spec.py", Path(__file__),
                *sorted((compiler / "schedule").glob("*.py"))]
     for src in sources:
         digest.update(src.read_bytes())
@@ -213,9 +215,33 @@ def _compile(spec: ConvSpec, target: TargetInfo, cand: Candidate) -> Built:
     return Built(tvm.compile(mod, target=target.tvm_target()), packing)
 
 
-def _measure(built: Built, spec: ConvSpec, options: TuneOptions, check: bool = True) -> float:
+# Inside a model, every other layer's activations and weights pass through the caches
+# between two calls of a layer, so weights (or a Winograd layer's U) larger than L2
+# come from L3 or memory, never from L2 as they do when one kernel is called back to
+# back. Timed so, tiles whose blocks each stream the whole of U rank first and then
+# lose in the model: ResNet-18's staged Winograd C256 14x14 (U 9.4 MB) on Zen 5,
+# run-packed entry warm / after this much other traffic, ms: 2 x 8 0.400 / 0.803, 1
+# x 16 0.441 / 1.005, the heuristic's 1 x 8 0.475 / 0.504; inside the model 2 x 8
+# and 1 x 16 ran 0.46-0.52 against 1 x 8's 0.25-0.36 (benchmarks/NOTES.md). Such
+# candidates are timed one call a sample, each after this many bytes of other
+# traffic (more than the L3 of the CPUs measured, 32 MB).
+COLD_FLUSH_BYTES = 64 << 20
+
+
+def _weights_outgrow_l2(spec: ConvSpec, target: TargetInfo, packing: WeightPacking | None
+                        ) -> bool:
+    """Whether the weights a bound kernel reads (packed, where it packs them) are
+    larger than the L2 of `target`."""
+    size = (math.prod(packing.packed_shape(spec)) * spec.element_bytes
+            if packing is not None else spec.weight_bytes)
+    return size > target.l2_bytes
+
+
+def _measure(built: Built, spec: ConvSpec, target: TargetInfo, options: TuneOptions,
+             check: bool = True) -> float:
     """Median seconds per call of what a bound kernel runs (the run-packed entry on
-    weights packed once, where the module has one); with `check`, first against the
+    weights packed once, where the module has one), as a model's calls find its
+    weights in the caches (`COLD_FLUSH_BYTES`); with `check`, first against the
     numpy oracle (a fast wrong kernel must never win)."""
     import tvm
 
@@ -243,8 +269,12 @@ def _measure(built: Built, spec: ConvSpec, options: TuneOptions, check: bool = T
     if want is not None and not compare("oracle", out.numpy(), want, spec.dtype,
                                         built.algorithm).passed:
         raise UnsupportedError("candidate computes a wrong result")
-    timer = lib.mod.time_evaluator(entry, dev, number=1, repeat=options.repeats,
-                                   min_repeat_ms=int(options.min_repeat_ms))
+    if _weights_outgrow_l2(spec, target, built.packing):
+        timer = lib.mod.time_evaluator(entry, dev, number=1, repeat=options.repeats,
+                                       cache_flush_bytes=COLD_FLUSH_BYTES)
+    else:
+        timer = lib.mod.time_evaluator(entry, dev, number=1, repeat=options.repeats,
+                                       min_repeat_ms=int(options.min_repeat_ms))
     return float(np.median(timer(*args, out).results))
 
 
@@ -252,7 +282,7 @@ def _try(spec: ConvSpec, target: TargetInfo, cand: Candidate, build: Callable[[]
          options: TuneOptions) -> Measurement:
     """One candidate measured; any failure (build, run, wrong result) is infinitely slow."""
     try:
-        return Measurement(cand, _measure(build(), spec, options))
+        return Measurement(cand, _measure(build(), spec, target, options))
     except Exception as err:
         text = str(err).strip()
         return Measurement(cand, math.inf, text.splitlines()[-1][:300] if text else
@@ -275,7 +305,7 @@ def _confirm(spec: ConvSpec, target: TargetInfo, results: list[Measurement],
     times: list[list[float]] = [[] for _ in top]
     for _ in range(CONFIRM_ROUNDS):
         for built, t in zip(builds, times):
-            t.append(_measure(built, spec, options, check=False))
+            t.append(_measure(built, spec, target, options, check=False))
     return fastest(Measurement(m.candidate, float(np.median(t))) for m, t in zip(top, times))
 
 
