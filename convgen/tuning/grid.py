@@ -13,7 +13,7 @@ measured in this process. Each spec's run:
      the packed weights outgrow L2, one call a sample, each after other traffic
      has evicted them, as a model's other layers do (`COLD_FLUSH_BYTES`);
   3. appends each measurement to a log (work_dir/<target key>/<code>/<spec>.jsonl,
-     <code> a fingerprint of the schedule code and TVM version), so an
+     <code> a fingerprint of the schedule code, the tuner and TVM version), so an
      interrupted run (Ctrl-C, a crash) resumes where it stopped, and a run after
      the schedules changed measures afresh instead of trusting old timings;
   4. re-times the fastest few in alternating rounds (`_confirm`), so a burst of
@@ -218,11 +218,11 @@ def _compile(spec: ConvSpec, target: TargetInfo, cand: Candidate) -> Built:
 # Inside a model, every other layer's activations and weights pass through the caches
 # between two calls of a layer, so weights (or a Winograd layer's U) larger than L2
 # come from L3 or memory, never from L2 as they do when one kernel is called back to
-# back. Timed so, tiles whose blocks each stream the whole of U rank first and then
-# lose in the model: ResNet-18's staged Winograd C256 14x14 (U 9.4 MB) on Zen 5,
-# run-packed entry warm / after this much other traffic, ms: 2 x 8 0.400 / 0.803, 1
-# x 16 0.441 / 1.005, the heuristic's 1 x 8 0.475 / 0.504; inside the model 2 x 8
-# and 1 x 16 ran 0.46-0.52 against 1 x 8's 0.25-0.36 (benchmarks/NOTES.md). Such
+# back. Timed back to back, tiles whose blocks each stream the whole of U rank first
+# and then lose in the model: ResNet-18's staged Winograd C256 14x14 (U 9.4 MB) on
+# Zen 5, run-packed entry warm / after this much other traffic, ms: 2 x 8 0.400 /
+# 0.803, 1 x 16 0.441 / 1.005, the heuristic's 1 x 8 0.475 / 0.504; inside the model
+# 2 x 8 and 1 x 16 ran 0.46-0.52 against 1 x 8's 0.25-0.36 (benchmarks/NOTES.md). Such
 # candidates are timed one call a sample, each after this many bytes of other
 # traffic (more than the L3 of the CPUs measured, 32 MB).
 COLD_FLUSH_BYTES = 64 << 20
